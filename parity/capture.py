@@ -1,0 +1,115 @@
+"""Recording taps from a live model: hooks that exist only inside a `with` block.
+
+Each tap is cloned as it is produced (later in-place kernels cannot change what was
+recorded) and handed to a sink: an in-memory `Capture` or a streaming `DumpWriter`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .probe import Probe, TapFilter, tap_filter
+from .records import Capture, CaptureError, Tap, TapInfo
+
+_BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
+    torch.bfloat16: (torch.int16, np.uint16),
+    torch.float8_e4m3fn: (torch.int8, np.uint8),
+    torch.float8_e5m2: (torch.int8, np.uint8),
+}
+
+
+def to_storage(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A detached host copy of `t` in the dump's storage representation, and its dtype name."""
+    t = t.detach()
+    name = str(t.dtype).removeprefix("torch.")
+    src_is_host = t.device.type == "cpu"
+    if t.dtype in _BIT_VIEWS:
+        view, np_dtype = _BIT_VIEWS[t.dtype]
+        arr = t.contiguous().view(view).cpu().numpy().view(np_dtype)
+    else:
+        arr = t.cpu().numpy()
+    return (arr.copy() if src_is_host else arr), name
+
+
+class Recorder:
+    """Installs one pre- and one post-forward hook per probed module; removes all of them
+    on exit, whatever happened.  Also knows which tap component was running when the
+    model raised."""
+
+    def __init__(self, model: torch.nn.Module, probe: Probe, sink, select: TapFilter | None = None):
+        self.model, self.probe, self.sink = model, probe, sink
+        self.select = select or tap_filter(None)
+        self.handles: list = []
+        self.calls: dict[str, int] = {}
+        self.running: list[TapInfo] = []
+        self.order = 0
+
+    def __enter__(self) -> "Recorder":
+        try:
+            for module_name, module in self.model.named_modules():
+                hit = self.probe.tap_for(module_name)
+                if hit is None:
+                    continue
+                self.handles.append(module.register_forward_pre_hook(self._enter_hook(module_name, hit)))
+                self.handles.append(module.register_forward_hook(self._exit_hook(hit)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _enter_hook(self, module_name: str, hit):
+        rule, layer, component, name = hit
+
+        def pre(module, args):
+            step = None
+            if rule.stepped:
+                step = self.calls.get(module_name, 0)
+                self.calls[module_name] = step + 1
+            self.running.append(TapInfo(name, rule.stack, layer, component, step))
+
+        return pre
+
+    def _exit_hook(self, hit):
+        rule = hit[0]
+
+        def post(module, args, output):
+            info = self.running.pop()
+            if not self.select(info.name, info.key):
+                return
+            value = output[rule.select] if rule.select is not None else output
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"tap {info.key}: module returned {type(value).__name__}, not a tensor")
+            array, dtype = to_storage(value)
+            self.sink.add_tap(Tap(info=info, order=self.order, array=array, dtype=dtype, layout=rule.layout))
+            self.order += 1
+
+        return post
+
+    def error_from(self, exc: BaseException) -> CaptureError:
+        info = self.running[-1] if self.running else None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return CaptureError(key=info.key if info else None, info=info, exc_type=type(exc).__name__, message=message)
+
+
+def capture(backend, sink=None, select: TapFilter | None = None):
+    """Run the backend once with taps installed; returns the sink (a new Capture by default).
+
+    An exception inside the model is a finding, not a crash: it is recorded in the sink
+    with the tap component that was running.  KeyboardInterrupt and friends propagate."""
+    sink = sink if sink is not None else Capture(meta=dict(backend.meta))
+    for name, layout in backend.layouts().items():
+        sink.add_layout(name, layout)
+    with Recorder(backend.model, backend.probe, sink, select) as rec:
+        try:
+            backend.run()
+        except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
+            sink.set_error(rec.error_from(exc))
+    return sink

@@ -1,0 +1,136 @@
+"""The comparison loop: pair taps, align tokens, compute metrics, judge, find the first
+divergence.  Works on in-memory captures and on dumps alike; never imports torch."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codec import to_float64
+from .metrics import Metrics, compare
+from .records import Capture, Layout, Tap
+from .report import Report, TapResult
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Minimum cosine per tap: `min_cos` unless a pattern matches (the last match wins)."""
+
+    min_cos: float = 0.999
+    patterns: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for _, value in ((None, self.min_cos), *self.patterns):
+            if not -1.0 <= value <= 1.0:
+                raise ValueError(f"cosine threshold {value} is outside [-1, 1]")
+
+    @classmethod
+    def parse(cls, min_cos: float, specs: list[str] | tuple[str, ...] = ()) -> "Thresholds":
+        patterns = []
+        for spec in specs:
+            glob, sep, value = spec.rpartition("=")
+            try:
+                patterns.append((glob.strip(), float(value)))
+            except ValueError:
+                sep = ""
+            if not sep or not glob.strip():
+                raise ValueError(f"bad threshold {spec!r}: expected GLOB=MIN_COS, e.g. 'expert.*.mlp=0.995'")
+        return cls(min_cos, tuple(patterns))
+
+    def for_tap(self, name: str, key: str) -> float:
+        value = self.min_cos
+        for glob, v in self.patterns:
+            if fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(key, glob):
+                value = v
+        return value
+
+    def to_dict(self) -> dict:
+        return {"min_cos": self.min_cos, "patterns": {g: v for g, v in self.patterns}}
+
+
+class AlignmentError(Exception):
+    """Two taps cannot be laid over each other (shape or token layout differs)."""
+
+
+def gather_tokens(array: np.ndarray, layout: Layout | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Valid token slots in canonical order: ([N, features...], canonical indices [N])."""
+    if layout is None:
+        return array, None
+    R, T = layout.slots.shape
+    if array.ndim < 2 or array.shape[:2] != (R, T):
+        raise AlignmentError(f"tensor {array.shape} does not fit its token layout [{R}, {T}]")
+    idx = layout.slots.reshape(-1)
+    keep = np.flatnonzero(idx >= 0)
+    order = keep[np.argsort(idx[keep], kind="stable")]
+    return array.reshape(R * T, *array.shape[2:])[order], idx[order]
+
+
+def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float) -> TapResult:
+    base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
+                ref_dtype=ref.dtype, cand_dtype=cand.dtype)
+    try:
+        r, r_idx = gather_tokens(ref.array, ref_layouts.get(ref.layout) if ref.layout else None)
+        c, c_idx = gather_tokens(cand.array, cand_layouts.get(cand.layout) if cand.layout else None)
+    except AlignmentError as exc:
+        return TapResult(status="layout", reason=str(exc), **base)
+    if (r_idx is None) != (c_idx is None) or (r_idx is not None and not np.array_equal(r_idx, c_idx)):
+        nr = "all" if r_idx is None else r_idx.size
+        nc = "all" if c_idx is None else c_idx.size
+        return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc})", **base)
+    if r.shape != c.shape:
+        return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape}", **base)
+    metrics = compare(to_float64(r, ref.dtype), to_float64(c, cand.dtype))
+    return TapResult(metrics=metrics, **judge(metrics, ref.dtype, cand.dtype, threshold), **base)
+
+
+def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float) -> dict:
+    if not m.finite:
+        return dict(status="nonfinite", reason=(
+            f"NaN/Inf: ref nan={m.nan_ref} inf={m.inf_ref}, cand nan={m.nan_cand} inf={m.inf_cand}, "
+            f"first at flat index {m.first_nonfinite}"))
+    if m.n == 0:
+        return dict(status="empty", reason="no valid elements to compare")
+    if ref_dtype != cand_dtype:
+        return dict(status="dtype", reason=f"dtype {ref_dtype} vs {cand_dtype}")
+    if not m.cos >= threshold:
+        return dict(status="fail", reason=f"cos {m.cos:.6f} < {threshold}")
+    return dict(status="pass", reason="")
+
+
+def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None) -> Report:
+    """Compare every tap of `cand` against `ref`, in the reference's execution order."""
+    thresholds = thresholds or Thresholds()
+    cand_taps = cand.by_key()
+    rows: list[TapResult] = []
+    raised_at = cand.error.key if cand.error else None
+    reached = True
+    for tap in sorted(ref.taps, key=lambda t: t.order):
+        threshold = thresholds.for_tap(tap.info.name, tap.key)
+        other = cand_taps.pop(tap.key, None)
+        if other is not None:
+            rows.append(compare_taps(tap, other, ref.layouts, cand.layouts, threshold))
+            continue
+        common = dict(info=tap.info, order=tap.order, threshold=threshold, ref_shape=tap.shape, ref_dtype=tap.dtype)
+        if cand.error and tap.key == raised_at:
+            rows.append(TapResult(status="raised", reason=f"{cand.error.exc_type}: {cand.error.message}", **common))
+            reached = False
+        elif cand.error and (not reached or raised_at is None):
+            rows.append(TapResult(status="not_reached", reason=f"not reached: candidate raised earlier "
+                                  f"({cand.error.exc_type}: {cand.error.message})", **common))
+        else:
+            rows.append(TapResult(status="missing", reason="tap missing in candidate", **common))
+    for tap in sorted(cand_taps.values(), key=lambda t: t.order):
+        rows.append(TapResult(info=tap.info, order=None, status="extra", reason="tap only in candidate",
+                              threshold=thresholds.for_tap(tap.info.name, tap.key), cand_shape=tap.shape,
+                              cand_dtype=tap.dtype))
+    problems = []
+    if not ref.taps:
+        problems.append("reference has no taps: nothing was compared")
+    if ref.error:
+        problems.append(f"reference raised at {ref.error.key or 'an untapped place'}: "
+                        f"{ref.error.exc_type}: {ref.error.message}")
+    if cand.error and raised_at is not None and raised_at not in {t.key for t in ref.taps}:
+        problems.append(f"candidate raised at {raised_at}: {cand.error.exc_type}: {cand.error.message}")
+    return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta), thresholds=thresholds.to_dict(),
+                  cand_error=cand.error, problems=problems)

@@ -1,0 +1,1 @@
+"""Per-architecture probes: which modules are which taps, and the bundled backends."""

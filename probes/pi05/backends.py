@@ -1,0 +1,81 @@
+"""The bundled pi0.5 backends: `pytorch` (the reference), `flash`, `flash_fp8`.
+
+They share one model class and differ only by `Variant`; any of them accepts faults.
+"""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from parity.backends import Backend, BackendOptions
+
+from .config import get_config
+from .faults import CATALOGUE, Faults
+from .inputs import fingerprint, make_noise, make_observation
+from .model import Pi05Policy, Variant
+from .probe import PROBE, layouts
+
+VARIANTS = {
+    "pytorch": (Variant(), "reference: eager attention with the explicit padding/camera mask, dense GeGLU"),
+    "flash": (Variant(packed=True), "packs away padding and masked cameras; mask-free fused SDPA attention"),
+    "flash_fp8": (Variant(packed=True, fp8_mlp=True),
+                  "flash + Gemma MLP gate/up projections in FP8 e4m3 (torch._scaled_mm on sm89+, emulated elsewhere)"),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build(variant_name: str, opts: BackendOptions) -> Backend:
+    variant, _ = VARIANTS[variant_name]
+    cfg = get_config(opts.config)
+    faults = Faults.parse(opts.faults)
+    device = _device(opts.device)
+    dtype_name = opts.dtype or "bfloat16"
+    if dtype_name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
+    model = Pi05Policy.build(cfg, opts.seed, variant, faults, DTYPES[dtype_name], device)
+    obs = make_observation(cfg, opts.seed, opts.batch)
+    noise = make_noise(cfg, opts.seed, opts.batch)
+    meta = {
+        "backend": variant_name,
+        "arch": PROBE.arch,
+        "faults": sorted(faults.names),
+        "config": cfg.name,
+        "seed": opts.seed,
+        "batch": opts.batch,
+        "dtype": dtype_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch": torch.__version__,
+        "input_fingerprint": fingerprint(obs, noise),
+    }
+    obs, noise = obs.to(device), noise.to(device)
+    return Backend(
+        name=variant_name,
+        model=model,
+        probe=PROBE,
+        run=lambda: model.sample_actions(obs, noise),
+        layouts=lambda: layouts(model, obs),
+        meta=meta,
+    )
+
+
+def _factory(variant_name: str):
+    def factory(opts: BackendOptions) -> Backend:
+        return build(variant_name, opts)
+
+    factory.__doc__ = VARIANTS[variant_name][1]
+    factory.faults = CATALOGUE
+    return factory
+
+
+pytorch = _factory("pytorch")
+flash = _factory("flash")
+flash_fp8 = _factory("flash_fp8")

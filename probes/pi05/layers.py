@@ -1,0 +1,250 @@
+"""pi0.5 building blocks, shared by the reference and every candidate.
+
+A candidate differs from the reference only through the attention core it is given
+(`MaskedCore` vs `PackedCore`), the MLP class (`GatedMLP` vs `Fp8GatedMLP`) and the
+faults it was built with; everything else is this one code path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .faults import Faults
+from .fp8 import Fp8Weight, fp8_linear
+
+MASK_VALUE = -2.3819763e38  # openpi's additive mask value
+
+
+class TapPoint(nn.Identity):
+    """A named place in the forward pass where a probe can read a tensor that no module
+    returns on its own (q/k/v after RoPE, the attention core output)."""
+
+
+@dataclass(frozen=True)
+class AttnContext:
+    """Which query rows and key columns are real tokens (None = all of them).
+
+    Query i may attend key j iff both are valid: pi0.5's prefix is bidirectional and the
+    suffix sees every valid prefix token and the whole action block."""
+
+    q_valid: torch.Tensor | None = None  # [B, T] bool
+    k_valid: torch.Tensor | None = None  # [B, S] bool
+
+
+class MaskedCore:
+    """Reference attention: explicit logits, fp32 additive mask and softmax."""
+
+    def __init__(self, faults: Faults):
+        self.ignore_mask = faults.has("nomask")
+
+    def __call__(self, q, k, v, ctx: AttnContext, scale: float) -> torch.Tensor:
+        # q [B, T, Hq, D]; k, v [B, S, Hkv, D] -> [B, T, Hq*D]
+        B, T, Hq, D = q.shape
+        group = Hq // k.shape[2]
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+        logits = torch.einsum("bthd,bshd->bhts", q * scale, k).float()
+        if not self.ignore_mask and (ctx.q_valid is not None or ctx.k_valid is not None):
+            qv = ctx.q_valid if ctx.q_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+            kv = ctx.k_valid if ctx.k_valid is not None else torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
+            allowed = qv[:, None, :, None] & kv[:, None, None, :]  # [B, 1, T, S]
+            logits = logits.masked_fill(~allowed, MASK_VALUE)
+        probs = logits.softmax(dim=-1).to(q.dtype)
+        out = torch.einsum("bhts,bshd->bthd", probs, v)
+        return out.reshape(B, T, Hq * D)
+
+
+class PackedCore:
+    """Fused, mask-free attention (PyTorch SDPA: flash / cuDNN / efficient kernels on GPU)
+    over only the valid tokens of each sample, so no mask is ever needed."""
+
+    def __init__(self, faults: Faults):
+        self.ignore_mask = faults.has("nomask")
+
+    def __call__(self, q, k, v, ctx: AttnContext, scale: float) -> torch.Tensor:
+        B, T, Hq, D = q.shape
+        gqa = Hq != k.shape[2]
+        if self.ignore_mask or (ctx.q_valid is None and ctx.k_valid is None) or _all_valid(ctx):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=gqa
+            )  # [B, Hq, T, D]
+            return out.transpose(1, 2).reshape(B, T, Hq * D)
+        out = q.new_zeros(B, T, Hq * D)
+        for b in range(B):
+            qi = ctx.q_valid[b] if ctx.q_valid is not None else slice(None)
+            ki = ctx.k_valid[b] if ctx.k_valid is not None else slice(None)
+            ob = F.scaled_dot_product_attention(
+                q[b, qi].transpose(0, 1)[None], k[b, ki].transpose(0, 1)[None],
+                v[b, ki].transpose(0, 1)[None], scale=scale, enable_gqa=gqa,
+            )  # [1, Hq, Tb, D]
+            out[b, qi] = ob[0].transpose(0, 1).reshape(-1, Hq * D)
+        return out
+
+
+def _all_valid(ctx: AttnContext) -> bool:
+    return all(m is None or bool(m.all()) for m in (ctx.q_valid, ctx.k_valid))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding in fp32, cast once. x [B, T, H, D]; positions [B, T]."""
+    D = x.shape[-1]
+    half = D // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) * 2.0 / D)
+    angles = positions.float()[..., None] * inv_freq  # [B, T, half]
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: fp32 statistics, scale (1 + w), cast back to the input dtype."""
+
+    keep_fp32 = True
+
+    def __init__(self, dim: int, eps: float, faults: Faults):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+        self.plain_w = faults.has("norm_plain_w")
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        scale = self.weight if self.plain_w else 1.0 + self.weight
+        return (self.normalize(x) * scale).to(x.dtype), None
+
+
+class AdaRMSNorm(RMSNorm):
+    """pi0.5 action-expert norm: scale, shift and residual gate from the time condition."""
+
+    def __init__(self, dim: int, cond_dim: int, eps: float, faults: Faults):
+        super().__init__(dim, eps, faults)
+        del self.weight
+        self.dense = nn.Linear(cond_dim, 3 * dim)
+        self.dense.keep_fp32 = True
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        scale, shift, gate = self.dense(cond.float())[:, None, :].chunk(3, dim=-1)  # each [B, 1, dim]
+        return (self.normalize(x) * (1.0 + scale) + shift).to(x.dtype), gate.to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """SigLIP LayerNorm computed in fp32, cast back."""
+
+    keep_fp32 = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """Gemma GeGLU: down(gelu_tanh(x W_gate) * (x W_up))."""
+
+    def __init__(self, width: int, hidden: int, faults: Faults):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+        self.silu = faults.has("silu")
+        self.fp16_hidden = faults.has("dtype")
+
+    def gate_up(self, x: torch.Tensor, out_dtype: torch.dtype):
+        return self.gate_proj(x).to(out_dtype), self.up_proj(x).to(out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x, torch.float16 if self.fp16_hidden else x.dtype)
+        act = F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")
+        return self.down_proj(act * up)
+
+
+class Fp8GatedMLP(GatedMLP):
+    """GeGLU whose gate and up projections run in FP8 e4m3 (per-tensor weight scale,
+    dynamic per-tensor activation scale), quantised once at load; the down projection
+    stays in the model dtype, as in the seed's backend."""
+
+    def __init__(self, dense: GatedMLP):
+        nn.Module.__init__(self)
+        self.silu, self.fp16_hidden = dense.silu, dense.fp16_hidden
+        self.gate_w = Fp8Weight.quantize(dense.gate_proj.weight)
+        self.up_w = Fp8Weight.quantize(dense.up_proj.weight)
+        self.down_proj = dense.down_proj
+
+    def gate_up(self, x: torch.Tensor, out_dtype: torch.dtype):
+        return fp8_linear(x, self.gate_w, out_dtype), fp8_linear(x, self.up_w, out_dtype)
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Projections, optional RoPE, taps on q/k/v as the core uses them, core, o-proj."""
+
+    def __init__(self, width, num_heads, num_kv_heads, head_dim, core, *, bias: bool, rope_theta: float | None,
+                 faults: Faults):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(width, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(width, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(width, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, width, bias=bias)
+        self.q, self.k, self.v, self.attn = TapPoint(), TapPoint(), TapPoint(), TapPoint()
+        self.core = core
+        self.rope_theta = rope_theta
+        self.rope_interleaved = faults.has("rope_interleaved")
+        self.scale = head_dim ** -0.5
+
+    def forward(self, h, ctx: AttnContext, positions=None, kv_prefix=None):
+        B, T, _ = h.shape
+        q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            q = apply_rope(q, positions, self.rope_theta, self.rope_interleaved)
+            k = apply_rope(k, positions, self.rope_theta, self.rope_interleaved)
+        q, k, v = self.q(q), self.k(k), self.v(v)
+        keys, values = k, v
+        if kv_prefix is not None:
+            keys, values, ctx = kv_prefix(k, v, ctx)
+        out = self.attn(self.core(q, keys, values, ctx, self.scale))
+        return self.o_proj(out), k, v
+
+
+def init_weights(module: nn.Module, seed: int) -> None:
+    """Deterministic weights from the seed, independent of device and dtype: drawn on the
+    CPU in float32, parameter by parameter in name order."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        if name.endswith("bias"):
+            std = 0.02
+        elif p.ndim == 1:  # norm scales: offsets from 1 (Gemma) or around 1 (LayerNorm)
+            std = 0.1
+        else:
+            std = 1.0 / math.sqrt(p.shape[-1])
+        values = torch.randn(p.shape, generator=gen) * std
+        if name.endswith("weight") and p.ndim == 1 and isinstance(_owner(module, name), nn.LayerNorm):
+            values += 1.0
+        with torch.no_grad():
+            p.copy_(values)
+
+
+def _owner(module: nn.Module, param_name: str) -> nn.Module:
+    return module.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else module
