@@ -74,8 +74,9 @@ def diff_cmd(
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
 
-    Live:    parity diff --ref pytorch --cand flash_fp8 --inject nomask
-    Offline: parity diff reports/ref.h5 reports/cand.h5
+    Example (live):    parity diff --ref pytorch --cand flash_fp8 --inject nomask
+
+    Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
     """
     from .render import render_report
 

@@ -1,0 +1,730 @@
+"""The on-disk capture: one HDF5 file per backend run (h5py + numpy, no torch).
+
+Format (format_version 1)::
+
+    /                     attrs: format="parity-dump", format_version=1, complete (bool, written LAST),
+                                 meta (JSON string of Capture.meta), tap_count (int, at close)
+    /layouts/<i>          group per layout, i = 0,1,..; attrs: name (str), length (int), regions (JSON list of [name,start,stop]);
+                          dataset "slots" int64 [R,T]
+    /taps/<i:06d>         dataset per tap in execution order (i = order); stored in storage dtype (codec);
+                          attrs: key, name, stack, layer (int, -1 = none), component, step (int, -1 = none),
+                                 order, dtype (original dtype name), layout (layout name or "")
+    /error                optional group, attrs: key ("" = none), name/stack/layer/component/step as for taps (or absent), exc_type, message
+
+Notes on the format:
+- Tap names and keys are attributes, never HDF5 paths, so any name ("/", "..", unicode)
+  is safe.  <i> in /taps is the position in execution order (0, 1, ... without gaps);
+  the `order` attribute holds Tap.order as the capture assigned it.
+- bfloat16 / float8 tensors are stored as their raw bits (uint16 / uint8), see codec.py,
+  so a dump is bit-exact.
+- Strings are variable-length UTF-8.  meta is JSON, so tuples come back as lists and
+  non-string dict keys as strings.
+- `complete` is written False when the file is created and True only as the very last
+  write of a successful capture; tap_count is written at close.  A writer flushes after
+  every tap, so a killed capture leaves a readable file with every tap written so far.
+- The file is written as `<path>.partial` (created exclusively, so two captures cannot
+  write the same dump) and renamed to `<path>` at close.  A `.partial` file is always
+  read as incomplete.
+- HDF5 file format of HDF5 1.8 (libver v108): metadata is checksummed, large attributes
+  are allowed, and a file whose writer was killed can still be opened.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from parity.codec import STORAGE_DTYPES, check_storage, storage_dtype
+from parity.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
+
+FORMAT_NAME = "parity-dump"
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+_LIBVER = ("v108", "v108")
+_COMPRESSIONS = (None, "gzip", "lzf")
+# h5py reports some failed writes (a failed flush) as RuntimeError rather than OSError.
+_IO_ERRORS = (OSError, RuntimeError)
+
+
+class DumpError(Exception):
+    """A dump cannot be written or read.  str() is one line: "<path>: <what is wrong>"."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = " ".join(str(reason).splitlines())
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _check_text(value: Any, what: str, allow_empty: bool = True) -> str:
+    """ValueError unless value is a str HDF5 can store as UTF-8 (no NUL, no surrogates)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a str, got {type(value).__name__}")
+    if not allow_empty and not value:
+        raise ValueError(f"{what} must not be empty")
+    if "\x00" in value:
+        raise ValueError(f"{what} {value!r} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {value!r} is not encodable as UTF-8") from None
+    return value
+
+
+def _check_index(value: Any, what: str, none_ok: bool) -> int | None:
+    """ValueError unless value is a non-negative int (or None when none_ok)."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must be an int{' or None' if none_ok else ''}, got {value!r}")
+    if value < 0:
+        # -1 encodes None in the file, so negative values would not round-trip.
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return int(value)
+
+
+def _info_attrs(info: TapInfo) -> dict[str, Any]:
+    if not isinstance(info, TapInfo):
+        raise ValueError(f"expected a TapInfo, got {type(info).__name__}")
+    layer = _check_index(info.layer, "layer", none_ok=True)
+    step = _check_index(info.step, "step", none_ok=True)
+    return {
+        "name": _check_text(info.name, "tap name"),
+        "stack": _check_text(info.stack, "stack"),
+        "layer": -1 if layer is None else layer,
+        "component": _check_text(info.component, "component"),
+        "step": -1 if step is None else step,
+    }
+
+
+def _layout_fits(shape: tuple[int, ...], layout: Layout) -> bool:
+    """Tensors using a layout are [rows, slots, *features] with [rows, slots] = slots.shape."""
+    return len(shape) >= 2 and tuple(shape[:2]) == tuple(layout.slots.shape)
+
+
+class _DiscardableFile(io.RawIOBase):
+    """The partial file as HDF5 sees it, with a switch to swallow all further I/O.
+
+    After a failed write (disk full) HDF5 can neither flush nor close the file, and
+    h5py/HDF5 then crash (segfault) when the objects are freed or at interpreter exit.
+    Discarding the dump means: make every later write "succeed" into the void, let
+    HDF5 close cleanly, then delete the file.
+    """
+
+    def __init__(self, raw: io.RawIOBase) -> None:
+        self._raw = raw
+        self.discard = False
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.discard:
+            view = memoryview(buffer).cast("B")
+            view[:] = bytes(len(view))
+            return len(view)
+        return self._raw.readinto(buffer)
+
+    def write(self, data) -> int:
+        if self.discard:
+            return memoryview(data).nbytes
+        return self._raw.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.discard:
+            return self._raw.tell() if size is None else size
+        return self._raw.truncate(size)
+
+    def flush(self) -> None:
+        if not self.discard and not self._raw.closed:
+            self._raw.flush()
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes first
+        finally:
+            self._raw.close()
+
+
+class DumpWriter:
+    """Streams one capture into `<path>.partial`, renamed to `path` at close.
+
+    Use as a context manager: leaving the block normally closes with complete=True
+    (unless close() was already called), leaving it by an exception closes with
+    complete=False -- the file is kept and every tap written so far is readable -- and
+    the exception propagates.  Bad arguments raise ValueError and leave the writer
+    usable; an OSError (disk full, unwritable directory) raises DumpError, removes the
+    partial file and makes every later call a no-op.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict, *, compression: str | None = None) -> None:
+        if compression not in _COMPRESSIONS:
+            raise ValueError(f"compression must be one of {_COMPRESSIONS}, got {compression!r}")
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+        try:
+            meta_json = json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta is not JSON-serializable: {e}") from None
+        self.path = os.fspath(path)
+        self.partial_path = self.path + PARTIAL_SUFFIX
+        self._compression = compression
+        self._layouts: dict[str, Layout] = {}
+        self._keys: set[str] = set()
+        self._tap_count = 0
+        self._file: h5py.File | None = None
+        self._done = False  # closed or failed
+
+        try:
+            # Exclusive create: the name itself is the lock between concurrent captures.
+            fd = os.open(self.partial_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except FileExistsError:
+            raise DumpError(
+                self.path,
+                f"{self.partial_path} exists: this dump is being written by another capture "
+                f"(if no capture is running, one was killed; delete {self.partial_path})",
+            ) from None
+        except OSError as e:
+            raise DumpError(self.path, f"cannot create {self.partial_path}: {e.strerror or e}") from None
+        self._raw = _DiscardableFile(os.fdopen(fd, "r+b", buffering=0))
+        try:
+            # HDF5 writes through our file object (h5py's "fileobj" driver) so that after
+            # an I/O error the dump can be discarded cleanly; see _DiscardableFile.
+            self._file = h5py.File(self._raw, "w", libver=_LIBVER)
+            attrs = self._file.attrs
+            attrs["format"] = FORMAT_NAME
+            attrs["format_version"] = FORMAT_VERSION
+            attrs["complete"] = False
+            attrs["meta"] = meta_json
+            self._file.create_group("layouts")
+            self._file.create_group("taps")
+            self._file.flush()
+        except _IO_ERRORS as e:
+            self._fail(e)
+
+    # -- helpers
+
+    def _fail(self, exc: BaseException) -> None:
+        """Abandon the dump after an I/O error: close, delete the partial file, raise."""
+        self._done = True
+        self._raw.discard = True
+        # Free h5py objects held by the failed frames before closing the file.
+        traceback.clear_frames(exc.__traceback__)
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # the file is being discarded; its close error adds nothing
+                pass
+            self._file = None
+        self._raw.close()
+        try:
+            os.unlink(self.partial_path)
+        except OSError:
+            pass
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise DumpError(self.path, f"write failed, dump discarded: {reason}") from None
+
+    def _live(self) -> h5py.File:
+        if self._done or self._file is None:
+            raise ValueError(f"{self.path}: the dump writer is closed")
+        return self._file
+
+    # -- API
+
+    def add_layout(self, name: str, layout: Layout) -> None:
+        """Record a layout; taps that use it must be added after it."""
+        f = self._live()
+        _check_text(name, "layout name", allow_empty=False)
+        if name in self._layouts:
+            raise ValueError(f"layout {name!r} was already added")
+        if not isinstance(layout, Layout):
+            raise ValueError(f"expected a Layout, got {type(layout).__name__}")
+        if layout.slots.dtype.kind not in "iu":
+            raise ValueError(f"layout {name!r} slots must be integers, got {layout.slots.dtype}")
+        regions = [[_check_text(r.name, "region name"), int(r.start), int(r.stop)] for r in layout.regions]
+        try:
+            group = f["layouts"].create_group(str(len(self._layouts)))
+            group.attrs["name"] = name
+            group.attrs["length"] = int(layout.length)
+            group.attrs["regions"] = json.dumps(regions)
+            group.create_dataset("slots", data=np.asarray(layout.slots, dtype=np.int64))
+            f.flush()
+        except _IO_ERRORS as e:
+            self._fail(e)
+        self._layouts[name] = layout
+
+    def add_tap(self, tap: Tap) -> None:
+        """Append one tap (in execution order) and flush it to disk."""
+        f = self._live()
+        if not isinstance(tap, Tap):
+            raise ValueError(f"expected a Tap, got {type(tap).__name__}")
+        attrs = _info_attrs(tap.info)
+        key = tap.key
+        if key in self._keys:
+            raise ValueError(f"duplicate tap key {key!r}: give repeated taps distinct steps")
+        order = _check_index(tap.order, "order", none_ok=False)
+        check_storage(tap.array, tap.dtype)
+        if tap.layout is not None:
+            _check_text(tap.layout, "tap layout", allow_empty=False)
+            if tap.layout not in self._layouts:
+                raise ValueError(f"tap {key!r} uses layout {tap.layout!r}, which was not added first")
+            if not _layout_fits(tap.shape, self._layouts[tap.layout]):
+                raise ValueError(
+                    f"tap {key!r} of shape {tap.shape} does not fit layout {tap.layout!r} "
+                    f"with slots {self._layouts[tap.layout].slots.shape}"
+                )
+        array = tap.array
+        # Scalars and empty arrays cannot be chunked (nor, therefore, filtered).
+        chunked = array.ndim > 0 and array.size > 0
+        try:
+            ds = f["taps"].create_dataset(
+                f"{self._tap_count:06d}",
+                data=array,
+                chunks=True if chunked else None,
+                compression=self._compression if chunked else None,
+            )
+            ds.attrs["key"] = key
+            for k, v in attrs.items():
+                ds.attrs[k] = v
+            ds.attrs["order"] = order
+            ds.attrs["dtype"] = tap.dtype
+            ds.attrs["layout"] = tap.layout or ""
+            f.flush()
+        except _IO_ERRORS as e:
+            self._fail(e)
+        self._keys.add(key)
+        self._tap_count += 1
+
+    def set_error(self, err: CaptureError) -> None:
+        """Record where and how the candidate raised (replaces an earlier record)."""
+        f = self._live()
+        if not isinstance(err, CaptureError):
+            raise ValueError(f"expected a CaptureError, got {type(err).__name__}")
+        attrs: dict[str, Any] = {
+            "key": "" if err.key is None else _check_text(err.key, "error key", allow_empty=False),
+            "exc_type": _check_text(err.exc_type, "exc_type"),
+            "message": _check_text(err.message, "error message"),
+        }
+        if err.info is not None:
+            attrs.update(_info_attrs(err.info))
+        try:
+            if "error" in f:
+                del f["error"]
+            group = f.create_group("error")
+            for k, v in attrs.items():
+                group.attrs[k] = v
+            f.flush()
+        except _IO_ERRORS as e:
+            self._fail(e)
+
+    def close(self, complete: bool = True) -> None:
+        """Write tap_count, then `complete` last, and rename to the final path.
+
+        A no-op if already closed (or failed).
+        """
+        if self._done or self._file is None:
+            return
+        try:
+            self._file.attrs["tap_count"] = self._tap_count
+            self._file.flush()
+            self._file.attrs["complete"] = bool(complete)
+            self._file.flush()
+            self._file.close()
+            self._file = None
+            self._raw.close()
+            os.replace(self.partial_path, self.path)
+        except _IO_ERRORS as e:
+            self._fail(e)
+        self._done = True
+
+    def __enter__(self) -> DumpWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(complete=exc_type is None)
+        return False
+
+
+def write_dump(path: str | os.PathLike, capture: Capture, *, compression: str | None = None) -> None:
+    """Write a whole Capture (layouts first, then taps in order, then the error)."""
+    with DumpWriter(path, capture.meta, compression=compression) as writer:
+        for name, layout in capture.layouts.items():
+            writer.add_layout(name, layout)
+        for tap in capture.taps:
+            writer.add_tap(tap)
+        if capture.error is not None:
+            writer.set_error(capture.error)
+        writer.close(complete=capture.complete)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class TapHeader:
+    """What a dump says about one tap, without its data."""
+
+    info: TapInfo
+    order: int
+    dtype: str
+    layout: str | None
+    shape: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+
+class _Bad(Exception):
+    """Internal: a validation failure, turned into DumpError with the file path."""
+
+
+def _attr(obj: Any, name: str) -> Any:
+    if name not in obj.attrs:
+        raise _Bad(f"{obj.name} lacks attribute {name!r}")
+    return obj.attrs[name]
+
+
+def _str_attr(obj: Any, name: str) -> str:
+    value = _attr(obj, name)
+    if not isinstance(value, str):
+        raise _Bad(f"attribute {name!r} of {obj.name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _int_attr(obj: Any, name: str, minimum: int | None = None) -> int:
+    value = _attr(obj, name)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _Bad(f"attribute {name!r} of {obj.name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise _Bad(f"attribute {name!r} of {obj.name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _bool_attr(obj: Any, name: str) -> bool:
+    value = _attr(obj, name)
+    if not isinstance(value, (bool, np.bool_)):
+        raise _Bad(f"attribute {name!r} of {obj.name} must be a boolean, got {value!r}")
+    return bool(value)
+
+
+def _json_attr(obj: Any, name: str) -> Any:
+    text = _str_attr(obj, name)
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise _Bad(f"attribute {name!r} of {obj.name} is not valid JSON ({e})") from None
+
+
+def _read_info(obj: Any) -> TapInfo:
+    layer = _int_attr(obj, "layer", minimum=-1)
+    step = _int_attr(obj, "step", minimum=-1)
+    return TapInfo(
+        name=_str_attr(obj, "name"),
+        stack=_str_attr(obj, "stack"),
+        layer=None if layer == -1 else layer,
+        component=_str_attr(obj, "component"),
+        step=None if step == -1 else step,
+    )
+
+
+def _numbered(group: Any, what: str) -> list[str]:
+    """Member names of a group numbered 0..n-1, in numeric order; _Bad on a gap or stray."""
+    names = list(group.keys())
+    numbers = {}
+    for name in names:
+        if not name.isdigit() or not name.isascii():
+            raise _Bad(f"unexpected member {name!r} in {group.name}")
+        numbers[int(name)] = name
+    if sorted(numbers) != list(range(len(names))):
+        raise _Bad(f"{what} in {group.name} are not numbered 0..{len(names) - 1}")
+    return [numbers[i] for i in range(len(names))]
+
+
+def _read_layout(group: Any) -> tuple[str, Layout]:
+    if not isinstance(group, h5py.Group):
+        raise _Bad(f"{group.name} is not a group")
+    name = _str_attr(group, "name")
+    if not name:
+        raise _Bad(f"{group.name} has an empty layout name")
+    length = _int_attr(group, "length", minimum=1)
+    raw = _json_attr(group, "regions")
+    regions = []
+    if not isinstance(raw, list):
+        raise _Bad(f"regions of layout {name!r} must be a JSON list")
+    for item in raw:
+        ok = (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in item[1:])
+            and 0 <= item[1] <= item[2] <= length
+        )
+        if not ok:
+            raise _Bad(f"layout {name!r} has a bad region {item!r} (want [name, start, stop] within length {length})")
+        regions.append(Region(item[0], item[1], item[2]))
+    slots_ds = group.get("slots")
+    if not isinstance(slots_ds, h5py.Dataset):
+        raise _Bad(f"layout {name!r} has no 'slots' dataset")
+    if slots_ds.dtype != np.dtype(np.int64) or slots_ds.shape is None or len(slots_ds.shape) != 2:
+        raise _Bad(f"slots of layout {name!r} must be 2-D int64, got {slots_ds.dtype} {slots_ds.shape}")
+    slots = np.asarray(slots_ds[()])
+    if slots.size and slots.min() < -1:
+        raise _Bad(f"slots of layout {name!r} hold {slots.min()} (below -1, out of range)")
+    try:
+        layout = Layout(slots=slots, length=length, regions=tuple(regions))
+    except ValueError as e:
+        raise _Bad(f"layout {name!r}: {e}") from None
+    return name, layout
+
+
+class DumpReader:
+    """An open, validated dump.  Headers are read (and checked) at open; data on demand.
+
+    Attributes: path, meta (dict), complete (bool), layouts (name -> Layout),
+    headers (list of TapHeader in execution order), error (CaptureError | None),
+    notes (things tolerated while reading, e.g. a half-written last tap of an
+    incomplete dump that was skipped).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            hint = ""
+            if os.path.exists(self.path + PARTIAL_SUFFIX):
+                hint = f" (an incomplete capture left {self.path + PARTIAL_SUFFIX}; open that to inspect it)"
+            raise DumpError(self.path, f"no such file{hint}")
+        if not os.path.isfile(self.path):
+            raise DumpError(self.path, "not a regular file")
+        try:
+            is_hdf5 = h5py.is_hdf5(self.path)
+        except Exception as e:
+            raise DumpError(self.path, f"cannot read file: {_describe(e)}") from None
+        if not is_hdf5:
+            raise DumpError(self.path, "not an HDF5 file, so not a parity dump")
+        try:
+            self._file = h5py.File(self.path, "r", locking=False)
+        except Exception as e:
+            raise DumpError(self.path, f"unreadable HDF5 file (truncated or corrupt?): {_describe(e)}") from None
+        self.notes: list[str] = []
+        try:
+            self._parse()
+        except _Bad as e:
+            self.close()
+            raise DumpError(self.path, str(e)) from None
+        except Exception as e:
+            self.close()
+            raise DumpError(self.path, f"corrupt dump: {_describe(e)}") from None
+
+    def _parse(self) -> None:
+        f = self._file
+        fmt = f.attrs.get("format")
+        if not isinstance(fmt, str) or fmt != FORMAT_NAME:
+            raise _Bad(f"not a parity dump (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
+        version = _int_attr(f, "format_version")
+        if version != FORMAT_VERSION:
+            raise _Bad(
+                f"dump format_version {version} is not supported; this version of parity reads "
+                f"format_version {FORMAT_VERSION} only"
+            )
+        self.meta = _json_attr(f, "meta")
+        if not isinstance(self.meta, dict):
+            raise _Bad("meta attribute must be a JSON object")
+        self.complete = _bool_attr(f, "complete") and not self.path.endswith(PARTIAL_SUFFIX)
+
+        layouts_group, taps_group = f.get("layouts"), f.get("taps")
+        if not isinstance(layouts_group, h5py.Group) or not isinstance(taps_group, h5py.Group):
+            raise _Bad("missing /layouts or /taps group")
+        self.layouts: dict[str, Layout] = {}
+        for member in _numbered(layouts_group, "layouts"):
+            name, layout = _read_layout(layouts_group[member])
+            if name in self.layouts:
+                raise _Bad(f"layout name {name!r} appears twice")
+            self.layouts[name] = layout
+
+        self.headers: list[TapHeader] = []
+        self._datasets: list[str] = []
+        members = _numbered(taps_group, "taps")
+        file_size = os.path.getsize(self.path)
+        for i, member in enumerate(members):
+            try:
+                header = self._read_header(taps_group[member], file_size)
+            except Exception as e:
+                # A capture killed inside add_tap can leave its last tap half-written.
+                if self.complete or i != len(members) - 1:
+                    raise
+                self.notes.append(f"skipped half-written last tap {member}: {_describe(e)}")
+                break
+            self.headers.append(header)
+            self._datasets.append(member)
+        self._index: dict[str, int] = {}
+        for i, h in enumerate(self.headers):
+            if h.key in self._index:
+                raise _Bad(f"tap key {h.key!r} appears twice")
+            self._index[h.key] = i
+
+        if "tap_count" in f.attrs:
+            count = _int_attr(f, "tap_count", minimum=0)
+            if count != len(members):
+                raise _Bad(f"holds {len(members)} taps but tap_count says {count} (truncated?)")
+        elif _bool_attr(f, "complete"):
+            raise _Bad("marked complete but lacks attribute 'tap_count'")
+
+        self.error = self._read_error(f.get("error")) if "error" in f else None
+
+    def _read_header(self, ds: Any, file_size: int) -> TapHeader:
+        if not isinstance(ds, h5py.Dataset):
+            raise _Bad(f"{ds.name} is not a dataset")
+        info = _read_info(ds)
+        key = _str_attr(ds, "key")
+        if key != info.key:
+            raise _Bad(f"{ds.name}: key attribute {key!r} does not match name/step ({info.key!r})")
+        order = _int_attr(ds, "order", minimum=0)
+        dtype = _str_attr(ds, "dtype")
+        if dtype not in STORAGE_DTYPES:
+            raise _Bad(f"tap {key!r} has unknown dtype {dtype!r}")
+        if ds.dtype != STORAGE_DTYPES[dtype]:
+            raise _Bad(f"tap {key!r} is declared {dtype} (stored as {STORAGE_DTYPES[dtype]}) but holds {ds.dtype}")
+        if ds.shape is None:
+            raise _Bad(f"tap {key!r} has no shape (null dataspace)")
+        shape = tuple(int(s) for s in ds.shape)
+        if ds.compression is None and int(np.prod(shape, dtype=object)) * ds.dtype.itemsize > file_size:
+            raise _Bad(f"tap {key!r} declares shape {shape}, more data than the file holds")
+        layout = _str_attr(ds, "layout") or None
+        if layout is not None:
+            if layout not in self.layouts:
+                raise _Bad(f"tap {key!r} uses unknown layout {layout!r}")
+            if not _layout_fits(shape, self.layouts[layout]):
+                raise _Bad(f"tap {key!r} of shape {shape} does not fit layout {layout!r}")
+        return TapHeader(info=info, order=order, dtype=dtype, layout=layout, shape=shape)
+
+    @staticmethod
+    def _read_error(group: Any) -> CaptureError:
+        if not isinstance(group, h5py.Group):
+            raise _Bad("/error is not a group")
+        info_names = ("name", "stack", "layer", "component", "step")
+        present = [n in group.attrs for n in info_names]
+        if any(present) and not all(present):
+            raise _Bad("/error has some but not all of name/stack/layer/component/step")
+        key = _str_attr(group, "key")
+        return CaptureError(
+            key=key or None,
+            info=_read_info(group) if all(present) else None,
+            exc_type=_str_attr(group, "exc_type"),
+            message=_str_attr(group, "message"),
+        )
+
+    # -- data
+
+    def _resolve(self, key_or_index: str | int) -> int:
+        if isinstance(key_or_index, str):
+            if key_or_index not in self._index:
+                raise DumpError(self.path, f"no tap with key {key_or_index!r}")
+            return self._index[key_or_index]
+        if isinstance(key_or_index, (bool, np.bool_)) or not isinstance(key_or_index, (int, np.integer)):
+            raise ValueError(f"tap must be given by key (str) or index (int), got {key_or_index!r}")
+        if not 0 <= key_or_index < len(self.headers):
+            raise DumpError(self.path, f"no tap at index {key_or_index} (dump has {len(self.headers)})")
+        return int(key_or_index)
+
+    def _dataset(self, i: int) -> Any:
+        ds = self._file["taps"][self._datasets[i]]
+        if ds.compression is None and ds.size and ds.id.get_storage_size() < ds.nbytes:
+            raise _Bad("its data was never fully written (truncated)")
+        return ds
+
+    def load(self, key_or_index: str | int) -> np.ndarray:
+        """One tap's array in its storage representation (bf16/fp8 as raw bits)."""
+        i = self._resolve(key_or_index)
+        header = self.headers[i]
+        try:
+            array = np.asarray(self._dataset(i)[()])
+        except Exception as e:
+            raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+        if array.dtype != storage_dtype(header.dtype) or array.shape != header.shape:
+            raise DumpError(self.path, f"tap {header.key!r} read back as {array.dtype} {array.shape}")
+        return array
+
+    def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:
+        """Yield a tap's array in slices of `rows` along axis 0 (a 0-d tap: once, whole)."""
+        if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)) or rows <= 0:
+            raise ValueError(f"rows must be a positive int, got {rows!r}")
+        i = self._resolve(key_or_index)
+        return self._chunks(i, int(rows))
+
+    def _chunks(self, i: int, rows: int) -> Iterator[np.ndarray]:
+        header = self.headers[i]
+        if not header.shape:
+            yield self.load(i)
+            return
+        try:
+            ds = self._dataset(i)
+        except Exception as e:
+            raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+        for start in range(0, header.shape[0], rows):
+            try:
+                chunk = np.asarray(ds[start : start + rows])
+            except Exception as e:
+                raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+            yield chunk
+
+    # -- lifetime
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except Exception:  # closing a corrupt file can fail; nothing is left to release
+            pass
+
+    def __enter__(self) -> DumpReader:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, (OSError, _Bad)) else f"{type(exc).__name__}: {text}"
+
+
+def open_dump(path: str | os.PathLike) -> DumpReader:
+    """Open and validate a dump (usable as a context manager); DumpError if it is bad."""
+    return DumpReader(path)
+
+
+def read_dump(path: str | os.PathLike) -> Capture:
+    """Load a whole dump into memory as a Capture."""
+    with open_dump(path) as reader:
+        taps = [
+            Tap(info=h.info, order=h.order, array=reader.load(i), dtype=h.dtype, layout=h.layout)
+            for i, h in enumerate(reader.headers)
+        ]
+        return Capture(
+            taps=taps,
+            layouts=dict(reader.layouts),
+            meta=reader.meta,
+            error=reader.error,
+            complete=reader.complete,
+        )

@@ -1,0 +1,148 @@
+"""Golden CLI tests through Typer's CliRunner: exit codes, banner, JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from parity.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_main_job_names_first_divergence_and_exits_1(tmp_path):
+    out_json = tmp_path / "r.json"
+    code, out = run("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "nomask", "--json", str(out_json))
+    assert code == 1
+    assert "FIRST DIVERGENCE: prefix.0.attn" in out
+    assert "stack prefix, layer 0, component attn" in out
+    assert "k cos=1.000000 max_diff=0 | v cos=1.000000 max_diff=0" in out
+    assert "Traceback" not in out
+    data = json.loads(out_json.read_text())
+    assert data["passed"] is False
+    assert data["first_divergence"] == {"tap": "prefix.0.attn", "stack": "prefix", "layer": 0, "component": "attn",
+                                        "step": None, "status": "fail",
+                                        "reason": data["first_divergence"]["reason"]}
+    tap_keys = {"tap", "stack", "layer", "component", "step", "cos", "max_abs", "mean_abs", "rel_l2", "nan_ref",
+                "nan_cand", "status"}
+    assert data["taps"] and all(tap_keys <= set(t) for t in data["taps"])
+
+
+def test_flash_passes_and_exits_0():
+    code, out = run("diff", "--ref", "pytorch", "--cand", "flash")
+    assert code == 0 and "PASS: all" in out
+
+
+def test_fp8_gate_as_documented():
+    code, _ = run("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--min-cos", "0.995", "--threshold", "*.mlp=0.99")
+    assert code == 0
+    code, out = run("diff", "--ref", "pytorch", "--cand", "flash_fp8")
+    assert code == 1 and "component mlp" in out
+
+
+def test_candidate_that_raises_is_a_finding_not_a_traceback():
+    code, out = run("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "dtype")
+    assert code == 1
+    assert "FIRST DIVERGENCE: prefix.0.mlp" in out and "raised: RuntimeError" in out
+    assert "Traceback" not in out
+
+
+def test_offline_diff_equals_live_diff(tmp_path):
+    ref, cand = tmp_path / "ref.h5", tmp_path / "cand.h5"
+    assert run("capture", "--backend", "pytorch", "-o", str(ref))[0] == 0
+    assert run("capture", "--backend", "flash_fp8", "--inject", "nomask", "-o", str(cand))[0] == 0
+    code_off, _ = run("diff", str(ref), str(cand), "--json", str(tmp_path / "off.json"))
+    code_live, _ = run("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "nomask",
+                       "--json", str(tmp_path / "live.json"))
+    off, live = (json.loads((tmp_path / f).read_text()) for f in ("off.json", "live.json"))
+    assert code_off == code_live == 1
+    assert off["taps"] == live["taps"] and off["first_divergence"] == live["first_divergence"]
+
+
+def test_capture_of_raising_candidate_keeps_taps_and_exits_1(tmp_path):
+    path = tmp_path / "bad.h5"
+    code, out = run("capture", "--backend", "flash", "--inject", "dtype", "-o", str(path))
+    assert code == 1 and "raised at prefix.0.mlp" in out
+    code, out = run("inspect", str(path))
+    assert code == 0 and "prefix.0.post_attn_norm" in out and "raised at prefix.0.mlp" in out
+
+
+def test_tap_selection_by_glob(tmp_path):
+    path = tmp_path / "k.h5"
+    assert run("capture", "--backend", "pytorch", "--taps", "prefix.*.k", "-o", str(path))[0] == 0
+    code, out = run("inspect", str(path))
+    assert "prefix.3.k" in out and "prefix.0.v" not in out and "vision" not in out.split("taps:")[-1]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("diff", "--ref", "pytorch", "--cand", "nosuch"), "unknown backend 'nosuch'"),
+    (("diff", "--ref", "pytorch", "--cand", "flash", "--inject", "nosuch"), "unknown fault nosuch"),
+    (("diff", "--ref", "pytorch", "--cand", "flash", "--threshold", "abc"), "bad threshold"),
+    (("diff", "--ref", "pytorch"), "needs both --ref and --cand"),
+    (("diff", "only_one.h5"), "give two dumps"),
+    (("diff", "--ref", "pytorch", "--cand", "flash", "--config", "huge"), "unknown pi0.5 config"),
+    (("diff", "--ref", "pytorch", "--cand", "no.such.module:factory"), "cannot load backend factory"),
+])
+def test_usage_errors_exit_2_with_one_line(args, needle):
+    code, out = run(*args)
+    assert code == 2
+    assert needle in out and "Traceback" not in out
+    assert len([line for line in out.strip().splitlines() if line.strip()]) == 1
+
+
+def test_corrupt_or_missing_dump_exits_2(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an hdf5 file at all")
+    code, out = run("diff", str(bad), str(bad))
+    assert code == 2 and str(bad) in out and "Traceback" not in out
+    code, out = run("diff", str(tmp_path / "missing.h5"), str(bad))
+    assert code == 2 and "missing.h5" in out
+
+
+def test_dumps_of_different_inputs_are_refused(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    run("capture", "--backend", "pytorch", "--taps", "vision.embed", "-o", str(a))
+    run("capture", "--backend", "pytorch", "--seed", "1", "--taps", "vision.embed", "-o", str(b))
+    code, out = run("diff", str(a), str(b))
+    assert code == 2 and "different inputs" in out
+
+
+def test_every_command_has_help_with_an_example():
+    code, out = run("--help")
+    assert code == 0
+    commands = {"diff", "capture", "inspect", "backends"}
+    for name in commands:
+        assert name in out
+        code, text = run(name, "--help")
+        assert code == 0 and "Usage" in text and "Example" in text, name
+
+
+def test_backends_lists_builtins_and_faults():
+    code, out = run("backends")
+    assert code == 0
+    for word in ("pytorch", "flash", "flash_fp8", "nomask", "silu", "dtype", "norm_plain_w", "rope_interleaved",
+                 "kv_mutate"):
+        assert word in out
+
+
+def test_help_and_offline_diff_work_without_torch(tmp_path):
+    """The offline path must not import torch: run it with torch made unimportable."""
+    ref = tmp_path / "ref.h5"
+    run("capture", "--backend", "pytorch", "--taps", "vision.*", "-o", str(ref))
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from typer.testing import CliRunner\nfrom parity.cli import app\n"
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output\n"
+        f"r = CliRunner().invoke(app, ['diff', {str(ref)!r}, {str(ref)!r}]); assert r.exit_code == 0, r.output\n"
+        "assert 'PASS' in r.output\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
