@@ -31,6 +31,10 @@ def to_storage(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return (arr.copy() if src_is_host else arr), name
 
 
+class ProbeError(Exception):
+    """The probe does not fit the model (e.g. a non-stepped tap that runs twice)."""
+
+
 class Recorder:
     """Installs one pre- and one post-forward hook per probed module; removes all of them
     on exit, whatever happened.  Also knows which tap component was running when the
@@ -69,11 +73,12 @@ class Recorder:
         rule, layer, component, name = hit
 
         def pre(module, args):
-            step = None
-            if rule.stepped:
-                step = self.calls.get(module_name, 0)
-                self.calls[module_name] = step + 1
-            self.running.append(TapInfo(name, rule.stack, layer, component, step))
+            calls = self.calls.get(module_name, 0)
+            self.calls[module_name] = calls + 1
+            info = TapInfo(name, rule.stack, layer, component, calls if rule.stepped else None)
+            self.running.append((module, info))
+            if calls and not rule.stepped:
+                raise ProbeError(f"tap {name} ran {calls + 1} times in one run: its probe rule must be stepped")
 
         return pre
 
@@ -81,20 +86,24 @@ class Recorder:
         rule = hit[0]
 
         def post(module, args, output):
-            info = self.running.pop()
-            if not self.select(info.name, info.key):
-                return
-            value = output[rule.select] if rule.select is not None else output
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"tap {info.key}: module returned {type(value).__name__}, not a tensor")
-            array, dtype = to_storage(value)
-            self.sink.add_tap(Tap(info=info, order=self.order, array=array, dtype=dtype, layout=rule.layout))
-            self.order += 1
+            # Entries above ours belong to tapped modules that raised and were caught
+            # inside the model: they never finished, so they are dropped here.
+            while self.running and self.running[-1][0] is not module:
+                self.running.pop()
+            info = self.running[-1][1]
+            if self.select(info.name, info.key):
+                value = output[rule.select] if rule.select is not None else output
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"tap {info.key}: module returned {type(value).__name__}, not a tensor")
+                array, dtype = to_storage(value)
+                self.sink.add_tap(Tap(info=info, order=self.order, array=array, dtype=dtype, layout=rule.layout))
+                self.order += 1
+            self.running.pop()  # only once recorded: a failure above is located at this tap
 
         return post
 
     def error_from(self, exc: BaseException) -> CaptureError:
-        info = self.running[-1] if self.running else None
+        info = self.running[-1][1] if self.running else None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return CaptureError(key=info.key if info else None, info=info, exc_type=type(exc).__name__, message=message)
 

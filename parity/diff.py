@@ -66,12 +66,20 @@ def gather_tokens(array: np.ndarray, layout: Layout | None) -> tuple[np.ndarray,
     return array.reshape(R * T, *array.shape[2:])[order], idx[order]
 
 
+def _layout_of(tap: Tap, layouts: dict, side: str) -> Layout | None:
+    if not tap.layout:
+        return None
+    if tap.layout not in layouts:
+        raise AlignmentError(f"{side} tap uses layout {tap.layout!r}, which its capture does not define")
+    return layouts[tap.layout]
+
+
 def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float) -> TapResult:
     base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
                 ref_dtype=ref.dtype, cand_dtype=cand.dtype)
     try:
-        r, r_idx = gather_tokens(ref.array, ref_layouts.get(ref.layout) if ref.layout else None)
-        c, c_idx = gather_tokens(cand.array, cand_layouts.get(cand.layout) if cand.layout else None)
+        r, r_idx = gather_tokens(ref.array, _layout_of(ref, ref_layouts, "reference"))
+        c, c_idx = gather_tokens(cand.array, _layout_of(cand, cand_layouts, "candidate"))
     except AlignmentError as exc:
         return TapResult(status="layout", reason=str(exc), **base)
     if (r_idx is None) != (c_idx is None) or (r_idx is not None and not np.array_equal(r_idx, c_idx)):
@@ -80,7 +88,11 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
         return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc})", **base)
     if r.shape != c.shape:
         return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape}", **base)
-    metrics = compare(to_float64(r, ref.dtype), to_float64(c, cand.dtype))
+    try:
+        r64, c64 = to_float64(r, ref.dtype), to_float64(c, cand.dtype)
+    except ValueError as exc:
+        return TapResult(status="dtype", reason=f"cannot decode: {exc}", **base)
+    metrics = compare(r64, c64)
     return TapResult(metrics=metrics, **judge(metrics, ref.dtype, cand.dtype, threshold), **base)
 
 

@@ -1,0 +1,373 @@
+"""Live capture on a toy model: hooks live only inside `capture`, taps are cloned, named,
+stepped, selected, and a crash inside the model becomes a CaptureError at the right tap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from parity.backends import Backend
+from parity.capture import Recorder, capture, to_storage
+from parity.probe import Probe, TapRule, tap_filter
+from parity.records import Capture, Layout
+
+F = 4  # feature width
+
+
+# --------------------------------------------------------------------------- toy model
+
+class TapPoint(nn.Identity):
+    """A no-op module that exists only to be tapped."""
+
+
+class Act(nn.Module):
+    """relu, or an exception when `fail` holds one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail: BaseException | None = None
+
+    def forward(self, h):
+        if self.fail is not None:
+            raise self.fail
+        return torch.relu(h)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Linear(F, F)
+        self.act = Act()
+        self.out = TapPoint()
+        self.fail: BaseException | None = None  # raised between act and out
+
+    def forward(self, h):
+        h = self.act(self.mlp(h))
+        if self.fail is not None:
+            raise self.fail
+        return self.out(h)
+
+
+class Split(nn.Module):
+    def forward(self, h):
+        return h, 2 * h
+
+
+class Toy(nn.Module):
+    def __init__(self, steps: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(F, F)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.denoise = TapPoint()  # called once per step
+        self.split = Split()
+        self.final = TapPoint()
+        self.steps = steps
+        self.fail: BaseException | None = None  # raised outside every tap
+
+    def forward(self, x):
+        h = self.embed(x)
+        for blk in self.blocks:
+            h = blk(h)
+        for i in range(self.steps):
+            h = self.denoise(h) + i
+        if self.fail is not None:
+            raise self.fail
+        h, _ = self.split(h)
+        h = self.final(h)
+        h.add_(100.0)  # in place, after the tap point has produced it
+        return h
+
+
+RULES = (
+    TapRule(r"embed", stack="embed", component="out"),
+    TapRule(r"blocks\.(?P<layer>\d+)\.(?P<component>mlp|act|out)", stack="blk"),
+    TapRule(r"blocks\.(?P<layer>\d+)", stack="blk", component="block"),
+    TapRule(r"denoise", stack="denoise", component="x", stepped=True),
+    TapRule(r"split", stack="split", component="first", select=0),
+    TapRule(r"final", stack="final", component="out"),
+)
+PROBE = Probe("toy", RULES)
+
+EXPECTED_KEYS = [
+    "embed.out",
+    "blk.0.mlp", "blk.0.act", "blk.0.out", "blk.0.block",
+    "blk.1.mlp", "blk.1.act", "blk.1.out", "blk.1.block",
+    "denoise.x@0", "denoise.x@1", "denoise.x@2",
+    "split.first", "final.out",
+]
+
+LAYOUTS = {"tokens": Layout(np.arange(3)[None], length=3)}
+
+
+def make_backend(model: nn.Module | None = None, probe: Probe = PROBE) -> Backend:
+    """A backend running `model` on fixed input; `backend.outputs` keeps each run's output and
+    `backend.hooks_seen` the number of hooks installed while it ran."""
+    model = model if model is not None else Toy()
+    x = torch.randn(1, 3, F, generator=torch.Generator().manual_seed(1))
+    backend = Backend("toy", model, probe, run=None, layouts=lambda: dict(LAYOUTS), meta={"arch": "toy"})
+    backend.outputs, backend.hooks_seen = [], []
+
+    def run():
+        backend.hooks_seen.append(hook_count(model))
+        with torch.no_grad():
+            backend.outputs.append(model(x))
+
+    backend.run = run
+    return backend
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def assert_no_hooks(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        assert not m._forward_hooks, f"forward hook left on {name!r}"
+        assert not m._forward_pre_hooks, f"forward pre-hook left on {name!r}"
+
+
+def keys(c: Capture) -> list[str]:
+    return [t.key for t in c.taps]
+
+
+# --------------------------------------------------------------------------- a clean run
+
+def test_capture_records_every_tap_in_execution_order():
+    backend = make_backend()
+    c = capture(backend)
+    assert c.error is None
+    assert keys(c) == EXPECTED_KEYS
+    assert [t.order for t in c.taps] == list(range(len(EXPECTED_KEYS)))
+    assert c.meta == {"arch": "toy"} and set(c.layouts) == {"tokens"}
+    blk = c.by_key()["blk.1.act"]
+    assert (blk.info.stack, blk.info.layer, blk.info.component) == ("blk", 1, "act")
+    assert blk.dtype == "float32" and blk.array.dtype == np.float32 and blk.shape == (1, 3, F)
+    assert (blk.array >= 0).all()  # it is the relu's output
+
+
+# --------------------------------------------------------------------------- hooks never outlive capture
+
+@pytest.mark.parametrize("fault", [None, "act", "top"])
+def test_no_hooks_remain_after_capture(fault):
+    model = Toy()
+    if fault == "act":
+        model.blocks[1].act.fail = RuntimeError("boom")
+    elif fault == "top":
+        model.fail = ValueError("boom")
+    backend = make_backend(model)
+    assert_no_hooks(model)
+    c = capture(backend)
+    assert backend.hooks_seen[0] == 2 * 12  # one pre + one post hook per probed module, during the run
+    assert (c.error is None) == (fault is None)
+    assert_no_hooks(model)
+
+
+def test_no_hooks_remain_after_keyboard_interrupt():
+    model = Toy()
+    model.blocks[0].act.fail = KeyboardInterrupt()
+    backend = make_backend(model)
+    with pytest.raises(KeyboardInterrupt):
+        capture(backend)
+    assert backend.hooks_seen[0] > 0
+    assert_no_hooks(model)
+
+
+def test_hooks_installed_before_a_failing_registration_are_removed(monkeypatch):
+    model = Toy()
+    seen_on_embed = []
+
+    def boom(*args, **kwargs):
+        seen_on_embed.append(len(model.embed._forward_pre_hooks) + len(model.embed._forward_hooks))
+        raise RuntimeError("cannot register")
+
+    # Probed modules in named_modules() order: embed, blocks.0, ...: fail on the 2nd.
+    monkeypatch.setattr(model.blocks[0], "register_forward_pre_hook", boom)
+    with pytest.raises(RuntimeError, match="cannot register"):
+        capture(make_backend(model))
+    assert seen_on_embed == [2]  # the first module was hooked when the second failed
+    monkeypatch.undo()
+    assert_no_hooks(model)
+
+
+def test_recorder_removes_hooks_on_exit():
+    model = Toy()
+    with Recorder(model, PROBE, Capture()) as rec:
+        assert len(rec.handles) == hook_count(model) == 2 * 12
+    assert rec.handles == []
+    assert_no_hooks(model)
+
+
+# --------------------------------------------------------------------------- what is recorded
+
+def test_taps_are_cloned_before_later_in_place_updates():
+    backend = make_backend()
+    c = capture(backend)
+    output = backend.outputs[0].numpy()
+    final = c.by_key()["final.out"].array
+    np.testing.assert_allclose(final, output - 100.0, rtol=0, atol=1e-5)
+    assert not np.allclose(final, output)
+    # split's first output is the very tensor final passed through and the model then modified
+    np.testing.assert_array_equal(c.by_key()["split.first"].array, final)
+
+
+def test_stepped_rule_counts_calls():
+    c = capture(make_backend())
+    steps = [t for t in c.taps if t.info.name == "denoise.x"]
+    assert [t.key for t in steps] == ["denoise.x@0", "denoise.x@1", "denoise.x@2"]
+    assert [t.info.step for t in steps] == [0, 1, 2]
+    orders = [t.order for t in steps]
+    assert orders == sorted(orders) and len(set(orders)) == 3
+    np.testing.assert_allclose(steps[1].array, steps[0].array + 0, atol=1e-6)  # denoise(h) + 0
+    np.testing.assert_allclose(steps[2].array, steps[1].array + 1, atol=1e-6)  # denoise(h) + 1
+    assert all(t.info.step is None for t in c.taps if t.info.name != "denoise.x")
+
+
+def test_steps_restart_for_each_capture():
+    backend = make_backend()
+    capture(backend)
+    assert [k for k in keys(capture(backend)) if k.startswith("denoise")] == EXPECTED_KEYS[9:12]
+
+
+@pytest.mark.parametrize("selection, want", [
+    ("blk.0.*", ["blk.0.mlp", "blk.0.act", "blk.0.out", "blk.0.block"]),
+    ("embed.*, final.*", ["embed.out", "final.out"]),
+    (["embed.*", "final.*"], ["embed.out", "final.out"]),
+    (lambda name: name.endswith(".out") and not name.startswith("blk"), ["embed.out", "final.out"]),
+    ("denoise.x@1", ["denoise.x@1"]),
+    ("denoise.x", ["denoise.x@0", "denoise.x@1", "denoise.x@2"]),
+])
+def test_selection(selection, want):
+    c = capture(make_backend(), select=tap_filter(selection))
+    assert keys(c) == want
+    assert [t.order for t in c.taps] == list(range(len(want)))
+    if want == ["denoise.x@1"]:
+        assert c.taps[0].info.step == 1
+
+
+@pytest.mark.parametrize("selection", ["", " , ", []])
+def test_empty_selection_is_an_error(selection):
+    with pytest.raises(ValueError):
+        tap_filter(selection)
+
+
+def test_select_picks_a_tuple_element():
+    c = capture(make_backend())
+    first = c.by_key()["split.first"]
+    assert first.shape == (1, 3, F)
+    np.testing.assert_allclose(first.array, c.by_key()["denoise.x@2"].array + 2, atol=1e-6)
+
+
+def non_tensor_capture():
+    """The split module returns a tuple, but this probe taps it as a whole."""
+    rules = tuple(TapRule(r.pattern, r.stack, r.component, select=None) if r.stack == "split" else r
+                  for r in RULES)
+    return capture(make_backend(probe=Probe("toy", rules)))
+
+
+def test_non_tensor_tap_is_recorded_as_an_error():
+    c = non_tensor_capture()
+    assert c.error is not None
+    assert c.error.exc_type == "TypeError"
+    assert "not a tensor" in c.error.message and "split.first" in c.error.message
+    assert "split.first" not in keys(c) and "final.out" not in keys(c)
+
+
+def test_non_tensor_tap_error_is_located_at_that_tap():
+    assert non_tensor_capture().error.key == "split.first"
+
+
+# --------------------------------------------------------------------------- crashes inside the model
+
+@pytest.mark.parametrize("where, key", [
+    ("act", "blk.1.act"),  # inside a tapped leaf, itself inside the tapped block: innermost wins
+    ("block", "blk.1.block"),  # inside the block, after its inner taps finished
+    ("top", None),  # outside every tap
+])
+def test_exception_is_recorded_at_the_innermost_running_tap(where, key):
+    model = Toy()
+    exc = RuntimeError("kernel exploded\nsecond line of detail")
+    {"act": model.blocks[1].act, "block": model.blocks[1], "top": model}[where].fail = exc
+    c = capture(make_backend(model))
+    assert c.error is not None
+    assert c.error.key == key
+    assert (c.error.info.key if c.error.info else None) == key
+    assert c.error.exc_type == "RuntimeError"
+    assert c.error.message == "kernel exploded"
+    assert "final.out" not in keys(c)
+    assert "blk.1.mlp" in keys(c)  # taps before the crash are kept
+    assert ("blk.1.out" in keys(c)) == (where == "top")
+
+
+class Fallback(nn.Module):
+    """Tries a fast path and falls back to a slow one when it raises (the model survives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fast = Act()
+        self.fast.fail = RuntimeError("no fast kernel here")
+        self.slow = TapPoint()
+
+    def forward(self, h):
+        try:
+            return self.fast(h)
+        except RuntimeError:
+            return self.slow(h)
+
+
+def test_exception_caught_inside_the_model_does_not_mislabel_taps():
+    model = nn.Sequential(Fallback())
+    probe = Probe("toy", (TapRule(r"0", stack="attn", component="out"),
+                          TapRule(r"0\.(?P<component>fast|slow)", stack="attn")))
+    backend = Backend("toy", model, probe, run=lambda: model(torch.ones(2, F)), layouts=dict)
+    c = capture(backend)
+    assert c.error is None
+    assert keys(c) == ["attn.slow", "attn.out"]
+
+
+# --------------------------------------------------------------------------- storage representation
+
+@pytest.mark.parametrize("dtype, bits_dtype, np_dtype", [
+    (torch.bfloat16, torch.int16, np.uint16),
+    (torch.float8_e4m3fn, torch.int8, np.uint8),
+    (torch.float8_e5m2, torch.int8, np.uint8),
+])
+def test_to_storage_keeps_raw_bits(dtype, bits_dtype, np_dtype):
+    t = torch.tensor([[1.0, -2.5, 0.0], [0.125, 3.0, -0.0]]).to(dtype)
+    arr, name = to_storage(t)
+    assert name == str(dtype).removeprefix("torch.")
+    assert arr.dtype == np_dtype and arr.shape == (2, 3)
+    np.testing.assert_array_equal(arr, t.view(bits_dtype).numpy().view(np_dtype))
+    if dtype == torch.bfloat16:
+        assert arr[0, 0] == 0x3F80  # 1.0
+        assert arr[1, 2] == 0x8000  # -0.0
+    # a non-contiguous view is stored in its logical (C) order
+    arr_t, _ = to_storage(t.t())
+    np.testing.assert_array_equal(arr_t, arr.T)
+
+
+def test_to_storage_float32_stays_float32():
+    t = torch.randn(3, 2, requires_grad=True)
+    arr, name = to_storage(t)
+    assert name == "float32" and arr.dtype == np.float32
+    np.testing.assert_array_equal(arr, t.detach().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_to_storage_does_not_share_memory(dtype):
+    t = torch.ones(4, 3).to(dtype)
+    arr, _ = to_storage(t)
+    before = arr.copy()
+    bits = {torch.float32: torch.float32, torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.int8}[dtype]
+    assert not np.shares_memory(arr, t.view(bits).numpy())
+    t.view(bits).zero_()
+    np.testing.assert_array_equal(arr, before)
+
+
+def test_non_stepped_tap_running_twice_is_reported_not_silently_duplicated():
+    probe = Probe("toy", tuple(TapRule(r.pattern, r.stack, r.component, r.layout, False, r.select) for r in RULES))
+    c = capture(make_backend(probe=probe))
+    assert c.error is not None and c.error.exc_type == "ProbeError"
+    assert "denoise.x ran 2 times" in c.error.message and "stepped" in c.error.message
+    assert len({t.key for t in c.taps}) == len(c.taps)
