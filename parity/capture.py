@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .probe import Probe, TapFilter, tap_filter
+from .probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
 from .records import Capture, CaptureError, Tap, TapInfo
 
 _BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
@@ -38,24 +38,25 @@ class ProbeError(Exception):
 class Recorder:
     """Installs one pre- and one post-forward hook per probed module; removes all of them
     on exit, whatever happened.  Also knows which tap component was running when the
-    model raised."""
+    model raised.  Input taps (`TapRule.on="input"`) are recorded by the pre-hook,
+    output taps by the post-hook, so execution order is kept either way."""
 
     def __init__(self, model: torch.nn.Module, probe: Probe, sink, select: TapFilter | None = None):
         self.model, self.probe, self.sink = model, probe, sink
         self.select = select or tap_filter(None)
         self.handles: list = []
         self.calls: dict[str, int] = {}
-        self.running: list[TapInfo] = []
+        self.running: list[tuple[torch.nn.Module, TapInfo, int]] = []  # (module, blamed tap, call index)
         self.order = 0
 
     def __enter__(self) -> "Recorder":
         try:
             for module_name, module in self.model.named_modules():
-                hit = self.probe.tap_for(module_name)
-                if hit is None:
+                hits = self.probe.taps_for(module_name)
+                if not hits:
                     continue
-                self.handles.append(module.register_forward_pre_hook(self._enter_hook(module_name, hit)))
-                self.handles.append(module.register_forward_hook(self._exit_hook(hit)))
+                self.handles.append(module.register_forward_pre_hook(self._enter_hook(module_name, hits)))
+                self.handles.append(module.register_forward_hook(self._exit_hook(hits)))
         except BaseException:
             self.remove()
             raise
@@ -69,38 +70,59 @@ class Recorder:
             h.remove()
         self.handles.clear()
 
-    def _enter_hook(self, module_name: str, hit):
-        rule, layer, component, name = hit
+    @staticmethod
+    def _info(hit: ProbeHit, calls: int) -> TapInfo:
+        return TapInfo(hit.name, hit.rule.stack, hit.layer, hit.component, calls if hit.rule.stepped else None)
+
+    def _enter_hook(self, module_name: str, hits: list[ProbeHit]):
+        inputs = [h for h in hits if h.rule.on == ON_INPUT]
+        # The tap an exception inside this module is blamed on: its output, else its input.
+        blamed = next((h for h in hits if h.rule.on == ON_OUTPUT), hits[0])
 
         def pre(module, args):
             calls = self.calls.get(module_name, 0)
             self.calls[module_name] = calls + 1
-            info = TapInfo(name, rule.stack, layer, component, calls if rule.stepped else None)
-            self.running.append((module, info))
-            if calls and not rule.stepped:
-                raise ProbeError(f"tap {name} ran {calls + 1} times in one run: its probe rule must be stepped")
+            self.running.append((module, self._info(blamed, calls), calls))
+            once = next((h for h in hits if not h.rule.stepped), None)
+            if calls and once is not None:
+                raise ProbeError(f"tap {once.name} ran {calls + 1} times in one run: its probe rule must be stepped")
+            for hit in inputs:
+                self._record(hit, self._info(hit, calls), args[0] if args else None, "input")
 
         return pre
 
-    def _exit_hook(self, hit):
-        rule = hit[0]
+    def _exit_hook(self, hits: list[ProbeHit]):
+        outputs = [h for h in hits if h.rule.on == ON_OUTPUT]
 
         def post(module, args, output):
             # Entries above ours belong to tapped modules that raised and were caught
             # inside the model: they never finished, so they are dropped here.
             while self.running and self.running[-1][0] is not module:
                 self.running.pop()
-            info = self.running[-1][1]
-            if self.select(info.name, info.key):
-                value = output[rule.select] if rule.select is not None else output
-                if not isinstance(value, torch.Tensor):
-                    raise TypeError(f"tap {info.key}: module returned {type(value).__name__}, not a tensor")
-                array, dtype = to_storage(value)
-                self.sink.add_tap(Tap(info=info, order=self.order, array=array, dtype=dtype, layout=rule.layout))
-                self.order += 1
+            calls = self.running[-1][2]
+            for hit in outputs:
+                value = output
+                if hit.rule.select is not None and isinstance(output, (tuple, list)):
+                    value = output[hit.rule.select]
+                self._record(hit, self._info(hit, calls), value, "output")
             self.running.pop()  # only once recorded: a failure above is located at this tap
 
         return post
+
+    def _record(self, hit: ProbeHit, info: TapInfo, value, side: str) -> None:
+        if not self.select(info.name, info.key):
+            return
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"tap {info.key}: module {side} is {type(value).__name__}, not a tensor")
+        if hit.chunk is not None:
+            total = sum(size for _, size in hit.rule.split)
+            if value.shape[-1] != total:
+                raise ProbeError(f"tap {info.key}: last dimension {value.shape[-1]} does not match its split "
+                                 f"({total})")
+            value = value[..., hit.chunk[0]:hit.chunk[1]]
+        array, dtype = to_storage(value)
+        self.sink.add_tap(Tap(info=info, order=self.order, array=array, dtype=dtype, layout=hit.rule.layout))
+        self.order += 1
 
     def error_from(self, exc: BaseException) -> CaptureError:
         info = self.running[-1][1] if self.running else None

@@ -35,6 +35,9 @@ def _device(name: str) -> torch.device:
 
 def build(variant_name: str, opts: BackendOptions) -> Backend:
     variant, _ = VARIANTS[variant_name]
+    if opts.takes_inputs:
+        raise ValueError("pi0.5 backends build their observation from --seed and --batch; "
+                         "--input/--padding/--seq-len apply to hf backends")
     cfg = get_config(opts.config)
     faults = Faults.parse(opts.faults)
     device = _device(opts.device)
