@@ -7,7 +7,9 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from .backends import BackendError, BackendOptions
+from typing import Any, Callable, Iterable, Mapping
+
+from .backends import Backend, BackendError, BackendOptions
 from .diff import Thresholds, diff
 from .dump import DumpError, DumpWriter, read_dump
 from .probe import tap_filter
@@ -23,7 +25,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _build(spec: str, options: BackendOptions):
+ProgressFn = Callable[[str, int, "int | None"], None]  # (what, done, total or None)
+
+
+def _build(spec: str | Backend, options: BackendOptions) -> Backend:
+    if isinstance(spec, Backend):
+        return spec
     from .backends import resolve  # the factories import torch; keep it off the offline path
 
     try:
@@ -32,17 +39,19 @@ def _build(spec: str, options: BackendOptions):
         raise InputError(str(exc)) from None
 
 
-def capture_live(spec: str, options: BackendOptions, taps: str | None = None) -> Capture:
-    """Run a backend once and keep every selected tap in memory."""
+def capture_live(spec: str | Backend, options: BackendOptions, taps: str | None = None,
+                 progress: ProgressFn | None = None) -> Capture:
+    """Run a backend (a spec, or a ready Backend) once and keep every selected tap in memory."""
     from .capture import capture
 
     backend = _build(spec, options)
     sink = Capture(meta={**backend.meta, "created": _now(), "taps": taps or "*"})
-    return capture(backend, sink, tap_filter(taps))
+    return capture(backend, _Counting(sink, progress, f"capture {backend.meta.get('backend', backend.name)}"),
+                   tap_filter(taps)).sink
 
 
-def capture_to_dump(spec: str, options: BackendOptions, path: str | Path, taps: str | None = None,
-                    compression: str | None = None) -> dict:
+def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Path, taps: str | None = None,
+                    compression: str | None = None, progress: ProgressFn | None = None) -> dict:
     """Run a backend once, streaming taps into an HDF5 dump; returns a short summary."""
     from .capture import capture
 
@@ -51,7 +60,7 @@ def capture_to_dump(spec: str, options: BackendOptions, path: str | Path, taps: 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         with DumpWriter(path, meta, compression=compression) as writer:
-            counter = _Counting(writer)
+            counter = _Counting(writer, progress, f"capture {backend.meta.get('backend', backend.name)}")
             capture(backend, counter, tap_filter(taps))
     except DumpError as exc:
         raise InputError(str(exc)) from None
@@ -59,10 +68,12 @@ def capture_to_dump(spec: str, options: BackendOptions, path: str | Path, taps: 
 
 
 class _Counting:
-    """Passes taps to a sink and remembers how many went through and whether it raised."""
+    """Passes taps to a sink and remembers how many went through and whether it raised;
+    reports each tap to `progress`, if given."""
 
-    def __init__(self, sink):
+    def __init__(self, sink, progress: ProgressFn | None = None, what: str = "capture"):
         self.sink, self.count, self.error = sink, 0, None
+        self.progress, self.what = progress, what
 
     def add_layout(self, name, layout):
         self.sink.add_layout(name, layout)
@@ -70,6 +81,8 @@ class _Counting:
     def add_tap(self, tap):
         self.count += 1
         self.sink.add_tap(tap)
+        if self.progress is not None:
+            self.progress(self.what, self.count, None)
 
     def set_error(self, error):
         self.error = error
@@ -94,7 +107,7 @@ def check_comparable(ref: Capture, cand: Capture) -> None:
 
 
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
-                     taps: str | None = None) -> Report:
+                     taps: str | None = None, progress: ProgressFn | None = None) -> Report:
     check_comparable(ref, cand)
     if taps:
         keep = tap_filter(taps)
@@ -102,22 +115,66 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
                       ref.complete)
         cand = Capture([t for t in cand.taps if keep(t.info.name, t.key)], cand.layouts, cand.meta, cand.error,
                        cand.complete)
-    return diff(ref, cand, thresholds)
+    tick = None if progress is None else (lambda done, total: progress("diff", done, total))
+    return diff(ref, cand, thresholds, progress=tick)
 
 
 def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
-               allow_incomplete: bool = False) -> Report:
+               allow_incomplete: bool = False, progress: ProgressFn | None = None) -> Report:
     """Offline diff of two dumps (no torch)."""
     return compare_captures(load_dump(ref_path, allow_incomplete), load_dump(cand_path, allow_incomplete),
-                            thresholds, taps)
+                            thresholds, taps, progress)
 
 
-def diff_live(ref: str, cand: str, options: BackendOptions, faults: tuple[str, ...] = (),
-              thresholds: Thresholds | None = None, taps: str | None = None) -> Report:
+def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
+              thresholds: Thresholds | None = None, taps: str | None = None,
+              progress: ProgressFn | None = None) -> Report:
     """Build both backends from the same options (same weights, inputs and noise), inject
     `faults` into the candidate only, run both and compare."""
     from dataclasses import replace
 
-    ref_cap = capture_live(ref, replace(options, faults=()), taps)
-    cand_cap = capture_live(cand, replace(options, faults=tuple(faults)), taps)
-    return compare_captures(ref_cap, cand_cap, thresholds)
+    ref_cap = capture_live(ref, replace(options, faults=()), taps, progress)
+    cand_cap = capture_live(cand, replace(options, faults=tuple(faults)), taps, progress)
+    return compare_captures(ref_cap, cand_cap, thresholds, progress=progress)
+
+
+def make_thresholds(min_cos: float = 0.999,
+                    thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None) -> Thresholds:
+    """Thresholds from the forms a caller naturally has: a Thresholds, {glob: min_cos},
+    or ["glob=min_cos", ...] (later patterns win)."""
+    if isinstance(thresholds, Thresholds):
+        return thresholds
+    try:
+        if thresholds is None:
+            return Thresholds(min_cos)
+        if isinstance(thresholds, Mapping):
+            return Thresholds(min_cos, tuple((str(g), float(v)) for g, v in thresholds.items()))
+        if isinstance(thresholds, str):
+            thresholds = [thresholds]
+        return Thresholds.parse(min_cos, list(thresholds))
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed: int = 0, batch: int = 1,
+            device: str = "auto", dtype: str | None = None, padding: str | None = None, seq_len: int | None = None,
+            min_cos: float = 0.999, thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None,
+            taps: str | None = None, faults: Iterable[str] = (), config: str = "tiny",
+            progress: ProgressFn | None = None) -> Report:
+    """Run a reference and a candidate on the same inputs and compare them tap by tap.
+
+    `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
+    `"pkg.mod:factory"`) or ready `Backend` objects.  `inputs` is a token-id file
+    (.json/.npy), token rows, or a dict with input_ids/attention_mask; None draws them
+    from `seed`.  The returned Report is truthy when every tap passed; its
+    `first_divergence` names the earliest failing tap.  Bad requests raise InputError.
+
+        report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
+        assert report, report.first_divergence
+    """
+    try:
+        options = BackendOptions(config=config, seed=seed, device=device, dtype=dtype, batch=batch,
+                                 inputs=inputs, padding=padding, seq_len=seq_len)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress)

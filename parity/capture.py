@@ -31,6 +31,13 @@ def to_storage(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return (arr.copy() if src_is_host else arr), name
 
 
+def _eager(hook):
+    """Hooks observe; they are never traced.  Under torch.compile each hook is a graph
+    break, so the compiled pieces are the code between taps (and the bookkeeping here
+    stays plain Python)."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
 class ProbeError(Exception):
     """The probe does not fit the model (e.g. a non-stepped tap that runs twice)."""
 
@@ -55,8 +62,8 @@ class Recorder:
                 hits = self.probe.taps_for(module_name)
                 if not hits:
                     continue
-                self.handles.append(module.register_forward_pre_hook(self._enter_hook(module_name, hits)))
-                self.handles.append(module.register_forward_hook(self._exit_hook(hits)))
+                self.handles.append(module.register_forward_pre_hook(_eager(self._enter_hook(module_name, hits))))
+                self.handles.append(module.register_forward_hook(_eager(self._exit_hook(hits))))
         except BaseException:
             self.remove()
             raise

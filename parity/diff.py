@@ -74,7 +74,8 @@ def _layout_of(tap: Tap, layouts: dict, side: str) -> Layout | None:
     return layouts[tap.layout]
 
 
-def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float) -> TapResult:
+def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float,
+                 exact_dtypes: bool = True) -> TapResult:
     base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
                 ref_dtype=ref.dtype, cand_dtype=cand.dtype)
     try:
@@ -93,25 +94,34 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
     except ValueError as exc:
         return TapResult(status="dtype", reason=f"cannot decode: {exc}", **base)
     metrics = compare(r64, c64)
-    return TapResult(metrics=metrics, **judge(metrics, ref.dtype, cand.dtype, threshold), **base)
+    return TapResult(metrics=metrics, **judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes), **base)
 
 
-def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float) -> dict:
+def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float, exact_dtypes: bool = True) -> dict:
+    """The verdict on one tap.  A dtype change fails unless the runs were asked for
+    different dtypes (`exact_dtypes=False`): then only the values are judged."""
     if not m.finite:
         return dict(status="nonfinite", reason=(
             f"NaN/Inf: ref nan={m.nan_ref} inf={m.inf_ref}, cand nan={m.nan_cand} inf={m.inf_cand}, "
             f"first at flat index {m.first_nonfinite}"))
     if m.n == 0:
         return dict(status="empty", reason="no valid elements to compare")
-    if ref_dtype != cand_dtype:
+    if exact_dtypes and ref_dtype != cand_dtype:
         return dict(status="dtype", reason=f"dtype {ref_dtype} vs {cand_dtype}")
     if not m.cos >= threshold:
         return dict(status="fail", reason=f"cos {m.cos:.6f} < {threshold}")
     return dict(status="pass", reason="")
 
 
-def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None) -> Report:
-    """Compare every tap of `cand` against `ref`, in the reference's execution order."""
+def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exact_dtypes: bool | None = None,
+         progress=None) -> Report:
+    """Compare every tap of `cand` against `ref`, in the reference's execution order.
+
+    `exact_dtypes` (default: whether both runs declare the same model dtype in their
+    metadata) makes a tap whose dtype changed fail; a float32-vs-bfloat16 comparison
+    judges values only.  `progress(done, total)` is called after each tap."""
+    if exact_dtypes is None:
+        exact_dtypes = ref.meta.get("dtype") == cand.meta.get("dtype")
     thresholds = thresholds or Thresholds()
     cand_taps = cand.by_key()
     rows: list[TapResult] = []
@@ -121,7 +131,9 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None) -> R
         threshold = thresholds.for_tap(tap.info.name, tap.key)
         other = cand_taps.pop(tap.key, None)
         if other is not None:
-            rows.append(compare_taps(tap, other, ref.layouts, cand.layouts, threshold))
+            rows.append(compare_taps(tap, other, ref.layouts, cand.layouts, threshold, exact_dtypes))
+            if progress is not None:
+                progress(len(rows), len(ref.taps))
             continue
         common = dict(info=tap.info, order=tap.order, threshold=threshold, ref_shape=tap.shape, ref_dtype=tap.dtype)
         if cand.error and tap.key == raised_at:
@@ -144,5 +156,6 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None) -> R
                         f"{ref.error.exc_type}: {ref.error.message}")
     if cand.error and raised_at is not None and raised_at not in {t.key for t in ref.taps}:
         problems.append(f"candidate raised at {raised_at}: {cand.error.exc_type}: {cand.error.message}")
-    return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta), thresholds=thresholds.to_dict(),
+    return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta),
+                  thresholds={**thresholds.to_dict(), "exact_dtypes": exact_dtypes},
                   cand_error=cand.error, problems=problems)
