@@ -1,21 +1,26 @@
 """`parity` command line: each command parses, calls one library function, renders, exits.
 
-Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error."""
+Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error.
+Defaults come from `[tool.parity]` in ./pyproject.toml (parity.settings); flags win."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump
 from .backends import BackendOptions
 from .diff import Thresholds
+from .settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
 
 EXIT_PASS, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+REPORT_FORMATS = {"html": ".html", "md": ".md", "junit": ".xml", "model-explorer": ".me.json"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer-by-layer numerical parity debugger: capture taps, diff them, find the first "
@@ -31,111 +36,239 @@ def _console() -> Console:
 
 
 def _fail_input(message: str) -> None:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(EXIT_INPUT)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        _fail_input(str(exc))
+
+
+def _progress(quiet: bool):
+    """A progress callback that shows a bar on stderr after 1 s, only on a terminal."""
+    from .progress import DelayedProgress
+
+    console = Console(stderr=True)
+    return DelayedProgress(console, enabled=console.is_terminal and not quiet)
 
 
 def _faults(inject: Optional[List[str]]) -> tuple[str, ...]:
     return tuple(n.strip() for item in inject or [] for n in item.split(",") if n.strip())
 
 
-def _options(config, seed, device, dtype, batch, faults=()) -> BackendOptions:
+def _options(config, seed, device, dtype, batch, faults=(), inputs=None, padding=None, seq_len=None) -> BackendOptions:
     try:
-        return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch)
+        return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch,
+                              inputs=str(inputs) if inputs is not None else None, padding=padding, seq_len=seq_len)
     except ValueError as exc:
         _fail_input(str(exc))
 
 
-ConfigOpt = typer.Option("tiny", "--config", help="Model size: tiny (CPU tests) or full (real pi0.5 sizes).")
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        _fail_input(f"cannot write {path}: {exc.strerror or exc}")
+
+
+ConfigOpt = typer.Option("tiny", "--config", help="pi0.5 model size: tiny (CPU tests) or full (real pi0.5 sizes).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for weights, inputs and flow-matching noise.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda if available).")
-DtypeOpt = typer.Option(None, "--dtype", help="Model dtype (default: the backend's, bfloat16 for pi0.5).")
-BatchOpt = typer.Option(1, "--batch", help="Batch size of the synthetic observation.")
+DtypeOpt = typer.Option(None, "--dtype", help="Model dtype (default: the backend's, bfloat16 for pi0.5, the "
+                                              "checkpoint's for hf).")
+BatchOpt = typer.Option(1, "--batch", help="Batch size of generated inputs.")
+InputOpt = typer.Option(None, "--input", help="hf backends: token ids from a .json (list of lists, or "
+                                              "{input_ids, attention_mask}) or .npy file (negative = padding).")
+PaddingOpt = typer.Option(None, "--padding", help="hf backends: left or right padding (a spec's @padding= wins).")
+SeqLenOpt = typer.Option(None, "--seq-len", help="hf backends: tokens per generated prompt (default 16).")
 InjectOpt = typer.Option(None, "--inject", help="Fault(s) to inject into the candidate, NAME[,NAME]. "
                                                 "See `parity backends`.")
-TapsOpt = typer.Option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k'.")
+TapsOpt = typer.Option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k' "
+                                            "(default: [tool.parity] taps, else all).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
 @app.command("diff")
 def diff_cmd(
     dumps: Optional[List[Path]] = typer.Argument(None, help="Two dumps REF.h5 CAND.h5 (offline, no torch)."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="Reference backend (live), e.g. pytorch."),
-    cand: Optional[str] = typer.Option(None, "--cand", help="Candidate backend (live), e.g. flash_fp8."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference backend (live), e.g. pytorch or "
+                                                          "'hf:./model@attn=eager'."),
+    cand: Optional[str] = typer.Option(None, "--cand", help="Candidate backend (live), e.g. flash_fp8 or "
+                                                            "'hf:./model@attn=sdpa,dtype=bfloat16'."),
     inject: Optional[List[str]] = InjectOpt,
     config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    batch: int = BatchOpt, taps: Optional[str] = TapsOpt,
-    min_cos: float = typer.Option(0.999, "--min-cos", help="Default minimum cosine similarity per tap."),
+    batch: int = BatchOpt, inputs: Optional[Path] = InputOpt, padding: Optional[str] = PaddingOpt,
+    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt,
+    min_cos: Optional[float] = typer.Option(None, "--min-cos", help="Default minimum cosine similarity per tap "
+                                                                    "(default: [tool.parity] min_cos, else 0.999)."),
     threshold: Optional[List[str]] = typer.Option(None, "--threshold",
                                                   help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; "
                                                        "last match wins), e.g. 'expert.*.mlp=0.995'."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the machine-readable result here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the machine-readable result here "
+                                                                 "(input of `parity report`)."),
     show_all: bool = typer.Option(False, "--all", help="Also list every tap with all metrics."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Diff interrupted captures too."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
 
     Example (live):    parity diff --ref pytorch --cand flash_fp8 --inject nomask
 
+    Example (hf):      parity diff --ref 'hf:./m@attn=eager' --cand 'hf:./m@attn=sdpa' --batch 4 --padding left
+
     Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
     """
     from .render import render_report
 
+    settings = _settings()
     try:
-        thresholds = Thresholds.parse(min_cos, threshold or [])
+        thresholds = Thresholds.parse(min_cos if min_cos is not None else settings.min_cos or DEFAULT_MIN_COS,
+                                      settings.threshold_specs(threshold or []))
     except ValueError as exc:
         _fail_input(str(exc))
+    taps = taps or settings.taps
     live = ref is not None or cand is not None
     if live and dumps:
         _fail_input("give either two dumps or --ref/--cand, not both")
     try:
-        if live:
-            if ref is None or cand is None:
-                _fail_input("a live diff needs both --ref and --cand")
-            report = diff_live(ref, cand, _options(config, seed, device, dtype, batch), _faults(inject),
-                               thresholds, taps)
-        else:
-            if not dumps or len(dumps) != 2:
-                _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
-            if inject:
-                _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
-            report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete)
+        with _progress(quiet) as progress:
+            if live:
+                if ref is None or cand is None:
+                    _fail_input("a live diff needs both --ref and --cand")
+                options = _options(config, seed, device, dtype, batch, inputs=inputs, padding=padding,
+                                   seq_len=seq_len)
+                report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress)
+            else:
+                if not dumps or len(dumps) != 2:
+                    _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
+                if inject:
+                    _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
+                report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress)
     except InputError as exc:
         _fail_input(str(exc))
     _console().print(render_report(report, show_all=show_all))
     if json_out is not None:
-        try:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(report.to_dict(), indent=2))
-        except OSError as exc:
-            _fail_input(f"cannot write {json_out}: {exc.strerror or exc}")
+        _write(json_out, json.dumps(report.to_dict(), indent=2))
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
 
 
 @app.command("capture")
 def capture_cmd(
-    backend: str = typer.Option(..., "--backend", help="Backend to run, e.g. pytorch, flash, flash_fp8."),
-    output: Path = typer.Option(None, "-o", "--output", help="Dump path (default reports/<backend>.h5)."),
+    backend: str = typer.Option(..., "--backend", help="Backend to run, e.g. pytorch, flash_fp8, 'hf:./model'."),
+    output: Path = typer.Option(None, "-o", "--output", help="Dump path (default <output_dir>/<backend>.h5)."),
     inject: Optional[List[str]] = InjectOpt,
     config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    batch: int = BatchOpt, taps: Optional[str] = TapsOpt,
+    batch: int = BatchOpt, inputs: Optional[Path] = InputOpt, padding: Optional[str] = PaddingOpt,
+    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt,
     compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default: none)."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Run one backend with taps installed and write every tap to an HDF5 dump.
 
     Example: parity capture --backend flash --inject silu -o reports/flash_silu.h5
     """
-    output = output or Path("reports") / f"{backend.replace(':', '_').replace('/', '_')}.h5"
+    settings = _settings()
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
+    output = output or settings.output_dir / f"{safe}.h5"
     try:
-        options = _options(config, seed, device, dtype, batch, _faults(inject))
-        summary = capture_to_dump(backend, options, output, taps, compression)
+        options = _options(config, seed, device, dtype, batch, _faults(inject), inputs, padding, seq_len)
+        with _progress(quiet) as progress:
+            summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress)
     except InputError as exc:
         _fail_input(str(exc))
     err = summary["error"]
     console = _console()
-    console.print(f"wrote {summary['taps']} taps to {summary['path']}")
+    console.print(f"wrote {summary['taps']} taps to {escape(summary['path'])}")
     if err is not None:
-        console.print(f"[bold red]backend raised at {err.key or 'an untapped place'}:[/] {err.exc_type}: {err.message}")
+        console.print(f"[bold red]backend raised at {err.key or 'an untapped place'}:[/] "
+                      f"{escape(f'{err.exc_type}: {err.message}')}")
         raise typer.Exit(EXIT_FAIL)
+
+
+@app.command("report")
+def report_cmd(
+    result: Path = typer.Argument(..., help="A result written by `parity diff --json`."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="Output file (default <output_dir>/<result name> + extension); "
+                                               "'-' writes to stdout."),
+    fmt: str = typer.Option("html", "--format", "-f", help="html (one self-contained file), md (PR comment), "
+                                                           "junit (CI), model-explorer (node data JSON)."),
+    exported_program: Optional[Path] = typer.Option(
+        None, "--exported-program", help="model-explorer: a torch.export .pt2 of the reference model; node ids "
+                                         "become its FX node names (needs torch). Without it parity also writes "
+                                         "its own tap graph next to the node data."),
+) -> None:
+    """Render a diff result as a shareable report (no model, no torch).
+
+    Example: parity diff --ref 'hf:./m@attn=eager' --cand 'hf:./m@attn=sdpa' --json reports/r.json;
+    parity report reports/r.json -o reports/r.html
+
+    Example: parity report reports/r.json --format md -o - >> comment.md
+    """
+    from .report import Report
+
+    if fmt not in REPORT_FORMATS:
+        _fail_input(f"unknown format {fmt!r}; known: {', '.join(REPORT_FORMATS)}")
+    if exported_program is not None and fmt != "model-explorer":
+        _fail_input("--exported-program applies to --format model-explorer")
+    try:
+        report = Report.from_dict(json.loads(result.read_text()))
+    except OSError as exc:
+        _fail_input(f"cannot read {result}: {exc.strerror or exc}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        _fail_input(f"{result} is not JSON: {exc}")
+    except ValueError as exc:
+        _fail_input(f"{result}: {exc}")
+    stem = result.name.removesuffix(".json")
+    output = output or _settings().output_dir / (stem + REPORT_FORMATS[fmt])
+    extra: dict[Path, str] = {}
+    if fmt == "html":
+        from .html import render_html
+        text = render_html(report)
+    elif fmt == "md":
+        from .markdown import render_markdown
+        text = render_markdown(report)
+    elif fmt == "junit":
+        from .junit import render_junit
+        text = render_junit(report)
+    else:
+        text, extra = _model_explorer(report, exported_program, output)
+    if str(output) == "-":
+        sys.stdout.write(text)
+        raise typer.Exit(EXIT_PASS)
+    _write(output, text)
+    for path, content in extra.items():
+        _write(path, content)
+    console = _console()
+    for path in (output, *extra):
+        console.print(f"wrote {escape(str(path))}")
+
+
+def _model_explorer(report, exported_program: Optional[Path], output: Path) -> tuple[str, dict[Path, str]]:
+    from . import model_explorer as me
+
+    if exported_program is None:
+        graph = output.with_name(output.name.removesuffix(".json").removesuffix(".me") + ".graph.json")
+        return (json.dumps(me.node_data(report), indent=2),
+                {graph: json.dumps(me.tap_graph(report), indent=2)} if str(output) != "-" else {})
+    modules = report.ref_meta.get("modules")
+    if not modules:
+        _fail_input("the reference run recorded no module names (ref.modules): cannot map taps to graph nodes")
+    try:
+        import torch
+        ep = torch.export.load(str(exported_program))
+    except ImportError:
+        _fail_input("--exported-program needs torch")
+    except Exception as exc:  # noqa: BLE001 - any unreadable .pt2 is an input error
+        _fail_input(f"cannot load {exported_program}: {str(exc).strip().splitlines()[0] if str(exc) else exc}")
+    ids = me.node_ids_from_exported_program(ep, modules)
+    if not ids:
+        _fail_input(f"no tap module of this report appears in {exported_program}")
+    return json.dumps(me.node_data(report, ids), indent=2), {}
 
 
 @app.command("inspect")
@@ -151,11 +284,13 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
     except InputError as exc:
         _fail_input(str(exc))
     console = _console()
-    console.print(f"[bold]{dump}[/]  complete={cap.complete}")
+    console.print(f"[bold]{escape(str(dump))}[/]  complete={cap.complete}")
     for k, v in sorted(cap.meta.items()):
-        console.print(f"  {k}: {v}")
+        if k == "modules":
+            v = f"{len(v)} taps mapped to modules"
+        console.print(f"  {k}: {escape(str(v))}")
     if cap.error:
-        console.print(f"[red]  raised at {cap.error.key}: {cap.error.exc_type}: {cap.error.message}[/]")
+        console.print(f"[red]  raised at {cap.error.key}: {escape(f'{cap.error.exc_type}: {cap.error.message}')}[/]")
     table = Table(pad_edge=False)
     for col in ("#", "tap", "shape", "dtype", "layout"):
         table.add_column(col)
@@ -166,33 +301,36 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
 
 @app.command("backends")
 def backends_cmd() -> None:
-    """List the registered backends and the faults each accepts for --inject.
+    """List the registered backends (entry-point group parity.backends) and their faults.
 
     Example: parity backends
     """
     from .backends import registered
 
     console = _console()
+    faults: dict[str, str] = {}
     for name, ep in sorted(registered().items()):
         try:
             factory = ep.load()
         except Exception as exc:  # noqa: BLE001 - a backend that fails to import is listed, not fatal
-            console.print(f"[bold]{name}[/]  [red](unavailable: {exc})[/]")
+            console.print(f"[bold]{escape(name)}[/]  [red](unavailable: {escape(str(exc))})[/]")
             continue
-        console.print(f"[bold]{name}[/]  {(factory.__doc__ or '').strip()}")
-    faults: dict[str, str] = {}
-    for ep in registered().values():
-        try:
-            faults.update(getattr(ep.load(), "faults", {}))
-        except Exception:  # noqa: BLE001
-            pass
+        usage = getattr(factory, "usage", None)
+        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
+        console.print(f"[bold]{escape(name)}[/]  {escape(doc)}" + (f"\n    {escape(usage)}" if usage else ""))
+        faults.update(getattr(factory, "faults", {}))
     if faults:
         console.print("\n[bold]faults[/] (--inject NAME[,NAME])")
         for name, text in faults.items():
-            console.print(f"  {name:18} {text}")
+            console.print(f"  {name:18} {escape(text)}")
+    console.print("\nAlso: package.module:factory[:ARG] (a function returning a parity Backend).")
 
 
 def main() -> None:
+    # Like `python -m`, make the current directory importable, so `my_backends:factory`
+    # specs work from a project folder without installing it.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     app()
 
 

@@ -94,7 +94,18 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
     except ValueError as exc:
         return TapResult(status="dtype", reason=f"cannot decode: {exc}", **base)
     metrics = compare(r64, c64)
-    return TapResult(metrics=metrics, **judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes), **base)
+    regions = region_metrics(r64, c64, r_idx, _layout_of(ref, ref_layouts, "reference"))
+    return TapResult(metrics=metrics, regions=regions, **judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes), **base)
+
+
+def region_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None) -> dict:
+    """Metrics per named region of the layout (image vs text tokens, each camera, ...):
+    where in the sequence a divergence lives.  Empty when the layout declares none."""
+    if layout is None or idx is None or not layout.regions:
+        return {}
+    which = layout.region_of(idx)
+    return {reg.name: compare(r64[which == i], c64[which == i]) for i, reg in enumerate(layout.regions)
+            if (which == i).any()}
 
 
 def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float, exact_dtypes: bool = True) -> dict:

@@ -11,6 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .report import Report, TapResult
+from .series import worst as _worst
+from .summary import regions_line, side_label, upstream_matches as _upstream_matches
 
 OK, BAD = "✓", "✗"
 
@@ -26,15 +28,6 @@ def _cell(row: TapResult | None) -> Text:
     text = Text(f"{cos} {OK if row.passed else BAD}", style=style)
     text.append(f"\nΔ {m.max_abs:.4g}", style="dim")
     return text
-
-
-def _worst(rows: list[TapResult]) -> TapResult:
-    """The row to show for a (layer, component) seen at several steps: the first failure,
-    else the lowest cosine."""
-    failing = [r for r in rows if not r.passed]
-    if failing:
-        return failing[0]
-    return min(rows, key=lambda r: r.cos if r.cos is not None and not math.isnan(r.cos) else -2.0)
 
 
 def stack_table(stack: str, rows: list[TapResult]) -> Table:
@@ -97,6 +90,8 @@ def banner(report: Report) -> Panel:
         upstream = _upstream_matches(report, first)
         if upstream:
             lines.append(f"  still matching just before it: {upstream}\n", style="dim")
+        if first.regions:
+            lines.append(f"  by region: {regions_line(first)}\n", style="dim")
     for p in report.problems:
         lines.append(f"FAIL: {p}\n", style="bold red")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
@@ -104,29 +99,15 @@ def banner(report: Report) -> Panel:
     return Panel(lines, border_style="red")
 
 
-def _upstream_matches(report: Report, first: TapResult, limit: int = 3) -> str:
-    """The passing taps of the same layer just before the first divergence (e.g. the K/V
-    that still match when attention fails)."""
-    out = []
-    for r in report.rows:
-        if r is first:
-            break
-        same = (r.info.stack, r.info.layer, r.info.step) == (first.info.stack, first.info.layer, first.info.step)
-        if same and r.passed and r.metrics is not None:
-            out.append(f"{r.info.component} cos={r.metrics.cos:.6f} max_diff={r.metrics.max_abs:.4g}")
-    return " | ".join(out[-limit:])
-
-
 def header(report: Report) -> Text:
-    def side(meta: dict) -> str:
-        faults = meta.get("faults") or []
-        extra = f" [inject {','.join(faults)}]" if faults else ""
-        return f"{meta.get('backend', '?')}{extra} ({meta.get('device', '?')}, {meta.get('dtype', '?')})"
-
     r, c = report.ref_meta, report.cand_meta
-    text = Text(f"ref {side(r)}  vs  cand {side(c)}", style="bold")
+    text = Text(f"ref {side_label(r)}  vs  cand {side_label(c)}", style="bold")
     if r.get("config") is not None:
         text.append(f"\nconfig {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}",
+                    style="dim")
+    elif r.get("inputs") is not None:
+        text.append(f"\ninputs {r.get('inputs')} (batch {r.get('batch')}, fingerprint "
+                    f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}",
                     style="dim")
     return text
 

@@ -127,7 +127,7 @@ def _regions(family: Family, config) -> tuple[Region, ...]:
 
 
 def factory(opts: BackendOptions, arg: str) -> Backend:
-    """any local transformers model: hf:PATH[@attn=eager|sdpa,dtype=...,compile,device=...,padding=left|right]"""
+    """any local transformers model (Llama, Gemma, Gemma2, Qwen2/3, Phi3, SigLIP, ViT, PaliGemma probes)"""
     import torch
     import transformers
 
