@@ -56,6 +56,20 @@ def stack_table(stack: str, rows: list[TapResult]) -> Table:
     return table
 
 
+def layer_table(title: str, rows: list[TapResult]) -> Table:
+    """One layer (or any few taps) top to bottom: a row per tap with all metrics.  Fits a
+    narrow terminal or a test failure message where a per-layer row would wrap."""
+    table = Table(title=title, title_justify="left", pad_edge=False)
+    for col in ("tap", "cos", "max |Δ|", "rel L2", "status"):
+        table.add_column(col)
+    for r in rows:
+        m = r.metrics
+        nums = ["", "", ""] if m is None else [f"{m.cos:.6f}", f"{m.max_abs:.4g}", f"{m.rel_l2:.4g}"]
+        table.add_row(r.key, *nums, Text(f"{OK} {r.status}" if r.passed else f"{BAD} {r.status}: {r.reason}",
+                                         style="green" if r.passed else "bold red"))
+    return table
+
+
 def other_table(rows: list[TapResult]) -> Table:
     table = Table(title="other taps", title_justify="left", pad_edge=False)
     for col in ("tap", "cos", "max |Δ|", "status"):
