@@ -95,7 +95,8 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
         return TapResult(status="dtype", reason=f"cannot decode: {exc}", **base)
     metrics = compare(r64, c64)
     regions = region_metrics(r64, c64, r_idx, _layout_of(ref, ref_layouts, "reference"))
-    return TapResult(metrics=metrics, regions=regions, **judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes), **base)
+    verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
+    return TapResult(metrics=metrics, regions=regions, **verdict, **base)
 
 
 def region_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None) -> dict:

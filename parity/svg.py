@@ -53,6 +53,7 @@ def line_chart(series: dict[str, list[Mark]], *, title: str, y_label: str, x_lab
     pw, ph = width - left - right, height - top - bottom
     xs = [m.x for marks in series.values() for m in marks]
     ys = [m.y for marks in series.values() for m in marks if m.y is not None and math.isfinite(m.y)]
+    floored = log_y and any(y <= log_floor for y in ys)
     if log_y:
         ys = [max(y, log_floor) for y in ys]
     x0, x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
@@ -116,5 +117,8 @@ def line_chart(series: dict[str, list[Mark]], *, title: str, y_label: str, x_lab
         out.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 26}" y1="{ly - 4}" y2="{ly - 4}" '
                    f'stroke="{color}" stroke-width="2"/>')
         out.append(f'<text x="{left + pw + 30}" y="{ly}" font-size="11">{escape(name)}</text>')
+    if floored:
+        out.append(f'<text x="{left + pw}" y="{top - 4}" font-size="10" text-anchor="end" fill="#777">'
+                   f'exact (0) drawn at {_fmt(log_floor)}</text>')
     out.append("</svg>")
     return "\n".join(out)

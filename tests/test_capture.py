@@ -447,5 +447,5 @@ def test_hooks_are_opaque_to_torch_compile():
     compiled_backend = Backend("toy", model, backend.probe, run=lambda: compiled(x), layouts=dict)
     c = capture(compiled_backend)
     assert keys(c) == keys(eager)
-    for a, b in zip(eager.taps, c.taps):
+    for a, b in zip(eager.taps, c.taps, strict=True):
         np.testing.assert_allclose(a.array, b.array, rtol=1e-6)

@@ -55,7 +55,7 @@ def _rows_from_mask(ids: np.ndarray, mask: np.ndarray, what: str) -> list[list[i
     if ids.shape != mask.shape:
         raise ValueError(f"{what}: input_ids {ids.shape} and attention_mask {mask.shape} differ in shape")
     rows = []
-    for i, (r, m) in enumerate(zip(ids, mask)):
+    for i, (r, m) in enumerate(zip(ids, mask, strict=True)):
         valid = np.flatnonzero(m)
         if valid.size and valid[-1] - valid[0] + 1 != valid.size:
             raise ValueError(f"{what}: row {i} has padding in the middle (only left or right padding is supported)")
@@ -184,6 +184,6 @@ def token_layout(prompts: Prompts, batch: Batch, regions: tuple[Region, ...] = (
     """Slot (b, s) -> canonical b * S + (s - start_b); padding slots are -1 (never compared)."""
     B, S = batch.input_ids.shape
     slots = np.full((B, S), -1, dtype=np.int64)
-    for b, (r, start) in enumerate(zip(prompts.rows, batch.starts)):
+    for b, (r, start) in enumerate(zip(prompts.rows, batch.starts, strict=True)):
         slots[b, start:start + len(r)] = b * S + np.arange(len(r))
     return Layout(slots, S, regions)
