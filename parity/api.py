@@ -25,6 +25,15 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _meta(backend: Backend, taps: str | None) -> dict:
+    """A run's metadata: the backend's own, when and what was captured, and which module
+    each tap observes (so reports can point back at the code, e.g. in Model Explorer)."""
+    meta = {**backend.meta, "created": _now(), "taps": taps or "*"}
+    if "modules" not in meta and hasattr(backend.model, "named_modules"):
+        meta["modules"] = backend.probe.modules(backend.model)
+    return meta
+
+
 ProgressFn = Callable[[str, int, "int | None"], None]  # (what, done, total or None)
 
 
@@ -45,7 +54,7 @@ def capture_live(spec: str | Backend, options: BackendOptions, taps: str | None 
     from .capture import capture
 
     backend = _build(spec, options)
-    sink = Capture(meta={**backend.meta, "created": _now(), "taps": taps or "*"})
+    sink = Capture(meta=_meta(backend, taps))
     return capture(backend, _Counting(sink, progress, f"capture {backend.meta.get('backend', backend.name)}"),
                    tap_filter(taps)).sink
 
@@ -56,7 +65,7 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
     from .capture import capture
 
     backend = _build(spec, options)
-    meta = {**backend.meta, "created": _now(), "taps": taps or "*"}
+    meta = _meta(backend, taps)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
         with DumpWriter(path, meta, compression=compression) as writer:

@@ -143,7 +143,8 @@ def resolve(spec: str, options: BackendOptions) -> Backend:
     try:
         backend = factory(options) if parsed.arg is None else factory(options, parsed.arg)
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        raise BackendError(f"backend {spec!r}: {msg}") from None
+        msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
+        first = next((line.strip() for line in msg.splitlines() if line.strip()), type(exc).__name__)
+        raise BackendError(f"backend {spec!r}: {first}") from None  # one line: the CLI's error contract
     backend.meta.setdefault("backend", spec)
     return backend

@@ -178,7 +178,6 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
         "input_fingerprint": prompts.fingerprint(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "modules": probe.modules(model),
     }
     return Backend(name="hf", model=model, probe=probe, run=run,
                    layouts=lambda: {TOKENS: layout} if layout is not None else {}, meta=meta)
