@@ -1,7 +1,9 @@
 """parity: a layer-by-layer numerical parity debugger for PyTorch models.
 
-Library first: capture, diff and gate are functions returning result objects
-(`parity.api`); the `parity` command is a thin shell over them.  Importing parity never
+Library first: compare, capture, diff and gate are functions returning result objects
+(`parity.api`; `parity.compare(ref, cand)` is the one-call entry); the `parity` command
+is a thin shell over them, `parity.testing` / the pytest plugin turn a Report into an
+assertion.  Importing parity never
 imports torch: only live capture does.
 """
 from .api import InputError, capture_live, capture_to_dump, compare, diff_dumps, diff_live

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-
 from typing import Any, Callable, Iterable, Mapping
 
 from .backends import Backend, BackendError, BackendOptions

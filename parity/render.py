@@ -12,7 +12,8 @@ from rich.text import Text
 
 from .report import Report, TapResult
 from .series import worst as _worst
-from .summary import regions_line, side_label, upstream_matches as _upstream_matches
+from .summary import regions_line, side_label
+from .summary import upstream_matches as _upstream_matches
 
 OK, BAD = "✓", "✗"
 

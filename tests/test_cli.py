@@ -118,7 +118,8 @@ def test_dumps_of_different_inputs_are_refused(tmp_path):
 def test_every_command_has_help_with_an_example():
     code, out = run("--help")
     assert code == 0
-    commands = {"diff", "capture", "inspect", "backends"}
+    commands = {c.name for c in app.registered_commands}
+    assert commands == {"diff", "capture", "inspect", "backends", "report"}
     for name in commands:
         assert name in out
         code, text = run(name, "--help")

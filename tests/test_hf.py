@@ -154,6 +154,7 @@ def test_inputs_from_json_npy_and_memory_agree(tiny_models, tmp_path):
     ("nope.json", "does not exist"),
     ([[]], "has no tokens"),
     ("x.txt", "does not exist"),
+    (np.zeros((1, 3, 16, 16), dtype=np.float32), "takes token ids, not images"),
 ])
 def test_bad_inputs_are_one_line_input_errors(tiny_models, inputs, needle):
     with pytest.raises(InputError, match=needle) as exc:

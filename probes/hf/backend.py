@@ -16,8 +16,7 @@ from parity.backends import Backend, BackendOptions
 from parity.records import Region
 
 from .families import TOKENS, Family, probe_for
-from .inputs import (DEFAULT_SEQ_LEN, Prompts, check_rows, generate_pixels, generate_rows, pad, read_inputs,
-                     token_layout)
+from .inputs import DEFAULT_SEQ_LEN, Prompts, check_rows, generate_pixels, generate_rows, pad, read_inputs, token_layout
 from .spec import USAGE, HFSpec
 
 DEFAULT_PADDING = "right"
@@ -87,6 +86,8 @@ def make_prompts(family: Family, config, opts: BackendOptions) -> Prompts:
     source = f"seed {opts.seed}"
     if opts.inputs is not None:
         rows, pixels, source = read_inputs(opts.inputs)
+        if pixels is not None and not pixels_needed:
+            raise ValueError(f"{source}: this model takes token ids, not images")
     if family.inputs != "image":
         if not rows:
             seq_len = opts.seq_len or DEFAULT_SEQ_LEN
@@ -119,11 +120,12 @@ def _image_tokens(config) -> int:
     return int(n)
 
 
-def _regions(family: Family, config) -> tuple[Region, ...]:
+def _regions(family: Family, config, length: int) -> tuple[Region, ...]:
+    """Named spans of canonical positions: PaliGemma's image tokens, then its text."""
     if family.inputs != "image_text":
         return ()
-    n = _image_tokens(config)
-    return (Region("image", 0, n), Region("text", n, 1 << 30))
+    n = min(_image_tokens(config), length)
+    return (Region("image", 0, n), Region("text", n, length))
 
 
 def factory(opts: BackendOptions, arg: str) -> Backend:
@@ -145,7 +147,9 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
     padding = spec.padding or opts.padding or DEFAULT_PADDING
     pad_id = getattr(_text_config(config), "pad_token_id", None) or 0
     batch = pad(prompts, padding, pad_id, family.position_offset)
-    layout = token_layout(prompts, batch, _regions(family, config)) if batch.input_ids is not None else None
+    layout = None
+    if batch.input_ids is not None:
+        layout = token_layout(prompts, batch, _regions(family, config, batch.input_ids.shape[1]))
 
     kwargs: dict[str, Any] = {}
     if batch.input_ids is not None:
