@@ -45,6 +45,7 @@ class Backend:
     run: Callable[[], Any]  # one full inference on the prepared inputs (noise included)
     layouts: Callable[[], dict[str, Layout]]
     meta: dict[str, Any] = field(default_factory=dict)
+    inputs: Any = None  # the prepared inputs, for tools that drive the model directly (benchmarks)
 
 
 def registered() -> dict[str, Any]:

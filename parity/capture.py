@@ -18,11 +18,13 @@ _BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
 }
 
 
-def to_storage(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """A detached host copy of `t` in the dump's storage representation, and its dtype name."""
+def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]:
+    """A detached host copy of `t` in the dump's storage representation, and its dtype name.
+
+    `private`: `t` is already a copy nobody else holds, so a host tensor need not be copied again."""
     t = t.detach()
     name = str(t.dtype).removeprefix("torch.")
-    src_is_host = t.device.type == "cpu"
+    src_is_host = t.device.type == "cpu" and not private
     if t.dtype in _BIT_VIEWS:
         view, np_dtype = _BIT_VIEWS[t.dtype]
         arr = t.contiguous().view(view).cpu().numpy().view(np_dtype)
@@ -45,7 +47,8 @@ class Recorder:
         self.select = select or tap_filter(None)
         self.handles: list = []
         self.calls: dict[str, int] = {}
-        self.running: list[TapInfo] = []
+        self.running: list[tuple[torch.nn.Module, TapInfo]] = []
+        self.pending: list[tuple[TapInfo, int, torch.Tensor, str | None]] = []
         self.order = 0
 
     def __enter__(self) -> "Recorder":
@@ -56,6 +59,7 @@ class Recorder:
                     continue
                 self.handles.append(module.register_forward_pre_hook(self._enter_hook(module_name, hit)))
                 self.handles.append(module.register_forward_hook(self._exit_hook(hit)))
+            self._notify(True)
         except BaseException:
             self.remove()
             raise
@@ -68,6 +72,22 @@ class Recorder:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.pending.clear()
+        self._notify(False)
+
+    def _notify(self, active: bool) -> None:
+        """Models that cache captured execution (CUDA graphs, compiled code) may define
+        `parity_instrumented(active)` to re-capture with the taps in place."""
+        hook = getattr(self.model, "parity_instrumented", None)
+        if callable(hook):
+            hook(active)
+
+    def flush(self) -> None:
+        """Hand every recorded tap to the sink as host storage, in execution order."""
+        for info, order, value, layout in self.pending:
+            array, dtype = to_storage(value, private=True)
+            self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
+        self.pending.clear()
 
     def _enter_hook(self, module_name: str, hit):
         rule, layer, component, name = hit
@@ -95,8 +115,9 @@ class Recorder:
                 value = output[rule.select] if rule.select is not None else output
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"tap {info.key}: module returned {type(value).__name__}, not a tensor")
-                array, dtype = to_storage(value)
-                self.sink.add_tap(Tap(info=info, order=self.order, array=array, dtype=dtype, layout=rule.layout))
+                # A device-side copy now (later in-place kernels cannot touch it; inside a
+                # CUDA graph capture the copy is recorded into the graph), host copy at flush.
+                self.pending.append((info, self.order, value.detach().clone(), rule.layout))
                 self.order += 1
             self.running.pop()  # only once recorded: a failure above is located at this tap
 
@@ -121,4 +142,6 @@ def capture(backend, sink=None, select: TapFilter | None = None):
             backend.run()
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
             sink.set_error(rec.error_from(exc))
+        finally:
+            rec.flush()  # every tap recorded before a stop reaches the sink
     return sink

@@ -371,3 +371,22 @@ def test_non_stepped_tap_running_twice_is_reported_not_silently_duplicated():
     assert c.error is not None and c.error.exc_type == "ProbeError"
     assert "denoise.x ran 2 times" in c.error.message and "stepped" in c.error.message
     assert len({t.key for t in c.taps}) == len(c.taps)
+
+
+class Instrumentable(Toy):
+    """A model that caches captured execution and wants to know when taps come and go."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[bool, int]] = []
+
+    def parity_instrumented(self, active: bool) -> None:
+        self.calls.append((active, hook_count(self)))
+
+
+def test_models_are_told_when_taps_are_installed_and_removed():
+    model = Instrumentable()
+    capture(make_backend(model))
+    (on, hooks_on), (off, hooks_off) = model.calls
+    assert on is True and hooks_on > 0  # told after the hooks are in place
+    assert off is False and hooks_off == 0  # and after they are gone

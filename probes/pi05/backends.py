@@ -21,6 +21,8 @@ VARIANTS = {
     "flash": (Variant(packed=True), "packs away padding and masked cameras; mask-free fused SDPA attention"),
     "flash_fp8": (Variant(packed=True, fp8_mlp=True),
                   "flash + Gemma MLP gate/up projections in FP8 e4m3 (torch._scaled_mm on sm89+, emulated elsewhere)"),
+    "fast": (Variant(packed=True, fp8_mlp=True, cuda_graph=True),
+             "flash_fp8 replayed as one CUDA graph per token layout (eager on CPU)"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -55,6 +57,8 @@ def build(variant_name: str, opts: BackendOptions) -> Backend:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__,
         "input_fingerprint": fingerprint(obs, noise),
+        "execution": "cuda graph; re-captured with tap copies inside when instrumented"
+        if model.graphed is not None else "eager",
     }
     obs, noise = obs.to(device), noise.to(device)
     return Backend(
@@ -64,6 +68,7 @@ def build(variant_name: str, opts: BackendOptions) -> Backend:
         run=lambda: model.sample_actions(obs, noise),
         layouts=lambda: layouts(model, obs),
         meta=meta,
+        inputs=(obs, noise),
     )
 
 
@@ -79,3 +84,4 @@ def _factory(variant_name: str):
 pytorch = _factory("pytorch")
 flash = _factory("flash")
 flash_fp8 = _factory("flash_fp8")
+fast = _factory("fast")

@@ -33,6 +33,7 @@ class AttnContext:
 
     q_valid: torch.Tensor | None = None  # [B, T] bool
     k_valid: torch.Tensor | None = None  # [B, S] bool
+    dense: bool = False  # known on the host: every query and key is valid, no mask needed
 
 
 class MaskedCore:
@@ -48,7 +49,7 @@ class MaskedCore:
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
         logits = torch.einsum("bthd,bshd->bhts", q * scale, k).float()
-        if not self.ignore_mask and (ctx.q_valid is not None or ctx.k_valid is not None):
+        if not (self.ignore_mask or ctx.dense) and (ctx.q_valid is not None or ctx.k_valid is not None):
             qv = ctx.q_valid if ctx.q_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
             kv = ctx.k_valid if ctx.k_valid is not None else torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
             allowed = qv[:, None, :, None] & kv[:, None, None, :]  # [B, 1, T, S]
@@ -68,7 +69,7 @@ class PackedCore:
     def __call__(self, q, k, v, ctx: AttnContext, scale: float) -> torch.Tensor:
         B, T, Hq, D = q.shape
         gqa = Hq != k.shape[2]
-        if self.ignore_mask or (ctx.q_valid is None and ctx.k_valid is None) or _all_valid(ctx):
+        if self.ignore_mask or ctx.dense or (ctx.q_valid is None and ctx.k_valid is None):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=gqa
             )  # [B, Hq, T, D]
@@ -83,10 +84,6 @@ class PackedCore:
             )  # [1, Hq, Tb, D]
             out[b, qi] = ob[0].transpose(0, 1).reshape(-1, Hq * D)
         return out
-
-
-def _all_valid(ctx: AttnContext) -> bool:
-    return all(m is None or bool(m.all()) for m in (ctx.q_valid, ctx.k_valid))
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved: bool) -> torch.Tensor:
@@ -229,17 +226,19 @@ class Attention(nn.Module):
 
 
 def init_weights(module: nn.Module, seed: int) -> None:
-    """Deterministic weights from the seed, independent of device and dtype: drawn on the
-    CPU in float32, parameter by parameter in name order."""
-    gen = torch.Generator().manual_seed(seed)
+    """Deterministic weights from the seed, drawn in float32 parameter by parameter in name
+    order, on the parameters' own device (a full-size model is drawn in seconds on a GPU;
+    the same seed gives the same weights on every machine of that device type)."""
+    device = next(module.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
         if name.endswith("bias"):
             std = 0.02
         elif p.ndim == 1:  # norm scales: offsets from 1 (Gemma) or around 1 (LayerNorm)
             std = 0.1
-        else:
-            std = 1.0 / math.sqrt(p.shape[-1])
-        values = torch.randn(p.shape, generator=gen) * std
+        else:  # fan-in scaling: unit-variance activations through every projection
+            std = 1.0 / math.sqrt(p[0].numel())
+        values = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std
         if name.endswith("weight") and p.ndim == 1 and isinstance(_owner(module, name), nn.LayerNorm):
             values += 1.0
         with torch.no_grad():

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import GemmaConfig, Pi05Config, VisionConfig
 from .faults import Faults
+from .graph import CudaGraphSampler
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
                      PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights)
 
@@ -23,6 +24,7 @@ from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, 
 class Variant:
     packed: bool = False  # flash: compact valid prefix tokens, mask-free fused attention
     fp8_mlp: bool = False  # flash_fp8: Gemma MLP gate/up projections in FP8 e4m3
+    cuda_graph: bool = False  # fast: the whole inference replayed as one CUDA graph per token layout
 
 
 @dataclass(frozen=True)
@@ -106,16 +108,27 @@ class GemmaStack(nn.Module):
                            else AdaRMSNorm(cfg.width, cond_dim, eps, faults))
 
 
+@dataclass(frozen=True)
+class TokenPlan:
+    """The prefix token layout of one inference, decided on the host."""
+
+    gather: torch.Tensor | None  # [B, L] indices into the padded prefix; None = keep it padded
+    valid: torch.Tensor  # [B, L] bool: real tokens among the row slots
+    positions: torch.Tensor  # [B, L] RoPE positions (cumsum of the pad mask - 1)
+    dense: bool  # every slot is a real token: attention needs no mask
+    slots: np.ndarray  # [B, L] canonical prefix position of each slot, -1 = don't care
+
+
 class PrefixCache:
     """Per-layer prefix K/V (after RoPE) and which prefix keys are valid.
 
     Read-only by design: each denoise step concatenates its own K/V to a copy. The
     `kv_mutate` fault stores the concatenation back, as an in-place cache update would."""
 
-    def __init__(self, keys, values, key_valid: torch.Tensor, mutate: bool):
+    def __init__(self, keys, values, key_valid: torch.Tensor, dense: bool, mutate: bool):
         self.keys, self.values = list(keys), list(values)
         self.key_valid = [key_valid] * len(self.keys)
-        self.mutate = mutate
+        self.dense, self.mutate = dense, mutate
 
     def joiner(self, layer: int):
         def join(k, v, ctx: AttnContext):
@@ -125,9 +138,13 @@ class PrefixCache:
             key_valid = torch.cat([self.key_valid[layer], suffix_valid], dim=1)
             if self.mutate:
                 self.keys[layer], self.values[layer], self.key_valid[layer] = keys, values, key_valid
-            return keys, values, AttnContext(q_valid=ctx.q_valid, k_valid=key_valid)
+            return keys, values, AttnContext(q_valid=ctx.q_valid, k_valid=key_valid, dense=self.dense)
 
         return join
+
+
+def _no_mark(stage: str) -> None:
+    pass
 
 
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period=4e-3, max_period=4.0) -> torch.Tensor:
@@ -160,14 +177,16 @@ class Pi05Policy(nn.Module):
         self.expert.velocity = TapPoint()
         self.actions = TapPoint()
         self.packs_prefix = variant.packed and not faults.has("nomask")
+        self.graphed = None  # a CudaGraphSampler when the variant replays CUDA graphs
 
     # ---- building ---------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Pi05Config, seed: int, variant: Variant, faults: Faults, dtype: torch.dtype,
               device: torch.device) -> "Pi05Policy":
-        model = cls(cfg, variant, faults)
+        with torch.device("meta"):  # no memory, no default init: the seed fills every parameter
+            model = cls(cfg, variant, faults)
+        model.to_empty(device=device)
         init_weights(model, seed)
-        model.to(device)
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
                 m.to(dtype)
@@ -176,6 +195,8 @@ class Pi05Policy(nn.Module):
                 for layer in stack.layers:
                     layer.mlp = Fp8GatedMLP(layer.mlp)
         model.dtype = dtype
+        if variant.cuda_graph and device.type == "cuda":
+            model.graphed = CudaGraphSampler(model)
         return model.eval()
 
     # ---- token layout -----------------------------------------------------------
@@ -185,49 +206,55 @@ class Pi05Policy(nn.Module):
         cams = obs.image_masks[:, :, None].expand(-1, -1, n).reshape(obs.image_masks.shape[0], -1)
         return torch.cat([cams, obs.token_mask], dim=1)
 
-    def prefix_slots(self, obs: Observation) -> np.ndarray:
-        """Canonical prefix position of every row slot this backend computes, -1 = don't care."""
-        valid = self.prefix_valid(obs).cpu().numpy()
+    def plan_tokens(self, obs: Observation) -> TokenPlan:
+        """Decide the prefix token layout on the host, once per inference (one small sync),
+        so that nothing inside the forward has to ask the device."""
+        valid_dev = self.prefix_valid(obs)
+        valid = valid_dev.cpu().numpy()
         B, P = valid.shape
         canon = np.arange(B * P, dtype=np.int64).reshape(B, P)
+        device = valid_dev.device
         if not self.packs_prefix:
-            return np.where(valid, canon, -1)
-        lmax = int(valid.sum(1).max())
+            positions = (valid_dev.cumsum(1) - 1).clamp(min=0)
+            return TokenPlan(None, valid_dev, positions, bool(valid.all()), np.where(valid, canon, -1))
+        lengths = valid.sum(1)
+        lmax = int(lengths.max())
         slots = np.full((B, lmax), -1, dtype=np.int64)
+        gather = np.zeros((B, lmax), dtype=np.int64)
         for b in range(B):
-            idx = canon[b][valid[b]]
-            slots[b, : idx.size] = idx
-        return slots
+            idx = np.flatnonzero(valid[b])
+            slots[b, : idx.size] = canon[b, idx]
+            gather[b, : idx.size] = idx
+        packed_valid = torch.from_numpy(slots >= 0).to(device)
+        positions = torch.arange(lmax, device=device).expand(B, -1)
+        return TokenPlan(torch.from_numpy(gather).to(device), packed_valid, positions, bool((lengths == lmax).all()),
+                         slots)
+
+    def prefix_slots(self, obs: Observation) -> np.ndarray:
+        """Canonical prefix position of every row slot this backend computes, -1 = don't care."""
+        return self.plan_tokens(obs).slots
 
     # ---- forward ------------------------------------------------------------------
-    def embed_prefix(self, obs: Observation):
+    def embed_prefix(self, obs: Observation) -> torch.Tensor:
         B, C = obs.image_masks.shape
         imgs = self.vision(obs.images.flatten(0, 1), self.dtype)  # [B*C, n, Dv]
         img_tokens = self.projector(imgs).reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
         text = self.embed_tokens(obs.tokens) * math.sqrt(self.cfg.llm.width)  # [B, L, D]
-        return torch.cat([img_tokens, text.to(self.dtype)], dim=1), self.prefix_valid(obs)
+        return torch.cat([img_tokens, text.to(self.dtype)], dim=1)  # [B, P, D]
 
-    def pack(self, x: torch.Tensor, valid: torch.Tensor):
-        """Gather valid tokens to the front of each row: [B, P, D] -> [B, Lmax, D]."""
-        lengths = valid.sum(1)
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, : int(lengths.max())]
-        packed_valid = torch.arange(order.shape[1], device=x.device)[None, :] < lengths[:, None]
-        return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), packed_valid
-
-    def run_prefix(self, obs: Observation) -> PrefixCache:
-        x, valid = self.embed_prefix(obs)
-        positions = (valid.cumsum(1) - 1).clamp(min=0)
-        if self.packs_prefix:
-            x, valid = self.pack(x, valid)
-            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    def run_prefix(self, obs: Observation, plan: TokenPlan, mark=_no_mark) -> PrefixCache:
+        x = self.embed_prefix(obs)
+        mark("vision")
+        if plan.gather is not None:  # packed: valid tokens only, [B, P, D] -> [B, L, D]
+            x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
         x = self.prefix.embed(x)
-        ctx = AttnContext(q_valid=valid, k_valid=valid)
+        ctx = AttnContext(q_valid=plan.valid, k_valid=plan.valid, dense=plan.dense)
         keys, values = [], []
         for layer in self.prefix.layers:
-            x, k, v = layer(x, ctx, positions)
+            x, k, v = layer(x, ctx, plan.positions)
             keys.append(k)
             values.append(v)
-        return PrefixCache(keys, values, valid, mutate=self.faults.has("kv_mutate"))
+        return PrefixCache(keys, values, plan.valid, plan.dense, mutate=self.faults.has("kv_mutate"))
 
     def velocity(self, cache: PrefixCache, num_valid: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         cond = torch.nn.functional.silu(self.time_mlp_in(sincos_time_embedding(t, self.cfg.expert.width)))
@@ -235,20 +262,36 @@ class Pi05Policy(nn.Module):
         x = self.expert.embed(self.action_in_proj(x_t).to(self.dtype))  # [B, H, De]
         H = x.shape[1]
         positions = num_valid[:, None] + torch.arange(H, device=x.device)[None, :]
-        ctx = AttnContext()
+        ctx = AttnContext(dense=True)  # the suffix's own queries are all real tokens
         for i, layer in enumerate(self.expert.layers):
             x, _, _ = layer(x, ctx, positions, cond, kv_prefix=cache.joiner(i))
         x, _ = self.expert.final_norm(x, cond)
         return self.expert.velocity(self.action_out_proj(x.float()))  # [B, H, action_dim] fp32
 
     @torch.inference_mode()
-    def sample_actions(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
-        cache = self.run_prefix(obs)
+    def sample_actions(self, obs: Observation, noise: torch.Tensor, mark=_no_mark) -> torch.Tensor:
+        """Flow matching from t=1 (noise) to t=0. `mark(stage)` is called as each stage
+        (vision, prefix, denoise) ends, so a benchmark can time them without a copy of
+        this loop."""
+        if self.graphed is not None:
+            return self.graphed(obs, noise, mark)
+        return self.sample_eager(obs, noise, self.plan_tokens(obs), mark)
+
+    def sample_eager(self, obs: Observation, noise: torch.Tensor, plan: TokenPlan, mark=_no_mark) -> torch.Tensor:
+        cache = self.run_prefix(obs, plan, mark)
+        mark("prefix")
         num_valid = self.prefix_valid(obs).sum(1)
-        dt = torch.tensor(-1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
+        dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
         t = torch.ones(noise.shape[0], dtype=torch.float32, device=noise.device)
         x_t = noise.float()
         for _ in range(self.cfg.num_steps):
             x_t = x_t + dt * self.velocity(cache, num_valid, x_t, t)
             t = t + dt
+        mark("denoise")
         return self.actions(x_t)
+
+    def parity_instrumented(self, active: bool) -> None:
+        """Called by parity's Recorder as taps are installed and removed: a captured CUDA
+        graph is dropped so that the next call re-captures it with the tap copies inside."""
+        if self.graphed is not None:
+            self.graphed.reset(instrumented=active)
