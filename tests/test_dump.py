@@ -463,3 +463,57 @@ def test_random_byte_flips_give_dump_error_or_a_read(tmp_path, compression):
             buf[pos] ^= int(rng.integers(1, 256))
         bad.write_bytes(bytes(buf))
         _read_everything(bad)
+
+
+# ----------------------------------------------------------------------------- more writer/reader cases
+
+
+def test_interrupted_add_tap_leaves_consistent_incomplete_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.h5"
+    real = parity.dump._set_attrs
+
+    def interrupt_on_second_tap(obj, attrs):
+        if attrs.get("key") == "t1":
+            raise KeyboardInterrupt
+        real(obj, attrs)
+
+    monkeypatch.setattr(parity.dump, "_set_attrs", interrupt_on_second_tap)
+    with pytest.raises(KeyboardInterrupt):
+        with DumpWriter(path, {}) as w:
+            for i in range(3):
+                w.add_tap(Tap(TapInfo(f"t{i}", "s", i, "c"), i, np.full(4, i, np.float32), "float32"))
+    got = read_dump(path)
+    assert got.complete is False and [t.key for t in got.taps] == ["t0"]
+
+
+def test_half_written_last_tap_is_skipped_only_when_incomplete(tmp_path):
+    path = tmp_path / "x.h5"
+    write_dump(path, make_capture(complete=False))
+    last = f"taps/{len(make_capture().taps) - 1:06d}"
+    tamper(path, _del_attr(last, "dtype"))
+    with open_dump(path) as r:
+        assert len(r.headers) == len(make_capture().taps) - 1
+        assert r.notes and "half-written" in r.notes[0]
+    tamper(path, _set_attr("/", "complete", True))
+    with pytest.raises(DumpError, match="lacks attribute 'dtype'"):
+        read_dump(path)
+
+
+def test_layout_arguments_checked(tmp_path):
+    with DumpWriter(tmp_path / "x.h5", {}) as w:
+        with pytest.raises(ValueError, match="slot"):
+            w.add_layout("a", Layout(np.array([[0, -2]]), length=2))
+        with pytest.raises(ValueError, match="beyond"):
+            w.add_layout("b", Layout(np.array([[0, 1]]), length=2, regions=(Region("r", 0, 3),)))
+        with pytest.raises(ValueError, match="integers"):
+            w.add_layout("c", Layout(np.array([[0.0, 1.0]]), length=2))
+
+
+def test_non_contiguous_arrays_and_large_meta(tmp_path):
+    base = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    view = base.transpose(2, 0, 1)[:, ::2]
+    meta = {"blob": "x" * 200_000, "nested": {"k": list(range(1000))}}
+    cap = Capture(taps=[Tap(TapInfo("v", "s", 0, "c"), 0, view, "float32")], meta=meta)
+    write_dump(tmp_path / "x.h5", cap)
+    got = read_dump(tmp_path / "x.h5")
+    assert got.meta == meta and np.array_equal(got.taps[0].array, view)

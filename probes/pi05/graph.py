@@ -28,7 +28,7 @@ class CudaGraphSampler:
         entry = self.graphs.get(plan_key)
         if entry is None:
             entry = self.graphs[plan_key] = self._capture(obs, noise)
-        graph, static_obs, static_noise, out = entry
+        graph, static_obs, static_noise, _plan, out = entry
         for name in obs.__dataclass_fields__:
             getattr(static_obs, name).copy_(getattr(obs, name))
         static_noise.copy_(noise)
@@ -50,4 +50,5 @@ class CudaGraphSampler:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = policy.sample_eager(static_obs, static_noise, plan)
-        return graph, static_obs, static_noise, out
+        # everything the graph reads must outlive it: the plan's index tensors too
+        return graph, static_obs, static_noise, plan, out
