@@ -27,6 +27,17 @@ from parity.metrics import compare
 STAGES = ("vision", "prefix", "denoise")
 
 
+def _graph_only(opts):
+    """`fast` without torch.compile: how much the graph alone buys."""
+    from probes.pi05.backends import build
+    from probes.pi05.model import Variant
+
+    return build("fast", opts, Variant(packed=True, fp8_mlp=True, cuda_graph=True, compiled=False))
+
+
+ABLATIONS = {"fast_nocompile": _graph_only}
+
+
 def time_backend(backend, runs: int, warmup: int) -> dict:
     """Median ms per stage and total, timed with CUDA events (host clock on CPU)."""
     model = backend.model
@@ -80,7 +91,7 @@ def main() -> None:
     names = args.backends.split(",")
     rows, ref_cap = {}, None
     for name in names:
-        backend = resolve(name, opts)
+        backend = ABLATIONS[name](opts) if name in ABLATIONS else resolve(name, opts)
         rows[name] = {"latency_ms": time_backend(backend, args.runs, args.warmup), "device": backend.meta["device"]}
         cap = capture(backend, Capture(meta=dict(backend.meta)))
         del backend

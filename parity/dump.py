@@ -22,8 +22,11 @@ Notes on the format:
   byte can hang the HDF5 reader); readers also accept variable-length strings.  Strings
   may not contain NUL.  meta is JSON, so tuples come back as lists and non-string dict
   keys as strings.
-- A tap whose `layout` is set has shape [rows, slots, *features] with [rows, slots] equal
-  to the layout's slots shape; its layout is written before it.  Tap keys are unique.
+- Tap keys are unique.  A tap's `layout` names a /layouts entry; an unknown layout name,
+  or a tensor whose shape does not fit its layout, is stored as is (the diff reports it
+  per tap).  Likewise a dtype name the codec does not know is stored with the array's
+  own numpy dtype (bool/int/uint/float/complex); known dtype names must be in their
+  codec storage dtype.
 - `complete` is written False when the file is created and True only as the very last
   write of a successful capture; tap_count is written at close.  A writer flushes after
   every tap, so a killed capture leaves a readable file with every tap written so far.
@@ -46,7 +49,7 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from parity.codec import STORAGE_DTYPES, check_storage, storage_dtype
+from parity.codec import STORAGE_DTYPES, check_storage
 from parity.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
 
 FORMAT_NAME = "parity-dump"
@@ -56,6 +59,8 @@ _LIBVER = ("v108", "v108")
 _COMPRESSIONS = (None, "gzip", "lzf")
 # h5py reports some failed writes (a failed flush) as RuntimeError rather than OSError.
 _IO_ERRORS = (OSError, RuntimeError)
+# numpy kinds a tap of a dtype unknown to the codec may be stored as (bool/int/uint/float/complex).
+_RAW_KINDS = "biufc"
 
 
 class DumpError(Exception):
@@ -126,9 +131,19 @@ def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
             obj.attrs[name] = value
 
 
-def _layout_fits(shape: tuple[int, ...], layout: Layout) -> bool:
-    """Tensors using a layout are [rows, slots, *features] with [rows, slots] = slots.shape."""
-    return len(shape) >= 2 and tuple(shape[:2]) == tuple(layout.slots.shape)
+def _check_array(array: Any, dtype: str) -> None:
+    """ValueError unless the array can be stored under this dtype name.
+
+    A known dtype must be in its codec storage dtype.  An unknown dtype name (a torch
+    dtype the codec cannot decode, e.g. complex64) is stored as is, if numeric: the diff
+    then reports that tap as undecodable instead of the capture failing.
+    """
+    _check_text(dtype, "dtype", allow_empty=False)
+    if dtype in STORAGE_DTYPES:
+        check_storage(array, dtype)
+    elif not isinstance(array, np.ndarray) or array.dtype.kind not in _RAW_KINDS or not array.dtype.isnative:
+        raise ValueError(f"cannot store an array of numpy dtype {getattr(array, 'dtype', type(array))} "
+                         f"(unknown dtype {dtype!r})")
 
 
 class _DiscardableFile(io.RawIOBase):
@@ -305,16 +320,11 @@ class DumpWriter:
         if key in self._keys:
             raise ValueError(f"duplicate tap key {key!r}: give repeated taps distinct steps")
         order = _check_index(tap.order, "order", none_ok=False)
-        check_storage(tap.array, tap.dtype)
+        _check_array(tap.array, tap.dtype)
         if tap.layout is not None:
+            # An unknown layout or a tensor that does not fit its layout is recorded as
+            # is: it is a finding about the candidate, reported per tap by the diff.
             _check_text(tap.layout, "tap layout", allow_empty=False)
-            if tap.layout not in self._layouts:
-                raise ValueError(f"tap {key!r} uses layout {tap.layout!r}, which was not added first")
-            if not _layout_fits(tap.shape, self._layouts[tap.layout]):
-                raise ValueError(
-                    f"tap {key!r} of shape {tap.shape} does not fit layout {tap.layout!r} "
-                    f"with slots {self._layouts[tap.layout].slots.shape}"
-                )
         array = tap.array
         # Scalars and empty arrays cannot be chunked (nor, therefore, filtered).
         chunked = array.ndim > 0 and array.size > 0
@@ -636,21 +646,20 @@ class DumpReader:
             raise _Bad(f"{ds.name}: key attribute {key!r} does not match name/step ({info.key!r})")
         order = _int_attr(ds, "order", minimum=0)
         dtype = _str_attr(ds, "dtype")
-        if dtype not in STORAGE_DTYPES:
-            raise _Bad(f"tap {key!r} has unknown dtype {dtype!r}")
-        if ds.dtype != STORAGE_DTYPES[dtype]:
-            raise _Bad(f"tap {key!r} is declared {dtype} (stored as {STORAGE_DTYPES[dtype]}) but holds {ds.dtype}")
+        if not dtype:
+            raise _Bad(f"tap {key!r} has an empty dtype")
+        if dtype in STORAGE_DTYPES:
+            if ds.dtype != STORAGE_DTYPES[dtype]:
+                raise _Bad(f"tap {key!r} is declared {dtype} (stored as {STORAGE_DTYPES[dtype]}) but holds {ds.dtype}")
+        elif ds.dtype.kind not in _RAW_KINDS or not ds.dtype.isnative:
+            raise _Bad(f"tap {key!r} of unknown dtype {dtype!r} holds unsupported numpy {ds.dtype}")
         if ds.shape is None:
             raise _Bad(f"tap {key!r} has no shape (null dataspace)")
         shape = tuple(int(s) for s in ds.shape)
         if ds.compression is None and int(np.prod(shape, dtype=object)) * ds.dtype.itemsize > file_size:
             raise _Bad(f"tap {key!r} declares shape {shape}, more data than the file holds")
+        # Like the writer, an unknown layout or a misfit shape is left to the diff.
         layout = _str_attr(ds, "layout") or None
-        if layout is not None:
-            if layout not in self.layouts:
-                raise _Bad(f"tap {key!r} uses unknown layout {layout!r}")
-            if not _layout_fits(shape, self.layouts[layout]):
-                raise _Bad(f"tap {key!r} of shape {shape} does not fit layout {layout!r}")
         return TapHeader(info=info, order=order, dtype=dtype, layout=layout, shape=shape)
 
     @staticmethod
@@ -693,11 +702,12 @@ class DumpReader:
         i = self._resolve(key_or_index)
         header = self.headers[i]
         try:
-            array = np.asarray(self._dataset(i)[()])
+            ds = self._dataset(i)
+            array = np.asarray(ds[()])
+            if array.dtype != ds.dtype or array.shape != header.shape:
+                raise _Bad(f"read back as {array.dtype} {array.shape}, expected {ds.dtype} {header.shape}")
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
-        if array.dtype != storage_dtype(header.dtype) or array.shape != header.shape:
-            raise DumpError(self.path, f"tap {header.key!r} read back as {array.dtype} {array.shape}")
         return array
 
     def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:

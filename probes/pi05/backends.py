@@ -21,8 +21,9 @@ VARIANTS = {
     "flash": (Variant(packed=True), "packs away padding and masked cameras; mask-free fused SDPA attention"),
     "flash_fp8": (Variant(packed=True, fp8_mlp=True),
                   "flash + Gemma MLP gate/up projections in FP8 e4m3 (torch._scaled_mm on sm89+, emulated elsewhere)"),
-    "fast": (Variant(packed=True, fp8_mlp=True, cuda_graph=True),
-             "flash_fp8 replayed as one CUDA graph per token layout (eager on CPU)"),
+    "fast": (Variant(packed=True, fp8_mlp=True, cuda_graph=True, compiled=True),
+             "flash_fp8 with norms/MLPs/RoPE fused by torch.compile, replayed as one CUDA graph per token layout "
+             "(eager on CPU)"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -35,8 +36,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build(variant_name: str, opts: BackendOptions) -> Backend:
-    variant, _ = VARIANTS[variant_name]
+def build(variant_name: str, opts: BackendOptions, variant: Variant | None = None) -> Backend:
+    """Build a bundled backend; `variant` overrides the name's (benchmarks of ablations)."""
+    variant = variant or VARIANTS[variant_name][0]
     cfg = get_config(opts.config)
     faults = Faults.parse(opts.faults)
     device = _device(opts.device)
@@ -57,8 +59,9 @@ def build(variant_name: str, opts: BackendOptions) -> Backend:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__,
         "input_fingerprint": fingerprint(obs, noise),
-        "execution": "cuda graph; re-captured with tap copies inside when instrumented"
-        if model.graphed is not None else "eager",
+        "execution": ("cuda graph; re-captured with tap copies inside when instrumented"
+                      if model.graphed is not None else "eager")
+        + ("; torch.compile'd norms/MLPs/RoPE" if variant.compiled and device.type == "cuda" else ""),
     }
     obs, noise = obs.to(device), noise.to(device)
     return Backend(

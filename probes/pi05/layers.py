@@ -86,18 +86,28 @@ class PackedCore:
         return out
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved: bool) -> torch.Tensor:
-    """Rotary embedding in fp32, cast once. x [B, T, H, D]; positions [B, T]."""
-    D = x.shape[-1]
-    half = D // 2
-    inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) * 2.0 / D)
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of theta_i = theta^(-2i/D) times position, in fp32: [B, T, 1, D/2] each.
+
+    Computed once per inference per stack (positions do not change across layers or
+    denoise steps), not once per attention call."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=positions.device) * 2.0 / head_dim)
     angles = positions.float()[..., None] * inv_freq  # [B, T, half]
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], interleaved: bool) -> torch.Tensor:
+    """Rotary embedding in fp32, cast once. x [B, T, H, D]; tables from `rope_tables`.
+
+    Half-split (rotate_half) pairing: channel i rotates with channel i + D/2."""
+    cos, sin = tables
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:
+        half = x.shape[-1] // 2
         x1, x2 = xf[..., :half], xf[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
@@ -174,12 +184,13 @@ class Fp8GatedMLP(GatedMLP):
     def __init__(self, dense: GatedMLP):
         nn.Module.__init__(self)
         self.silu, self.fp16_hidden = dense.silu, dense.fp16_hidden
-        self.gate_w = Fp8Weight.quantize(dense.gate_proj.weight)
-        self.up_w = Fp8Weight.quantize(dense.up_proj.weight)
+        # gate and up share one e4m3 weight [2F, D] and one scale: x is quantised once
+        # and multiplied once
+        self.gate_up_w = Fp8Weight.quantize(torch.cat([dense.gate_proj.weight, dense.up_proj.weight]))
         self.down_proj = dense.down_proj
 
     def gate_up(self, x: torch.Tensor, out_dtype: torch.dtype):
-        return fp8_linear(x, self.gate_w, out_dtype), fp8_linear(x, self.up_w, out_dtype)
+        return fp8_linear(x, self.gate_up_w, out_dtype).chunk(2, dim=-1)
 
 
 class SiglipMLP(nn.Module):
@@ -195,8 +206,7 @@ class SiglipMLP(nn.Module):
 class Attention(nn.Module):
     """Projections, optional RoPE, taps on q/k/v as the core uses them, core, o-proj."""
 
-    def __init__(self, width, num_heads, num_kv_heads, head_dim, core, *, bias: bool, rope_theta: float | None,
-                 faults: Faults):
+    def __init__(self, width, num_heads, num_kv_heads, head_dim, core, *, bias: bool, faults: Faults):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(width, num_heads * head_dim, bias=bias)
@@ -205,18 +215,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, width, bias=bias)
         self.q, self.k, self.v, self.attn = TapPoint(), TapPoint(), TapPoint(), TapPoint()
         self.core = core
-        self.rope_theta = rope_theta
         self.rope_interleaved = faults.has("rope_interleaved")
+        self.rope_fn = apply_rope
         self.scale = head_dim ** -0.5
 
-    def forward(self, h, ctx: AttnContext, positions=None, kv_prefix=None):
+    def forward(self, h, ctx: AttnContext, rope=None, kv_prefix=None):
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.rope_theta is not None:
-            q = apply_rope(q, positions, self.rope_theta, self.rope_interleaved)
-            k = apply_rope(k, positions, self.rope_theta, self.rope_interleaved)
+        if rope is not None:
+            q = self.rope_fn(q, rope, self.rope_interleaved)
+            k = self.rope_fn(k, rope, self.rope_interleaved)
         q, k, v = self.q(q), self.k(k), self.v(v)
         keys, values = k, v
         if kv_prefix is not None:

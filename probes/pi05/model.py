@@ -15,9 +15,9 @@ from torch import nn
 
 from .config import GemmaConfig, Pi05Config, VisionConfig
 from .faults import Faults
-from .graph import CudaGraphSampler
+from .graph import CudaGraphSampler, compile_leaves
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
-                     PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights)
+                     PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights, rope_tables)
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Variant:
     packed: bool = False  # flash: compact valid prefix tokens, mask-free fused attention
     fp8_mlp: bool = False  # flash_fp8: Gemma MLP gate/up projections in FP8 e4m3
     cuda_graph: bool = False  # fast: the whole inference replayed as one CUDA graph per token layout
+    compiled: bool = False  # fast: norms, MLPs and RoPE fused by torch.compile (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class SiglipLayer(nn.Module):
         super().__init__()
         self.input_norm = LayerNorm(cfg.width, eps=1e-6)
         self.self_attn = Attention(cfg.width, cfg.num_heads, cfg.num_heads, cfg.head_dim, core, bias=True,
-                                   rope_theta=None, faults=faults)
+                                   faults=faults)
         self.post_attn_norm = LayerNorm(cfg.width, eps=1e-6)
         self.mlp = SiglipMLP(cfg.width, cfg.mlp_dim)
 
@@ -76,8 +77,7 @@ class SiglipTower(nn.Module):
 
 
 class GemmaLayer(nn.Module):
-    def __init__(self, cfg: GemmaConfig, cond_dim: int | None, core, eps: float, theta: float, faults: Faults,
-                 variant: Variant):
+    def __init__(self, cfg: GemmaConfig, cond_dim: int | None, core, eps: float, faults: Faults):
         super().__init__()
 
         def norm():
@@ -85,13 +85,13 @@ class GemmaLayer(nn.Module):
 
         self.input_norm = norm()
         self.self_attn = Attention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, core, bias=False,
-                                   rope_theta=theta, faults=faults)
+                                   faults=faults)
         self.post_attn_norm = norm()
         self.mlp = GatedMLP(cfg.width, cfg.mlp_dim, faults)
 
-    def forward(self, x, ctx, positions, cond=None, kv_prefix=None):
+    def forward(self, x, ctx, rope, cond=None, kv_prefix=None):
         h, gate = self.input_norm(x, cond)
-        y, k, v = self.self_attn(h, ctx, positions, kv_prefix)
+        y, k, v = self.self_attn(h, ctx, rope, kv_prefix)
         x = x + (y if gate is None else y * gate)
         h, gate = self.post_attn_norm(x, cond)
         y = self.mlp(h)
@@ -99,10 +99,10 @@ class GemmaLayer(nn.Module):
 
 
 class GemmaStack(nn.Module):
-    def __init__(self, cfg: GemmaConfig, cond_dim, core, eps, theta, faults, variant):
+    def __init__(self, cfg: GemmaConfig, cond_dim, core, eps, faults):
         super().__init__()
         self.embed = TapPoint()
-        self.layers = nn.ModuleList(GemmaLayer(cfg, cond_dim, core, eps, theta, faults, variant)
+        self.layers = nn.ModuleList(GemmaLayer(cfg, cond_dim, core, eps, faults)
                                     for _ in range(cfg.depth))
         self.final_norm = (RMSNorm(cfg.width, eps, faults) if cond_dim is None
                            else AdaRMSNorm(cfg.width, cond_dim, eps, faults))
@@ -165,8 +165,8 @@ class Pi05Policy(nn.Module):
         self.vision = SiglipTower(cfg.vision, MaskedCore(faults), faults)
         self.projector = nn.Linear(cfg.vision.width, cfg.llm.width)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.llm.width)
-        self.prefix = GemmaStack(cfg.llm, None, core, cfg.norm_eps, cfg.rope_theta, faults, variant)
-        self.expert = GemmaStack(cfg.expert, cfg.expert.width, core, cfg.norm_eps, cfg.rope_theta, faults, variant)
+        self.prefix = GemmaStack(cfg.llm, None, core, cfg.norm_eps, faults)
+        self.expert = GemmaStack(cfg.expert, cfg.expert.width, core, cfg.norm_eps, faults)
         self.action_in_proj = nn.Linear(cfg.action_dim, cfg.expert.width)
         self.action_out_proj = nn.Linear(cfg.expert.width, cfg.action_dim)
         self.time_mlp_in = nn.Linear(cfg.expert.width, cfg.expert.width)
@@ -195,6 +195,8 @@ class Pi05Policy(nn.Module):
                 for layer in stack.layers:
                     layer.mlp = Fp8GatedMLP(layer.mlp)
         model.dtype = dtype
+        if variant.compiled and device.type == "cuda":
+            compile_leaves(model)
         if variant.cuda_graph and device.type == "cuda":
             model.graphed = CudaGraphSampler(model)
         return model.eval()
@@ -249,22 +251,21 @@ class Pi05Policy(nn.Module):
             x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
         x = self.prefix.embed(x)
         ctx = AttnContext(q_valid=plan.valid, k_valid=plan.valid, dense=plan.dense)
+        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.cfg.rope_theta)
         keys, values = [], []
         for layer in self.prefix.layers:
-            x, k, v = layer(x, ctx, plan.positions)
+            x, k, v = layer(x, ctx, rope)
             keys.append(k)
             values.append(v)
         return PrefixCache(keys, values, plan.valid, plan.dense, mutate=self.faults.has("kv_mutate"))
 
-    def velocity(self, cache: PrefixCache, num_valid: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    def velocity(self, cache: PrefixCache, rope, x_t: torch.Tensor, t: torch.Tensor):
         cond = torch.nn.functional.silu(self.time_mlp_in(sincos_time_embedding(t, self.cfg.expert.width)))
         cond = self.expert.time(torch.nn.functional.silu(self.time_mlp_out(cond)))  # [B, De] fp32
         x = self.expert.embed(self.action_in_proj(x_t).to(self.dtype))  # [B, H, De]
-        H = x.shape[1]
-        positions = num_valid[:, None] + torch.arange(H, device=x.device)[None, :]
         ctx = AttnContext(dense=True)  # the suffix's own queries are all real tokens
         for i, layer in enumerate(self.expert.layers):
-            x, _, _ = layer(x, ctx, positions, cond, kv_prefix=cache.joiner(i))
+            x, _, _ = layer(x, ctx, rope, cond, kv_prefix=cache.joiner(i))
         x, _ = self.expert.final_norm(x, cond)
         return self.expert.velocity(self.action_out_proj(x.float()))  # [B, H, action_dim] fp32
 
@@ -280,12 +281,15 @@ class Pi05Policy(nn.Module):
     def sample_eager(self, obs: Observation, noise: torch.Tensor, plan: TokenPlan, mark=_no_mark) -> torch.Tensor:
         cache = self.run_prefix(obs, plan, mark)
         mark("prefix")
-        num_valid = self.prefix_valid(obs).sum(1)
+        num_valid = self.prefix_valid(obs).sum(1)  # [B]
+        H = noise.shape[1]
+        positions = num_valid[:, None] + torch.arange(H, device=noise.device)[None, :]  # [B, H]
+        rope = rope_tables(positions, self.cfg.expert.head_dim, self.cfg.rope_theta)
         dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
         t = torch.ones(noise.shape[0], dtype=torch.float32, device=noise.device)
         x_t = noise.float()
         for _ in range(self.cfg.num_steps):
-            x_t = x_t + dt * self.velocity(cache, num_valid, x_t, t)
+            x_t = x_t + dt * self.velocity(cache, rope, x_t, t)
             t = t + dt
         mark("denoise")
         return self.actions(x_t)
