@@ -64,6 +64,8 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         + ("; torch.compile'd norms/MLPs/RoPE" if variant.compiled and device.type == "cuda" else ""),
     }
     obs, noise = obs.to(device), noise.to(device)
+    if model.graphed is not None:
+        model.sample_actions(obs, noise)  # compile and capture now, outside any parity capture
     return Backend(
         name=variant_name,
         model=model,

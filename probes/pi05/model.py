@@ -134,8 +134,10 @@ class PrefixCache:
         def join(k, v, ctx: AttnContext):
             keys = torch.cat([self.keys[layer], k], dim=1)
             values = torch.cat([self.values[layer], v], dim=1)
-            suffix_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-            key_valid = torch.cat([self.key_valid[layer], suffix_valid], dim=1)
+            key_valid = None
+            if not self.dense:  # a dense cache needs no validity mask at all
+                suffix_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+                key_valid = torch.cat([self.key_valid[layer], suffix_valid], dim=1)
             if self.mutate:
                 self.keys[layer], self.values[layer], self.key_valid[layer] = keys, values, key_valid
             return keys, values, AttnContext(q_valid=ctx.q_valid, k_valid=key_valid, dense=self.dense)
@@ -247,6 +249,10 @@ class Pi05Policy(nn.Module):
     def run_prefix(self, obs: Observation, plan: TokenPlan, mark=_no_mark) -> PrefixCache:
         x = self.embed_prefix(obs)
         mark("vision")
+        return self.prefix_cache(x, plan)
+
+    def prefix_cache(self, x: torch.Tensor, plan: TokenPlan) -> PrefixCache:
+        """The prefix LLM over the prefix embeddings [B, P, D]: per-layer K/V after RoPE."""
         if plan.gather is not None:  # packed: valid tokens only, [B, P, D] -> [B, L, D]
             x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
         x = self.prefix.embed(x)
@@ -281,6 +287,12 @@ class Pi05Policy(nn.Module):
     def sample_eager(self, obs: Observation, noise: torch.Tensor, plan: TokenPlan, mark=_no_mark) -> torch.Tensor:
         cache = self.run_prefix(obs, plan, mark)
         mark("prefix")
+        out = self.denoise(obs, noise, cache)
+        mark("denoise")
+        return out
+
+    def denoise(self, obs: Observation, noise: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        """The flow-matching loop over the (never mutated) prefix cache."""
         num_valid = self.prefix_valid(obs).sum(1)  # [B]
         H = noise.shape[1]
         positions = num_valid[:, None] + torch.arange(H, device=noise.device)[None, :]  # [B, H]
@@ -291,7 +303,6 @@ class Pi05Policy(nn.Module):
         for _ in range(self.cfg.num_steps):
             x_t = x_t + dt * self.velocity(cache, rope, x_t, t)
             t = t + dt
-        mark("denoise")
         return self.actions(x_t)
 
     def parity_instrumented(self, active: bool) -> None:
