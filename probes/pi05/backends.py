@@ -61,11 +61,13 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         "input_fingerprint": fingerprint(obs, noise),
         "execution": ("cuda graph; re-captured with tap copies inside when instrumented"
                       if model.graphed is not None else "eager")
-        + ("; torch.compile'd norms/MLPs/RoPE" if variant.compiled and device.type == "cuda" else ""),
+        + ("; whole layers torch.compile'd, leaves only (norms, MLPs, RoPE) while taps are installed"
+           if variant.compiled and device.type == "cuda" else ""),
     }
     obs, noise = obs.to(device), noise.to(device)
-    if model.graphed is not None:
-        model.sample_actions(obs, noise)  # compile and capture now, outside any parity capture
+    if model.graphed is not None:  # compile and capture now, outside any parity capture
+        model.graphed.warm_up(obs, noise)
+        model.sample_actions(obs, noise)
     return Backend(
         name=variant_name,
         model=model,

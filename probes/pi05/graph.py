@@ -30,6 +30,17 @@ def compile_leaves(policy) -> int:
     return count
 
 
+def compile_layers(policy) -> list:
+    """Whole transformer layers compiled (residuals, gates, the cache concat and RoPE fuse
+    with their neighbours): returns (layer, compiled forward) pairs for CudaGraphSampler to
+    switch on and off."""
+    pairs = []
+    for stack in (policy.vision, policy.prefix, policy.expert):
+        for layer in stack.layers:
+            pairs.append((layer, torch.compile(layer.forward, dynamic=False)))
+    return pairs
+
+
 class CudaGraphSampler:
     """One set of graphs per token layout: vision+embedding, prefix LLM, denoise loop.
 
@@ -37,17 +48,38 @@ class CudaGraphSampler:
     per-stage timings a benchmark needs; they share one memory pool, so each graph's
     outputs stay valid inputs of the next."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, compiled_layers: list | None = None):
         self.policy = policy
+        self.compiled_layers = compiled_layers or []
         self.graphs: dict = {}
         self.instrumented = False
+        self._use_compiled_layers(True)
+
+    def _use_compiled_layers(self, on: bool) -> None:
+        for layer, compiled in self.compiled_layers:
+            if on:
+                layer.forward = compiled
+            elif "forward" in vars(layer):
+                del layer.forward  # back to the class's forward: module boundaries for the taps
+
+    def warm_up(self, obs, noise) -> None:
+        """Compile both execution paths (whole layers; leaves only, used while taps are
+        installed) before any capture: nothing may compile inside a graph capture."""
+        plan = self.policy.plan_tokens(obs)
+        for on in (False, True) if self.compiled_layers else (True,):
+            self._use_compiled_layers(on)
+            self.policy.sample_eager(obs, noise, plan)
+        torch.cuda.synchronize()
 
     def reset(self, instrumented: bool) -> None:
         """Drop captured graphs; with `instrumented`, the next capture runs with parity's
-        taps installed, so their copies are recorded inside the graphs (no warm-up pass
-        then: it would fire the taps twice; compilation happened at the first plain call)."""
+        taps installed, so their copies are recorded inside the graphs. Taps live on module
+        boundaries, so while instrumented the layers run leaf-compiled, not whole-layer
+        compiled (the execution note in the backend's metadata says so); no warm-up pass
+        then: it would fire the taps twice."""
         self.graphs.clear()
         self.instrumented = instrumented
+        self._use_compiled_layers(not instrumented)
 
     def __call__(self, obs, noise, mark):
         key = (obs.image_masks.cpu().numpy().tobytes(), obs.token_mask.cpu().numpy().tobytes(),

@@ -219,7 +219,7 @@ class Attention(nn.Module):
         self.rope_fn = apply_rope
         self.scale = head_dim ** -0.5
 
-    def forward(self, h, ctx: AttnContext, rope=None, kv_prefix=None):
+    def forward(self, h, ctx: AttnContext, rope=None, prefix_kv=None):
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
@@ -229,8 +229,8 @@ class Attention(nn.Module):
             k = self.rope_fn(k, rope, self.rope_interleaved)
         q, k, v = self.q(q), self.k(k), self.v(v)
         keys, values = k, v
-        if kv_prefix is not None:
-            keys, values, ctx = kv_prefix(k, v, ctx)
+        if prefix_kv is not None:  # suffix queries attend to [cached prefix, own suffix]
+            keys, values = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
         out = self.attn(self.core(q, keys, values, ctx, self.scale))
         return self.o_proj(out), k, v
 

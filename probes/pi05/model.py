@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import GemmaConfig, Pi05Config, VisionConfig
 from .faults import Faults
-from .graph import CudaGraphSampler, compile_leaves
+from .graph import CudaGraphSampler, compile_layers, compile_leaves
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
                      PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights, rope_tables)
 
@@ -89,9 +89,9 @@ class GemmaLayer(nn.Module):
         self.post_attn_norm = norm()
         self.mlp = GatedMLP(cfg.width, cfg.mlp_dim, faults)
 
-    def forward(self, x, ctx, rope, cond=None, kv_prefix=None):
+    def forward(self, x, ctx, rope, cond=None, prefix_kv=None):
         h, gate = self.input_norm(x, cond)
-        y, k, v = self.self_attn(h, ctx, rope, kv_prefix)
+        y, k, v = self.self_attn(h, ctx, rope, prefix_kv)
         x = x + (y if gate is None else y * gate)
         h, gate = self.post_attn_norm(x, cond)
         y = self.mlp(h)
@@ -130,19 +130,22 @@ class PrefixCache:
         self.key_valid = [key_valid] * len(self.keys)
         self.dense, self.mutate = dense, mutate
 
-    def joiner(self, layer: int):
-        def join(k, v, ctx: AttnContext):
-            keys = torch.cat([self.keys[layer], k], dim=1)
-            values = torch.cat([self.values[layer], v], dim=1)
-            key_valid = None
-            if not self.dense:  # a dense cache needs no validity mask at all
-                suffix_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-                key_valid = torch.cat([self.key_valid[layer], suffix_valid], dim=1)
-            if self.mutate:
-                self.keys[layer], self.values[layer], self.key_valid[layer] = keys, values, key_valid
-            return keys, values, AttnContext(q_valid=ctx.q_valid, k_valid=key_valid, dense=self.dense)
+    def for_layer(self, layer: int, suffix_len: int):
+        """(prefix K, prefix V, attention context) for the suffix queries of one layer."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.dense:  # every cached key is real: no validity mask at all
+            return (keys, values), AttnContext(dense=True)
+        valid = self.key_valid[layer]
+        suffix_valid = torch.ones(valid.shape[0], suffix_len, dtype=torch.bool, device=valid.device)
+        return (keys, values), AttnContext(k_valid=torch.cat([valid, suffix_valid], dim=1))
 
-        return join
+    def after_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Nothing, unless the `kv_mutate` fault stores this step's K/V into the cache."""
+        if self.mutate:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=1)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=1)
+            ones = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+            self.key_valid[layer] = torch.cat([self.key_valid[layer], ones], dim=1)
 
 
 def _no_mark(stage: str) -> None:
@@ -197,10 +200,12 @@ class Pi05Policy(nn.Module):
                 for layer in stack.layers:
                     layer.mlp = Fp8GatedMLP(layer.mlp)
         model.dtype = dtype
+        compiled_layers = None
         if variant.compiled and device.type == "cuda":
             compile_leaves(model)
+            compiled_layers = compile_layers(model)
         if variant.cuda_graph and device.type == "cuda":
-            model.graphed = CudaGraphSampler(model)
+            model.graphed = CudaGraphSampler(model, compiled_layers)
         return model.eval()
 
     # ---- token layout -----------------------------------------------------------
@@ -269,9 +274,10 @@ class Pi05Policy(nn.Module):
         cond = torch.nn.functional.silu(self.time_mlp_in(sincos_time_embedding(t, self.cfg.expert.width)))
         cond = self.expert.time(torch.nn.functional.silu(self.time_mlp_out(cond)))  # [B, De] fp32
         x = self.expert.embed(self.action_in_proj(x_t).to(self.dtype))  # [B, H, De]
-        ctx = AttnContext(dense=True)  # the suffix's own queries are all real tokens
         for i, layer in enumerate(self.expert.layers):
-            x, _, _ = layer(x, ctx, rope, cond, kv_prefix=cache.joiner(i))
+            prefix_kv, ctx = cache.for_layer(i, x.shape[1])
+            x, k, v = layer(x, ctx, rope, cond, prefix_kv)
+            cache.after_step(i, k, v)
         x, _ = self.expert.final_norm(x, cond)
         return self.expert.velocity(self.action_out_proj(x.float()))  # [B, H, action_dim] fp32
 
