@@ -62,6 +62,7 @@ class CudaGraphSampler:
             elif "forward" in vars(layer):
                 del layer.forward  # back to the class's forward: module boundaries for the taps
 
+    @torch.inference_mode()
     def warm_up(self, obs, noise) -> None:
         """Compile both execution paths (whole layers; leaves only, used while taps are
         installed) before any capture: nothing may compile inside a graph capture."""

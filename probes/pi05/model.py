@@ -200,6 +200,7 @@ class Pi05Policy(nn.Module):
                 for layer in stack.layers:
                     layer.mlp = Fp8GatedMLP(layer.mlp)
         model.dtype = dtype
+        model.requires_grad_(False)  # inference only: no autograd graphs, also not in torch.compile
         compiled_layers = None
         if variant.compiled and device.type == "cuda":
             compile_leaves(model)
