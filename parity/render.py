@@ -128,6 +128,9 @@ def header(report: Report) -> Text:
     if r.get("config") is not None:
         text.append(f"\nconfig {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}",
                     style="dim")
+    weights = r.get("weights")
+    if isinstance(weights, dict):
+        text.append(f"\nweights {weights.get('path', '?')} ({weights.get('layout', '?')} layout)", style="dim")
     return text
 
 

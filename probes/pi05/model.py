@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .config import GemmaConfig, Pi05Config, VisionConfig
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 from .faults import Faults
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
                      PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights)
@@ -164,13 +168,24 @@ class Pi05Policy(nn.Module):
     # ---- building ---------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Pi05Config, seed: int, variant: Variant, faults: Faults, dtype: torch.dtype,
-              device: torch.device) -> "Pi05Policy":
-        model = cls(cfg, variant, faults)
-        init_weights(model, seed)
-        model.to(device)
+              device: torch.device, weights: "Checkpoint | None" = None) -> "Pi05Policy":
+        """Seeded random weights, or every weight from a checkpoint (checked already):
+        the model is then allocated empty and each parameter is filled from the file,
+        so no random value can survive.  FP8 MLPs quantise whatever dense weights the
+        model holds at this point: the seeded or the loaded ones."""
+        if weights is None:
+            model = cls(cfg, variant, faults)
+            init_weights(model, seed)
+            model.to(device)
+        else:
+            with torch.device("meta"):
+                model = cls(cfg, variant, faults)
+            model.to_empty(device=device)
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
                 m.to(dtype)
+        if weights is not None:
+            weights.load_into(model)  # file values cast to each parameter's dtype
         if variant.fp8_mlp:
             for stack in (model.prefix, model.expert):
                 for layer in stack.layers:
