@@ -89,10 +89,11 @@ def lerobot_state(model) -> dict[str, torch.Tensor]:
 
 
 def write(state: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype, config: dict | None = None) -> Path:
-    """model.safetensors (every tensor cast to `dtype`, as the converter's model.to(dtype))
-    and config.json in `directory`; returns the directory."""
+    """model.safetensors (every float tensor cast to `dtype`, as the converter's
+    model.to(dtype)) and config.json in `directory`; returns the directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in state.items()}
+    tensors = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
+               for k, v in state.items()}
     save_file(tensors, str(directory / "model.safetensors"))
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config, indent=2))
