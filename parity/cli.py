@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump
+from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump, weights_live
 from .backends import BackendOptions
 from .diff import Thresholds
 
@@ -110,12 +110,57 @@ def diff_cmd(
     except InputError as exc:
         _fail_input(str(exc))
     _console().print(render_report(report, show_all=show_all))
-    if json_out is not None:
-        try:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(report.to_dict(), indent=2))
-        except OSError as exc:
-            _fail_input(f"cannot write {json_out}: {exc.strerror or exc}")
+    _write_json(json_out, report.to_dict())
+    raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
+
+
+ThresholdOpt = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; last "
+                                                      "match wins), e.g. 'expert.*.mlp=0.995'.")
+JsonOpt = typer.Option(None, "--json", help="Also write the machine-readable result here.")
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+    except OSError as exc:
+        _fail_input(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@app.command("weights")
+def weights_cmd(
+    ref: str = typer.Option(..., "--ref", help="Reference backend, e.g. pytorch."),
+    cand: str = typer.Option(..., "--cand", help="Candidate backend, e.g. flash_fp8."),
+    weights: Optional[Path] = WeightsOpt, inject: Optional[List[str]] = InjectOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    min_cos: float = typer.Option(0.99999, "--min-cos", help="Default minimum cosine similarity per parameter."),
+    quantized_min_cos: float = typer.Option(0.999, "--quantized-min-cos",
+                                            help="Minimum cosine of a parameter the backend declares quantised "
+                                                 "(e.g. FP8), unless a --threshold pattern matches."),
+    threshold: Optional[List[str]] = ThresholdOpt, json_out: Optional[Path] = JsonOpt,
+    show_all: bool = typer.Option(False, "--all", help="Also list every parameter with its metrics."),
+) -> None:
+    """Compare, parameter by parameter, what each backend computes with (FP8 dequantised,
+    norm weights as the scale they apply): cosine, max abs, relative error, and shape,
+    dtype, transposition and norm-offset findings.
+
+    Example: parity weights --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
+    """
+    from .render_weights import render_weights
+
+    try:
+        thresholds = Thresholds.parse(min_cos, threshold or [])
+    except ValueError as exc:
+        _fail_input(str(exc))
+    try:
+        report = weights_live(ref, cand, _options(config, seed, device, dtype, 1, weights=weights), _faults(inject),
+                              thresholds, quantized_min_cos)
+    except InputError as exc:
+        _fail_input(str(exc))
+    _console().print(render_weights(report, show_all=show_all))
+    _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
 
 
