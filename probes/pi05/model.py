@@ -135,11 +135,15 @@ class PrefixCache:
 
 
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period=4e-3, max_period=4.0) -> torch.Tensor:
-    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period; fp32."""
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float32, device=t.device)
+    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period.
+
+    Computed in float64 and rounded once to float32, as openpi's PyTorch port does: in
+    float32 (JAX's choice) the angles reach 2 pi / 4e-3 ~ 1571 rad and the embedding is
+    off by a relative 2.4e-5 at t = 1."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** fraction
-    angle = (2 * math.pi / period)[None, :] * t.float()[:, None]  # [B, dim/2]
-    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+    angle = (2 * math.pi / period)[None, :] * t.double()[:, None]  # [B, dim/2] float64
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
 
 
 class Pi05Policy(nn.Module):
