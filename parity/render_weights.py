@@ -3,6 +3,8 @@ into `*`), the findings one line each, and the verdict banner."""
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
+from typing import Mapping
 
 from rich.console import Group
 from rich.panel import Panel
@@ -19,8 +21,8 @@ def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None or math.isnan(x) else format(x, spec)
 
 
-SHORT = {"float64": "f64", "float32": "f32", "bfloat16": "bf16", "float16": "f16", "float8_e4m3fn": "e4m3",
-         "float8_e5m2": "e5m2"}
+SHORT: Mapping[str, str] = MappingProxyType({"float64": "f64", "float32": "f32", "bfloat16": "bf16", "float16": "f16",
+                                             "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"})
 
 
 def _dtypes(rows: list[ParamResult]) -> str:
@@ -51,7 +53,8 @@ def group_table(report: WeightsReport) -> Table:
                           style="bold red")
         else:
             status = Text(f"pass {OK}", style="green")
-        table.add_row(name, str(len(rows)), _dtypes(rows), _fmt(cos, ".6f"), _fmt(max_abs, ".4g"), _fmt(rel, ".3g"), status)
+        table.add_row(name, str(len(rows)), _dtypes(rows), _fmt(cos, ".6f"), _fmt(max_abs, ".4g"), _fmt(rel, ".3g"),
+                      status)
     return table
 
 

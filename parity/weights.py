@@ -2,7 +2,8 @@
 
 The seed's weight-loading check as a library function.  Each backend exposes its
 effective parameters (`Backend.parameters`: canonical name -> `ParamView`); this module
-pairs them by name, decodes both sides exactly to float64 and judges each pair:
+pairs them by name, decodes both sides exactly to float64 (block by block) and judges
+each pair:
 
 - `transposed`: the candidate is the reference transposed (a JAX kernel loaded without
   its `.T`), whether or not the shapes give it away (square matrices do not);
@@ -25,13 +26,14 @@ import numpy as np
 from .backends import ParamView
 from .codec import to_float64
 from .diff import Thresholds
-from .metrics import Metrics, compare
+from .metrics import MetricAccumulator, Metrics
 from .weights_report import ParamResult, WeightsReport
 
 DEFAULT_MIN_COS = 0.99999  # the same weights held two ways should agree to rounding
 # A declared-quantised weight is lossy by design: per-tensor e4m3 of Gaussian-like weights
 # measures cos 0.99964 (tiny pi0.5, README); a wrong scale or saturation falls far below.
 DEFAULT_QUANTIZED_MIN_COS = 0.999
+CHUNK_ELEMENTS = 1 << 22  # decoded to float64 at a time: 32 MiB per side
 
 
 def model_parameters(model: Any) -> dict[str, ParamView]:
@@ -43,14 +45,39 @@ def model_parameters(model: Any) -> dict[str, ParamView]:
                             load=lambda p=p: p.detach()) for name, p in named()}
 
 
-def to_float64_array(value: Any) -> np.ndarray:
-    """Exact float64 values of a torch tensor (any float dtype) or a numpy array."""
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float64)
-    from .capture import to_storage  # torch tensors: the live path has torch anyway
+class Values:
+    """A parameter's values in storage form (bf16/fp8 as raw bits), decoded to float64 a
+    block of rows at a time: a full-size text embedding alone is 4 GiB in float64."""
 
-    array, dtype = to_storage(value)
-    return to_float64(array, dtype)
+    def __init__(self, value: Any):
+        if isinstance(value, np.ndarray):
+            self.array, self.dtype = value, None
+        else:
+            from .capture import to_storage  # torch tensors: the live path has torch anyway
+
+            self.array, self.dtype = to_storage(value)
+        if self.array.ndim == 0:
+            self.array = self.array.reshape(1)
+        self.shape = tuple(self.array.shape)
+
+    def rows(self, start: int, stop: int, transposed: bool = False) -> np.ndarray:
+        """Exact float64 values of rows [start, stop) (of the transpose, if asked)."""
+        block = np.ascontiguousarray((self.array.T if transposed else self.array)[start:stop])
+        return block.astype(np.float64) if self.dtype is None else to_float64(block, self.dtype)
+
+
+def measure(ref: Values, cand: Values, transposed: bool = False, shift: float = 0.0) -> tuple[Metrics, int]:
+    """Metrics of (cand, transposed if asked, plus `shift`) against ref, and how many values
+    differ, streamed block by block through one accumulator."""
+    acc, changed = MetricAccumulator(), 0
+    per_row = int(np.prod(ref.shape[1:], dtype=np.int64)) or 1
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for start in range(0, ref.shape[0], step):
+        r = ref.rows(start, start + step)
+        c = cand.rows(start, start + step, transposed) + shift
+        acc.update(r, c)
+        changed += int(np.count_nonzero(r != c))
+    return acc.result(), changed
 
 
 def threshold_for(name: str, quantized: bool, thresholds: Thresholds, quantized_min_cos: float) -> float:
@@ -85,58 +112,42 @@ def compare_params(ref: dict[str, ParamView], cand: dict[str, ParamView], thresh
 
 
 def judge_pair(name: str, ref: ParamView, cand: ParamView, threshold: float) -> ParamResult:
-    r, c = to_float64_array(ref.load()), to_float64_array(cand.load())
+    r, c = Values(ref.load()), Values(cand.load())
     quantized = cand.quantized or ref.quantized
-    base = dict(name=name, threshold=threshold, ref_shape=tuple(r.shape), cand_shape=tuple(c.shape),
-                ref_dtype=ref.dtype, cand_dtype=cand.dtype, quantized=quantized)
-    if not (np.isfinite(r).all() and np.isfinite(c).all()):
-        m = compare(r, c) if r.shape == c.shape else None
-        return ParamResult(status="nonfinite", reason=f"NaN/Inf: ref {int((~np.isfinite(r)).sum())}, "
-                           f"cand {int((~np.isfinite(c)).sum())} value(s)", metrics=m, **base)
-    transposed = _transposed(r, c, threshold)
+    base = dict(name=name, threshold=threshold, ref_shape=r.shape, cand_shape=c.shape, ref_dtype=ref.dtype,
+                cand_dtype=cand.dtype, quantized=quantized)
+    transposable = len(r.shape) == 2 and c.shape == r.shape[::-1] and r.shape != (1, 1)
     if r.shape != c.shape:
-        if transposed is not None:
-            return ParamResult(status="transposed", reason=f"transposed: shape {list(c.shape)} vs {list(r.shape)}, "
-                               f"cos {transposed.cos:.6f} once transposed back",
-                               metrics=transposed, **base)
+        if transposable:
+            mt, _ = measure(r, c, transposed=True)
+            if mt.finite and mt.cos >= threshold:
+                return ParamResult(status="transposed", reason=f"transposed: shape {list(c.shape)} vs "
+                                   f"{list(r.shape)}, cos {mt.cos:.6f} once transposed back", metrics=mt, **base)
         return ParamResult(status="shape", reason=f"shape {list(c.shape)} vs {list(r.shape)}", **base)
-    m = compare(r, c)
+    m, changed = measure(r, c)
+    if not m.finite:
+        return ParamResult(status="nonfinite", reason=f"NaN/Inf: ref {m.nan_ref + m.inf_ref}, cand "
+                           f"{m.nan_cand + m.inf_cand} value(s)", metrics=m, **base)
     if m.cos >= threshold:
-        changed = int(np.count_nonzero(r != c))
         if ref.dtype != cand.dtype and changed and not quantized:
-            return ParamResult(status="dtype", reason=f"lossy cast {ref.dtype} -> {cand.dtype}: {changed} of {r.size} "
-                               f"values changed, rel err {m.rel_l2:.3g}", metrics=m, **base)
+            return ParamResult(status="dtype", reason=f"lossy cast {ref.dtype} -> {cand.dtype}: {changed} of "
+                               f"{m.n} values changed, rel err {m.rel_l2:.3g}", metrics=m, **base)
         return ParamResult(status="pass", reason=_pass_note(ref, cand, quantized, changed), metrics=m, **base)
-    if transposed is not None and transposed.cos > m.cos:
-        return ParamResult(status="transposed", reason=f"transposed: cos {m.cos:.6f} as is, {transposed.cos:.6f} once "
-                           "transposed back", metrics=m, **base)
-    offset = _norm_offset(r, c, threshold)
-    if offset is not None:
-        return ParamResult(status="norm_offset", reason=f"norm offset (w vs 1+w): candidate = reference {offset}",
-                           metrics=m, **base)
+    if transposable:
+        mt, _ = measure(r, c, transposed=True)
+        if mt.cos >= threshold:
+            return ParamResult(status="transposed", reason=f"transposed: cos {m.cos:.6f} as is, {mt.cos:.6f} once "
+                               "transposed back", metrics=m, **base)
+    if len(r.shape) == 1:  # a norm weight that forgot (or doubled) its 1 +
+        for shift, label in ((1.0, "- 1"), (-1.0, "+ 1")):
+            if measure(r, c, shift=shift)[0].cos >= threshold:
+                return ParamResult(status="norm_offset", reason=f"norm offset (w vs 1+w): candidate = reference "
+                                   f"{label}", metrics=m, **base)
     if quantized:
         cast = f"; quantised ({quantized})"
     else:
         cast = f"; held as {cand.dtype}, reference {ref.dtype}" if ref.dtype != cand.dtype else ""
     return ParamResult(status="fail", reason=f"cos {m.cos:.6f} < {threshold}{cast}", metrics=m, **base)
-
-
-def _transposed(r: np.ndarray, c: np.ndarray, threshold: float) -> Metrics | None:
-    """The metrics of c.T against r when that matches, else None."""
-    if r.ndim != 2 or c.shape != r.shape[::-1] or r.shape[0] == r.shape[1] == 1:
-        return None
-    m = compare(r, c.T)
-    return m if m.cos >= threshold else None
-
-
-def _norm_offset(r: np.ndarray, c: np.ndarray, threshold: float) -> str | None:
-    """"- 1" or "+ 1" when a 1-D candidate is the reference shifted by exactly one."""
-    if r.ndim != 1:
-        return None
-    for shift, label in ((1.0, "- 1"), (-1.0, "+ 1")):
-        if compare(r, c + shift).cos >= threshold:
-            return label
-    return None
 
 
 def _pass_note(ref: ParamView, cand: ParamView, quantized: str | None, changed: int) -> str:

@@ -156,3 +156,22 @@ def test_input_errors_exit_2(args, needle):
 def test_library_raises_input_error():
     with pytest.raises(InputError, match="unknown backend"):
         weights_live("pytorch", "nosuch", CPU)
+
+
+def test_block_streaming_gives_the_single_block_numbers(monkeypatch):
+    """Full-size parameters are decoded a block of rows at a time: same metrics either way."""
+    import parity.weights as w
+
+    gen = np.random.default_rng(1)
+    ref = gen.standard_normal((37, 11))
+    cand = ref.T + gen.standard_normal((11, 37)) * 1e-3
+    whole = compare_params({"p": view(ref)}, {"p": view(cand)})[0]
+    monkeypatch.setattr(w, "CHUNK_ELEMENTS", 23)  # blocks of 2 rows
+    streamed = compare_params({"p": view(ref)}, {"p": view(cand)})[0]
+    assert whole.status == streamed.status == "shape"  # 1e-3 noise: not within 0.99999 once transposed back
+    loose = Thresholds(0.99)
+    a = compare_params({"p": view(ref)}, {"p": view(cand)}, loose)[0]
+    monkeypatch.setattr(w, "CHUNK_ELEMENTS", 1 << 22)
+    b = compare_params({"p": view(ref)}, {"p": view(cand)}, loose)[0]
+    assert a.status == b.status == "transposed"
+    assert a.metrics.cos == pytest.approx(b.metrics.cos, abs=1e-15) and a.metrics.max_abs == b.metrics.max_abs

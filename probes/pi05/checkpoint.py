@@ -18,6 +18,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,13 +30,14 @@ from .config import CONFIGS, TINY, GemmaConfig, Pi05Config, VisionConfig
 MAX_LINES = 20
 FILE_NAME = "model.safetensors"
 # safetensors dtype -> our name; anything else (ints, fp8, bool) cannot be a dense pi0.5 weight
-FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+FLOAT_DTYPES: Mapping[str, str] = MappingProxyType({"F64": "float64", "F32": "float32", "BF16": "bfloat16",
+                                                    "F16": "float16"})
 # config.json fields (openpi's converter, lerobot's policy config) for what weights cannot tell
-CONFIG_JSON_FIELDS = {
+CONFIG_JSON_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "action_horizon": ("action_horizon", "chunk_size"),
     "num_steps": ("num_steps", "num_inference_steps"),
     "max_token_len": ("max_token_len", "tokenizer_max_length"),
-}
+})
 
 
 def problems_error(title: str, problems: list[str]) -> ValueError:
@@ -288,7 +291,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> Pi05Config:
                            mlp_dim=_common(shapes, rf"{stack}\.layers\.\d+\.mlp\.gate_proj\.weight", 0, b.mlp_dim),
                            num_heads=heads, num_kv_heads=kv, head_dim=head_dim)
 
-    cfg = replace(base, name="custom", vision=vision, llm=gemma("prefix", base.llm), expert=gemma("expert", base.expert),
+    cfg = replace(base, name="custom", vision=vision, llm=gemma("prefix", base.llm),
+                  expert=gemma("expert", base.expert),
                   vocab_size=_common(shapes, r"embed_tokens\.weight", 0, base.vocab_size),
                   action_dim=_common(shapes, r"action_in_proj\.weight", 1, base.action_dim))
     for named in CONFIGS.values():

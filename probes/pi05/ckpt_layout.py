@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from string import Formatter
+from types import MappingProxyType
+from typing import Mapping
 
 OPENPI, LEROBOT = "openpi", "lerobot"
 LEROBOT_PREFIX = "model."
@@ -32,9 +34,10 @@ _L = "paligemma_with_expert.paligemma.model.language_model."
 _E = "paligemma_with_expert.gemma_expert.model."
 
 # What a {placeholder} in the key templates below may stand for.
-SLOTS = {"i": r"\d+", "wb": "weight|bias", "qkv": "q|k|v", "qkvo": "q|k|v|o", "fc": "fc1|fc2",
-         "mlp": "gate|up|down", "io": "in|out", "norm": "input_layernorm|post_attention_layernorm",
-         "top": "action_in_proj|action_out_proj|time_mlp_in|time_mlp_out"}
+SLOTS: Mapping[str, str] = MappingProxyType({
+    "i": r"\d+", "wb": "weight|bias", "qkv": "q|k|v", "qkvo": "q|k|v|o", "fc": "fc1|fc2", "mlp": "gate|up|down",
+    "io": "in|out", "norm": "input_layernorm|post_attention_layernorm",
+    "top": "action_in_proj|action_out_proj|time_mlp_in|time_mlp_out"})
 
 # (file key, our parameter name): both directions, the first match wins.
 RULES: tuple[tuple[str, str], ...] = (
@@ -68,23 +71,25 @@ ALIASES: tuple[tuple[str, str, str], ...] = (
 )
 
 # Present in real checkpoints, used by nothing at inference: (file key, why).
-UNUSED: dict[str, tuple[tuple[str, str], ...]] = {
-    OPENPI: (
-        ("paligemma_with_expert.gemma_expert.lm_head.weight", "the action expert's LM head: unused by flow matching"),
-        ("paligemma_with_expert.paligemma.lm_head.weight", "PaliGemma's LM head: unused at inference"),
-    ),
-}
-UNUSED[LEROBOT] = UNUSED[OPENPI] + (
-    (_E + "layers.{i}.{norm}.weight", "plain norm weight of the action expert: pi0.5 uses adaRMS (lerobot drops it)"),
-    (_E + "norm.weight", "plain final norm weight of the action expert: pi0.5 uses adaRMS (lerobot drops it)"),
-    ("state_proj.{wb}", "pi0's state projection: pi0.5 has none (lerobot drops it)"),
+_OPENPI_UNUSED = (
+    ("paligemma_with_expert.gemma_expert.lm_head.weight", "the action expert's LM head: unused by flow matching"),
+    ("paligemma_with_expert.paligemma.lm_head.weight", "PaliGemma's LM head: unused at inference"),
 )
+UNUSED: Mapping[str, tuple[tuple[str, str], ...]] = MappingProxyType({
+    OPENPI: _OPENPI_UNUSED,
+    LEROBOT: _OPENPI_UNUSED + (
+        (_E + "layers.{i}.{norm}.weight",
+         "plain norm weight of the action expert: pi0.5 uses adaRMS (lerobot drops it)"),
+        (_E + "norm.weight", "plain final norm weight of the action expert: pi0.5 uses adaRMS (lerobot drops it)"),
+        ("state_proj.{wb}", "pi0's state projection: pi0.5 has none (lerobot drops it)"),
+    ),
+})
 
 # lerobot's renames (file key -> the openpi key it stands for), applied before RULES.
-RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+RENAMES: Mapping[str, tuple[tuple[str, str], ...]] = MappingProxyType({
     OPENPI: (),
     LEROBOT: (("action_time_mlp_{io}.{wb}", "time_mlp_{io}.{wb}"),),
-}
+})
 
 
 def _regex(template: str) -> re.Pattern:

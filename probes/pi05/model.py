@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .config import GemmaConfig, Pi05Config, VisionConfig
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
 from .faults import Faults
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
                      PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights)
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,13 @@ class PrefixCache:
         return join
 
 
+def _cast_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Linear and embedding weights to the model dtype, except those kept in fp32."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
+            m.to(dtype)
+
+
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period=4e-3, max_period=4.0) -> torch.Tensor:
     """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period.
 
@@ -181,14 +188,12 @@ class Pi05Policy(nn.Module):
             model = cls(cfg, variant, faults)
             init_weights(model, seed)
             model.to(device)
+            _cast_linears(model, dtype)
         else:
-            with torch.device("meta"):
+            with torch.device("meta"):  # no memory until the final dtypes are known
                 model = cls(cfg, variant, faults)
+            _cast_linears(model, dtype)
             model.to_empty(device=device)
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
-                m.to(dtype)
-        if weights is not None:
             weights.load_into(model)  # file values cast to each parameter's dtype
         if variant.fp8_mlp:
             for stack in (model.prefix, model.expert):
