@@ -164,11 +164,11 @@ def test_block_streaming_gives_the_single_block_numbers(monkeypatch):
 
     gen = np.random.default_rng(1)
     ref = gen.standard_normal((37, 11))
-    cand = ref.T + gen.standard_normal((11, 37)) * 1e-3
+    cand = ref.T + gen.standard_normal((11, 37)) * 1e-2
     whole = compare_params({"p": view(ref)}, {"p": view(cand)})[0]
     monkeypatch.setattr(w, "CHUNK_ELEMENTS", 23)  # blocks of 2 rows
     streamed = compare_params({"p": view(ref)}, {"p": view(cand)})[0]
-    assert whole.status == streamed.status == "shape"  # 1e-3 noise: not within 0.99999 once transposed back
+    assert whole.status == streamed.status == "shape"  # 1e-2 noise: not within 0.99999 once transposed back
     loose = Thresholds(0.99)
     a = compare_params({"p": view(ref)}, {"p": view(cand)}, loose)[0]
     monkeypatch.setattr(w, "CHUNK_ELEMENTS", 1 << 22)
