@@ -179,3 +179,11 @@ def test_siglip_vision_tower():
         got = ours(images, torch.float32)
     assert got.shape == want.shape == (3, VISION.num_tokens, VISION.width)
     assert_agree(got, want)
+
+
+@pytest.mark.parametrize("fault", ["norm_plain_w", "rope_interleaved", "silu", "nomask"])
+def test_the_gemma_layer_check_catches_planted_bugs(fault, monkeypatch):
+    """The comparison above is not vacuous: each catalogued Gemma-layer bug breaks it."""
+    monkeypatch.setitem(globals(), "NONE", Faults.parse([fault]))
+    with pytest.raises(AssertionError, match="cos"):
+        test_gemma_decoder_layer_with_padding_mask_and_gqa()
