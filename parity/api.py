@@ -13,6 +13,7 @@ from .dump import DumpError, DumpWriter, read_dump
 from .probe import tap_filter
 from .records import Capture
 from .report import Report
+from .weights_report import WeightsReport
 
 
 class InputError(Exception):
@@ -121,3 +122,27 @@ def diff_live(ref: str, cand: str, options: BackendOptions, faults: tuple[str, .
     ref_cap = capture_live(ref, replace(options, faults=()), taps)
     cand_cap = capture_live(cand, replace(options, faults=tuple(faults)), taps)
     return compare_captures(ref_cap, cand_cap, thresholds)
+
+
+def weights_live(ref: str, cand: str, options: BackendOptions, faults: tuple[str, ...] = (),
+                 thresholds: Thresholds | None = None, quantized_min_cos: float | None = None) -> WeightsReport:
+    """Build both backends from the same options (the same `--weights` file or seed),
+    inject `faults` into the candidate only, and compare the parameters each computes with."""
+    from dataclasses import replace
+
+    from .weights import DEFAULT_QUANTIZED_MIN_COS, compare_weights, model_parameters
+
+    sides = []
+    for spec, side_faults in ((ref, ()), (cand, tuple(faults))):
+        backend = _build(spec, replace(options, faults=side_faults))
+        try:
+            params = backend.parameters() if backend.parameters is not None else model_parameters(backend.model)
+        except ValueError as exc:
+            raise InputError(f"backend {spec!r}: {exc}") from None
+        sides.append((params, backend.meta))
+    (ref_params, ref_meta), (cand_params, cand_meta) = sides
+    q = DEFAULT_QUANTIZED_MIN_COS if quantized_min_cos is None else quantized_min_cos
+    try:
+        return compare_weights(ref_params, cand_params, thresholds, q, ref_meta, cand_meta)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None

@@ -23,21 +23,48 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class BackendOptions:
-    config: str = "tiny"
+    """What every backend of one comparison is built from.  A live diff gives the
+    reference and the candidate the same options (faults aside), so both see the same
+    weights, inputs and noise."""
+
+    config: str | None = None  # model size; None = the backend's default (or what `weights` holds)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str | None = None  # None = the backend's default
     faults: tuple[str, ...] = ()
     batch: int = 1
+    weights: str | None = None  # checkpoint path both sides load; None = seeded random weights
 
     def __post_init__(self) -> None:
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.weights is not None and not str(self.weights).strip():
+            raise ValueError("weights path is empty")
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """One parameter as a backend computes with it, materialised only when compared (a
+    full-size model's dequantised weights would not fit in memory all at once).
+
+    dtype: the precision the backend holds it in ("bfloat16", "float8_e4m3fn", ...).
+    quantized: the backend's declared quantisation scheme, if any: such a parameter is
+        lossy by design and judged by its cosine threshold, not as an accidental cast."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    load: Callable[[], Any]  # -> torch.Tensor or numpy array of the values computed with
+    quantized: str | None = None
 
 
 @dataclass
 class Backend:
-    """A model ready to run once on fixed inputs, with the probe that names its taps."""
+    """A model ready to run once on fixed inputs, with the probe that names its taps.
+
+    `parameters`, when given, says what the model really computes with, under canonical
+    names shared by the reference and its candidates (a quantised weight dequantised, a
+    norm weight as the scale it applies): `parity weights` compares those.  Without it,
+    `parity weights` falls back to the model's own `named_parameters()`."""
 
     name: str
     model: Any  # torch.nn.Module: the tree hooks are installed on
@@ -46,6 +73,7 @@ class Backend:
     layouts: Callable[[], dict[str, Layout]]
     meta: dict[str, Any] = field(default_factory=dict)
     inputs: Any = None  # the prepared inputs, for tools that drive the model directly (benchmarks)
+    parameters: Callable[[], dict[str, ParamView]] | None = None
 
 
 def registered() -> dict[str, Any]:

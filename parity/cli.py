@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump
+from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump, weights_live
 from .backends import BackendOptions
 from .diff import Thresholds
 
@@ -39,15 +39,19 @@ def _faults(inject: Optional[List[str]]) -> tuple[str, ...]:
     return tuple(n.strip() for item in inject or [] for n in item.split(",") if n.strip())
 
 
-def _options(config, seed, device, dtype, batch, faults=()) -> BackendOptions:
+def _options(config, seed, device, dtype, batch, faults=(), weights=None) -> BackendOptions:
     try:
-        return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch)
+        return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch,
+                              weights=None if weights is None else str(weights))
     except ValueError as exc:
         _fail_input(str(exc))
 
 
-ConfigOpt = typer.Option("tiny", "--config", help="Model size: tiny (CPU tests) or full (real pi0.5 sizes).")
-SeedOpt = typer.Option(0, "--seed", help="Seed for weights, inputs and flow-matching noise.")
+ConfigOpt = typer.Option(None, "--config", help="Model size: tiny (CPU tests) or full (real pi0.5 sizes). "
+                                                 "Default: tiny, or the sizes --weights holds.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for weights (unless --weights), inputs and flow-matching noise.")
+WeightsOpt = typer.Option(None, "--weights", help="Checkpoint every backend loads: a .safetensors file or a directory "
+                                                  "with model.safetensors [+ config.json] (openpi or lerobot layout).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda if available).")
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype (default: the backend's, bfloat16 for pi0.5).")
 BatchOpt = typer.Option(1, "--batch", help="Batch size of the synthetic observation.")
@@ -62,8 +66,8 @@ def diff_cmd(
     ref: Optional[str] = typer.Option(None, "--ref", help="Reference backend (live), e.g. pytorch."),
     cand: Optional[str] = typer.Option(None, "--cand", help="Candidate backend (live), e.g. flash_fp8."),
     inject: Optional[List[str]] = InjectOpt,
-    config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    batch: int = BatchOpt, taps: Optional[str] = TapsOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    batch: int = BatchOpt, taps: Optional[str] = TapsOpt, weights: Optional[Path] = WeightsOpt,
     min_cos: float = typer.Option(0.999, "--min-cos", help="Default minimum cosine similarity per tap."),
     threshold: Optional[List[str]] = typer.Option(None, "--threshold",
                                                   help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; "
@@ -77,6 +81,8 @@ def diff_cmd(
     Example (live):    parity diff --ref pytorch --cand flash_fp8 --inject nomask
 
     Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
+
+    Example (checkpoint): parity diff --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
     """
     from .render import render_report
 
@@ -91,23 +97,70 @@ def diff_cmd(
         if live:
             if ref is None or cand is None:
                 _fail_input("a live diff needs both --ref and --cand")
-            report = diff_live(ref, cand, _options(config, seed, device, dtype, batch), _faults(inject),
-                               thresholds, taps)
+            report = diff_live(ref, cand, _options(config, seed, device, dtype, batch, weights=weights),
+                               _faults(inject), thresholds, taps)
         else:
             if not dumps or len(dumps) != 2:
                 _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
             if inject:
                 _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
+            if weights is not None:
+                _fail_input("--weights applies to live backends; capture each dump with `parity capture --weights`")
             report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete)
     except InputError as exc:
         _fail_input(str(exc))
     _console().print(render_report(report, show_all=show_all))
-    if json_out is not None:
-        try:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(report.to_dict(), indent=2))
-        except OSError as exc:
-            _fail_input(f"cannot write {json_out}: {exc.strerror or exc}")
+    _write_json(json_out, report.to_dict())
+    raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
+
+
+ThresholdOpt = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; last "
+                                                      "match wins), e.g. 'expert.*.mlp=0.995'.")
+JsonOpt = typer.Option(None, "--json", help="Also write the machine-readable result here.")
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+    except OSError as exc:
+        _fail_input(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@app.command("weights")
+def weights_cmd(
+    ref: str = typer.Option(..., "--ref", help="Reference backend, e.g. pytorch."),
+    cand: str = typer.Option(..., "--cand", help="Candidate backend, e.g. flash_fp8."),
+    weights: Optional[Path] = WeightsOpt, inject: Optional[List[str]] = InjectOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    min_cos: float = typer.Option(0.99999, "--min-cos", help="Default minimum cosine similarity per parameter."),
+    quantized_min_cos: float = typer.Option(0.999, "--quantized-min-cos",
+                                            help="Minimum cosine of a parameter the backend declares quantised "
+                                                 "(e.g. FP8), unless a --threshold pattern matches."),
+    threshold: Optional[List[str]] = ThresholdOpt, json_out: Optional[Path] = JsonOpt,
+    show_all: bool = typer.Option(False, "--all", help="Also list every parameter with its metrics."),
+) -> None:
+    """Compare, parameter by parameter, what each backend computes with (FP8 dequantised,
+    norm weights as the scale they apply): cosine, max abs, relative error, and shape,
+    dtype, transposition and norm-offset findings.
+
+    Example: parity weights --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
+    """
+    from .render_weights import render_weights
+
+    try:
+        thresholds = Thresholds.parse(min_cos, threshold or [])
+    except ValueError as exc:
+        _fail_input(str(exc))
+    try:
+        report = weights_live(ref, cand, _options(config, seed, device, dtype, 1, weights=weights), _faults(inject),
+                              thresholds, quantized_min_cos)
+    except InputError as exc:
+        _fail_input(str(exc))
+    _console().print(render_weights(report, show_all=show_all))
+    _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
 
 
@@ -116,8 +169,8 @@ def capture_cmd(
     backend: str = typer.Option(..., "--backend", help="Backend to run, e.g. pytorch, flash, flash_fp8."),
     output: Path = typer.Option(None, "-o", "--output", help="Dump path (default reports/<backend>.h5)."),
     inject: Optional[List[str]] = InjectOpt,
-    config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    batch: int = BatchOpt, taps: Optional[str] = TapsOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    batch: int = BatchOpt, taps: Optional[str] = TapsOpt, weights: Optional[Path] = WeightsOpt,
     compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default: none)."),
 ) -> None:
     """Run one backend with taps installed and write every tap to an HDF5 dump.
@@ -126,7 +179,7 @@ def capture_cmd(
     """
     output = output or Path("reports") / f"{backend.replace(':', '_').replace('/', '_')}.h5"
     try:
-        options = _options(config, seed, device, dtype, batch, _faults(inject))
+        options = _options(config, seed, device, dtype, batch, _faults(inject), weights)
         summary = capture_to_dump(backend, options, output, taps, compression)
     except InputError as exc:
         _fail_input(str(exc))

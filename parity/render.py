@@ -118,16 +118,23 @@ def _upstream_matches(report: Report, first: TapResult, limit: int = 3) -> str:
 
 
 def header(report: Report) -> Text:
+    return run_header(report.ref_meta, report.cand_meta)
+
+
+def run_header(r: dict, c: dict) -> Text:
+    """Which two runs were compared: backend, faults, device, dtype, config, weights."""
     def side(meta: dict) -> str:
         faults = meta.get("faults") or []
         extra = f" [inject {','.join(faults)}]" if faults else ""
         return f"{meta.get('backend', '?')}{extra} ({meta.get('device', '?')}, {meta.get('dtype', '?')})"
 
-    r, c = report.ref_meta, report.cand_meta
     text = Text(f"ref {side(r)}  vs  cand {side(c)}", style="bold")
     if r.get("config") is not None:
         text.append(f"\nconfig {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}",
                     style="dim")
+    weights = r.get("weights")
+    if isinstance(weights, dict):
+        text.append(f"\nweights {weights.get('path', '?')} ({weights.get('layout', '?')} layout)", style="dim")
     return text
 
 

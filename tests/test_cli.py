@@ -118,7 +118,7 @@ def test_dumps_of_different_inputs_are_refused(tmp_path):
 def test_every_command_has_help_with_an_example():
     code, out = run("--help")
     assert code == 0
-    commands = {"diff", "capture", "inspect", "backends"}
+    commands = {"diff", "capture", "inspect", "backends", "weights"}
     for name in commands:
         assert name in out
         code, text = run(name, "--help")

@@ -1,6 +1,7 @@
 """The bundled pi0.5 backends: `pytorch` (the reference), `flash`, `flash_fp8`.
 
-They share one model class and differ only by `Variant`; any of them accepts faults.
+They share one model class and differ only by `Variant`; any of them accepts faults and
+`--weights` (a checkpoint every backend of a comparison loads the same way).
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torch
 
 from parity.backends import Backend, BackendOptions
 
+from .checkpoint import Checkpoint
 from .config import get_config
 from .faults import CATALOGUE, Faults
 from .inputs import fingerprint, make_noise, make_observation
 from .model import Pi05Policy, Variant
+from .params import effective_parameters
 from .probe import PROBE, layouts
 
 VARIANTS = {
@@ -39,13 +42,19 @@ def _device(name: str) -> torch.device:
 def build(variant_name: str, opts: BackendOptions, variant: Variant | None = None) -> Backend:
     """Build a bundled backend; `variant` overrides the name's (benchmarks of ablations)."""
     variant = variant or VARIANTS[variant_name][0]
-    cfg = get_config(opts.config)
     faults = Faults.parse(opts.faults)
     device = _device(opts.device)
     dtype_name = opts.dtype or "bfloat16"
     if dtype_name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
-    model = Pi05Policy.build(cfg, opts.seed, variant, faults, DTYPES[dtype_name], device)
+    weights = None
+    if opts.weights is None:
+        cfg = get_config(opts.config or "tiny")
+    else:
+        weights = Checkpoint.open(opts.weights)
+        cfg = weights.config_for(opts.config)
+        weights.check(cfg)
+    model = Pi05Policy.build(cfg, opts.seed, variant, faults, DTYPES[dtype_name], device, weights)
     obs = make_observation(cfg, opts.seed, opts.batch)
     noise = make_noise(cfg, opts.seed, opts.batch)
     meta = {
@@ -63,6 +72,7 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
                       if model.graphed is not None else "eager")
         + ("; whole layers torch.compile'd, leaves only (norms, MLPs, RoPE) while taps are installed"
            if variant.compiled and device.type == "cuda" else ""),
+        "weights": None if weights is None else weights.describe(),
     }
     obs, noise = obs.to(device), noise.to(device)
     if model.graphed is not None:  # compile and capture now, outside any parity capture
@@ -76,6 +86,7 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         layouts=lambda: layouts(model, obs),
         meta=meta,
         inputs=(obs, noise),
+        parameters=lambda: effective_parameters(model),
     )
 
 

@@ -48,7 +48,9 @@ class MaskedCore:
         group = Hq // k.shape[2]
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
-        logits = torch.einsum("bthd,bshd->bhts", q * scale, k).float()
+        # logits in the model dtype, scaled after the product as HF/openpi PyTorch do (for
+        # SigLIP's head_dim 72 the scale is not a power of two, so the order rounds differently)
+        logits = (torch.einsum("bthd,bshd->bhts", q, k) * scale).float()  # [B, H, T, S]
         if not (self.ignore_mask or ctx.dense) and (ctx.q_valid is not None or ctx.k_valid is not None):
             qv = ctx.q_valid if ctx.q_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
             kv = ctx.k_valid if ctx.k_valid is not None else torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from .faults import Faults
 from .graph import CudaGraphSampler, compile_layers, compile_leaves
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
                      PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights, rope_tables)
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -152,12 +156,23 @@ def _no_mark(stage: str) -> None:
     pass
 
 
+def _cast_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Linear and embedding weights to the model dtype, except those kept in fp32."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
+            m.to(dtype)
+
+
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period=4e-3, max_period=4.0) -> torch.Tensor:
-    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period; fp32."""
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float32, device=t.device)
+    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period.
+
+    Computed in float64 and rounded once to float32, as openpi's PyTorch port does: in
+    float32 (JAX's choice) the angles reach 2 pi / 4e-3 ~ 1571 rad and the embedding is
+    off by a relative 2.4e-5 at t = 1."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** fraction
-    angle = (2 * math.pi / period)[None, :] * t.float()[:, None]  # [B, dim/2]
-    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+    angle = (2 * math.pi / period)[None, :] * t.double()[:, None]  # [B, dim/2] float64
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
 
 
 class Pi05Policy(nn.Module):
@@ -187,14 +202,21 @@ class Pi05Policy(nn.Module):
     # ---- building ---------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Pi05Config, seed: int, variant: Variant, faults: Faults, dtype: torch.dtype,
-              device: torch.device) -> "Pi05Policy":
-        with torch.device("meta"):  # no memory, no default init: the seed fills every parameter
+              device: torch.device, weights: "Checkpoint | None" = None) -> "Pi05Policy":
+        """Seeded random weights, or every weight from a checkpoint (checked already):
+        the model is allocated empty (no memory, no default init) and every parameter is
+        filled from the seed or the file, so no other value can survive.  FP8 MLPs
+        quantise whatever dense weights the model holds at this point."""
+        with torch.device("meta"):
             model = cls(cfg, variant, faults)
-        model.to_empty(device=device)
-        init_weights(model, seed)
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
-                m.to(dtype)
+        if weights is None:
+            model.to_empty(device=device)
+            init_weights(model, seed)
+            _cast_linears(model, dtype)
+        else:
+            _cast_linears(model, dtype)
+            model.to_empty(device=device)
+            weights.load_into(model)  # file values cast to each parameter's dtype
         if variant.fp8_mlp:
             for stack in (model.prefix, model.expert):
                 for layer in stack.layers:
