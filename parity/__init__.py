@@ -6,10 +6,10 @@ is a thin shell over them, `parity.testing` / the pytest plugin turn a Report in
 assertion.  Importing parity never
 imports torch: only live capture does.
 """
-from .api import InputError, capture_live, capture_to_dump, compare, diff_dumps, diff_live
+from .api import InputError, capture_live, capture_to_dump, compare, diff_dumps, diff_live, weights_live
 from .diff import Thresholds
 from .report import Report, TapResult
 
 __version__ = "0.1.0"
 __all__ = ["InputError", "Report", "TapResult", "Thresholds", "capture_live", "capture_to_dump", "compare",
-           "diff_dumps", "diff_live", "__version__"]
+           "diff_dumps", "diff_live", "weights_live", "__version__"]

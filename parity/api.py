@@ -14,6 +14,7 @@ from .dump import DumpError, DumpWriter, read_dump
 from .probe import tap_filter
 from .records import Capture
 from .report import Report
+from .weights_report import WeightsReport
 
 
 class InputError(Exception):
@@ -77,20 +78,26 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
 
 class _Counting:
     """Passes taps to a sink and remembers how many went through and whether it raised;
-    reports each tap to `progress`, if given."""
+    reports progress, if asked: each tap as the model produces it (`tap_recorded`, called
+    by the Recorder during the run), then each as it is stored (`add_tap`, after the run)."""
 
     def __init__(self, sink, progress: ProgressFn | None = None, what: str = "capture"):
-        self.sink, self.count, self.error = sink, 0, None
+        self.sink, self.count, self.recorded, self.error = sink, 0, 0, None
         self.progress, self.what = progress, what
 
     def add_layout(self, name, layout):
         self.sink.add_layout(name, layout)
 
+    def tap_recorded(self, info):
+        self.recorded += 1
+        if self.progress is not None:
+            self.progress(self.what, self.recorded, None)
+
     def add_tap(self, tap):
         self.count += 1
         self.sink.add_tap(tap)
         if self.progress is not None:
-            self.progress(self.what, self.count, None)
+            self.progress(f"{self.what} (store)", self.count, self.recorded or None)
 
     def set_error(self, error):
         self.error = error
@@ -167,22 +174,48 @@ def make_thresholds(min_cos: float = 0.999,
 def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed: int = 0, batch: int = 1,
             device: str = "auto", dtype: str | None = None, padding: str | None = None, seq_len: int | None = None,
             min_cos: float = 0.999, thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None,
-            taps: str | None = None, faults: Iterable[str] = (), config: str = "tiny",
-            progress: ProgressFn | None = None) -> Report:
+            taps: str | None = None, faults: Iterable[str] = (), config: str | None = None,
+            weights: str | None = None, progress: ProgressFn | None = None) -> Report:
     """Run a reference and a candidate on the same inputs and compare them tap by tap.
 
     `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
     `"pkg.mod:factory"`) or ready `Backend` objects.  `inputs` is a token-id file
     (.json/.npy), token rows, or a dict with input_ids/attention_mask; None draws them
-    from `seed`.  The returned Report is truthy when every tap passed; its
-    `first_divergence` names the earliest failing tap.  Bad requests raise InputError.
+    from `seed`.  `config` and `weights` (a checkpoint path) are for backends that build
+    their own model, like the bundled pi0.5 ones; None = the backend's default.  The
+    returned Report is truthy when every tap passed; its `first_divergence` names the
+    earliest failing tap.  Bad requests raise InputError.
 
         report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
         assert report, report.first_divergence
     """
     try:
         options = BackendOptions(config=config, seed=seed, device=device, dtype=dtype, batch=batch,
-                                 inputs=inputs, padding=padding, seq_len=seq_len)
+                                 weights=weights, inputs=inputs, padding=padding, seq_len=seq_len)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress)
+
+
+def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
+                 thresholds: Thresholds | None = None, quantized_min_cos: float | None = None) -> WeightsReport:
+    """Build both backends from the same options (the same `--weights` file or seed),
+    inject `faults` into the candidate only, and compare the parameters each computes with."""
+    from dataclasses import replace
+
+    from .weights import DEFAULT_QUANTIZED_MIN_COS, compare_weights, model_parameters
+
+    sides = []
+    for spec, side_faults in ((ref, ()), (cand, tuple(faults))):
+        backend = _build(spec, replace(options, faults=side_faults))
+        try:
+            params = backend.parameters() if backend.parameters is not None else model_parameters(backend.model)
+        except ValueError as exc:
+            raise InputError(f"backend {spec!r}: {exc}") from None
+        sides.append((params, backend.meta))
+    (ref_params, ref_meta), (cand_params, cand_meta) = sides
+    q = DEFAULT_QUANTIZED_MIN_COS if quantized_min_cos is None else quantized_min_cos
+    try:
+        return compare_weights(ref_params, cand_params, thresholds, q, ref_meta, cand_meta)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None

@@ -25,14 +25,25 @@ class BackendError(Exception):
     """A backend cannot be resolved or built (unknown name, bad option, bad fault)."""
 
 
+class DetailedError(ValueError):
+    """A factory's input error laid out for the terminal: a title line, then detail lines
+    (e.g. one per problem of a checkpoint).  `resolve` keeps such a message whole; any
+    other exception is cut to its first line (third-party messages can run for pages)."""
+
+
 @dataclass(frozen=True)
 class BackendOptions:
-    config: str = "tiny"
+    """What every backend of one comparison is built from.  A live diff gives the
+    reference and the candidate the same options (faults aside), so both see the same
+    weights, inputs and noise."""
+
+    config: str | None = None  # model size; None = the backend's default (or what `weights` holds)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str | None = None  # None = the backend's default
     faults: tuple[str, ...] = ()
     batch: int = 1
+    weights: str | None = None  # checkpoint path both sides load; None = seeded random weights
     # Model inputs, for backends that take them (e.g. `hf`): a file path (.json/.npy) or
     # an in-memory value (token id rows, a dict with input_ids/attention_mask); None =
     # generated from the seed.  Backends that build their own inputs refuse them.
@@ -43,6 +54,8 @@ class BackendOptions:
     def __post_init__(self) -> None:
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.weights is not None and not str(self.weights).strip():
+            raise ValueError("weights path is empty")
         if self.padding not in (None, "left", "right"):
             raise ValueError(f"padding must be left or right, not {self.padding!r}")
         if self.seq_len is not None and self.seq_len < 1:
@@ -54,9 +67,29 @@ class BackendOptions:
         return self.inputs is not None or self.padding is not None or self.seq_len is not None
 
 
+@dataclass(frozen=True)
+class ParamView:
+    """One parameter as a backend computes with it, materialised only when compared (a
+    full-size model's dequantised weights would not fit in memory all at once).
+
+    dtype: the precision the backend holds it in ("bfloat16", "float8_e4m3fn", ...).
+    quantized: the backend's declared quantisation scheme, if any: such a parameter is
+        lossy by design and judged by its cosine threshold, not as an accidental cast."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    load: Callable[[], Any]  # -> torch.Tensor or numpy array of the values computed with
+    quantized: str | None = None
+
+
 @dataclass
 class Backend:
-    """A model ready to run once on fixed inputs, with the probe that names its taps."""
+    """A model ready to run once on fixed inputs, with the probe that names its taps.
+
+    `parameters`, when given, says what the model really computes with, under canonical
+    names shared by the reference and its candidates (a quantised weight dequantised, a
+    norm weight as the scale it applies): `parity weights` compares those.  Without it,
+    `parity weights` falls back to the model's own `named_parameters()`."""
 
     name: str
     model: Any  # torch.nn.Module: the tree hooks are installed on
@@ -64,6 +97,8 @@ class Backend:
     run: Callable[[], Any]  # one full inference on the prepared inputs (noise included)
     layouts: Callable[[], dict[str, Layout]]
     meta: dict[str, Any] = field(default_factory=dict)
+    inputs: Any = None  # the prepared inputs, for tools that drive the model directly (benchmarks)
+    parameters: Callable[[], dict[str, ParamView]] | None = None
 
 
 def registered() -> dict[str, Any]:
@@ -144,7 +179,8 @@ def resolve(spec: str, options: BackendOptions) -> Backend:
         backend = factory(options) if parsed.arg is None else factory(options, parsed.arg)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
-        first = next((line.strip() for line in msg.splitlines() if line.strip()), type(exc).__name__)
-        raise BackendError(f"backend {spec!r}: {first}") from None  # one line: the CLI's error contract
+        if not isinstance(exc, DetailedError):  # one line: the CLI's error contract
+            msg = next((line.strip() for line in msg.splitlines() if line.strip()), type(exc).__name__)
+        raise BackendError(f"backend {spec!r}: {msg or type(exc).__name__}") from None
     backend.meta.setdefault("backend", spec)
     return backend

@@ -1,7 +1,9 @@
 """Recording taps from a live model: hooks that exist only inside a `with` block.
 
-Each tap is cloned as it is produced (later in-place kernels cannot change what was
-recorded) and handed to a sink: an in-memory `Capture` or a streaming `DumpWriter`.
+Each tap is cloned on its own device as it is produced (later in-place kernels cannot
+change what was recorded; no host sync inside the forward, so taps can be recorded inside
+a CUDA graph) and handed to a sink after the run: an in-memory `Capture` or a streaming
+`DumpWriter`.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ _BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
 }
 
 
-def to_storage(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """A detached host copy of `t` in the dump's storage representation, and its dtype name."""
+def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]:
+    """A detached host copy of `t` in the dump's storage representation, and its dtype name.
+
+    `private`: `t` is already a copy nobody else holds, so a host tensor need not be copied again."""
     t = t.detach()
     name = str(t.dtype).removeprefix("torch.")
-    src_is_host = t.device.type == "cpu"
+    src_is_host = t.device.type == "cpu" and not private
     if t.dtype in _BIT_VIEWS:
         view, np_dtype = _BIT_VIEWS[t.dtype]
         arr = t.contiguous().view(view).cpu().numpy().view(np_dtype)
@@ -54,6 +58,11 @@ class Recorder:
         self.handles: list = []
         self.calls: dict[str, int] = {}
         self.running: list[tuple[torch.nn.Module, TapInfo, int]] = []  # (module, blamed tap, call index)
+        # (info, order, device-side copy, layout): handed to the sink as host storage by flush()
+        self.pending: list[tuple[TapInfo, int, torch.Tensor, str | None]] = []
+        # optional sink method, called as each tap is taken (progress displays): the sink
+        # itself gets the taps only at flush()
+        self.on_record = getattr(sink, "tap_recorded", None)
         self.order = 0
 
     def __enter__(self) -> "Recorder":
@@ -64,6 +73,7 @@ class Recorder:
                     continue
                 self.handles.append(module.register_forward_pre_hook(_eager(self._enter_hook(module_name, hits))))
                 self.handles.append(module.register_forward_hook(_eager(self._exit_hook(hits))))
+            self._notify(True)
         except BaseException:
             self.remove()
             raise
@@ -76,6 +86,22 @@ class Recorder:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.pending.clear()
+        self._notify(False)
+
+    def _notify(self, active: bool) -> None:
+        """Models that cache captured execution (CUDA graphs, compiled code) may define
+        `parity_instrumented(active)` to re-capture with the taps in place."""
+        hook = getattr(self.model, "parity_instrumented", None)
+        if callable(hook):
+            hook(active)
+
+    def flush(self) -> None:
+        """Hand every recorded tap to the sink as host storage, in execution order."""
+        for info, order, value, layout in self.pending:
+            array, dtype = to_storage(value, private=True)
+            self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
+        self.pending.clear()
 
     @staticmethod
     def _info(hit: ProbeHit, calls: int) -> TapInfo:
@@ -127,9 +153,12 @@ class Recorder:
                 raise ProbeError(f"tap {info.key}: last dimension {value.shape[-1]} does not match its split "
                                  f"({total})")
             value = value[..., hit.chunk[0]:hit.chunk[1]]
-        array, dtype = to_storage(value)
-        self.sink.add_tap(Tap(info=info, order=self.order, array=array, dtype=dtype, layout=hit.rule.layout))
+        # A device-side copy now (later in-place kernels cannot touch it; inside a CUDA
+        # graph capture the copy is recorded into the graph), host copy at flush.
+        self.pending.append((info, self.order, value.detach().clone(), hit.rule.layout))
         self.order += 1
+        if self.on_record is not None:
+            self.on_record(info)
 
     def error_from(self, exc: BaseException) -> CaptureError:
         info = self.running[-1][1] if self.running else None
@@ -150,4 +179,6 @@ def capture(backend, sink=None, select: TapFilter | None = None):
             backend.run()
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
             sink.set_error(rec.error_from(exc))
+        finally:
+            rec.flush()  # every tap recorded before a stop reaches the sink
     return sink

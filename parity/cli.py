@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump
+from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump, weights_live
 from .backends import BackendOptions
 from .diff import Thresholds
 from .settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
@@ -59,9 +59,11 @@ def _faults(inject: Optional[List[str]]) -> tuple[str, ...]:
     return tuple(n.strip() for item in inject or [] for n in item.split(",") if n.strip())
 
 
-def _options(config, seed, device, dtype, batch, faults=(), inputs=None, padding=None, seq_len=None) -> BackendOptions:
+def _options(config, seed, device, dtype, batch, faults=(), weights=None, inputs=None, padding=None,
+             seq_len=None) -> BackendOptions:
     try:
         return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch,
+                              weights=None if weights is None else str(weights),
                               inputs=str(inputs) if inputs is not None else None, padding=padding, seq_len=seq_len)
     except ValueError as exc:
         _fail_input(str(exc))
@@ -75,8 +77,18 @@ def _write(path: Path, text: str) -> None:
         _fail_input(f"cannot write {path}: {exc.strerror or exc}")
 
 
-ConfigOpt = typer.Option("tiny", "--config", help="pi0.5 model size: tiny (CPU tests) or full (real pi0.5 sizes).")
-SeedOpt = typer.Option(0, "--seed", help="Seed for weights, inputs and flow-matching noise.")
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is not None:
+        _write(path, json.dumps(data, indent=2))
+
+
+ConfigOpt = typer.Option(None, "--config", help="pi0.5 model size: tiny (CPU tests) or full (real pi0.5 sizes). "
+                                                 "Default: tiny, or the sizes --weights holds.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for weights (unless --weights or an hf checkpoint), inputs and "
+                                         "flow-matching noise.")
+WeightsOpt = typer.Option(None, "--weights", help="pi0.5 checkpoint every backend loads: a .safetensors file or a "
+                                                  "directory with model.safetensors [+ config.json] (openpi or "
+                                                  "lerobot layout). hf backends load theirs from hf:PATH.")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda if available).")
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype (default: the backend's, bfloat16 for pi0.5, the "
                                               "checkpoint's for hf).")
@@ -100,9 +112,9 @@ def diff_cmd(
     cand: Optional[str] = typer.Option(None, "--cand", help="Candidate backend (live), e.g. flash_fp8 or "
                                                             "'hf:./model@attn=sdpa,dtype=bfloat16'."),
     inject: Optional[List[str]] = InjectOpt,
-    config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
     batch: int = BatchOpt, inputs: Optional[Path] = InputOpt, padding: Optional[str] = PaddingOpt,
-    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt,
+    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt, weights: Optional[Path] = WeightsOpt,
     min_cos: Optional[float] = typer.Option(None, "--min-cos", help="Default minimum cosine similarity per tap "
                                                                     "(default: [tool.parity] min_cos, else 0.999)."),
     threshold: Optional[List[str]] = typer.Option(None, "--threshold",
@@ -121,6 +133,8 @@ def diff_cmd(
     Example (hf):      parity diff --ref 'hf:./m@attn=eager' --cand 'hf:./m@attn=sdpa' --batch 4 --padding left
 
     Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
+
+    Example (checkpoint): parity diff --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
     """
     from .render import render_report
 
@@ -139,20 +153,61 @@ def diff_cmd(
             if live:
                 if ref is None or cand is None:
                     _fail_input("a live diff needs both --ref and --cand")
-                options = _options(config, seed, device, dtype, batch, inputs=inputs, padding=padding,
-                                   seq_len=seq_len)
+                options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
+                                   padding=padding, seq_len=seq_len)
                 report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress)
             else:
                 if not dumps or len(dumps) != 2:
                     _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
                 if inject:
                     _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
+                if weights is not None:
+                    _fail_input("--weights applies to live backends; capture each dump with `parity capture --weights`")
                 report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress)
     except InputError as exc:
         _fail_input(str(exc))
     _console().print(render_report(report, show_all=show_all))
-    if json_out is not None:
-        _write(json_out, json.dumps(report.to_dict(), indent=2))
+    _write_json(json_out, report.to_dict())
+    raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
+
+
+ThresholdOpt = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; last "
+                                                      "match wins), e.g. 'expert.*.mlp=0.995'.")
+JsonOpt = typer.Option(None, "--json", help="Also write the machine-readable result here.")
+
+
+@app.command("weights")
+def weights_cmd(
+    ref: str = typer.Option(..., "--ref", help="Reference backend, e.g. pytorch."),
+    cand: str = typer.Option(..., "--cand", help="Candidate backend, e.g. flash_fp8."),
+    weights: Optional[Path] = WeightsOpt, inject: Optional[List[str]] = InjectOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    min_cos: float = typer.Option(0.99999, "--min-cos", help="Default minimum cosine similarity per parameter."),
+    quantized_min_cos: float = typer.Option(0.999, "--quantized-min-cos",
+                                            help="Minimum cosine of a parameter the backend declares quantised "
+                                                 "(e.g. FP8), unless a --threshold pattern matches."),
+    threshold: Optional[List[str]] = ThresholdOpt, json_out: Optional[Path] = JsonOpt,
+    show_all: bool = typer.Option(False, "--all", help="Also list every parameter with its metrics."),
+) -> None:
+    """Compare, parameter by parameter, what each backend computes with (FP8 dequantised,
+    norm weights as the scale they apply): cosine, max abs, relative error, and shape,
+    dtype, transposition and norm-offset findings.
+
+    Example: parity weights --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
+    """
+    from .render_weights import render_weights
+
+    try:
+        thresholds = Thresholds.parse(min_cos, threshold or [])
+    except ValueError as exc:
+        _fail_input(str(exc))
+    try:
+        report = weights_live(ref, cand, _options(config, seed, device, dtype, 1, weights=weights), _faults(inject),
+                              thresholds, quantized_min_cos)
+    except InputError as exc:
+        _fail_input(str(exc))
+    _console().print(render_weights(report, show_all=show_all))
+    _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
 
 
@@ -161,9 +216,9 @@ def capture_cmd(
     backend: str = typer.Option(..., "--backend", help="Backend to run, e.g. pytorch, flash_fp8, 'hf:./model'."),
     output: Path = typer.Option(None, "-o", "--output", help="Dump path (default <output_dir>/<backend>.h5)."),
     inject: Optional[List[str]] = InjectOpt,
-    config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
     batch: int = BatchOpt, inputs: Optional[Path] = InputOpt, padding: Optional[str] = PaddingOpt,
-    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt,
+    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt, weights: Optional[Path] = WeightsOpt,
     compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default: none)."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -175,7 +230,7 @@ def capture_cmd(
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
     output = output or settings.output_dir / f"{safe}.h5"
     try:
-        options = _options(config, seed, device, dtype, batch, _faults(inject), inputs, padding, seq_len)
+        options = _options(config, seed, device, dtype, batch, _faults(inject), weights, inputs, padding, seq_len)
         with _progress(quiet) as progress:
             summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress)
     except InputError as exc:

@@ -29,6 +29,9 @@ STORAGE_DTYPES: Mapping[str, np.dtype] = MappingProxyType(
         "int16": np.dtype(np.int16),
         "int8": np.dtype(np.int8),
         "uint8": np.dtype(np.uint8),
+        "uint16": np.dtype(np.uint16),
+        "uint32": np.dtype(np.uint32),
+        "uint64": np.dtype(np.uint64),
         "bool": np.dtype(np.bool_),
     }
 )

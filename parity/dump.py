@@ -17,16 +17,25 @@ Notes on the format:
   the `order` attribute holds Tap.order as the capture assigned it.
 - bfloat16 / float8 tensors are stored as their raw bits (uint16 / uint8), see codec.py,
   so a dump is bit-exact.
-- Strings are variable-length UTF-8.  meta is JSON, so tuples come back as lists and
-  non-string dict keys as strings.
+- String attributes are fixed-length UTF-8 (kept in the checksummed object headers;
+  variable-length strings would sit in HDF5's unchecksummed global heap, where a flipped
+  byte can hang the HDF5 reader); readers also accept variable-length strings.  Strings
+  may not contain NUL.  meta is JSON, so tuples come back as lists and non-string dict
+  keys as strings.
+- Tap keys are unique.  A tap's `layout` names a /layouts entry; an unknown layout name,
+  or a tensor whose shape does not fit its layout, is stored as is (the diff reports it
+  per tap).  Likewise a dtype name the codec does not know is stored with the array's
+  own numpy dtype (bool/int/uint/float/complex); known dtype names must be in their
+  codec storage dtype.
 - `complete` is written False when the file is created and True only as the very last
   write of a successful capture; tap_count is written at close.  A writer flushes after
   every tap, so a killed capture leaves a readable file with every tap written so far.
 - The file is written as `<path>.partial` (created exclusively, so two captures cannot
   write the same dump) and renamed to `<path>` at close.  A `.partial` file is always
   read as incomplete.
-- HDF5 file format of HDF5 1.8 (libver v108): metadata is checksummed, large attributes
-  are allowed, and a file whose writer was killed can still be opened.
+- HDF5 file format of HDF5 1.8 (libver v108): object headers are checksummed, large
+  attributes are allowed, and a file whose writer was killed can still be opened (the
+  1.10 format marks such files "already open for write" and refuses them).
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from parity.codec import STORAGE_DTYPES, check_storage, storage_dtype
+from parity.codec import STORAGE_DTYPES, check_storage
 from parity.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
 
 FORMAT_NAME = "parity-dump"
@@ -50,6 +59,8 @@ _LIBVER = ("v108", "v108")
 _COMPRESSIONS = (None, "gzip", "lzf")
 # h5py reports some failed writes (a failed flush) as RuntimeError rather than OSError.
 _IO_ERRORS = (OSError, RuntimeError)
+# numpy kinds a tap of a dtype unknown to the codec may be stored as (bool/int/uint/float/complex).
+_RAW_KINDS = "biufc"
 
 
 class DumpError(Exception):
@@ -105,9 +116,34 @@ def _info_attrs(info: TapInfo) -> dict[str, Any]:
     }
 
 
-def _layout_fits(shape: tuple[int, ...], layout: Layout) -> bool:
-    """Tensors using a layout are [rows, slots, *features] with [rows, slots] = slots.shape."""
-    return len(shape) >= 2 and tuple(shape[:2]) == tuple(layout.slots.shape)
+def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
+    """Write attributes; strings as fixed-length UTF-8.
+
+    Fixed-length strings live inside the (checksummed) object header.  h5py's default,
+    variable-length strings, live in HDF5's global heap, which has no checksum: a
+    corrupted heap can send HDF5 into an endless loop when the file is read.
+    """
+    for name, value in attrs.items():
+        if isinstance(value, str):
+            raw = value.encode("utf-8")
+            obj.attrs.create(name, np.array(raw, dtype=h5py.string_dtype("utf-8", max(1, len(raw)))))
+        else:
+            obj.attrs[name] = value
+
+
+def _check_array(array: Any, dtype: str) -> None:
+    """ValueError unless the array can be stored under this dtype name.
+
+    A known dtype must be in its codec storage dtype.  An unknown dtype name (a torch
+    dtype the codec cannot decode, e.g. complex64) is stored as is, if numeric: the diff
+    then reports that tap as undecodable instead of the capture failing.
+    """
+    _check_text(dtype, "dtype", allow_empty=False)
+    if dtype in STORAGE_DTYPES:
+        check_storage(array, dtype)
+    elif not isinstance(array, np.ndarray) or array.dtype.kind not in _RAW_KINDS or not array.dtype.isnative:
+        raise ValueError(f"cannot store an array of numpy dtype {getattr(array, 'dtype', type(array))} "
+                         f"(unknown dtype {dtype!r})")
 
 
 class _DiscardableFile(io.RawIOBase):
@@ -211,11 +247,10 @@ class DumpWriter:
             # HDF5 writes through our file object (h5py's "fileobj" driver) so that after
             # an I/O error the dump can be discarded cleanly; see _DiscardableFile.
             self._file = h5py.File(self._raw, "w", libver=_LIBVER)
-            attrs = self._file.attrs
-            attrs["format"] = FORMAT_NAME
-            attrs["format_version"] = FORMAT_VERSION
-            attrs["complete"] = False
-            attrs["meta"] = meta_json
+            _set_attrs(
+                self._file,
+                {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False, "meta": meta_json},
+            )
             self._file.create_group("layouts")
             self._file.create_group("taps")
             self._file.flush()
@@ -261,12 +296,14 @@ class DumpWriter:
             raise ValueError(f"expected a Layout, got {type(layout).__name__}")
         if layout.slots.dtype.kind not in "iu":
             raise ValueError(f"layout {name!r} slots must be integers, got {layout.slots.dtype}")
+        if layout.slots.size and layout.slots.min() < -1:
+            raise ValueError(f"layout {name!r} has slot {layout.slots.min()}; slots are >= 0 or -1 (don't care)")
         regions = [[_check_text(r.name, "region name"), int(r.start), int(r.stop)] for r in layout.regions]
+        if any(stop > layout.length for _, _, stop in regions):
+            raise ValueError(f"layout {name!r} has a region beyond its length {layout.length}")
         try:
             group = f["layouts"].create_group(str(len(self._layouts)))
-            group.attrs["name"] = name
-            group.attrs["length"] = int(layout.length)
-            group.attrs["regions"] = json.dumps(regions)
+            _set_attrs(group, {"name": name, "length": int(layout.length), "regions": json.dumps(regions)})
             group.create_dataset("slots", data=np.asarray(layout.slots, dtype=np.int64))
             f.flush()
         except _IO_ERRORS as e:
@@ -283,35 +320,35 @@ class DumpWriter:
         if key in self._keys:
             raise ValueError(f"duplicate tap key {key!r}: give repeated taps distinct steps")
         order = _check_index(tap.order, "order", none_ok=False)
-        check_storage(tap.array, tap.dtype)
+        _check_array(tap.array, tap.dtype)
         if tap.layout is not None:
+            # An unknown layout or a tensor that does not fit its layout is recorded as
+            # is: it is a finding about the candidate, reported per tap by the diff.
             _check_text(tap.layout, "tap layout", allow_empty=False)
-            if tap.layout not in self._layouts:
-                raise ValueError(f"tap {key!r} uses layout {tap.layout!r}, which was not added first")
-            if not _layout_fits(tap.shape, self._layouts[tap.layout]):
-                raise ValueError(
-                    f"tap {key!r} of shape {tap.shape} does not fit layout {tap.layout!r} "
-                    f"with slots {self._layouts[tap.layout].slots.shape}"
-                )
         array = tap.array
         # Scalars and empty arrays cannot be chunked (nor, therefore, filtered).
         chunked = array.ndim > 0 and array.size > 0
+        member = f"{self._tap_count:06d}"
         try:
             ds = f["taps"].create_dataset(
-                f"{self._tap_count:06d}",
+                member,
                 data=array,
                 chunks=True if chunked else None,
                 compression=self._compression if chunked else None,
             )
-            ds.attrs["key"] = key
-            for k, v in attrs.items():
-                ds.attrs[k] = v
-            ds.attrs["order"] = order
-            ds.attrs["dtype"] = tap.dtype
-            ds.attrs["layout"] = tap.layout or ""
+            _set_attrs(ds, {"key": key, **attrs, "order": order, "dtype": tap.dtype, "layout": tap.layout or ""})
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
+        except BaseException:
+            # Interrupted half-way (Ctrl-C): drop the half-written tap so the file stays
+            # consistent for the close(complete=False) that follows.
+            try:
+                if member in f["taps"]:
+                    del f["taps"][member]
+            except Exception:  # best effort; the reader also skips a broken last tap
+                pass
+            raise
         self._keys.add(key)
         self._tap_count += 1
 
@@ -331,8 +368,7 @@ class DumpWriter:
             if "error" in f:
                 del f["error"]
             group = f.create_group("error")
-            for k, v in attrs.items():
-                group.attrs[k] = v
+            _set_attrs(group, attrs)
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
@@ -345,9 +381,9 @@ class DumpWriter:
         if self._done or self._file is None:
             return
         try:
-            self._file.attrs["tap_count"] = self._tap_count
+            _set_attrs(self._file, {"tap_count": self._tap_count})
             self._file.flush()
-            self._file.attrs["complete"] = bool(complete)
+            _set_attrs(self._file, {"complete": bool(complete)})
             self._file.flush()
             self._file.close()
             self._file = None
@@ -407,6 +443,11 @@ def _attr(obj: Any, name: str) -> Any:
 
 def _str_attr(obj: Any, name: str) -> str:
     value = _attr(obj, name)
+    if isinstance(value, bytes):  # fixed-length strings read back as bytes
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"attribute {name!r} of {obj.name} is not valid UTF-8") from None
     if not isinstance(value, str):
         raise _Bad(f"attribute {name!r} of {obj.name} must be a string, got {type(value).__name__}")
     return value
@@ -461,7 +502,7 @@ def _numbered(group: Any, what: str) -> list[str]:
     return [numbers[i] for i in range(len(names))]
 
 
-def _read_layout(group: Any) -> tuple[str, Layout]:
+def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
     if not isinstance(group, h5py.Group):
         raise _Bad(f"{group.name} is not a group")
     name = _str_attr(group, "name")
@@ -488,6 +529,8 @@ def _read_layout(group: Any) -> tuple[str, Layout]:
         raise _Bad(f"layout {name!r} has no 'slots' dataset")
     if slots_ds.dtype != np.dtype(np.int64) or slots_ds.shape is None or len(slots_ds.shape) != 2:
         raise _Bad(f"slots of layout {name!r} must be 2-D int64, got {slots_ds.dtype} {slots_ds.shape}")
+    if slots_ds.size * 8 > file_size:
+        raise _Bad(f"slots of layout {name!r} declare shape {slots_ds.shape}, more data than the file holds")
     slots = np.asarray(slots_ds[()])
     if slots.size and slots.min() < -1:
         raise _Bad(f"slots of layout {name!r} hold {slots.min()} (below -1, out of range)")
@@ -539,6 +582,8 @@ class DumpReader:
     def _parse(self) -> None:
         f = self._file
         fmt = f.attrs.get("format")
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode("utf-8", "replace")
         if not isinstance(fmt, str) or fmt != FORMAT_NAME:
             raise _Bad(f"not a parity dump (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
         version = _int_attr(f, "format_version")
@@ -556,8 +601,9 @@ class DumpReader:
         if not isinstance(layouts_group, h5py.Group) or not isinstance(taps_group, h5py.Group):
             raise _Bad("missing /layouts or /taps group")
         self.layouts: dict[str, Layout] = {}
+        file_size = os.path.getsize(self.path)
         for member in _numbered(layouts_group, "layouts"):
-            name, layout = _read_layout(layouts_group[member])
+            name, layout = _read_layout(layouts_group[member], file_size)
             if name in self.layouts:
                 raise _Bad(f"layout name {name!r} appears twice")
             self.layouts[name] = layout
@@ -565,7 +611,6 @@ class DumpReader:
         self.headers: list[TapHeader] = []
         self._datasets: list[str] = []
         members = _numbered(taps_group, "taps")
-        file_size = os.path.getsize(self.path)
         for i, member in enumerate(members):
             try:
                 header = self._read_header(taps_group[member], file_size)
@@ -585,7 +630,7 @@ class DumpReader:
 
         if "tap_count" in f.attrs:
             count = _int_attr(f, "tap_count", minimum=0)
-            if count != len(members):
+            if count not in (len(members), len(self.headers)):
                 raise _Bad(f"holds {len(members)} taps but tap_count says {count} (truncated?)")
         elif _bool_attr(f, "complete"):
             raise _Bad("marked complete but lacks attribute 'tap_count'")
@@ -601,21 +646,20 @@ class DumpReader:
             raise _Bad(f"{ds.name}: key attribute {key!r} does not match name/step ({info.key!r})")
         order = _int_attr(ds, "order", minimum=0)
         dtype = _str_attr(ds, "dtype")
-        if dtype not in STORAGE_DTYPES:
-            raise _Bad(f"tap {key!r} has unknown dtype {dtype!r}")
-        if ds.dtype != STORAGE_DTYPES[dtype]:
-            raise _Bad(f"tap {key!r} is declared {dtype} (stored as {STORAGE_DTYPES[dtype]}) but holds {ds.dtype}")
+        if not dtype:
+            raise _Bad(f"tap {key!r} has an empty dtype")
+        if dtype in STORAGE_DTYPES:
+            if ds.dtype != STORAGE_DTYPES[dtype]:
+                raise _Bad(f"tap {key!r} is declared {dtype} (stored as {STORAGE_DTYPES[dtype]}) but holds {ds.dtype}")
+        elif ds.dtype.kind not in _RAW_KINDS or not ds.dtype.isnative:
+            raise _Bad(f"tap {key!r} of unknown dtype {dtype!r} holds unsupported numpy {ds.dtype}")
         if ds.shape is None:
             raise _Bad(f"tap {key!r} has no shape (null dataspace)")
         shape = tuple(int(s) for s in ds.shape)
         if ds.compression is None and int(np.prod(shape, dtype=object)) * ds.dtype.itemsize > file_size:
             raise _Bad(f"tap {key!r} declares shape {shape}, more data than the file holds")
+        # Like the writer, an unknown layout or a misfit shape is left to the diff.
         layout = _str_attr(ds, "layout") or None
-        if layout is not None:
-            if layout not in self.layouts:
-                raise _Bad(f"tap {key!r} uses unknown layout {layout!r}")
-            if not _layout_fits(shape, self.layouts[layout]):
-                raise _Bad(f"tap {key!r} of shape {shape} does not fit layout {layout!r}")
         return TapHeader(info=info, order=order, dtype=dtype, layout=layout, shape=shape)
 
     @staticmethod
@@ -658,11 +702,12 @@ class DumpReader:
         i = self._resolve(key_or_index)
         header = self.headers[i]
         try:
-            array = np.asarray(self._dataset(i)[()])
+            ds = self._dataset(i)
+            array = np.asarray(ds[()])
+            if array.dtype != ds.dtype or array.shape != header.shape:
+                raise _Bad(f"read back as {array.dtype} {array.shape}, expected {ds.dtype} {header.shape}")
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
-        if array.dtype != storage_dtype(header.dtype) or array.shape != header.shape:
-            raise DumpError(self.path, f"tap {header.key!r} read back as {array.dtype} {array.shape}")
         return array
 
     def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:

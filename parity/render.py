@@ -115,7 +115,12 @@ def banner(report: Report) -> Panel:
 
 
 def header(report: Report) -> Text:
-    r, c = report.ref_meta, report.cand_meta
+    return run_header(report.ref_meta, report.cand_meta)
+
+
+def run_header(r: dict, c: dict) -> Text:
+    """Which two runs were compared: backend, faults, device, dtype; then config (pi0.5)
+    or inputs (hf) and, for checkpoint runs, the weights both sides loaded."""
     text = Text(f"ref {side_label(r)}  vs  cand {side_label(c)}", style="bold")
     if r.get("config") is not None:
         text.append(f"\nconfig {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}",
@@ -124,6 +129,9 @@ def header(report: Report) -> Text:
         text.append(f"\ninputs {r.get('inputs')} (batch {r.get('batch')}, fingerprint "
                     f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}",
                     style="dim")
+    weights = r.get("weights")
+    if isinstance(weights, dict):
+        text.append(f"\nweights {weights.get('path', '?')} ({weights.get('layout', '?')} layout)", style="dim")
     return text
 
 

@@ -12,7 +12,7 @@ PASS = "pass"
 REPORT_FORMAT, REPORT_VERSION = "parity-report", 1
 
 
-def _num(x):
+def json_number(x):
     """JSON-safe number: NaN/Inf become None."""
     if x is None:
         return None
@@ -56,10 +56,10 @@ class TapResult:
             "layer": self.info.layer,
             "component": self.info.component,
             "step": self.info.step,
-            "cos": _num(m.cos) if m else None,
-            "max_abs": _num(m.max_abs) if m else None,
-            "mean_abs": _num(m.mean_abs) if m else None,
-            "rel_l2": _num(m.rel_l2) if m else None,
+            "cos": json_number(m.cos) if m else None,
+            "max_abs": json_number(m.max_abs) if m else None,
+            "mean_abs": json_number(m.mean_abs) if m else None,
+            "rel_l2": json_number(m.rel_l2) if m else None,
             "nan_ref": m.nan_ref if m else None,
             "nan_cand": m.nan_cand if m else None,
             "inf_ref": m.inf_ref if m else None,
@@ -91,8 +91,8 @@ class TapResult:
 
 
 def _metrics_dict(m: Metrics) -> dict[str, Any]:
-    return {"n": m.n, "cos": _num(m.cos), "max_abs": _num(m.max_abs), "mean_abs": _num(m.mean_abs),
-            "rel_l2": _num(m.rel_l2)}
+    return {"n": m.n, "cos": json_number(m.cos), "max_abs": json_number(m.max_abs),
+            "mean_abs": json_number(m.mean_abs), "rel_l2": json_number(m.rel_l2)}
 
 
 def _float(x) -> float:

@@ -35,7 +35,7 @@ def test_bad_specs(text, needle):
 def test_registered_scheme_wins_over_a_module_of_the_same_name():
     # `hf` is an entry point; `hf:x` must never be read as module `hf`, attribute `x`.
     assert BackendSpec.parse("hf:x").registered
-    assert "hf" in registered() and {"pytorch", "flash", "flash_fp8"} <= set(registered())
+    assert "hf" in registered() and {"pytorch", "flash", "flash_fp8", "fast"} <= set(registered())
 
 
 def test_entry_point_factories_load():
@@ -70,7 +70,24 @@ def test_missing_module_or_attribute_is_one_line():
         resolve(f"{__name__}:no_such_factory", BackendOptions())
 
 
-@pytest.mark.parametrize("kwargs", [dict(padding="middle"), dict(seq_len=0), dict(batch=0)])
+def raising_factory(options, arg):
+    from parity.backends import DetailedError
+
+    raise (DetailedError if arg == "detailed" else ValueError)("title line\n  first detail\n  second detail")
+
+
+def test_factory_errors_are_one_line_unless_laid_out_as_detail():
+    """A foreign multi-line message is cut to its first line; a DetailedError (e.g. every
+    problem of a checkpoint) is shown whole."""
+    with pytest.raises(BackendError) as plain:
+        resolve(f"{__name__}:raising_factory:plain", BackendOptions())
+    assert str(plain.value).endswith(": title line")
+    with pytest.raises(BackendError) as detailed:
+        resolve(f"{__name__}:raising_factory:detailed", BackendOptions())
+    assert str(detailed.value).endswith(": title line\n  first detail\n  second detail")
+
+
+@pytest.mark.parametrize("kwargs", [dict(padding="middle"), dict(seq_len=0), dict(batch=0), dict(weights=" ")])
 def test_options_validate_themselves(kwargs):
     with pytest.raises(ValueError):
         BackendOptions(**kwargs)

@@ -423,6 +423,40 @@ def test_split_that_does_not_fit_is_a_probe_error_at_that_tap():
     assert "does not match its split" in c.error.message and c.error.key == "attn.q"
 
 
+class FusedInPlace(Fused):
+    """Overwrites its fused projection output and the o-projection's input in place after use."""
+
+    def forward(self, x):
+        y = self.qkv(x)
+        v = y[..., 5:] * 2
+        out = self.o(v)
+        y.zero_()
+        v.zero_()
+        return out
+
+
+def test_split_and_input_taps_are_copies_taken_when_produced():
+    """Split chunks and input taps go through the deferred stash as copies: in-place kernels
+    after the tap cannot change what was recorded, and the sink gets them only after the run."""
+    model = nn.Sequential(FusedInPlace())
+    probe = Probe("toy", (TapRule(r"0\.qkv", "attn", split=(("q", 2), ("k", 3), ("v", 3))),
+                          TapRule(r"0\.o", "attn", "core", on="input")))
+    x = torch.randn(2, F)
+    in_sink_after_forward = []
+    sink = Capture()
+
+    def run():
+        out = model(x)
+        in_sink_after_forward.append(len(sink.taps))
+        return out
+
+    capture(Backend("toy", model, probe, run=run, layouts=dict), sink)
+    assert in_sink_after_forward == [0] and keys(sink) == ["attn.q", "attn.k", "attn.v", "attn.core"]
+    fused = model[0].qkv(x).detach().numpy()
+    np.testing.assert_array_equal(sink.by_key()["attn.q"].array, fused[:, :2])
+    np.testing.assert_allclose(sink.by_key()["attn.core"].array, 2 * fused[:, 5:], rtol=1e-6)
+
+
 def test_probe_modules_maps_taps_to_modules():
     backend, model, _ = fused_backend()
     assert backend.probe.modules(model) == {"attn.q": "0.qkv", "attn.k": "0.qkv", "attn.v": "0.qkv",
@@ -449,3 +483,44 @@ def test_hooks_are_opaque_to_torch_compile():
     assert keys(c) == keys(eager)
     for a, b in zip(eager.taps, c.taps, strict=True):
         np.testing.assert_allclose(a.array, b.array, rtol=1e-6)
+
+
+class Instrumentable(Toy):
+    """A model that caches captured execution and wants to know when taps come and go."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[bool, int]] = []
+
+    def parity_instrumented(self, active: bool) -> None:
+        self.calls.append((active, hook_count(self)))
+
+
+def test_models_are_told_when_taps_are_installed_and_removed():
+    model = Instrumentable()
+    capture(make_backend(model))
+    (on, hooks_on), (off, hooks_off) = model.calls
+    assert on is True and hooks_on > 0  # told after the hooks are in place
+    assert off is False and hooks_off == 0  # and after they are gone
+
+
+def test_progress_advances_while_the_model_runs_then_as_taps_are_stored():
+    """Taps reach the sink after the run (device copies are stashed first); a progress
+    callback still advances as the model produces them, then once per tap as it is stored."""
+    from parity.api import capture_live
+    from parity.backends import BackendOptions
+
+    calls: list[tuple[str, int, int | None]] = []
+    backend = make_backend()
+    inner_run = backend.run
+
+    def run():
+        inner_run()
+        calls.append(("run ended", 0, None))
+
+    backend.run = run
+    cap = capture_live(backend, BackendOptions(), progress=lambda what, done, total: calls.append((what, done, total)))
+    n = len(EXPECTED_KEYS)
+    assert keys(cap) == EXPECTED_KEYS
+    assert calls == ([("capture toy", i, None) for i in range(1, n + 1)] + [("run ended", 0, None)]
+                     + [("capture toy (store)", i, n) for i in range(1, n + 1)])

@@ -14,7 +14,7 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 def test_storage_dtypes_cover_the_documented_names():
     assert set(STORAGE_DTYPES) == {
         "float32", "float64", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
-        "int64", "int32", "int16", "int8", "uint8", "bool",
+        "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
     }
     assert STORAGE_DTYPES["bfloat16"] == np.uint16
     assert STORAGE_DTYPES["float8_e4m3fn"] == np.uint8

@@ -57,6 +57,8 @@ def test_inputs_file_and_left_padding(tiny_models, tmp_path):
     ("hf:{m}", ("--input", "{tmp}/bad.npy"), "expected token ids"),
     ("hf:{m}", ("--padding", "middle"), "padding must be left or right"),
     ("hf", (), "needs an argument"),
+    ("hf:{m}", ("--weights", "{tmp}/ckpt"), "--weights and --config apply to the pi0.5 backends"),
+    ("hf:{m}", ("--config", "tiny"), "--weights and --config apply to the pi0.5 backends"),
 ])
 def test_usage_errors_exit_2_with_one_line(tiny_models, tmp_path, cand, extra, needle):
     m = tiny_models("llama")
@@ -101,3 +103,17 @@ def test_model_explorer_node_ids_from_an_exported_program(tiny_models, tmp_path)
                     "#f4a3a3")
     assert mlp_node.meta["nn_module_stack"]  # the first failing node sits inside a module
     assert any(p == "model.layers.1.mlp" for p, _ in mlp_node.meta["nn_module_stack"].values())
+
+
+def test_weights_command_compares_hf_parameters(tiny_models, tmp_path):
+    """`parity weights` on backends without `Backend.parameters`: named_parameters() of each model."""
+    m = tiny_models("llama")
+    code, out = run("weights", "--ref", f"hf:{m}@attn=eager", "--cand", f"hf:{m}@attn=sdpa")
+    assert code == 0, out
+    assert "PASS: all" in out and "parameters within thresholds" in out
+    code, out = run("weights", "--ref", f"hf:{m}@dtype=float32", "--cand", f"hf:{m}@dtype=bfloat16",
+                    "--json", str(tmp_path / "w.json"))
+    assert code == 1, out
+    assert "lossy cast float32 -> bfloat16" in out
+    data = json.loads((tmp_path / "w.json").read_text())
+    assert data["passed"] is False and data["counts"].get("dtype", 0) > 0

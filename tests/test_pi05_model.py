@@ -10,7 +10,7 @@ from probes.pi05.config import FULL, TINY, get_config
 from probes.pi05.faults import Faults
 from probes.pi05.fp8 import Fp8Weight, fp8_linear
 from probes.pi05.inputs import make_noise, make_observation
-from probes.pi05.layers import AttnContext, MaskedCore, PackedCore, RMSNorm, apply_rope
+from probes.pi05.layers import AttnContext, MaskedCore, PackedCore, RMSNorm, apply_rope, rope_tables
 from probes.pi05.model import Pi05Policy, Variant, sincos_time_embedding
 
 NONE = Faults()
@@ -87,10 +87,11 @@ def test_rope_is_half_split_theta_10000():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1, 6, 2, 16, generator=gen)
     pos = torch.tensor([[0, 1, 2, 5, 100, 511]])
-    got = apply_rope(x, pos, 10000.0, interleaved=False)
+    tables = rope_tables(pos, 16, 10000.0)
+    got = apply_rope(x, tables, interleaved=False)
     torch.testing.assert_close(got.double(), rope_float64(x, pos, 10000.0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[:, 0], x[:, 0])  # position 0 is the identity
-    assert not torch.allclose(apply_rope(x, pos, 10000.0, interleaved=True), got, atol=1e-3)
+    assert not torch.allclose(apply_rope(x, tables, interleaved=True), got, atol=1e-3)
 
 
 def test_rmsnorm_scales_by_one_plus_w_with_fp32_statistics():

@@ -136,6 +136,9 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
     spec = HFSpec.parse(arg)
     if opts.faults:
         raise ValueError("hf backends have no fault catalogue; plant a bug with your own package.module:factory")
+    if opts.weights is not None or opts.config is not None:
+        raise ValueError("hf backends load the checkpoint at hf:PATH; --weights and --config apply to the "
+                         "pi0.5 backends")
     dtype = spec.dtype or opts.dtype
     if dtype is not None and spec.dtype is None:
         HFSpec(spec.path, dtype=dtype).validate()
@@ -184,7 +187,7 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
         "transformers": transformers.__version__,
     }
     return Backend(name="hf", model=model, probe=probe, run=run,
-                   layouts=lambda: {TOKENS: layout} if layout is not None else {}, meta=meta)
+                   layouts=lambda: {TOKENS: layout} if layout is not None else {}, meta=meta, inputs=kwargs)
 
 
 factory.usage = USAGE

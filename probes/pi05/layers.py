@@ -33,6 +33,7 @@ class AttnContext:
 
     q_valid: torch.Tensor | None = None  # [B, T] bool
     k_valid: torch.Tensor | None = None  # [B, S] bool
+    dense: bool = False  # known on the host: every query and key is valid, no mask needed
 
 
 class MaskedCore:
@@ -47,8 +48,10 @@ class MaskedCore:
         group = Hq // k.shape[2]
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
-        logits = torch.einsum("bthd,bshd->bhts", q * scale, k).float()
-        if not self.ignore_mask and (ctx.q_valid is not None or ctx.k_valid is not None):
+        # logits in the model dtype, scaled after the product as HF/openpi PyTorch do (for
+        # SigLIP's head_dim 72 the scale is not a power of two, so the order rounds differently)
+        logits = (torch.einsum("bthd,bshd->bhts", q, k) * scale).float()  # [B, H, T, S]
+        if not (self.ignore_mask or ctx.dense) and (ctx.q_valid is not None or ctx.k_valid is not None):
             qv = ctx.q_valid if ctx.q_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
             kv = ctx.k_valid if ctx.k_valid is not None else torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
             allowed = qv[:, None, :, None] & kv[:, None, None, :]  # [B, 1, T, S]
@@ -68,7 +71,7 @@ class PackedCore:
     def __call__(self, q, k, v, ctx: AttnContext, scale: float) -> torch.Tensor:
         B, T, Hq, D = q.shape
         gqa = Hq != k.shape[2]
-        if self.ignore_mask or (ctx.q_valid is None and ctx.k_valid is None) or _all_valid(ctx):
+        if self.ignore_mask or ctx.dense or (ctx.q_valid is None and ctx.k_valid is None):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale, enable_gqa=gqa
             )  # [B, Hq, T, D]
@@ -85,22 +88,28 @@ class PackedCore:
         return out
 
 
-def _all_valid(ctx: AttnContext) -> bool:
-    return all(m is None or bool(m.all()) for m in (ctx.q_valid, ctx.k_valid))
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of theta_i = theta^(-2i/D) times position, in fp32: [B, T, 1, D/2] each.
 
-
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved: bool) -> torch.Tensor:
-    """Rotary embedding in fp32, cast once. x [B, T, H, D]; positions [B, T]."""
-    D = x.shape[-1]
-    half = D // 2
-    inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) * 2.0 / D)
+    Computed once per inference per stack (positions do not change across layers or
+    denoise steps), not once per attention call."""
+    half = head_dim // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=positions.device) * 2.0 / head_dim)
     angles = positions.float()[..., None] * inv_freq  # [B, T, half]
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], interleaved: bool) -> torch.Tensor:
+    """Rotary embedding in fp32, cast once. x [B, T, H, D]; tables from `rope_tables`.
+
+    Half-split (rotate_half) pairing: channel i rotates with channel i + D/2."""
+    cos, sin = tables
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     else:
+        half = x.shape[-1] // 2
         x1, x2 = xf[..., :half], xf[..., half:]
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
@@ -177,12 +186,13 @@ class Fp8GatedMLP(GatedMLP):
     def __init__(self, dense: GatedMLP):
         nn.Module.__init__(self)
         self.silu, self.fp16_hidden = dense.silu, dense.fp16_hidden
-        self.gate_w = Fp8Weight.quantize(dense.gate_proj.weight)
-        self.up_w = Fp8Weight.quantize(dense.up_proj.weight)
+        # gate and up share one e4m3 weight [2F, D] and one scale: x is quantised once
+        # and multiplied once
+        self.gate_up_w = Fp8Weight.quantize(torch.cat([dense.gate_proj.weight, dense.up_proj.weight]))
         self.down_proj = dense.down_proj
 
     def gate_up(self, x: torch.Tensor, out_dtype: torch.dtype):
-        return fp8_linear(x, self.gate_w, out_dtype), fp8_linear(x, self.up_w, out_dtype)
+        return fp8_linear(x, self.gate_up_w, out_dtype).chunk(2, dim=-1)
 
 
 class SiglipMLP(nn.Module):
@@ -198,8 +208,7 @@ class SiglipMLP(nn.Module):
 class Attention(nn.Module):
     """Projections, optional RoPE, taps on q/k/v as the core uses them, core, o-proj."""
 
-    def __init__(self, width, num_heads, num_kv_heads, head_dim, core, *, bias: bool, rope_theta: float | None,
-                 faults: Faults):
+    def __init__(self, width, num_heads, num_kv_heads, head_dim, core, *, bias: bool, faults: Faults):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = nn.Linear(width, num_heads * head_dim, bias=bias)
@@ -208,38 +217,40 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, width, bias=bias)
         self.q, self.k, self.v, self.attn = TapPoint(), TapPoint(), TapPoint(), TapPoint()
         self.core = core
-        self.rope_theta = rope_theta
         self.rope_interleaved = faults.has("rope_interleaved")
+        self.rope_fn = apply_rope
         self.scale = head_dim ** -0.5
 
-    def forward(self, h, ctx: AttnContext, positions=None, kv_prefix=None):
+    def forward(self, h, ctx: AttnContext, rope=None, prefix_kv=None):
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.rope_theta is not None:
-            q = apply_rope(q, positions, self.rope_theta, self.rope_interleaved)
-            k = apply_rope(k, positions, self.rope_theta, self.rope_interleaved)
+        if rope is not None:
+            q = self.rope_fn(q, rope, self.rope_interleaved)
+            k = self.rope_fn(k, rope, self.rope_interleaved)
         q, k, v = self.q(q), self.k(k), self.v(v)
         keys, values = k, v
-        if kv_prefix is not None:
-            keys, values, ctx = kv_prefix(k, v, ctx)
+        if prefix_kv is not None:  # suffix queries attend to [cached prefix, own suffix]
+            keys, values = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
         out = self.attn(self.core(q, keys, values, ctx, self.scale))
         return self.o_proj(out), k, v
 
 
 def init_weights(module: nn.Module, seed: int) -> None:
-    """Deterministic weights from the seed, independent of device and dtype: drawn on the
-    CPU in float32, parameter by parameter in name order."""
-    gen = torch.Generator().manual_seed(seed)
+    """Deterministic weights from the seed, drawn in float32 parameter by parameter in name
+    order, on the parameters' own device (a full-size model is drawn in seconds on a GPU;
+    the same seed gives the same weights on every machine of that device type)."""
+    device = next(module.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
         if name.endswith("bias"):
             std = 0.02
         elif p.ndim == 1:  # norm scales: offsets from 1 (Gemma) or around 1 (LayerNorm)
             std = 0.1
-        else:
-            std = 1.0 / math.sqrt(p.shape[-1])
-        values = torch.randn(p.shape, generator=gen) * std
+        else:  # fan-in scaling: unit-variance activations through every projection
+            std = 1.0 / math.sqrt(p[0].numel())
+        values = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std
         if name.endswith("weight") and p.ndim == 1 and isinstance(_owner(module, name), nn.LayerNorm):
             values += 1.0
         with torch.no_grad():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,14 +16,20 @@ from torch import nn
 
 from .config import GemmaConfig, Pi05Config, VisionConfig
 from .faults import Faults
+from .graph import CudaGraphSampler, compile_layers, compile_leaves
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
-                     PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights)
+                     PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights, rope_tables)
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
 class Variant:
     packed: bool = False  # flash: compact valid prefix tokens, mask-free fused attention
     fp8_mlp: bool = False  # flash_fp8: Gemma MLP gate/up projections in FP8 e4m3
+    cuda_graph: bool = False  # fast: the whole inference replayed as one CUDA graph per token layout
+    compiled: bool = False  # fast: norms, MLPs and RoPE fused by torch.compile (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class SiglipLayer(nn.Module):
         super().__init__()
         self.input_norm = LayerNorm(cfg.width, eps=1e-6)
         self.self_attn = Attention(cfg.width, cfg.num_heads, cfg.num_heads, cfg.head_dim, core, bias=True,
-                                   rope_theta=None, faults=faults)
+                                   faults=faults)
         self.post_attn_norm = LayerNorm(cfg.width, eps=1e-6)
         self.mlp = SiglipMLP(cfg.width, cfg.mlp_dim)
 
@@ -74,8 +81,7 @@ class SiglipTower(nn.Module):
 
 
 class GemmaLayer(nn.Module):
-    def __init__(self, cfg: GemmaConfig, cond_dim: int | None, core, eps: float, theta: float, faults: Faults,
-                 variant: Variant):
+    def __init__(self, cfg: GemmaConfig, cond_dim: int | None, core, eps: float, faults: Faults):
         super().__init__()
 
         def norm():
@@ -83,13 +89,13 @@ class GemmaLayer(nn.Module):
 
         self.input_norm = norm()
         self.self_attn = Attention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, core, bias=False,
-                                   rope_theta=theta, faults=faults)
+                                   faults=faults)
         self.post_attn_norm = norm()
         self.mlp = GatedMLP(cfg.width, cfg.mlp_dim, faults)
 
-    def forward(self, x, ctx, positions, cond=None, kv_prefix=None):
+    def forward(self, x, ctx, rope, cond=None, prefix_kv=None):
         h, gate = self.input_norm(x, cond)
-        y, k, v = self.self_attn(h, ctx, positions, kv_prefix)
+        y, k, v = self.self_attn(h, ctx, rope, prefix_kv)
         x = x + (y if gate is None else y * gate)
         h, gate = self.post_attn_norm(x, cond)
         y = self.mlp(h)
@@ -97,13 +103,24 @@ class GemmaLayer(nn.Module):
 
 
 class GemmaStack(nn.Module):
-    def __init__(self, cfg: GemmaConfig, cond_dim, core, eps, theta, faults, variant):
+    def __init__(self, cfg: GemmaConfig, cond_dim, core, eps, faults):
         super().__init__()
         self.embed = TapPoint()
-        self.layers = nn.ModuleList(GemmaLayer(cfg, cond_dim, core, eps, theta, faults, variant)
+        self.layers = nn.ModuleList(GemmaLayer(cfg, cond_dim, core, eps, faults)
                                     for _ in range(cfg.depth))
         self.final_norm = (RMSNorm(cfg.width, eps, faults) if cond_dim is None
                            else AdaRMSNorm(cfg.width, cond_dim, eps, faults))
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """The prefix token layout of one inference, decided on the host."""
+
+    gather: torch.Tensor | None  # [B, L] indices into the padded prefix; None = keep it padded
+    valid: torch.Tensor  # [B, L] bool: real tokens among the row slots
+    positions: torch.Tensor  # [B, L] RoPE positions (cumsum of the pad mask - 1)
+    dense: bool  # every slot is a real token: attention needs no mask
+    slots: np.ndarray  # [B, L] canonical prefix position of each slot, -1 = don't care
 
 
 class PrefixCache:
@@ -112,30 +129,50 @@ class PrefixCache:
     Read-only by design: each denoise step concatenates its own K/V to a copy. The
     `kv_mutate` fault stores the concatenation back, as an in-place cache update would."""
 
-    def __init__(self, keys, values, key_valid: torch.Tensor, mutate: bool):
+    def __init__(self, keys, values, key_valid: torch.Tensor, dense: bool, mutate: bool):
         self.keys, self.values = list(keys), list(values)
         self.key_valid = [key_valid] * len(self.keys)
-        self.mutate = mutate
+        self.dense, self.mutate = dense, mutate
 
-    def joiner(self, layer: int):
-        def join(k, v, ctx: AttnContext):
-            keys = torch.cat([self.keys[layer], k], dim=1)
-            values = torch.cat([self.values[layer], v], dim=1)
-            suffix_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-            key_valid = torch.cat([self.key_valid[layer], suffix_valid], dim=1)
-            if self.mutate:
-                self.keys[layer], self.values[layer], self.key_valid[layer] = keys, values, key_valid
-            return keys, values, AttnContext(q_valid=ctx.q_valid, k_valid=key_valid)
+    def for_layer(self, layer: int, suffix_len: int):
+        """(prefix K, prefix V, attention context) for the suffix queries of one layer."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.dense:  # every cached key is real: no validity mask at all
+            return (keys, values), AttnContext(dense=True)
+        valid = self.key_valid[layer]
+        suffix_valid = torch.ones(valid.shape[0], suffix_len, dtype=torch.bool, device=valid.device)
+        return (keys, values), AttnContext(k_valid=torch.cat([valid, suffix_valid], dim=1))
 
-        return join
+    def after_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Nothing, unless the `kv_mutate` fault stores this step's K/V into the cache."""
+        if self.mutate:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=1)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=1)
+            ones = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+            self.key_valid[layer] = torch.cat([self.key_valid[layer], ones], dim=1)
+
+
+def _no_mark(stage: str) -> None:
+    pass
+
+
+def _cast_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Linear and embedding weights to the model dtype, except those kept in fp32."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
+            m.to(dtype)
 
 
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period=4e-3, max_period=4.0) -> torch.Tensor:
-    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period; fp32."""
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float32, device=t.device)
+    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period.
+
+    Computed in float64 and rounded once to float32, as openpi's PyTorch port does: in
+    float32 (JAX's choice) the angles reach 2 pi / 4e-3 ~ 1571 rad and the embedding is
+    off by a relative 2.4e-5 at t = 1."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** fraction
-    angle = (2 * math.pi / period)[None, :] * t.float()[:, None]  # [B, dim/2]
-    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+    angle = (2 * math.pi / period)[None, :] * t.double()[:, None]  # [B, dim/2] float64
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
 
 
 class Pi05Policy(nn.Module):
@@ -148,8 +185,8 @@ class Pi05Policy(nn.Module):
         self.vision = SiglipTower(cfg.vision, MaskedCore(faults), faults)
         self.projector = nn.Linear(cfg.vision.width, cfg.llm.width)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.llm.width)
-        self.prefix = GemmaStack(cfg.llm, None, core, cfg.norm_eps, cfg.rope_theta, faults, variant)
-        self.expert = GemmaStack(cfg.expert, cfg.expert.width, core, cfg.norm_eps, cfg.rope_theta, faults, variant)
+        self.prefix = GemmaStack(cfg.llm, None, core, cfg.norm_eps, faults)
+        self.expert = GemmaStack(cfg.expert, cfg.expert.width, core, cfg.norm_eps, faults)
         self.action_in_proj = nn.Linear(cfg.action_dim, cfg.expert.width)
         self.action_out_proj = nn.Linear(cfg.expert.width, cfg.action_dim)
         self.time_mlp_in = nn.Linear(cfg.expert.width, cfg.expert.width)
@@ -160,22 +197,38 @@ class Pi05Policy(nn.Module):
         self.expert.velocity = TapPoint()
         self.actions = TapPoint()
         self.packs_prefix = variant.packed and not faults.has("nomask")
+        self.graphed = None  # a CudaGraphSampler when the variant replays CUDA graphs
 
     # ---- building ---------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Pi05Config, seed: int, variant: Variant, faults: Faults, dtype: torch.dtype,
-              device: torch.device) -> "Pi05Policy":
-        model = cls(cfg, variant, faults)
-        init_weights(model, seed)
-        model.to(device)
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
-                m.to(dtype)
+              device: torch.device, weights: "Checkpoint | None" = None) -> "Pi05Policy":
+        """Seeded random weights, or every weight from a checkpoint (checked already):
+        the model is allocated empty (no memory, no default init) and every parameter is
+        filled from the seed or the file, so no other value can survive.  FP8 MLPs
+        quantise whatever dense weights the model holds at this point."""
+        with torch.device("meta"):
+            model = cls(cfg, variant, faults)
+        if weights is None:
+            model.to_empty(device=device)
+            init_weights(model, seed)
+            _cast_linears(model, dtype)
+        else:
+            _cast_linears(model, dtype)
+            model.to_empty(device=device)
+            weights.load_into(model)  # file values cast to each parameter's dtype
         if variant.fp8_mlp:
             for stack in (model.prefix, model.expert):
                 for layer in stack.layers:
                     layer.mlp = Fp8GatedMLP(layer.mlp)
         model.dtype = dtype
+        model.requires_grad_(False)  # inference only: no autograd graphs, also not in torch.compile
+        compiled_layers = None
+        if variant.compiled and device.type == "cuda":
+            compile_leaves(model)
+            compiled_layers = compile_layers(model)
+        if variant.cuda_graph and device.type == "cuda":
+            model.graphed = CudaGraphSampler(model, compiled_layers)
         return model.eval()
 
     # ---- token layout -----------------------------------------------------------
@@ -185,70 +238,104 @@ class Pi05Policy(nn.Module):
         cams = obs.image_masks[:, :, None].expand(-1, -1, n).reshape(obs.image_masks.shape[0], -1)
         return torch.cat([cams, obs.token_mask], dim=1)
 
-    def prefix_slots(self, obs: Observation) -> np.ndarray:
-        """Canonical prefix position of every row slot this backend computes, -1 = don't care."""
-        valid = self.prefix_valid(obs).cpu().numpy()
+    def plan_tokens(self, obs: Observation) -> TokenPlan:
+        """Decide the prefix token layout on the host, once per inference (one small sync),
+        so that nothing inside the forward has to ask the device."""
+        valid_dev = self.prefix_valid(obs)
+        valid = valid_dev.cpu().numpy()
         B, P = valid.shape
         canon = np.arange(B * P, dtype=np.int64).reshape(B, P)
+        device = valid_dev.device
         if not self.packs_prefix:
-            return np.where(valid, canon, -1)
-        lmax = int(valid.sum(1).max())
+            positions = (valid_dev.cumsum(1) - 1).clamp(min=0)
+            return TokenPlan(None, valid_dev, positions, bool(valid.all()), np.where(valid, canon, -1))
+        lengths = valid.sum(1)
+        lmax = int(lengths.max())
         slots = np.full((B, lmax), -1, dtype=np.int64)
+        gather = np.zeros((B, lmax), dtype=np.int64)
         for b in range(B):
-            idx = canon[b][valid[b]]
-            slots[b, : idx.size] = idx
-        return slots
+            idx = np.flatnonzero(valid[b])
+            slots[b, : idx.size] = canon[b, idx]
+            gather[b, : idx.size] = idx
+        packed_valid = torch.from_numpy(slots >= 0).to(device)
+        positions = torch.arange(lmax, device=device).expand(B, -1)
+        return TokenPlan(torch.from_numpy(gather).to(device), packed_valid, positions, bool((lengths == lmax).all()),
+                         slots)
+
+    def prefix_slots(self, obs: Observation) -> np.ndarray:
+        """Canonical prefix position of every row slot this backend computes, -1 = don't care."""
+        return self.plan_tokens(obs).slots
 
     # ---- forward ------------------------------------------------------------------
-    def embed_prefix(self, obs: Observation):
+    def embed_prefix(self, obs: Observation) -> torch.Tensor:
         B, C = obs.image_masks.shape
         imgs = self.vision(obs.images.flatten(0, 1), self.dtype)  # [B*C, n, Dv]
         img_tokens = self.projector(imgs).reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
         text = self.embed_tokens(obs.tokens) * math.sqrt(self.cfg.llm.width)  # [B, L, D]
-        return torch.cat([img_tokens, text.to(self.dtype)], dim=1), self.prefix_valid(obs)
+        return torch.cat([img_tokens, text.to(self.dtype)], dim=1)  # [B, P, D]
 
-    def pack(self, x: torch.Tensor, valid: torch.Tensor):
-        """Gather valid tokens to the front of each row: [B, P, D] -> [B, Lmax, D]."""
-        lengths = valid.sum(1)
-        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, : int(lengths.max())]
-        packed_valid = torch.arange(order.shape[1], device=x.device)[None, :] < lengths[:, None]
-        return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), packed_valid
+    def run_prefix(self, obs: Observation, plan: TokenPlan, mark=_no_mark) -> PrefixCache:
+        x = self.embed_prefix(obs)
+        mark("vision")
+        return self.prefix_cache(x, plan)
 
-    def run_prefix(self, obs: Observation) -> PrefixCache:
-        x, valid = self.embed_prefix(obs)
-        positions = (valid.cumsum(1) - 1).clamp(min=0)
-        if self.packs_prefix:
-            x, valid = self.pack(x, valid)
-            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    def prefix_cache(self, x: torch.Tensor, plan: TokenPlan) -> PrefixCache:
+        """The prefix LLM over the prefix embeddings [B, P, D]: per-layer K/V after RoPE."""
+        if plan.gather is not None:  # packed: valid tokens only, [B, P, D] -> [B, L, D]
+            x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
         x = self.prefix.embed(x)
-        ctx = AttnContext(q_valid=valid, k_valid=valid)
+        ctx = AttnContext(q_valid=plan.valid, k_valid=plan.valid, dense=plan.dense)
+        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.cfg.rope_theta)
         keys, values = [], []
         for layer in self.prefix.layers:
-            x, k, v = layer(x, ctx, positions)
+            x, k, v = layer(x, ctx, rope)
             keys.append(k)
             values.append(v)
-        return PrefixCache(keys, values, valid, mutate=self.faults.has("kv_mutate"))
+        return PrefixCache(keys, values, plan.valid, plan.dense, mutate=self.faults.has("kv_mutate"))
 
-    def velocity(self, cache: PrefixCache, num_valid: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    def velocity(self, cache: PrefixCache, rope, x_t: torch.Tensor, t: torch.Tensor):
         cond = torch.nn.functional.silu(self.time_mlp_in(sincos_time_embedding(t, self.cfg.expert.width)))
         cond = self.expert.time(torch.nn.functional.silu(self.time_mlp_out(cond)))  # [B, De] fp32
         x = self.expert.embed(self.action_in_proj(x_t).to(self.dtype))  # [B, H, De]
-        H = x.shape[1]
-        positions = num_valid[:, None] + torch.arange(H, device=x.device)[None, :]
-        ctx = AttnContext()
         for i, layer in enumerate(self.expert.layers):
-            x, _, _ = layer(x, ctx, positions, cond, kv_prefix=cache.joiner(i))
+            prefix_kv, ctx = cache.for_layer(i, x.shape[1])
+            x, k, v = layer(x, ctx, rope, cond, prefix_kv)
+            cache.after_step(i, k, v)
         x, _ = self.expert.final_norm(x, cond)
         return self.expert.velocity(self.action_out_proj(x.float()))  # [B, H, action_dim] fp32
 
     @torch.inference_mode()
-    def sample_actions(self, obs: Observation, noise: torch.Tensor) -> torch.Tensor:
-        cache = self.run_prefix(obs)
-        num_valid = self.prefix_valid(obs).sum(1)
-        dt = torch.tensor(-1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
+    def sample_actions(self, obs: Observation, noise: torch.Tensor, mark=_no_mark) -> torch.Tensor:
+        """Flow matching from t=1 (noise) to t=0. `mark(stage)` is called as each stage
+        (vision, prefix, denoise) ends, so a benchmark can time them without a copy of
+        this loop."""
+        if self.graphed is not None:
+            return self.graphed(obs, noise, mark)
+        return self.sample_eager(obs, noise, self.plan_tokens(obs), mark)
+
+    def sample_eager(self, obs: Observation, noise: torch.Tensor, plan: TokenPlan, mark=_no_mark) -> torch.Tensor:
+        cache = self.run_prefix(obs, plan, mark)
+        mark("prefix")
+        out = self.denoise(obs, noise, cache)
+        mark("denoise")
+        return out
+
+    def denoise(self, obs: Observation, noise: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        """The flow-matching loop over the (never mutated) prefix cache."""
+        num_valid = self.prefix_valid(obs).sum(1)  # [B]
+        H = noise.shape[1]
+        positions = num_valid[:, None] + torch.arange(H, device=noise.device)[None, :]  # [B, H]
+        rope = rope_tables(positions, self.cfg.expert.head_dim, self.cfg.rope_theta)
+        dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
         t = torch.ones(noise.shape[0], dtype=torch.float32, device=noise.device)
         x_t = noise.float()
         for _ in range(self.cfg.num_steps):
-            x_t = x_t + dt * self.velocity(cache, num_valid, x_t, t)
+            x_t = x_t + dt * self.velocity(cache, rope, x_t, t)
             t = t + dt
         return self.actions(x_t)
+
+    def parity_instrumented(self, active: bool) -> None:
+        """Called by parity's Recorder as taps are installed and removed: a captured CUDA
+        graph is dropped so that the next call re-captures it with the tap copies inside."""
+        if self.graphed is not None:
+            self.graphed.reset(instrumented=active)
