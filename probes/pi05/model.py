@@ -127,6 +127,8 @@ class TokenPlan:
     positions: torch.Tensor  # [B, L] RoPE positions (cumsum of the pad mask - 1)
     dense: bool  # every slot is a real token: attention needs no mask
     slots: np.ndarray  # [B, L] canonical prefix position of each slot, -1 = don't care
+    image_rows: torch.Tensor | None = None  # flat (sample, camera) indices of the images run; None = all
+    image_rows_host: np.ndarray | None = None  # the same on the host, for the vision token layout
 
 
 class PrefixCache:
@@ -269,23 +271,34 @@ class Pi05Policy(nn.Module):
             gather[b, : idx.size] = idx
         packed_valid = torch.from_numpy(slots >= 0).to(device)
         positions = torch.arange(lmax, device=device).expand(B, -1)
+        rows = np.flatnonzero(obs.image_masks.cpu().numpy().reshape(-1))
         return TokenPlan(torch.from_numpy(gather).to(device), packed_valid, positions, bool((lengths == lmax).all()),
-                         slots)
+                         slots, torch.from_numpy(rows).to(device), rows)
 
     def prefix_slots(self, obs: Observation) -> np.ndarray:
         """Canonical prefix position of every row slot this backend computes, -1 = don't care."""
         return self.plan_tokens(obs).slots
 
+    def vision_rows(self, obs: Observation) -> np.ndarray:
+        """Flat (sample, camera) index of every image the vision tower runs on."""
+        rows = self.plan_tokens(obs).image_rows_host
+        return np.arange(obs.image_masks.numel()) if rows is None else rows
+
     # ---- forward ------------------------------------------------------------------
-    def embed_prefix(self, obs: Observation) -> torch.Tensor:
+    def embed_prefix(self, obs: Observation, plan: TokenPlan) -> torch.Tensor:
         B, C = obs.image_masks.shape
-        imgs = self.vision(obs.images.flatten(0, 1), self.dtype)  # [B*C, n, Dv]
-        img_tokens = self.projector(imgs).reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
+        images = obs.images.flatten(0, 1)  # [B*C, 3, S, S]
+        if plan.image_rows is None:
+            img_tokens = self.projector(self.vision(images, self.dtype))  # [B*C, n, D]
+        else:  # packing backends skip masked cameras: their tokens are never attended to
+            valid = self.projector(self.vision(images[plan.image_rows], self.dtype))  # [V, n, D]
+            img_tokens = valid.new_zeros(B * C, *valid.shape[1:]).index_copy(0, plan.image_rows, valid)
+        img_tokens = img_tokens.reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
         text = self.embed_tokens(obs.tokens) * math.sqrt(self.cfg.llm.width)  # [B, L, D]
         return torch.cat([img_tokens, text.to(self.dtype)], dim=1)  # [B, P, D]
 
     def run_prefix(self, obs: Observation, plan: TokenPlan, mark=_no_mark) -> PrefixCache:
-        x = self.embed_prefix(obs)
+        x = self.embed_prefix(obs, plan)
         mark("vision")
         return self.prefix_cache(x, plan)
 
