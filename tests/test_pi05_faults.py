@@ -102,3 +102,12 @@ def test_unknown_fault_is_an_input_error():
 
     with pytest.raises(InputError, match="unknown fault"):
         diff_live("pytorch", "flash", OPTS, faults=("nosuchbug",))
+
+
+def test_fast_restructuring_computes_what_flash_fp8_computes():
+    """fast = flash_fp8 + fused q|k|v + all steps' adaRMS modulations in one matmul (+ CUDA
+    graphs and compile on GPU): on the CPU the restructuring alone must be numerically
+    invisible, and the planted bugs still land where they live."""
+    assert diff_live("flash_fp8", "fast", OPTS, thresholds=Thresholds(0.99999))
+    report = diff_live("pytorch", "fast", OPTS, faults=("kv_mutate",), thresholds=FP8_GATE)
+    assert report.first_divergence.key == "expert.0.attn@1"

@@ -75,7 +75,7 @@ class Recorder:
     def __init__(self, field):
         self.field, self.times = field, []
 
-    def __call__(self, cache, num_valid, x_t, t):
+    def __call__(self, cache, rope, x_t, t, cond=None, modulations=None):
         assert x_t.dtype == torch.float32 and t.dtype == torch.float32  # state and t stay float32
         self.times.append(float(t[0]))
         return self.field(x_t.double(), t.double()[:, None, None]).float()

@@ -24,9 +24,10 @@ VARIANTS = {
     "flash": (Variant(packed=True), "packs away padding and masked cameras; mask-free fused SDPA attention"),
     "flash_fp8": (Variant(packed=True, fp8_mlp=True),
                   "flash + Gemma MLP gate/up projections in FP8 e4m3 (torch._scaled_mm on sm89+, emulated elsewhere)"),
-    "fast": (Variant(packed=True, fp8_mlp=True, cuda_graph=True, compiled=True),
-             "flash_fp8 with norms/MLPs/RoPE fused by torch.compile, replayed as one CUDA graph per token layout "
-             "(eager on CPU)"),
+    "fast": (Variant(packed=True, fp8_mlp=True, cuda_graph=True, compiled=True, batched_conditioning=True,
+                     fused_qkv=True),
+             "flash_fp8 + fused q|k|v, all denoise steps' adaRMS modulations in one matmul, torch.compile'd "
+             "layers, replayed as CUDA graphs per token layout (graphs and compile on CUDA only)"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 

@@ -110,7 +110,7 @@ class CudaGraphSampler:
         pool = torch.cuda.graph_pool_handle()
         graphs = [(stage, torch.cuda.CUDAGraph()) for stage in ("vision", "prefix", "denoise")]
         with torch.cuda.graph(graphs[0][1], pool=pool):
-            x = policy.embed_prefix(static_obs)
+            x = policy.embed_prefix(static_obs, plan)
         with torch.cuda.graph(graphs[1][1], pool=pool):
             cache = policy.prefix_cache(x, plan)
         with torch.cuda.graph(graphs[2][1], pool=pool):

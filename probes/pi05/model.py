@@ -30,6 +30,8 @@ class Variant:
     fp8_mlp: bool = False  # flash_fp8: Gemma MLP gate/up projections in FP8 e4m3
     cuda_graph: bool = False  # fast: the whole inference replayed as one CUDA graph per token layout
     compiled: bool = False  # fast: norms, MLPs and RoPE fused by torch.compile (CUDA only)
+    batched_conditioning: bool = False  # fast: all steps' time conditions and adaRMS modulations at once
+    fused_qkv: bool = False  # fast: one q|k|v projection
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,11 @@ class GemmaLayer(nn.Module):
         self.post_attn_norm = norm()
         self.mlp = GatedMLP(cfg.width, cfg.mlp_dim, faults)
 
-    def forward(self, x, ctx, rope, cond=None, prefix_kv=None):
-        h, gate = self.input_norm(x, cond)
+    def forward(self, x, ctx, rope, cond=None, prefix_kv=None, modulation=(None, None)):
+        h, gate = self.input_norm(x, cond, modulation[0])
         y, k, v = self.self_attn(h, ctx, rope, prefix_kv)
         x = x + (y if gate is None else y * gate)
-        h, gate = self.post_attn_norm(x, cond)
+        h, gate = self.post_attn_norm(x, cond, modulation[1])
         y = self.mlp(h)
         return x + (y if gate is None else y * gate), k, v
 
@@ -111,6 +113,10 @@ class GemmaStack(nn.Module):
         self.final_norm = (RMSNorm(cfg.width, eps, faults) if cond_dim is None
                            else AdaRMSNorm(cfg.width, cond_dim, eps, faults))
 
+    def modulated_norms(self) -> list:
+        """Every adaRMSNorm in execution order: per layer input, post-attention; then final."""
+        return [n for layer in self.layers for n in (layer.input_norm, layer.post_attn_norm)] + [self.final_norm]
+
 
 @dataclass(frozen=True)
 class TokenPlan:
@@ -121,6 +127,8 @@ class TokenPlan:
     positions: torch.Tensor  # [B, L] RoPE positions (cumsum of the pad mask - 1)
     dense: bool  # every slot is a real token: attention needs no mask
     slots: np.ndarray  # [B, L] canonical prefix position of each slot, -1 = don't care
+    image_rows: torch.Tensor | None = None  # flat (sample, camera) indices of the images run; None = all
+    image_rows_host: np.ndarray | None = None  # the same on the host, for the vision token layout
 
 
 class PrefixCache:
@@ -217,6 +225,10 @@ class Pi05Policy(nn.Module):
             _cast_linears(model, dtype)
             model.to_empty(device=device)
             weights.load_into(model)  # file values cast to each parameter's dtype
+        if variant.fused_qkv:
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.fuse_qkv()
         if variant.fp8_mlp:
             for stack in (model.prefix, model.expert):
                 for layer in stack.layers:
@@ -259,23 +271,34 @@ class Pi05Policy(nn.Module):
             gather[b, : idx.size] = idx
         packed_valid = torch.from_numpy(slots >= 0).to(device)
         positions = torch.arange(lmax, device=device).expand(B, -1)
+        rows = np.flatnonzero(obs.image_masks.cpu().numpy().reshape(-1))
         return TokenPlan(torch.from_numpy(gather).to(device), packed_valid, positions, bool((lengths == lmax).all()),
-                         slots)
+                         slots, torch.from_numpy(rows).to(device), rows)
 
     def prefix_slots(self, obs: Observation) -> np.ndarray:
         """Canonical prefix position of every row slot this backend computes, -1 = don't care."""
         return self.plan_tokens(obs).slots
 
+    def vision_rows(self, obs: Observation) -> np.ndarray:
+        """Flat (sample, camera) index of every image the vision tower runs on."""
+        rows = self.plan_tokens(obs).image_rows_host
+        return np.arange(obs.image_masks.numel()) if rows is None else rows
+
     # ---- forward ------------------------------------------------------------------
-    def embed_prefix(self, obs: Observation) -> torch.Tensor:
+    def embed_prefix(self, obs: Observation, plan: TokenPlan) -> torch.Tensor:
         B, C = obs.image_masks.shape
-        imgs = self.vision(obs.images.flatten(0, 1), self.dtype)  # [B*C, n, Dv]
-        img_tokens = self.projector(imgs).reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
+        images = obs.images.flatten(0, 1)  # [B*C, 3, S, S]
+        if plan.image_rows is None:
+            img_tokens = self.projector(self.vision(images, self.dtype))  # [B*C, n, D]
+        else:  # packing backends skip masked cameras: their tokens are never attended to
+            valid = self.projector(self.vision(images[plan.image_rows], self.dtype))  # [V, n, D]
+            img_tokens = valid.new_zeros(B * C, *valid.shape[1:]).index_copy(0, plan.image_rows, valid)
+        img_tokens = img_tokens.reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
         text = self.embed_tokens(obs.tokens) * math.sqrt(self.cfg.llm.width)  # [B, L, D]
         return torch.cat([img_tokens, text.to(self.dtype)], dim=1)  # [B, P, D]
 
     def run_prefix(self, obs: Observation, plan: TokenPlan, mark=_no_mark) -> PrefixCache:
-        x = self.embed_prefix(obs)
+        x = self.embed_prefix(obs, plan)
         mark("vision")
         return self.prefix_cache(x, plan)
 
@@ -293,15 +316,22 @@ class Pi05Policy(nn.Module):
             values.append(v)
         return PrefixCache(keys, values, plan.valid, plan.dense, mutate=self.faults.has("kv_mutate"))
 
-    def velocity(self, cache: PrefixCache, rope, x_t: torch.Tensor, t: torch.Tensor):
+    def time_condition(self, t: torch.Tensor) -> torch.Tensor:
+        """c = swish(time_mlp_out(swish(time_mlp_in(posemb(t))))): [N] -> [N, De] fp32."""
         cond = torch.nn.functional.silu(self.time_mlp_in(sincos_time_embedding(t, self.cfg.expert.width)))
-        cond = self.expert.time(torch.nn.functional.silu(self.time_mlp_out(cond)))  # [B, De] fp32
+        return torch.nn.functional.silu(self.time_mlp_out(cond))
+
+    def velocity(self, cache: PrefixCache, rope, x_t: torch.Tensor, t: torch.Tensor, cond=None, modulations=None):
+        """v(x_t, t). `cond` and `modulations` (every adaRMSNorm's dense(cond), in
+        expert.modulated_norms() order) may come precomputed for all steps at once."""
+        cond = self.expert.time(self.time_condition(t) if cond is None else cond)  # [B, De] fp32
+        mods = modulations if modulations is not None else [None] * (2 * len(self.expert.layers) + 1)
         x = self.expert.embed(self.action_in_proj(x_t).to(self.dtype))  # [B, H, De]
         for i, layer in enumerate(self.expert.layers):
             prefix_kv, ctx = cache.for_layer(i, x.shape[1])
-            x, k, v = layer(x, ctx, rope, cond, prefix_kv)
+            x, k, v = layer(x, ctx, rope, cond, prefix_kv, (mods[2 * i], mods[2 * i + 1]))
             cache.after_step(i, k, v)
-        x, _ = self.expert.final_norm(x, cond)
+        x, _ = self.expert.final_norm(x, cond, mods[-1])
         return self.expert.velocity(self.action_out_proj(x.float()))  # [B, H, action_dim] fp32
 
     @torch.inference_mode()
@@ -328,11 +358,27 @@ class Pi05Policy(nn.Module):
         rope = rope_tables(positions, self.cfg.expert.head_dim, self.cfg.rope_theta)
         dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
         t = torch.ones(noise.shape[0], dtype=torch.float32, device=noise.device)
+        times = [t]
+        for _ in range(self.cfg.num_steps - 1):  # t accumulates in fp32, as openpi does
+            times.append(times[-1] + dt)
+        conds, mods = self.precondition(torch.stack(times)) if self.variant.batched_conditioning else (None, None)
         x_t = noise.float()
-        for _ in range(self.cfg.num_steps):
-            x_t = x_t + dt * self.velocity(cache, rope, x_t, t)
-            t = t + dt
+        for step, t in enumerate(times):
+            x_t = x_t + dt * self.velocity(cache, rope, x_t, t, None if conds is None else conds[step],
+                                           None if mods is None else [m[step] for m in mods])
         return self.actions(x_t)
+
+    def precondition(self, times: torch.Tensor):
+        """Time condition and every adaRMSNorm modulation for all steps in one matmul each
+        (they depend on t only, and t's schedule is fixed): [S, B] -> [S, B, De] and, per
+        norm, [S, B, 3*De]."""
+        S, B = times.shape
+        conds = self.time_condition(times.reshape(-1))  # [S*B, De]
+        norms = self.expert.modulated_norms()
+        weight = torch.cat([n.dense.weight for n in norms])  # [N*3*De, De]
+        bias = torch.cat([n.dense.bias for n in norms])
+        mods = torch.nn.functional.linear(conds, weight, bias).reshape(S, B, -1)
+        return conds.reshape(S, B, -1), mods.chunk(len(norms), dim=-1)
 
     def parity_instrumented(self, active: bool) -> None:
         """Called by parity's Recorder as taps are installed and removed: a captured CUDA

@@ -13,7 +13,7 @@ from torch import nn
 
 from parity.backends import ParamView
 
-from .layers import AdaRMSNorm, Fp8GatedMLP, RMSNorm
+from .layers import AdaRMSNorm, Attention, Fp8GatedMLP, RMSNorm
 
 FP8_SCHEME = "fp8 e4m3, per-tensor scale"
 
@@ -40,14 +40,33 @@ def _fp8_half(weight, half: int) -> ParamView:
                      load=lambda: weight.dequantize()[half * rows:(half + 1) * rows], quantized=FP8_SCHEME)
 
 
+def _split_qkv(attn: Attention, prefix: str) -> dict[str, ParamView]:
+    """A fused q|k|v projection under the three names every other backend uses."""
+    nq, nkv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+    bounds = {"q_proj": (0, nq), "k_proj": (nq, nq + nkv), "v_proj": (nq + nkv, nq + 2 * nkv)}
+    out = {}
+    for name, (lo, hi) in bounds.items():
+        for kind in ("weight", "bias"):
+            p = getattr(attn.qkv_proj, kind)
+            if p is not None:
+                out[f"{prefix}{name}.{kind}"] = ParamView(dtype=_dtype_name(p), shape=(hi - lo, *p.shape[1:]),
+                                                          load=lambda p=p, lo=lo, hi=hi: p.detach()[lo:hi])
+    return out
+
+
 def effective_parameters(model: nn.Module) -> dict[str, ParamView]:
     """Canonical name -> the parameter as the forward pass uses it, in module order."""
     out: dict[str, ParamView] = {}
+    fused = {id(m.qkv_proj) for m in model.modules() if isinstance(m, Attention) and hasattr(m, "qkv_proj")}
     for module_name, module in model.named_modules():
+        if id(module) in fused:  # reported split, under q_proj / k_proj / v_proj
+            continue
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, RMSNorm) and not isinstance(module, AdaRMSNorm):
             out[prefix + "weight"] = _norm_scale(module)
             continue
+        if isinstance(module, Attention) and hasattr(module, "qkv_proj"):
+            out.update(_split_qkv(module, prefix))
         if isinstance(module, Fp8GatedMLP):
             out[prefix + "gate_proj.weight"] = _fp8_half(module.gate_up_w, 0)
             out[prefix + "up_proj.weight"] = _fp8_half(module.gate_up_w, 1)
