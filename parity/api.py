@@ -14,6 +14,7 @@ from .dump import DumpError, DumpWriter, read_dump
 from .probe import tap_filter
 from .records import Capture
 from .report import Report
+from .writer import DEFAULT_MAX_INFLIGHT_MB, BackgroundWriter, InflightBudget
 from .weights_report import WeightsReport
 
 
@@ -60,20 +61,31 @@ def capture_live(spec: str | Backend, options: BackendOptions, taps: str | None 
 
 
 def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Path, taps: str | None = None,
-                    compression: str | None = None, progress: ProgressFn | None = None) -> dict:
-    """Run a backend once, streaming taps into an HDF5 dump; returns a short summary."""
+                    compression: str | None = None, progress: ProgressFn | None = None,
+                    max_inflight_mb: float = DEFAULT_MAX_INFLIGHT_MB) -> dict:
+    """Run a backend once, streaming taps into an HDF5 dump; returns a short summary.
+
+    A writer thread writes while the model runs.  `max_inflight_mb` bounds the tap
+    copies between the model and the disk: half for copies staged on their way to the
+    host, half for host copies queued for the writer; past it the capture waits."""
     from .capture import capture
 
+    if not max_inflight_mb > 0:
+        raise InputError(f"--max-inflight-mb must be positive, got {max_inflight_mb}")
+    half = max(1, int(max_inflight_mb * (1 << 20)) // 2)
     backend = _build(spec, options)
     meta = _meta(backend, taps)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    budget = InflightBudget(half)
     try:
         with DumpWriter(path, meta, compression=compression) as writer:
-            counter = _Counting(writer, progress, f"capture {backend.meta.get('backend', backend.name)}")
-            capture(backend, counter, tap_filter(taps))
+            with BackgroundWriter(writer, budget) as queued:
+                counter = _Counting(queued, progress, f"capture {backend.meta.get('backend', backend.name)}")
+                capture(backend, counter, tap_filter(taps), max_staged_bytes=half)
     except DumpError as exc:
         raise InputError(str(exc)) from None
-    return {"path": str(path), "taps": counter.count, "error": counter.error}
+    return {"path": str(path), "taps": counter.count, "error": counter.error,
+            "peak_queued_bytes": budget.peak, "budget_waits": budget.waits}
 
 
 class _Counting:

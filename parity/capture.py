@@ -2,16 +2,21 @@
 
 Each tap is cloned on its own device as it is produced (later in-place kernels cannot
 change what was recorded; no host sync inside the forward, so taps can be recorded inside
-a CUDA graph) and handed to a sink after the run: an in-memory `Capture` or a streaming
-`DumpWriter`.
+a CUDA graph); on CUDA the clone then travels to pinned host memory on a side stream
+(`staging.py`).  Taps reach the sink (an in-memory `Capture`, a `DumpWriter`, or a
+`BackgroundWriter` in front of one) after the run, or during it, oldest first, whenever
+the staged bytes exceed `max_staged_bytes`.
 """
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import torch
 
 from .probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
 from .records import Capture, CaptureError, Tap, TapInfo
+from .staging import Staged, Stager, graph_capturing
 
 _BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
     torch.bfloat16: (torch.int16, np.uint16),
@@ -42,6 +47,11 @@ def _eager(hook):
     return torch.compiler.disable(hook, recursive=True)
 
 
+class _SinkFailed(BaseException):
+    """Stops the model when the sink failed mid-run (disk full): not the model's fault,
+    so not an `Exception` a model or `capture` would record as the candidate's error."""
+
+
 class ProbeError(Exception):
     """The probe does not fit the model (e.g. a non-stepped tap that runs twice)."""
 
@@ -52,14 +62,19 @@ class Recorder:
     model raised.  Input taps (`TapRule.on="input"`) are recorded by the pre-hook,
     output taps by the post-hook, so execution order is kept either way."""
 
-    def __init__(self, model: torch.nn.Module, probe: Probe, sink, select: TapFilter | None = None):
+    def __init__(self, model: torch.nn.Module, probe: Probe, sink, select: TapFilter | None = None,
+                 max_staged_bytes: int | None = None):
         self.model, self.probe, self.sink = model, probe, sink
         self.select = select or tap_filter(None)
         self.handles: list = []
         self.calls: dict[str, int] = {}
         self.running: list[tuple[torch.nn.Module, TapInfo, int]] = []  # (module, blamed tap, call index)
-        # (info, order, device-side copy, layout): handed to the sink as host storage by flush()
-        self.pending: list[tuple[TapInfo, int, torch.Tensor, str | None]] = []
+        # (info, order, staged copy, layout): handed to the sink as host storage by flush()
+        self.pending: collections.deque[tuple[TapInfo, int, Staged, str | None]] = collections.deque()
+        self.stager = Stager()
+        self.max_staged_bytes = max_staged_bytes
+        self.staged_bytes = 0
+        self.sink_error: BaseException | None = None
         # optional sink method, called as each tap is taken (progress displays): the sink
         # itself gets the taps only at flush()
         self.on_record = getattr(sink, "tap_recorded", None)
@@ -87,6 +102,7 @@ class Recorder:
             h.remove()
         self.handles.clear()
         self.pending.clear()
+        self.staged_bytes = 0
         self._notify(False)
 
     def _notify(self, active: bool) -> None:
@@ -96,12 +112,19 @@ class Recorder:
         if callable(hook):
             hook(active)
 
-    def flush(self) -> None:
-        """Hand every recorded tap to the sink as host storage, in execution order."""
-        for info, order, value, layout in self.pending:
-            array, dtype = to_storage(value, private=True)
+    def flush(self, keep_bytes: int = 0) -> None:
+        """Hand recorded taps to the sink as host storage, oldest first, until at most
+        `keep_bytes` stay staged (0: all of them)."""
+        while self.pending and self.staged_bytes > keep_bytes:
+            info, order, staged, layout = self.pending.popleft()
+            self.staged_bytes -= staged.nbytes
+            array, dtype = to_storage(staged.ready(), private=True)
             self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
-        self.pending.clear()
+        if keep_bytes == 0:
+            while self.pending:  # zero-sized taps
+                info, order, staged, layout = self.pending.popleft()
+                array, dtype = to_storage(staged.ready(), private=True)
+                self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
 
     @staticmethod
     def _info(hit: ProbeHit, calls: int) -> TapInfo:
@@ -154,9 +177,20 @@ class Recorder:
                                  f"({total})")
             value = value[..., hit.chunk[0]:hit.chunk[1]]
         # A device-side copy now (later in-place kernels cannot touch it; inside a CUDA
-        # graph capture the copy is recorded into the graph), host copy at flush.
-        self.pending.append((info, self.order, value.detach().clone(), hit.rule.layout))
+        # graph capture the copy is recorded into the graph), on its way to the host.
+        staged = self.stager.stage(value)
+        self.pending.append((info, self.order, staged, hit.rule.layout))
+        self.staged_bytes += staged.nbytes
         self.order += 1
+        if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes \
+                and not graph_capturing():
+            # Over budget: wait for the oldest copies and hand them over (half the budget
+            # at a time, so the wait is not paid on every later tap).
+            try:
+                self.flush(keep_bytes=self.max_staged_bytes // 2)
+            except Exception as exc:  # noqa: BLE001 - raised again by capture(), outside the model
+                self.sink_error = exc
+                raise _SinkFailed() from None
         if self.on_record is not None:
             self.on_record(info)
 
@@ -166,19 +200,26 @@ class Recorder:
         return CaptureError(key=info.key if info else None, info=info, exc_type=type(exc).__name__, message=message)
 
 
-def capture(backend, sink=None, select: TapFilter | None = None):
+def capture(backend, sink=None, select: TapFilter | None = None, max_staged_bytes: int | None = None):
     """Run the backend once with taps installed; returns the sink (a new Capture by default).
 
-    An exception inside the model is a finding, not a crash: it is recorded in the sink
-    with the tap component that was running.  KeyboardInterrupt and friends propagate."""
+    `max_staged_bytes` bounds the tap copies held between the model and the sink (None:
+    all of them until the run ends).  An exception inside the model is a finding, not a
+    crash: it is recorded in the sink with the tap component that was running.
+    KeyboardInterrupt and friends propagate."""
     sink = sink if sink is not None else Capture(meta=dict(backend.meta))
     for name, layout in backend.layouts().items():
         sink.add_layout(name, layout)
-    with Recorder(backend.model, backend.probe, sink, select) as rec:
+    with Recorder(backend.model, backend.probe, sink, select, max_staged_bytes) as rec:
         try:
             backend.run()
+        except _SinkFailed:
+            pass
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
             sink.set_error(rec.error_from(exc))
         finally:
-            rec.flush()  # every tap recorded before a stop reaches the sink
+            if rec.sink_error is None:
+                rec.flush()  # every tap recorded before a stop reaches the sink
+        if rec.sink_error is not None:
+            raise rec.sink_error
     return sink

@@ -220,6 +220,10 @@ def capture_cmd(
     batch: int = BatchOpt, inputs: Optional[Path] = InputOpt, padding: Optional[str] = PaddingOpt,
     seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt, weights: Optional[Path] = WeightsOpt,
     compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default: none)."),
+    max_inflight_mb: float = typer.Option(2048, "--max-inflight-mb",
+                                          help="Most MB of tap copies between the model and the disk (staged "
+                                               "on their way to the host, queued for the writer thread); past it "
+                                               "the capture waits for the writer."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Run one backend with taps installed and write every tap to an HDF5 dump.
@@ -232,7 +236,8 @@ def capture_cmd(
     try:
         options = _options(config, seed, device, dtype, batch, _faults(inject), weights, inputs, padding, seq_len)
         with _progress(quiet) as progress:
-            summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress)
+            summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress,
+                                      max_inflight_mb)
     except InputError as exc:
         _fail_input(str(exc))
     err = summary["error"]
