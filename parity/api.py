@@ -146,11 +146,32 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
     return diff(ref, cand, thresholds, progress=tick)
 
 
+def open_checked(path, allow_incomplete: bool = False):
+    """An open DumpReader (headers only), or InputError for a bad or incomplete dump."""
+    from .dump import open_dump
+
+    try:
+        reader = open_dump(path)
+    except DumpError as exc:
+        raise InputError(str(exc)) from None
+    if not reader.complete and not allow_incomplete:
+        reader.close()
+        raise InputError(f"{path}: capture is incomplete (interrupted); pass --allow-incomplete to diff it anyway")
+    return reader
+
+
 def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
                allow_incomplete: bool = False, progress: ProgressFn | None = None) -> Report:
-    """Offline diff of two dumps (no torch)."""
-    return compare_captures(load_dump(ref_path, allow_incomplete), load_dump(cand_path, allow_incomplete),
-                            thresholds, taps, progress)
+    """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps."""
+    from .stream import diff_readers
+
+    with open_checked(ref_path, allow_incomplete) as ref, open_checked(cand_path, allow_incomplete) as cand:
+        check_comparable(ref, cand)
+        tick = None if progress is None else (lambda done, total: progress("diff", done, total))
+        try:
+            return diff_readers(ref, cand, thresholds, tap_filter(taps) if taps else None, tick)
+        except DumpError as exc:
+            raise InputError(str(exc)) from None
 
 
 def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),

@@ -126,12 +126,14 @@ def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float, exact_d
 
 
 def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exact_dtypes: bool | None = None,
-         progress=None) -> Report:
+         progress=None, compare=compare_taps) -> Report:
     """Compare every tap of `cand` against `ref`, in the reference's execution order.
 
     `exact_dtypes` (default: whether both runs declare the same model dtype in their
     metadata) makes a tap whose dtype changed fail; a float32-vs-bfloat16 comparison
-    judges values only.  `progress(done, total)` is called after each tap."""
+    judges values only.  `progress(done, total)` is called after each tap.  `compare`
+    judges one pair (same signature as `compare_taps`): the streaming diff of two dumps
+    passes its own, over taps that are headers whose data stays on disk."""
     if exact_dtypes is None:
         exact_dtypes = ref.meta.get("dtype") == cand.meta.get("dtype")
     thresholds = thresholds or Thresholds()
@@ -143,7 +145,7 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
         threshold = thresholds.for_tap(tap.info.name, tap.key)
         other = cand_taps.pop(tap.key, None)
         if other is not None:
-            rows.append(compare_taps(tap, other, ref.layouts, cand.layouts, threshold, exact_dtypes))
+            rows.append(compare(tap, other, ref.layouts, cand.layouts, threshold, exact_dtypes))
             if progress is not None:
                 progress(len(rows), len(ref.taps))
             continue

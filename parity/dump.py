@@ -766,6 +766,18 @@ class DumpReader:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
         return array
 
+    def read_rows(self, key_or_index: str | int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along axis 0 of a tap (of at least one dimension)."""
+        i = self._resolve(key_or_index)
+        header = self.headers[i]
+        try:
+            if not header.shape:
+                raise _Bad("a 0-d tap has no rows")
+            chunk = np.asarray(self._dataset(i)[start:stop])
+        except Exception as e:
+            raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+        return chunk
+
     def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:
         """Yield a tap's array in slices of `rows` along axis 0 (a 0-d tap: once, whole)."""
         if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)) or rows <= 0:
