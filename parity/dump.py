@@ -29,7 +29,8 @@ Notes on the format:
   codec storage dtype.
 - `complete` is written False when the file is created and True only as the very last
   write of a successful capture; tap_count is written at close.  A writer flushes after
-  every tap, so a killed capture leaves a readable file with every tap written so far.
+  every tap (the background writer of `parity capture`: whenever it catches up, at least
+  every second), so a killed capture leaves a readable file with the taps flushed so far.
 - The file is written as `<path>.partial` (created exclusively, so two captures cannot
   write the same dump) and renamed to `<path>` at close.  A `.partial` file is always
   read as incomplete.
