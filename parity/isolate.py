@@ -25,6 +25,8 @@ from .records import Layout, Tap, TapInfo
 from .report import TapResult
 
 CallKey = tuple[str, int, "int | None"]  # (stack, layer, step)
+HINT_MIN_COS = 0.99  # a hint's alternative must be at least this close to the candidate ...
+HINT_RATIO = 5.0  # ... and this many times closer (in 1 - cos) than the reference is
 
 
 class IsolationError(Exception):
@@ -184,10 +186,15 @@ class PartResult:
     error: str | None = None
     hint: str | None = None
     narrowed: str | None = None  # the failing sub-part, e.g. rope inside qkv
+    ref_meta: dict = field(default_factory=dict)
+    cand_meta: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return self.error is None and bool(self.rows) and all(r.passed for r in self.rows)
+
+    def __bool__(self) -> bool:
+        return self.passed
 
     @property
     def worst(self) -> TapResult | None:
@@ -311,30 +318,35 @@ class Isolator:
         return None
 
     def _hint(self, unit: Unit, result: PartResult, cand_vals: dict) -> str | None:
-        """A diagnosis only when earned: the candidate's isolated output matches what a
-        known bug computes (within the tap's own threshold), clearly better than it matches
-        the reference, and that bug is distinguishable from the reference at all."""
+        """A diagnosis only when earned: the candidate's isolated output is close to what
+        a known bug computes on the reference's inputs (cos >= HINT_MIN_COS) and at least
+        HINT_RATIO times closer to it than to the reference (a lossy candidate, e.g. FP8,
+        matches neither exactly), and that bug is distinguishable from the reference."""
         call = self.ref.calls[unit.call]
         ref_vals = self.ref_values(unit.call)
         outputs = self.ref_adapter.outputs(unit.part)
+        cand_err = 1.0 - min((r.cos for r in result.rows if r.cos is not None and r.cos == r.cos), default=-1.0)
         best: tuple[float, str] | None = None
         for text, fn in self.ref_adapter.alternatives(unit.part, unit.stack):
             try:
                 alt = fn(call.module, call.args, call.kwargs, ref_vals)
             except Exception:  # noqa: BLE001 - an alternative that does not apply gives no hint
                 continue
-            alt_vals = {**ref_vals, **alt}
-            vs_alt = self._compare(unit, {k: v for k, v in outputs.items() if k in alt}, alt_vals, cand_vals)
+            compared = {k: c for k, c in outputs.items() if k in alt}
+            if not compared:
+                continue
+            vs_alt = self._compare(unit, compared, {**ref_vals, **alt}, cand_vals)
             ref_vs_alt = [compare_taps(self._tap(unit, c, ref_vals[k], self.ref_adapter.layout(unit.stack, k)),
                                        self._tap(unit, c, alt[k], self.ref_adapter.layout(unit.stack, k)),
-                                       self.ref.layouts, self.ref.layouts, r.threshold, False)
-                          for (k, c), r in zip(((k, c) for k, c in outputs.items() if k in alt), vs_alt)]
-            if not vs_alt or not all(r.passed for r in vs_alt) or all(r.passed for r in ref_vs_alt):
+                                       self.ref.layouts, self.ref.layouts, row.threshold, False)
+                          for (k, c), row in zip(compared.items(), vs_alt)]
+            if all(r.passed for r in ref_vs_alt):
+                continue  # the bug would not be visible: no evidence either way
+            alt_cos = min((r.cos for r in vs_alt if r.cos is not None), default=float("nan"))
+            if not alt_cos >= HINT_MIN_COS or (1.0 - alt_cos) * HINT_RATIO > cand_err:
                 continue
-            gain = min(r.cos for r in vs_alt)
-            cand_vs_ref = min((r.cos for r in result.rows if r.cos is not None), default=-1.0)
-            if 1.0 - gain < 0.5 * (1.0 - cand_vs_ref) and (best is None or gain > best[0]):
-                best = (gain, text)
+            if best is None or alt_cos > best[0]:
+                best = (alt_cos, f"{text} (cos {alt_cos:.6f} to it, {1.0 - cand_err:.6f} to the reference)")
         return None if best is None else best[1]
 
 

@@ -107,6 +107,15 @@ def banner(report: Report) -> Panel:
             lines.append(f"  still matching just before it: {upstream}\n", style="dim")
         if first.regions:
             lines.append(f"  by region: {regions_line(first)}\n", style="dim")
+        loc = report.localisation
+        if loc is not None:
+            if loc.introduced:
+                lines.append(f"INTRODUCED AT: {loc.introduced}\n", style="bold red")
+            lines.append(f"  isolation: {loc.line()}\n")
+            if loc.narrowed:
+                lines.append(f"  narrowed to: {loc.narrowed} (fails on its own inside {loc.introduced})\n")
+            if loc.hint:
+                lines.append(f"  hint: {loc.hint}\n", style="bold yellow")
     for p in report.problems:
         lines.append(f"FAIL: {p}\n", style="bold red")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
@@ -163,3 +172,24 @@ def all_taps_table(report: Report) -> Table:
                       Text(r.status if r.passed else f"{r.status}: {r.reason}",
                            style="green" if r.passed else "red"))
     return table
+
+
+def render_component(result) -> Group:
+    """`parity component`: the re-run part's outputs, one row each, and its verdict."""
+    parts = [run_header(result.ref_meta, result.cand_meta)]
+    if result.rows:
+        parts.append(layer_table(f"{result.unit.name} on the reference's inputs", result.rows))
+    text = Text()
+    if result.passed:
+        text.append(f"PASS: {result.unit.name} matches the reference on the reference's own inputs", style="bold green")
+        parts.append(Panel(text, border_style="green"))
+        return Group(*parts)
+    text.append(f"FAIL: {result.unit.name} introduces an error (fails on the reference's own inputs)\n",
+                style="bold red")
+    text.append(f"  {result.summary()}")
+    if result.narrowed:
+        text.append(f"\n  narrowed to: {result.narrowed} (fails on its own)")
+    if result.hint:
+        text.append(f"\n  hint: {result.hint}", style="bold yellow")
+    parts.append(Panel(text, border_style="red"))
+    return Group(*parts)

@@ -116,6 +116,7 @@ class Report:
     thresholds: dict = field(default_factory=dict)
     cand_error: CaptureError | None = None
     problems: list[str] = field(default_factory=list)  # run-level failures (nothing compared, ...)
+    localisation: Any = None  # parity.localise.Localisation: which component introduces the first divergence
 
     @property
     def first_divergence(self) -> TapResult | None:
@@ -156,6 +157,7 @@ class Report:
             "candidate_error": None if self.cand_error is None else {
                 "tap": self.cand_error.key, "type": self.cand_error.exc_type, "message": self.cand_error.message,
             },
+            "isolation": None if self.localisation is None else self.localisation.to_dict(),
             "taps": [r.to_dict() for r in self.rows],
         }
 
@@ -173,6 +175,8 @@ class Report:
         if err:
             info = next((r.info for r in rows if r.key == err.get("tap")), None)
             cand_error = CaptureError(err.get("tap"), info, err.get("type", "?"), err.get("message", ""))
+        from .localise import Localisation
+
         return cls(rows=rows, ref_meta=dict(d.get("ref") or {}), cand_meta=dict(d.get("cand") or {}),
                    thresholds=dict(d.get("thresholds") or {}), cand_error=cand_error,
-                   problems=list(d.get("problems") or []))
+                   problems=list(d.get("problems") or []), localisation=Localisation.from_dict(d.get("isolation")))

@@ -177,7 +177,7 @@ class Pi05Components:
             return fn
 
         if part == "attn":
-            out.append(("attention ignores the padding/camera mask (matches the reference computed without it)",
+            out.append(("attention ignores the padding/camera mask",
                         _unmasked))
             out.append(("attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim)", _scale_by_dim))
         if part in ("qkv", "rope") and stack != "vision":
