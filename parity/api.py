@@ -122,7 +122,7 @@ def check_comparable(ref: Capture, cand: Capture) -> None:
 
 
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
-                     taps: str | None = None, progress: ProgressFn | None = None) -> Report:
+                     taps: str | None = None, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
     check_comparable(ref, cand)
     if taps:
         keep = tap_filter(taps)
@@ -131,17 +131,17 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
         cand = Capture([t for t in cand.taps if keep(t.info.name, t.key)], cand.layouts, cand.meta, cand.error,
                        cand.complete)
     tick = None if progress is None else (lambda done, total: progress("diff", done, total))
-    return diff(ref, cand, thresholds, progress=tick)
+    return diff(ref, cand, thresholds, progress=tick, chunk=chunk)
 
 
 def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
-               allow_incomplete: bool = False, progress: ProgressFn | None = None) -> Report:
+               allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
     """Offline diff of two dumps (no torch).  Dumps hold taps, not the models that made
     them, so the first divergence cannot be re-run in isolation: the report says so."""
     from .localise import OFFLINE_NOTE, Localisation
 
     report = compare_captures(load_dump(ref_path, allow_incomplete), load_dump(cand_path, allow_incomplete),
-                              thresholds, taps, progress)
+                              thresholds, taps, progress, chunk)
     if report.first_divergence is not None:
         report.localisation = Localisation(note=OFFLINE_NOTE)
     return report
@@ -149,7 +149,7 @@ def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: 
 
 def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
               thresholds: Thresholds | None = None, taps: str | None = None,
-              progress: ProgressFn | None = None, isolate: bool = True) -> Report:
+              progress: ProgressFn | None = None, isolate: bool = True, chunk: int | None = None) -> Report:
     """Build both backends from the same options (same weights, inputs and noise), inject
     `faults` into the candidate only, run both and compare.  With `isolate`, a failing
     diff re-runs the first failing component on the reference's inputs and walks
@@ -160,7 +160,7 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     cand_backend = _build(cand, replace(options, faults=tuple(faults)))
     ref_cap = capture_live(ref_backend, options, taps, progress)
     cand_cap = capture_live(cand_backend, options, taps, progress)
-    report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress)
+    report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
     if isolate and report.first_divergence is not None:
         report.localisation = localise_live(report, ref_backend, cand_backend, thresholds)
     return report

@@ -124,6 +124,12 @@ def diff_cmd(
                                                                  "(input of `parity report`)."),
     show_all: bool = typer.Option(False, "--all", help="Also list every tap with all metrics."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Diff interrupted captures too."),
+    by_region: bool = typer.Option(False, "--by-region", help="Print the failing taps' error per token region "
+                                                              "(cameras, text, actions)."),
+    by_token: Optional[int] = typer.Option(None, "--by-token", help="Print the failing taps' error per chunk of "
+                                                                    "CHUNK canonical token positions.", min=1),
+    no_isolate: bool = typer.Option(False, "--no-isolate", help="Live diffs: do not re-run the first failing "
+                                                                "component on the reference's inputs."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
@@ -155,7 +161,8 @@ def diff_cmd(
                     _fail_input("a live diff needs both --ref and --cand")
                 options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
                                    padding=padding, seq_len=seq_len)
-                report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress)
+                report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress,
+                                   isolate=not no_isolate, chunk=by_token)
             else:
                 if not dumps or len(dumps) != 2:
                     _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
@@ -163,10 +170,10 @@ def diff_cmd(
                     _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
                 if weights is not None:
                     _fail_input("--weights applies to live backends; capture each dump with `parity capture --weights`")
-                report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress)
+                report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress, by_token)
     except InputError as exc:
         _fail_input(str(exc))
-    _console().print(render_report(report, show_all=show_all))
+    _console().print(render_report(report, show_all=show_all, by_region=by_region, by_token=by_token is not None))
     _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
 

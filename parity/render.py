@@ -12,7 +12,7 @@ from rich.text import Text
 
 from .report import Report, TapResult
 from .series import worst as _worst
-from .summary import regions_line, side_label
+from .summary import concentration, heads_line, regions_line, side_label
 from .summary import upstream_matches as _upstream_matches
 
 OK, BAD = "✓", "✗"
@@ -107,6 +107,11 @@ def banner(report: Report) -> Panel:
             lines.append(f"  still matching just before it: {upstream}\n", style="dim")
         if first.regions:
             lines.append(f"  by region: {regions_line(first)}\n", style="dim")
+        words = concentration(first)
+        if words:
+            lines.append(f"  where: {words}\n")
+        if first.heads and not first.passed:
+            lines.append(f"  by head: {heads_line(first)}\n", style="dim")
         loc = report.localisation
         if loc is not None:
             if loc.introduced:
@@ -144,7 +149,40 @@ def run_header(r: dict, c: dict) -> Text:
     return text
 
 
-def render_report(report: Report, show_all: bool = False) -> Group:
+def breakdown_table(report: Report, field: str, title: str, limit: int = 24) -> Table | None:
+    """Failing taps (first `limit`, execution order) against their token regions
+    (`field="regions"`) or chunks (`"chunks"`): cosine per cell, ✗ below the tap's threshold."""
+    rows = [r for r in report.rows if not r.passed and getattr(r, field)]
+    if not rows:
+        return None
+    cols: list[str] = []
+    for r in rows:
+        for k in getattr(r, field):
+            if k not in cols:
+                cols.append(k)
+    shown = rows[:limit]
+    more = f"  (first {limit} of {len(rows)} failing taps)" if len(rows) > limit else ""
+    table = Table(title=title + more, title_justify="left", pad_edge=False)
+    table.add_column("tap")
+    for c in cols:
+        table.add_column(c)
+    if field == "regions":
+        table.add_column("where")
+    for r in shown:
+        cells = []
+        for c in cols:
+            m = getattr(r, field).get(c)
+            if m is None or m.n == 0:
+                cells.append(Text(""))
+                continue
+            ok = m.cos >= r.threshold
+            cells.append(Text(f"{m.cos:.4f} {OK if ok else BAD}", style="green" if ok else "red"))
+        extra = [Text(concentration(r, short=True) or "", style="dim")] if field == "regions" else []
+        table.add_row(r.key, *cells, *extra)
+    return table
+
+
+def render_report(report: Report, show_all: bool = False, by_region: bool = False, by_token: bool = False) -> Group:
     parts = [header(report)]
     by_stack: dict[str, list[TapResult]] = {}
     others: list[TapResult] = []
@@ -156,6 +194,12 @@ def render_report(report: Report, show_all: bool = False) -> Group:
         parts.append(other_table(others))
     if show_all:
         parts.append(all_taps_table(report))
+    if by_region:
+        table = breakdown_table(report, "regions", "by token region (cos per region)")
+        parts.append(table if table is not None else Text("by region: no failing tap has token regions"))
+    if by_token:
+        table = breakdown_table(report, "chunks", "by token chunk (cos per chunk of canonical positions)")
+        parts.append(table if table is not None else Text("by token: no failing tap has a token layout"))
     parts.append(banner(report))
     return Group(*parts)
 

@@ -33,6 +33,8 @@ class TapResult:
     ref_dtype: str | None = None
     cand_dtype: str | None = None
     regions: dict[str, Metrics] = field(default_factory=dict)  # per named token region, if the layout has any
+    chunks: dict[str, Metrics] = field(default_factory=dict)  # per chunk of canonical positions, if asked
+    heads: list[Metrics] = field(default_factory=list)  # per attention head, for [tokens, heads, dim] taps
 
     @property
     def passed(self) -> bool:
@@ -73,6 +75,8 @@ class TapResult:
             "cand_dtype": self.cand_dtype,
             "n": m.n if m else None,
             "regions": {name: _metrics_dict(rm) for name, rm in self.regions.items()},
+            **({"chunks": {name: _metrics_dict(cm) for name, cm in self.chunks.items()}} if self.chunks else {}),
+            **({"heads": [_metrics_dict(hm) for hm in self.heads]} if self.heads else {}),
         }
 
     @classmethod
@@ -87,7 +91,9 @@ class TapResult:
                    ref_shape=tuple(d["ref_shape"]) if d.get("ref_shape") else None,
                    cand_shape=tuple(d["cand_shape"]) if d.get("cand_shape") else None,
                    ref_dtype=d.get("ref_dtype"), cand_dtype=d.get("cand_dtype"),
-                   regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()})
+                   regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()},
+                   chunks={k: _metrics_from(v) for k, v in (d.get("chunks") or {}).items()},
+                   heads=[_metrics_from(v) for v in (d.get("heads") or [])])
 
 
 def _metrics_dict(m: Metrics) -> dict[str, Any]:
