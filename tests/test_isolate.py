@@ -183,3 +183,14 @@ def test_offline_diff_says_isolation_needs_live_backends(tmp_path):
     assert run("capture", "--backend", "flash", "--inject", "silu", "-o", str(cand), "--taps", "prefix.*")[0] == 0
     code, out = run("diff", str(ref), str(cand))
     assert code == 1 and "isolation needs live backends" in out
+
+
+def test_readme_shows_what_the_commands_print():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Localising"):text.index("## Canonical tap names")]
+    for needle in ("INTRODUCED AT: prefix.2.input_norm", "FAIL: prefix.0.mlp introduces an error",
+                   "hint: RMSNorm weight offset", "wrong activation (SiLU vs GELU-tanh)", "by token region",
+                   "by token chunk", "where: uniform across tokens"):
+        assert needle in section, needle
