@@ -97,3 +97,17 @@ def concentration(row: TapResult, short: bool = False) -> str | None:
 def heads_line(row: TapResult) -> str:
     """Per-head cosine of a [tokens, heads, dim] tap, e.g. `h0 cos=1.000000 | h1 cos=0.41`."""
     return " | ".join(f"h{i} cos={fmt(m.cos)}" for i, m in enumerate(row.heads))
+
+
+def localisation_lines(report: Report) -> list[str]:
+    """The isolation verdict in words: introducing component, walk, sub-part, hint."""
+    loc = report.localisation
+    if loc is None:
+        return []
+    out = [f"introduced at: {loc.introduced}"] if loc.introduced else []
+    out.append(f"isolation: {loc.line()}")
+    if loc.narrowed:
+        out.append(f"narrowed to: {loc.narrowed}")
+    if loc.hint:
+        out.append(f"hint: {loc.hint}")
+    return out
