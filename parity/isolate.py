@@ -171,8 +171,11 @@ def relayout(src: torch.Tensor, src_layout: Layout, dst_layout: Layout, fill: to
     out = fill.clone()
     dr, dc = np.divmod(dst_flat, T2)
     sr, sc = np.divmod(src_flat, T1)
-    idx = lambda a: torch.as_tensor(a, device=src.device)  # noqa: E731
-    out[idx(dr).to(out.device), idx(dc).to(out.device)] = src[idx(sr), idx(sc)].to(out.device, out.dtype)
+    def idx(a, device):
+        return torch.as_tensor(a, device=device)
+
+    out[idx(dr, out.device), idx(dc, out.device)] = src[idx(sr, src.device), idx(sc, src.device)].to(out.device,
+                                                                                                    out.dtype)
     return out
 
 
