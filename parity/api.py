@@ -158,23 +158,38 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
 
     ref_backend = _build(ref, replace(options, faults=()))
     cand_backend = _build(cand, replace(options, faults=tuple(faults)))
-    ref_cap = capture_live(ref_backend, options, taps, progress)
-    cand_cap = capture_live(cand_backend, options, taps, progress)
+    ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
+    cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
     report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
     if isolate and report.first_divergence is not None:
-        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds)
+        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds, (ref_log, cand_log))
     return report
 
 
+def _capture_recording(backend: Backend, options: BackendOptions, taps, progress, record: bool):
+    """A capture, and (when asked and the model allows) the layer calls of the same run,
+    so isolating needs no second run."""
+    if not record or getattr(backend.probe, "components", None) is None:
+        return capture_live(backend, options, taps, progress), None
+    from .isolate import CallRecorder
+
+    if not CallRecorder.reusable(backend):
+        return capture_live(backend, options, taps, progress), None
+    with CallRecorder(backend) as rec:
+        cap = capture_live(backend, options, taps, progress)
+    error = None if cap.error is None else f"{cap.error.exc_type}: {cap.error.message}"
+    return cap, rec.log(error)
+
+
 def localise_live(report: Report, ref_backend: Backend, cand_backend: Backend,
-                  thresholds: Thresholds | None = None):
+                  thresholds: Thresholds | None = None, logs=(None, None)):
     """Which component introduces the report's first divergence (a Localisation)."""
     from .isolate import IsolationError, Isolator
     from .localise import Localisation, localise
 
     try:
         return localise(report, Isolator(ref_backend, cand_backend, thresholds,
-                                         report.thresholds.get("exact_dtypes")))
+                                         report.thresholds.get("exact_dtypes"), logs))
     except IsolationError as exc:
         return Localisation(note=str(exc))
 

@@ -112,39 +112,69 @@ def adapter_of(backend) -> ComponentAdapter:
     return adapter
 
 
+class CallRecorder:
+    """Pre-hooks on every layer module keeping each call's arguments, only inside a
+    `with` block (removed in `finally`).  Nothing is copied: under inference mode no
+    layer input is changed in place afterwards.  Can wrap a tap capture, so the same run
+    serves the diff and the isolation, except for a model whose `parity_static_buffers`
+    is true (it replays captured execution, e.g. CUDA graphs: the arguments seen while
+    capturing are buffers overwritten later): it is recorded in a run of its own."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.adapter = adapter_of(backend)
+        self.calls: dict[CallKey, LayerCall] = {}
+        self.handles: list = []
+
+    @staticmethod
+    def reusable(backend) -> bool:
+        return not getattr(backend.model, "parity_static_buffers", False)
+
+    def __enter__(self) -> "CallRecorder":
+        pattern = re.compile(self.adapter.layer_pattern)
+        counts: dict[str, int] = {}
+
+        def hook_for(qualified: str, stack: str, layer: int):
+            def pre(module, args, kwargs):
+                n = counts.get(qualified, 0)
+                counts[qualified] = n + 1
+                step = n if stack in self.adapter.stepped else None
+                self.calls[(stack, layer, step)] = LayerCall(module, args, dict(kwargs), len(self.calls))
+            return pre
+
+        try:
+            for qualified, module in self.backend.model.named_modules():
+                m = pattern.fullmatch(qualified)
+                if m is not None:
+                    self.handles.append(module.register_forward_pre_hook(
+                        hook_for(qualified, m.group("stack"), int(m.group("layer"))), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def log(self, error: str | None = None) -> CallLog:
+        return CallLog(dict(self.calls), dict(self.backend.layouts()), dict(self.backend.meta), error)
+
+
 def record_calls(backend) -> CallLog:
-    """Run the backend once, keeping every layer call's arguments (hooks removed in
-    `finally`).  Nothing is copied: under inference mode no layer input is changed in
-    place afterwards.  A candidate that raises keeps the calls made before."""
-    adapter = adapter_of(backend)
-    pattern = re.compile(adapter.layer_pattern)
-    calls: dict[CallKey, LayerCall] = {}
-    counts: dict[str, int] = {}
-    handles = []
-
-    def hook_for(qualified: str, stack: str, layer: int):
-        def pre(module, args, kwargs):
-            n = counts.get(qualified, 0)
-            counts[qualified] = n + 1
-            step = n if stack in adapter.stepped else None
-            calls[(stack, layer, step)] = LayerCall(module, args, dict(kwargs), len(calls))
-        return pre
-
+    """Run the backend once, keeping every layer call's arguments.  A candidate that
+    raises keeps the calls made before."""
     error = None
-    try:
-        for qualified, module in backend.model.named_modules():
-            m = pattern.fullmatch(qualified)
-            if m is not None:
-                handles.append(module.register_forward_pre_hook(
-                    hook_for(qualified, m.group("stack"), int(m.group("layer"))), with_kwargs=True))
+    with CallRecorder(backend) as rec:
         try:
             backend.run()
         except Exception as exc:  # noqa: BLE001 - a candidate that raises is a finding
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    finally:
-        for h in handles:
-            h.remove()
-    return CallLog(calls, dict(backend.layouts()), dict(backend.meta), error)
+    return rec.log(error)
 
 
 def relayout(src: torch.Tensor, src_layout: Layout, dst_layout: Layout, fill: torch.Tensor) -> torch.Tensor:
@@ -226,9 +256,11 @@ class Isolator:
     reference's layer values are computed once per layer call and reused."""
 
     def __init__(self, ref_backend, cand_backend, thresholds: Thresholds | None = None,
-                 exact_dtypes: bool | None = None):
+                 exact_dtypes: bool | None = None, logs: tuple[CallLog | None, CallLog | None] = (None, None)):
+        """`logs`: calls already recorded (during the diff's own runs); None = run now."""
         self.ref_adapter, self.cand_adapter = adapter_of(ref_backend), adapter_of(cand_backend)
-        self.ref, self.cand = record_calls(ref_backend), record_calls(cand_backend)
+        self.ref = logs[0] if logs[0] is not None else record_calls(ref_backend)
+        self.cand = logs[1] if logs[1] is not None else record_calls(cand_backend)
         if self.ref.error:
             raise IsolationError(f"the reference raised: {self.ref.error}")
         self.thresholds = thresholds or Thresholds()

@@ -383,6 +383,12 @@ class Pi05Policy(nn.Module):
         mods = torch.nn.functional.linear(conds, weight, bias).reshape(S, B, -1)
         return conds.reshape(S, B, -1), mods.chunk(len(norms), dim=-1)
 
+    @property
+    def parity_static_buffers(self) -> bool:
+        """Told to parity's isolation: layer calls made while a CUDA graph is captured see
+        static buffers, so it records them in a run of its own."""
+        return self.graphed is not None
+
     def parity_instrumented(self, active: bool) -> None:
         """Called by parity's Recorder as taps are installed and removed: a captured CUDA
         graph is dropped so that the next call re-captures it with the tap copies inside."""
