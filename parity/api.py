@@ -134,7 +134,7 @@ def check_comparable(ref: Capture, cand: Capture) -> None:
 
 
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
-                     taps: str | None = None, progress: ProgressFn | None = None) -> Report:
+                     taps: str | None = None, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
     check_comparable(ref, cand)
     if taps:
         keep = tap_filter(taps)
@@ -143,7 +143,7 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
         cand = Capture([t for t in cand.taps if keep(t.info.name, t.key)], cand.layouts, cand.meta, cand.error,
                        cand.complete)
     tick = None if progress is None else (lambda done, total: progress("diff", done, total))
-    return diff(ref, cand, thresholds, progress=tick)
+    return diff(ref, cand, thresholds, progress=tick, chunk=chunk)
 
 
 def open_checked(path, allow_incomplete: bool = False):
@@ -161,29 +161,96 @@ def open_checked(path, allow_incomplete: bool = False):
 
 
 def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
-               allow_incomplete: bool = False, progress: ProgressFn | None = None) -> Report:
-    """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps."""
+               allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
+    """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps.
+    Dumps hold taps, not the models that made them, so the first divergence cannot be
+    re-run in isolation: the report says so."""
+    from .localise import OFFLINE_NOTE, Localisation
     from .stream import diff_readers
 
     with open_checked(ref_path, allow_incomplete) as ref, open_checked(cand_path, allow_incomplete) as cand:
         check_comparable(ref, cand)
         tick = None if progress is None else (lambda done, total: progress("diff", done, total))
         try:
-            return diff_readers(ref, cand, thresholds, tap_filter(taps) if taps else None, tick)
+            report = diff_readers(ref, cand, thresholds, tap_filter(taps) if taps else None, tick, chunk)
         except DumpError as exc:
             raise InputError(str(exc)) from None
+    if report.first_divergence is not None:
+        report.localisation = Localisation(note=OFFLINE_NOTE)
+    return report
 
 
 def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
               thresholds: Thresholds | None = None, taps: str | None = None,
-              progress: ProgressFn | None = None) -> Report:
+              progress: ProgressFn | None = None, isolate: bool = True, chunk: int | None = None) -> Report:
     """Build both backends from the same options (same weights, inputs and noise), inject
-    `faults` into the candidate only, run both and compare."""
+    `faults` into the candidate only, run both and compare.  With `isolate`, a failing
+    diff re-runs the first failing component on the reference's inputs and walks
+    upstream to the component that introduces the error (`report.localisation`)."""
     from dataclasses import replace
 
-    ref_cap = capture_live(ref, replace(options, faults=()), taps, progress)
-    cand_cap = capture_live(cand, replace(options, faults=tuple(faults)), taps, progress)
-    return compare_captures(ref_cap, cand_cap, thresholds, progress=progress)
+    ref_backend = _build(ref, replace(options, faults=()))
+    cand_backend = _build(cand, replace(options, faults=tuple(faults)))
+    ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
+    cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
+    report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
+    if isolate and report.first_divergence is not None:
+        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds, (ref_log, cand_log))
+    return report
+
+
+def _capture_recording(backend: Backend, options: BackendOptions, taps, progress, record: bool):
+    """A capture, and (when asked and the model allows) the layer calls of the same run,
+    so isolating needs no second run."""
+    if not record or getattr(backend.probe, "components", None) is None:
+        return capture_live(backend, options, taps, progress), None
+    from .isolate import CallRecorder
+
+    if not CallRecorder.reusable(backend):
+        return capture_live(backend, options, taps, progress), None
+    with CallRecorder(backend) as rec:
+        cap = capture_live(backend, options, taps, progress)
+    error = None if cap.error is None else f"{cap.error.exc_type}: {cap.error.message}"
+    return cap, rec.log(error)
+
+
+def localise_live(report: Report, ref_backend: Backend, cand_backend: Backend,
+                  thresholds: Thresholds | None = None, logs=(None, None)):
+    """Which component introduces the report's first divergence (a Localisation)."""
+    from .isolate import IsolationError, Isolator
+    from .localise import Localisation, localise
+
+    try:
+        return localise(report, Isolator(ref_backend, cand_backend, thresholds,
+                                         report.thresholds.get("exact_dtypes"), logs))
+    except IsolationError as exc:
+        return Localisation(note=str(exc))
+
+
+def isolate_component(ref: str | Backend, cand: str | Backend, options: BackendOptions, stack: str, layer: int,
+                      part: str, step: int | None = None, faults: tuple[str, ...] = (),
+                      thresholds: Thresholds | None = None):
+    """Run one component (`part` of `stack` layer `layer`, at denoise `step`) of the
+    reference and of the candidate on the reference's own inputs and compare the outputs
+    (a PartResult, truthy via `.passed`).  Bad requests raise InputError."""
+    from dataclasses import replace
+
+    from .isolate import IsolationError, Isolator, Unit
+
+    ref_backend = _build(ref, replace(options, faults=()))
+    cand_backend = _build(cand, replace(options, faults=tuple(faults)))
+    try:
+        isolator = Isolator(ref_backend, cand_backend, thresholds)
+        if step is None and stack in isolator.ref_adapter.stepped:
+            step = 0
+        if step is not None and stack not in isolator.ref_adapter.stepped:
+            raise IsolationError(f"stack {stack} runs once per inference: --step applies to "
+                                 f"{', '.join(sorted(isolator.ref_adapter.stepped))}")
+        result = isolator.isolate(Unit(stack, layer, step, part))
+    except IsolationError as exc:
+        raise InputError(str(exc)) from None
+    result.ref_meta, result.cand_meta = isolator.ref.meta, isolator.cand.meta
+    return result
 
 
 def make_thresholds(min_cos: float = 0.999,

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump, weights_live
+from .api import InputError, capture_to_dump, diff_dumps, diff_live, isolate_component, load_dump, weights_live
 from .backends import BackendOptions
 from .diff import Thresholds
 from .settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
@@ -124,6 +124,12 @@ def diff_cmd(
                                                                  "(input of `parity report`)."),
     show_all: bool = typer.Option(False, "--all", help="Also list every tap with all metrics."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Diff interrupted captures too."),
+    by_region: bool = typer.Option(False, "--by-region", help="Print the failing taps' error per token region "
+                                                              "(cameras, text, actions)."),
+    by_token: Optional[int] = typer.Option(None, "--by-token", help="Print the failing taps' error per chunk of "
+                                                                    "CHUNK canonical token positions.", min=1),
+    no_isolate: bool = typer.Option(False, "--no-isolate", help="Live diffs: do not re-run the first failing "
+                                                                "component on the reference's inputs."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
@@ -155,7 +161,8 @@ def diff_cmd(
                     _fail_input("a live diff needs both --ref and --cand")
                 options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
                                    padding=padding, seq_len=seq_len)
-                report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress)
+                report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress,
+                                   isolate=not no_isolate, chunk=by_token)
             else:
                 if not dumps or len(dumps) != 2:
                     _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
@@ -163,12 +170,55 @@ def diff_cmd(
                     _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
                 if weights is not None:
                     _fail_input("--weights applies to live backends; capture each dump with `parity capture --weights`")
-                report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress)
+                report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress, by_token)
     except InputError as exc:
         _fail_input(str(exc))
-    _console().print(render_report(report, show_all=show_all))
+    _console().print(render_report(report, show_all=show_all, by_region=by_region, by_token=by_token is not None))
     _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
+
+
+@app.command("component")
+def component_cmd(
+    ref: str = typer.Option(..., "--ref", help="Reference backend, e.g. pytorch."),
+    cand: str = typer.Option(..., "--cand", help="Candidate backend, e.g. flash_fp8."),
+    layer: int = typer.Option(..., "--layer", help="Layer index within the stack."),
+    part: str = typer.Option(..., "--part", help="input_norm, qkv (projections + RoPE), rope, attn (attention "
+                                                 "core, real mask), o_proj, post_attn_norm, mlp or layer."),
+    stack: str = typer.Option("prefix", "--stack", help="Stack of the layer: prefix, expert or vision (pi0.5)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Denoise step, for stacks run once per step "
+                                                            "(default 0)."),
+    inject: Optional[List[str]] = InjectOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    batch: int = BatchOpt, weights: Optional[Path] = WeightsOpt,
+    min_cos: float = typer.Option(DEFAULT_MIN_COS, "--min-cos", help="Minimum cosine similarity per output."),
+    threshold: Optional[List[str]] = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, "
+                                                                            "GLOB=VALUE, e.g. '*.mlp=0.99'."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result here."),
+) -> None:
+    """Run one component of the reference and of the candidate on the reference's own
+    inputs (so no upstream error can leak in) and compare the outputs: exit 1 means the
+    candidate's component itself is wrong.
+
+    Example: parity component --ref pytorch --cand flash_fp8 --inject silu --layer 0 --part mlp
+
+    Example: parity component --ref pytorch --cand flash --stack expert --step 3 --layer 1 --part attn
+    """
+    from .render import render_component
+
+    try:
+        thresholds = Thresholds.parse(min_cos, threshold or [])
+    except ValueError as exc:
+        _fail_input(str(exc))
+    try:
+        result = isolate_component(ref, cand, _options(config, seed, device, dtype, batch, weights=weights), stack,
+                                   layer, part, step, _faults(inject), thresholds)
+    except InputError as exc:
+        _fail_input(str(exc))
+    _console().print(render_component(result))
+    _write_json(json_out, {"format": "parity-component", "format_version": 1, **result.to_dict(),
+                           "ref": result.ref_meta, "cand": result.cand_meta})
+    raise typer.Exit(EXIT_PASS if result else EXIT_FAIL)
 
 
 ThresholdOpt = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; last "

@@ -75,7 +75,7 @@ def _layout_of(tap: Tap, layouts: dict, side: str) -> Layout | None:
 
 
 def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float,
-                 exact_dtypes: bool = True) -> TapResult:
+                 exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
     base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
                 ref_dtype=ref.dtype, cand_dtype=cand.dtype)
     try:
@@ -94,9 +94,32 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
     except ValueError as exc:
         return TapResult(status="dtype", reason=f"cannot decode: {exc}", **base)
     metrics = compare(r64, c64)
-    regions = region_metrics(r64, c64, r_idx, _layout_of(ref, ref_layouts, "reference"))
+    layout = _layout_of(ref, ref_layouts, "reference")
+    regions = region_metrics(r64, c64, r_idx, layout)
+    chunks = chunk_metrics(r64, c64, r_idx, layout, chunk) if chunk else {}
     verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
-    return TapResult(metrics=metrics, regions=regions, **verdict, **base)
+    return TapResult(metrics=metrics, regions=regions, chunks=chunks, heads=head_metrics(r64, c64, r_idx),
+                     **verdict, **base)
+
+
+def chunk_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None,
+                  size: int) -> dict:
+    """Metrics per chunk of `size` canonical positions ("0-15", "16-31", ...), the seed's
+    per-chunk table: where along the sequence an error lives, region names or not."""
+    if layout is None or idx is None:
+        return {}
+    pos = idx % layout.length
+    which = pos // size
+    return {f"{k * size}-{min((k + 1) * size, layout.length) - 1}": compare(r64[which == k], c64[which == k])
+            for k in np.unique(which)}
+
+
+def head_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None) -> list:
+    """Per attention head, for token tensors whose features are [heads, head_dim] (q, k, v
+    as the attention core sees them): which heads carry the error."""
+    if idx is None or r64.ndim != 3 or r64.shape[1] < 2:
+        return []
+    return [compare(r64[:, h], c64[:, h]) for h in range(r64.shape[1])]
 
 
 def region_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None) -> dict:
@@ -126,14 +149,15 @@ def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float, exact_d
 
 
 def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exact_dtypes: bool | None = None,
-         progress=None, compare=compare_taps) -> Report:
+         progress=None, compare=compare_taps, chunk: int | None = None) -> Report:
     """Compare every tap of `cand` against `ref`, in the reference's execution order.
 
     `exact_dtypes` (default: whether both runs declare the same model dtype in their
     metadata) makes a tap whose dtype changed fail; a float32-vs-bfloat16 comparison
     judges values only.  `progress(done, total)` is called after each tap.  `compare`
     judges one pair (same signature as `compare_taps`): the streaming diff of two dumps
-    passes its own, over taps that are headers whose data stays on disk."""
+    passes its own, over taps that are headers whose data stays on disk.  `chunk`: also
+    break each tap down by chunks of that many canonical token positions."""
     if exact_dtypes is None:
         exact_dtypes = ref.meta.get("dtype") == cand.meta.get("dtype")
     thresholds = thresholds or Thresholds()
@@ -145,7 +169,7 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
         threshold = thresholds.for_tap(tap.info.name, tap.key)
         other = cand_taps.pop(tap.key, None)
         if other is not None:
-            rows.append(compare(tap, other, ref.layouts, cand.layouts, threshold, exact_dtypes))
+            rows.append(compare(tap, other, ref.layouts, cand.layouts, threshold, exact_dtypes, chunk))
             if progress is not None:
                 progress(len(rows), len(ref.taps))
             continue

@@ -10,7 +10,7 @@ from html import escape
 
 from .report import Report, TapResult
 from .series import StackSeries, stack_level, stack_series
-from .summary import counts_line, fmt, fmt_g, headline, regions_line, side_label, upstream_matches, where
+from .summary import counts_line, fmt, fmt_g, headline, localisation_lines, regions_line, side_label, upstream_matches, where
 from .svg import Mark, line_chart
 
 CSS = """
@@ -54,6 +54,8 @@ def banner(report: Report) -> str:
             lines.append(f'<div class="muted">still matching just before it: {escape(up)}</div>')
         if first.regions:
             lines.append(f'<div class="muted">by region: {escape(regions_line(first))}</div>')
+        for text in localisation_lines(report):
+            lines.append(f"<div>{escape(text)}</div>")
     for p in report.problems:
         lines.append(f"<div>FAIL: {escape(p)}</div>")
     lines.append(f'<div class="muted">{escape(counts_line(report))}</div>')

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .report import Report, TapResult
 from .series import stack_level, stack_series
-from .summary import counts_line, fmt, fmt_g, headline, regions_line, side_label, upstream_matches, where
+from .summary import counts_line, fmt, fmt_g, headline, localisation_lines, regions_line, side_label, upstream_matches, where
 
 MAX_FAILING = 50
 
@@ -37,6 +37,8 @@ def render_markdown(report: Report) -> str:
             lines.append(f"> still matching just before it: {_esc(up)}  ")
         if first.regions:
             lines.append(f"> by region: {_esc(regions_line(first))}  ")
+        for text in localisation_lines(report):
+            lines.append(f"> {_esc(text)}  ")
         lines.append("")
     for p in report.problems:
         lines.append(f"- FAIL: {_esc(p)}")

@@ -74,8 +74,12 @@ def _name(stack: str, layer: int | None, component: str) -> str:
 
 @dataclass(frozen=True)
 class Probe:
+    """An architecture's taps (`rules`) and, optionally, its component adapter: how to
+    re-run one part of a layer on its own (`parity.isolate.ComponentAdapter`)."""
+
     arch: str
     rules: tuple[TapRule, ...]
+    components: object | None = None
 
     def tap_for(self, module_name: str):
         """(rule, layer, component, canonical name) of a module's first output rule, or None."""

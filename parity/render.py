@@ -12,7 +12,7 @@ from rich.text import Text
 
 from .report import Report, TapResult
 from .series import worst as _worst
-from .summary import regions_line, side_label
+from .summary import concentration, heads_line, regions_line, side_label
 from .summary import upstream_matches as _upstream_matches
 
 OK, BAD = "✓", "✗"
@@ -107,6 +107,20 @@ def banner(report: Report) -> Panel:
             lines.append(f"  still matching just before it: {upstream}\n", style="dim")
         if first.regions:
             lines.append(f"  by region: {regions_line(first)}\n", style="dim")
+        words = concentration(first)
+        if words:
+            lines.append(f"  where: {words}\n")
+        if first.heads and not first.passed:
+            lines.append(f"  by head: {heads_line(first)}\n", style="dim")
+        loc = report.localisation
+        if loc is not None:
+            if loc.introduced:
+                lines.append(f"INTRODUCED AT: {loc.introduced}\n", style="bold red")
+            lines.append(f"  isolation: {loc.line()}\n")
+            if loc.narrowed:
+                lines.append(f"  narrowed to: {loc.narrowed} (fails on its own inside {loc.introduced})\n")
+            if loc.hint:
+                lines.append(f"  hint: {loc.hint}\n", style="bold yellow")
     for p in report.problems:
         lines.append(f"FAIL: {p}\n", style="bold red")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
@@ -135,7 +149,40 @@ def run_header(r: dict, c: dict) -> Text:
     return text
 
 
-def render_report(report: Report, show_all: bool = False) -> Group:
+def breakdown_table(report: Report, field: str, title: str, limit: int = 24) -> Table | None:
+    """Failing taps (first `limit`, execution order) against their token regions
+    (`field="regions"`) or chunks (`"chunks"`): cosine per cell, ✗ below the tap's threshold."""
+    rows = [r for r in report.rows if not r.passed and getattr(r, field)]
+    if not rows:
+        return None
+    cols: list[str] = []
+    for r in rows:
+        for k in getattr(r, field):
+            if k not in cols:
+                cols.append(k)
+    shown = rows[:limit]
+    more = f"  (first {limit} of {len(rows)} failing taps)" if len(rows) > limit else ""
+    table = Table(title=title + more, title_justify="left", pad_edge=False)
+    table.add_column("tap")
+    for c in cols:
+        table.add_column(c)
+    if field == "regions":
+        table.add_column("where")
+    for r in shown:
+        cells = []
+        for c in cols:
+            m = getattr(r, field).get(c)
+            if m is None or m.n == 0:
+                cells.append(Text(""))
+                continue
+            ok = m.cos >= r.threshold
+            cells.append(Text(f"{m.cos:.4f} {OK if ok else BAD}", style="green" if ok else "red"))
+        extra = [Text(concentration(r, short=True) or "", style="dim")] if field == "regions" else []
+        table.add_row(r.key, *cells, *extra)
+    return table
+
+
+def render_report(report: Report, show_all: bool = False, by_region: bool = False, by_token: bool = False) -> Group:
     parts = [header(report)]
     by_stack: dict[str, list[TapResult]] = {}
     others: list[TapResult] = []
@@ -147,6 +194,12 @@ def render_report(report: Report, show_all: bool = False) -> Group:
         parts.append(other_table(others))
     if show_all:
         parts.append(all_taps_table(report))
+    if by_region:
+        table = breakdown_table(report, "regions", "by token region (cos per region)")
+        parts.append(table if table is not None else Text("by region: no failing tap has token regions"))
+    if by_token:
+        table = breakdown_table(report, "chunks", "by token chunk (cos per chunk of canonical positions)")
+        parts.append(table if table is not None else Text("by token: no failing tap has a token layout"))
     parts.append(banner(report))
     return Group(*parts)
 
@@ -163,3 +216,24 @@ def all_taps_table(report: Report) -> Table:
                       Text(r.status if r.passed else f"{r.status}: {r.reason}",
                            style="green" if r.passed else "red"))
     return table
+
+
+def render_component(result) -> Group:
+    """`parity component`: the re-run part's outputs, one row each, and its verdict."""
+    parts = [run_header(result.ref_meta, result.cand_meta)]
+    if result.rows:
+        parts.append(layer_table(f"{result.unit.name} on the reference's inputs", result.rows))
+    text = Text()
+    if result.passed:
+        text.append(f"PASS: {result.unit.name} matches the reference on the reference's own inputs", style="bold green")
+        parts.append(Panel(text, border_style="green"))
+        return Group(*parts)
+    text.append(f"FAIL: {result.unit.name} introduces an error (fails on the reference's own inputs)\n",
+                style="bold red")
+    text.append(f"  {result.summary()}")
+    if result.narrowed:
+        text.append(f"\n  narrowed to: {result.narrowed} (fails on its own)")
+    if result.hint:
+        text.append(f"\n  hint: {result.hint}", style="bold yellow")
+    parts.append(Panel(text, border_style="red"))
+    return Group(*parts)

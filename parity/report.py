@@ -33,6 +33,8 @@ class TapResult:
     ref_dtype: str | None = None
     cand_dtype: str | None = None
     regions: dict[str, Metrics] = field(default_factory=dict)  # per named token region, if the layout has any
+    chunks: dict[str, Metrics] = field(default_factory=dict)  # per chunk of canonical positions, if asked
+    heads: list[Metrics] = field(default_factory=list)  # per attention head, for [tokens, heads, dim] taps
 
     @property
     def passed(self) -> bool:
@@ -73,6 +75,8 @@ class TapResult:
             "cand_dtype": self.cand_dtype,
             "n": m.n if m else None,
             "regions": {name: _metrics_dict(rm) for name, rm in self.regions.items()},
+            **({"chunks": {name: _metrics_dict(cm) for name, cm in self.chunks.items()}} if self.chunks else {}),
+            **({"heads": [_metrics_dict(hm) for hm in self.heads]} if self.heads else {}),
         }
 
     @classmethod
@@ -87,7 +91,9 @@ class TapResult:
                    ref_shape=tuple(d["ref_shape"]) if d.get("ref_shape") else None,
                    cand_shape=tuple(d["cand_shape"]) if d.get("cand_shape") else None,
                    ref_dtype=d.get("ref_dtype"), cand_dtype=d.get("cand_dtype"),
-                   regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()})
+                   regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()},
+                   chunks={k: _metrics_from(v) for k, v in (d.get("chunks") or {}).items()},
+                   heads=[_metrics_from(v) for v in (d.get("heads") or [])])
 
 
 def _metrics_dict(m: Metrics) -> dict[str, Any]:
@@ -116,6 +122,7 @@ class Report:
     thresholds: dict = field(default_factory=dict)
     cand_error: CaptureError | None = None
     problems: list[str] = field(default_factory=list)  # run-level failures (nothing compared, ...)
+    localisation: Any = None  # parity.localise.Localisation: which component introduces the first divergence
 
     @property
     def first_divergence(self) -> TapResult | None:
@@ -156,6 +163,7 @@ class Report:
             "candidate_error": None if self.cand_error is None else {
                 "tap": self.cand_error.key, "type": self.cand_error.exc_type, "message": self.cand_error.message,
             },
+            "isolation": None if self.localisation is None else self.localisation.to_dict(),
             "taps": [r.to_dict() for r in self.rows],
         }
 
@@ -173,6 +181,8 @@ class Report:
         if err:
             info = next((r.info for r in rows if r.key == err.get("tap")), None)
             cand_error = CaptureError(err.get("tap"), info, err.get("type", "?"), err.get("message", ""))
+        from .localise import Localisation
+
         return cls(rows=rows, ref_meta=dict(d.get("ref") or {}), cand_meta=dict(d.get("cand") or {}),
                    thresholds=dict(d.get("thresholds") or {}), cand_error=cand_error,
-                   problems=list(d.get("problems") or []))
+                   problems=list(d.get("problems") or []), localisation=Localisation.from_dict(d.get("isolation")))

@@ -139,7 +139,7 @@ class StreamingComparer:
         self.ref, self.cand = ref, cand
 
     def __call__(self, ref: TapHeader, cand: TapHeader, ref_layouts: dict, cand_layouts: dict, threshold: float,
-                 exact_dtypes: bool = True) -> TapResult:
+                 exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
         base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
                     ref_dtype=ref.dtype, cand_dtype=cand.dtype)
         try:
@@ -161,22 +161,44 @@ class StreamingComparer:
             if dtype not in STORAGE_DTYPES:
                 return TapResult(status="dtype", reason=f"cannot decode: unknown dtype {dtype!r}", **base)
         acc = MetricAccumulator()
-        regions = {} if r_layout is None or not r_layout.regions else {
-            i: MetricAccumulator() for i in range(len(r_layout.regions))}
+        tokens = r_layout is not None and r_idx is not None
+        regions = Grouped() if tokens and r_layout.regions else None
+        chunks = Grouped() if tokens and chunk else None
+        heads = [MetricAccumulator() for _ in range(feat_r[0])] if tokens and len(feat_r) == 2 and feat_r[0] > 1 \
+            else []
         sides = (_Side(self.ref, ref, r_layout, r_order), _Side(self.cand, cand, c_layout, c_order))
         for r, c, idx in _prefetched(_chunks(*sides, r_idx)):
             r64, c64 = to_float64(r, ref.dtype), to_float64(c, cand.dtype)
             acc.update(r64, c64)
-            if regions:
-                which = r_layout.region_of(idx)
-                for i, region_acc in regions.items():
-                    mask = which == i
-                    if mask.any():
-                        region_acc.update(r64[mask], c64[mask])
+            if regions is not None:
+                regions.update(r_layout.region_of(idx), r64, c64)
+            if chunks is not None:
+                chunks.update((idx % r_layout.length) // chunk, r64, c64)
+            for h, head_acc in enumerate(heads):
+                head_acc.update(r64[:, h], c64[:, h])
         metrics = acc.result()
-        region_metrics = {r_layout.regions[i].name: a.result() for i, a in regions.items() if a.result().n}
+        region_metrics = {} if regions is None else {
+            r_layout.regions[i].name: m for i, m in regions.results() if i >= 0}
+        chunk_metrics = {} if chunks is None else {
+            f"{k * chunk}-{min((k + 1) * chunk, r_layout.length) - 1}": m for k, m in chunks.results()}
         verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
-        return TapResult(metrics=metrics, regions=region_metrics, **verdict, **base)
+        return TapResult(metrics=metrics, regions=region_metrics, chunks=chunk_metrics,
+                         heads=[h.result() for h in heads], **verdict, **base)
+
+
+class Grouped:
+    """One metric accumulator per group label (region index, token chunk), fed chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.accs: dict[int, MetricAccumulator] = {}
+
+    def update(self, labels: np.ndarray, r64: np.ndarray, c64: np.ndarray) -> None:
+        for label in np.unique(labels):
+            mask = labels == label
+            self.accs.setdefault(int(label), MetricAccumulator()).update(r64[mask], c64[mask])
+
+    def results(self):
+        return sorted((k, a.result()) for k, a in self.accs.items())
 
 
 def header_capture(reader: DumpReader, keep=None) -> Capture:
@@ -187,7 +209,7 @@ def header_capture(reader: DumpReader, keep=None) -> Capture:
 
 
 def diff_readers(ref: DumpReader, cand: DumpReader, thresholds: Thresholds | None = None, keep=None,
-                 progress=None) -> Report:
+                 progress=None, chunk: int | None = None) -> Report:
     """The diff of two open dumps, streamed (see the module docstring)."""
     return diff(header_capture(ref, keep), header_capture(cand, keep), thresholds, progress=progress,
-                compare=StreamingComparer(ref, cand))
+                compare=StreamingComparer(ref, cand), chunk=chunk)

@@ -67,3 +67,47 @@ def fmt_g(x: float | None) -> str:
     if x is None:
         return ""
     return "nan" if math.isnan(x) else f"{x:.4g}"
+
+
+UNIFORM_RATIO = 2.0  # every region fails and their relative errors lie within this factor: "uniform"
+
+
+def concentration(row: TapResult, short: bool = False) -> str | None:
+    """Which token regions carry a failing tap's error, in words, only when the evidence
+    says so: some regions fail their threshold while others pass ("concentrated in"), or
+    every region fails with relative errors within UNIFORM_RATIO of each other
+    ("uniform").  None otherwise (or with fewer than two regions)."""
+    regions = {k: m for k, m in row.regions.items() if m.n}
+    if len(regions) < 2 or row.passed:
+        return None
+    failing = [k for k, m in regions.items() if not m.cos >= row.threshold]
+    if failing and len(failing) < len(regions):
+        if short:
+            return f"in {', '.join(failing)}"
+        return f"error concentrated in {', '.join(failing)} tokens (the other regions match)"
+    if len(failing) == len(regions):
+        errs = [m.rel_l2 for m in regions.values()]
+        if all(math.isfinite(e) and e > 0 for e in errs) and max(errs) <= UNIFORM_RATIO * min(errs):
+            if short:
+                return "uniform"
+            return f"uniform across tokens (every region fails, relative errors {min(errs):.3g}-{max(errs):.3g})"
+    return None
+
+
+def heads_line(row: TapResult) -> str:
+    """Per-head cosine of a [tokens, heads, dim] tap, e.g. `h0 cos=1.000000 | h1 cos=0.41`."""
+    return " | ".join(f"h{i} cos={fmt(m.cos)}" for i, m in enumerate(row.heads))
+
+
+def localisation_lines(report: Report) -> list[str]:
+    """The isolation verdict in words: introducing component, walk, sub-part, hint."""
+    loc = report.localisation
+    if loc is None:
+        return []
+    out = [f"introduced at: {loc.introduced}"] if loc.introduced else []
+    out.append(f"isolation: {loc.line()}")
+    if loc.narrowed:
+        out.append(f"narrowed to: {loc.narrowed}")
+    if loc.hint:
+        out.append(f"hint: {loc.hint}")
+    return out

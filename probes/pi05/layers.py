@@ -223,7 +223,7 @@ class Attention(nn.Module):
         self.core = core
         self.rope_interleaved = faults.has("rope_interleaved")
         self.rope_fn = apply_rope
-        self.scale = head_dim ** -0.5
+        self.scale = 1.0 / head_dim if faults.has("attn_scale") else head_dim ** -0.5
 
     def fuse_qkv(self) -> None:
         """One projection for q, k and v (one matmul instead of three): the `fast` candidate."""

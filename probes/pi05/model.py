@@ -205,6 +205,9 @@ class Pi05Policy(nn.Module):
         self.expert.velocity = TapPoint()
         self.actions = TapPoint()
         self.packs_prefix = variant.packed and not faults.has("nomask")
+        if faults.has("mid_norm"):  # one middle layer's norm only: everything after it inherits the error
+            self.prefix.layers[cfg.llm.depth // 2].input_norm.plain_w = True
+        self.rope_theta = 1e6 if faults.has("rope_base") else cfg.rope_theta
         self.graphed = None  # a CudaGraphSampler when the variant replays CUDA graphs
 
     # ---- building ---------------------------------------------------------------
@@ -308,7 +311,7 @@ class Pi05Policy(nn.Module):
             x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
         x = self.prefix.embed(x)
         ctx = AttnContext(q_valid=plan.valid, k_valid=plan.valid, dense=plan.dense)
-        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.cfg.rope_theta)
+        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.rope_theta)
         keys, values = [], []
         for layer in self.prefix.layers:
             x, k, v = layer(x, ctx, rope)
@@ -355,7 +358,7 @@ class Pi05Policy(nn.Module):
         num_valid = self.prefix_valid(obs).sum(1)  # [B]
         H = noise.shape[1]
         positions = num_valid[:, None] + torch.arange(H, device=noise.device)[None, :]  # [B, H]
-        rope = rope_tables(positions, self.cfg.expert.head_dim, self.cfg.rope_theta)
+        rope = rope_tables(positions, self.cfg.expert.head_dim, self.rope_theta)
         dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
         t = torch.ones(noise.shape[0], dtype=torch.float32, device=noise.device)
         times = [t]
@@ -379,6 +382,12 @@ class Pi05Policy(nn.Module):
         bias = torch.cat([n.dense.bias for n in norms])
         mods = torch.nn.functional.linear(conds, weight, bias).reshape(S, B, -1)
         return conds.reshape(S, B, -1), mods.chunk(len(norms), dim=-1)
+
+    @property
+    def parity_static_buffers(self) -> bool:
+        """Told to parity's isolation: layer calls made while a CUDA graph is captured see
+        static buffers, so it records them in a run of its own."""
+        return self.graphed is not None
 
     def parity_instrumented(self, active: bool) -> None:
         """Called by parity's Recorder as taps are installed and removed: a captured CUDA

@@ -11,6 +11,8 @@ import numpy as np
 from parity.probe import Probe, TapRule
 from parity.records import Layout, Region
 
+from .components import Pi05Components
+
 LAYER = r"(?P<layer>\d+)\."
 ATTN_PARTS = r"self_attn\.(?P<component>q|k|v|attn|o_proj)"
 NORM_PARTS = r"(?P<component>input_norm|post_attn_norm)"
@@ -43,6 +45,7 @@ PROBE = Probe(
         TapRule(r"expert\.velocity", "expert", "velocity", layout="actions", stepped=True),
         TapRule(r"actions", "output", "actions", layout="actions"),
     ),
+    components=Pi05Components(),
 )
 
 
