@@ -55,6 +55,17 @@ def test_candidate_that_raises_is_a_finding_not_a_traceback():
     assert "Traceback" not in out
 
 
+def test_streamed_offline_breakdowns_equal_live_ones(tmp_path):
+    ref, cand = tmp_path / "ref.h5", tmp_path / "cand.h5"
+    assert run("capture", "--backend", "pytorch", "--taps", "prefix.*", "-o", str(ref))[0] == 0
+    assert run("capture", "--backend", "flash", "--inject", "nomask", "--taps", "prefix.*", "-o", str(cand))[0] == 0
+    run("diff", str(ref), str(cand), "--by-token", "16", "--json", str(tmp_path / "off.json"))
+    run("diff", "--ref", "pytorch", "--cand", "flash", "--inject", "nomask", "--taps", "prefix.*", "--by-token", "16",
+        "--no-isolate", "--json", str(tmp_path / "live.json"))
+    off, live = (json.loads((tmp_path / f).read_text())["taps"] for f in ("off.json", "live.json"))
+    assert off == live and any(t.get("chunks") for t in off) and any(t.get("heads") for t in off)
+
+
 def test_offline_diff_equals_live_diff(tmp_path):
     ref, cand = tmp_path / "ref.h5", tmp_path / "cand.h5"
     assert run("capture", "--backend", "pytorch", "-o", str(ref))[0] == 0
