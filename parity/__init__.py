@@ -6,10 +6,19 @@ is a thin shell over them, `parity.testing` / the pytest plugin turn a Report in
 assertion.  Importing parity never
 imports torch: only live capture does.
 """
-from .api import InputError, capture_live, capture_to_dump, compare, diff_dumps, diff_live, weights_live
-from .diff import Thresholds
-from .report import Report, TapResult
+import importlib
 
 __version__ = "0.1.0"
+_EXPORTS = {"InputError": "api", "capture_live": "api", "capture_to_dump": "api", "compare": "api",
+            "diff_dumps": "api", "diff_live": "api", "weights_live": "api", "Thresholds": "diff",
+            "Report": "report", "TapResult": "report"}
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use so that `import parity` (and the CLI's
+    start-up) does not pay for numpy and h5py until they are needed."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'parity' has no attribute {name!r}")
 __all__ = ["InputError", "Report", "TapResult", "Thresholds", "capture_live", "capture_to_dump", "compare",
            "diff_dumps", "diff_live", "weights_live", "__version__"]

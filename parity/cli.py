@@ -14,9 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .api import InputError, capture_to_dump, diff_dumps, diff_live, isolate_component, load_dump, weights_live
-from .backends import BackendOptions
-from .diff import Thresholds
+# The library (numpy, h5py, the backend registry) is imported by each command, not here:
+# `parity --help` stays fast.
 from .settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
 
 EXIT_PASS, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
@@ -61,6 +60,8 @@ def _faults(inject: Optional[List[str]]) -> tuple[str, ...]:
 
 def _options(config, seed, device, dtype, batch, faults=(), weights=None, inputs=None, padding=None,
              seq_len=None) -> BackendOptions:
+    from .backends import BackendOptions
+
     try:
         return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch,
                               weights=None if weights is None else str(weights),
@@ -142,6 +143,8 @@ def diff_cmd(
 
     Example (checkpoint): parity diff --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
     """
+    from .api import InputError, diff_dumps, diff_live
+    from .diff import Thresholds
     from .render import render_report
 
     settings = _settings()
@@ -204,6 +207,8 @@ def component_cmd(
 
     Example: parity component --ref pytorch --cand flash --stack expert --step 3 --layer 1 --part attn
     """
+    from .api import InputError, isolate_component
+    from .diff import Thresholds
     from .render import render_component
 
     try:
@@ -245,6 +250,8 @@ def weights_cmd(
 
     Example: parity weights --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
     """
+    from .api import InputError, weights_live
+    from .diff import Thresholds
     from .render_weights import render_weights
 
     try:
@@ -280,6 +287,7 @@ def capture_cmd(
 
     Example: parity capture --backend flash --inject silu -o reports/flash_silu.h5
     """
+    from .api import InputError, capture_to_dump
     settings = _settings()
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
     output = output or settings.output_dir / f"{safe}.h5"
@@ -387,6 +395,7 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
 
     Example: parity inspect reports/pytorch.h5
     """
+    from .api import InputError, load_dump
     from rich.table import Table
 
     try:

@@ -158,3 +158,10 @@ def test_help_and_offline_diff_work_without_torch(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_cli_start_up_imports_neither_numpy_nor_h5py():
+    """`parity --help` must start fast: the library is imported by each command, not at start-up."""
+    code = "import sys, parity.cli; bad = {'numpy', 'h5py', 'torch'} & set(sys.modules); assert not bad, bad"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
