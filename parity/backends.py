@@ -50,10 +50,13 @@ class BackendOptions:
     inputs: Any = field(default=None, compare=False)
     padding: str | None = None  # "left" | "right" | None (the backend's default)
     seq_len: int | None = None  # generated inputs: tokens per row (None = the backend's default)
+    frame: int = 0  # index in a sequence of observations (`parity frames`), for backends that make their own
 
     def __post_init__(self) -> None:
         if self.batch < 1:
             raise ValueError("batch must be >= 1")
+        if self.frame < 0:
+            raise ValueError("frame must be >= 0")
         if self.weights is not None and not str(self.weights).strip():
             raise ValueError("weights path is empty")
         if self.padding not in (None, "left", "right"):

@@ -445,6 +445,41 @@ def backends_cmd() -> None:
     console.print("\nAlso: package.module:factory[:ARG] (a function returning a parity Backend).")
 
 
+@app.command("frames")
+def frames_cmd(
+    ref: str = typer.Option(..., "--ref", help="Reference backend, e.g. pytorch."),
+    cand: str = typer.Option(..., "--cand", help="Candidate backend, e.g. flash."),
+    frames: int = typer.Option(3, "--frames", help="Number of consecutive observations (same prompt, new images)."),
+    inject: Optional[List[str]] = InjectOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    taps: Optional[str] = TapsOpt,
+    drift_taps: str = typer.Option("prefix.*.k", "--drift-taps",
+                                   help="Taps whose frame-to-frame drift is shown by token region."),
+    min_cos: float = typer.Option(DEFAULT_MIN_COS, "--min-cos", help="Minimum cosine similarity per tap."),
+    threshold: Optional[List[str]] = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the machine-readable result here."),
+) -> None:
+    """Compare a candidate with the reference over a sequence of frames, and show which
+    tokens of the reference change from frame to frame, layer by layer (stale K/V reuse).
+
+    Example: parity frames --ref pytorch --cand flash --inject kv_reuse --frames 3
+    """
+    from .api import InputError
+    from .diff import Thresholds
+    from .frames import compare_frames
+    from .render import render_frames
+
+    try:
+        thresholds = Thresholds.parse(min_cos, threshold or [])
+        result = compare_frames(ref, cand, _options(config, seed, device, dtype, 1), frames, _faults(inject),
+                                thresholds, taps, drift_taps)
+    except (InputError, ValueError) as exc:
+        _fail_input(str(exc))
+    _console().print(render_frames(result))
+    _write_json(json_out, result.to_dict())
+    raise typer.Exit(EXIT_PASS if result else EXIT_FAIL)
+
+
 def main() -> None:
     # Like `python -m`, make the current directory importable, so `my_backends:factory`
     # specs work from a project folder without installing it.

@@ -237,3 +237,31 @@ def render_component(result) -> Group:
         text.append(f"\n  hint: {result.hint}", style="bold yellow")
     parts.append(Panel(text, border_style="red"))
     return Group(*parts)
+
+
+def render_frames(result) -> Group:
+    """Per-frame verdicts, then the reference's own drift from frame 0 to frame 1 by region
+    (the seed's per-chunk table: which tokens change between frames, at which layer)."""
+    table = Table(title="candidate vs reference, frame by frame", title_justify="left", pad_edge=False)
+    for col in ("frame", "verdict", "first divergence", "reason"):
+        table.add_column(col)
+    for frame, report in enumerate(result.frames):
+        first = report.first_divergence
+        table.add_row(str(frame), Text("pass" if report else "FAIL", style="green" if report else "bold red"),
+                      Text(first.key if first else "-"), Text(first.reason if first else ""))
+    parts = [table]
+    if result.drift:
+        rows = [r for r in result.drift[0].rows if r.metrics is not None]
+        regions = sorted({name for r in rows for name in r.regions})
+        drift = Table(title="reference drift, frame 0 -> 1 (cos by token region)", title_justify="left",
+                      pad_edge=False)
+        drift.add_column("tap")
+        for name in regions:
+            drift.add_column(name)
+        for r in rows:
+            drift.add_row(Text(r.key), *(f"{r.regions[n].cos:.6f}" if n in r.regions else "" for n in regions))
+        parts.append(drift)
+    verdict = f"frames: {sum(bool(r) for r in result.frames)} of {len(result.frames)} pass"
+    parts.append(Panel(Text(verdict, style="bold green" if result else "bold red"),
+                       border_style="green" if result else "red"))
+    return Group(*parts)

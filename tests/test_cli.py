@@ -130,7 +130,7 @@ def test_every_command_has_help_with_an_example():
     code, out = run("--help")
     assert code == 0
     commands = {c.name for c in app.registered_commands}
-    assert commands == {"diff", "capture", "inspect", "backends", "report", "weights", "component"}
+    assert commands == {"diff", "capture", "inspect", "backends", "report", "weights", "component", "frames"}
     for name in commands:
         assert name in out
         code, text = run(name, "--help")

@@ -41,7 +41,8 @@ INTRODUCED = {
 def test_every_catalogued_fault_has_an_expected_introducer():
     from probes.pi05.faults import CATALOGUE
 
-    assert set(CATALOGUE) == set(INTRODUCED)
+    # frame faults (stale state across frames) have no effect within one frame: tests/test_frames.py
+    assert set(CATALOGUE) == set(INTRODUCED) | {"kv_reuse", "stale_vision"}
 
 
 @pytest.mark.parametrize("fault", sorted(INTRODUCED))

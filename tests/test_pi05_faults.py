@@ -45,7 +45,8 @@ def test_fault_is_localised(cand, fault):
 def test_fault_catalogue_is_fully_tested():
     from probes.pi05.faults import CATALOGUE
 
-    assert set(CATALOGUE) == set(EXPECTED)
+    # faults of state kept across frames show only in a sequence: tests/test_frames.py
+    assert set(CATALOGUE) == set(EXPECTED) | {"kv_reuse", "stale_vision"}
 
 
 def test_nomask_keeps_layer0_kv_exact_as_in_the_seed():

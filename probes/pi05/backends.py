@@ -59,8 +59,9 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         cfg = weights.config_for(opts.config)
         weights.check(cfg)
     model = Pi05Policy.build(cfg, opts.seed, variant, faults, DTYPES[dtype_name], device, weights)
-    obs = make_observation(cfg, opts.seed, opts.batch)
+    obs = make_observation(cfg, opts.seed, opts.batch, opts.frame)
     noise = make_noise(cfg, opts.seed, opts.batch)
+    fed = _frame_fed(cfg, opts, faults, obs)  # what a stale-state fault really feeds the model
     meta = {
         "backend": variant_name,
         "arch": PROBE.arch,
@@ -68,6 +69,7 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         "config": cfg.name,
         "seed": opts.seed,
         "batch": opts.batch,
+        "frame": opts.frame,
         "dtype": dtype_name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "torch": torch.__version__,
@@ -78,7 +80,7 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
            if variant.compiled and device.type == "cuda" else ""),
         "weights": None if weights is None else weights.describe(),
     }
-    obs, noise = obs.to(device), noise.to(device)
+    obs, noise = fed.to(device), noise.to(device)
     if model.graphed is not None:  # compile and capture now, outside any parity capture
         model.graphed.warm_up(obs, noise)
         model.sample_actions(obs, noise)
@@ -92,6 +94,17 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         inputs=(obs, noise),
         parameters=lambda: effective_parameters(model),
     )
+
+
+def _frame_fed(cfg, opts: BackendOptions, faults: Faults, obs):
+    """The observation the model computes with at this frame: the requested one, unless a
+    fault keeps state from an earlier frame (the fingerprint stays the requested one's)."""
+    if faults.has("kv_reuse") and opts.frame % 2:  # the whole prefix comes from the previous frame
+        return make_observation(cfg, opts.seed, opts.batch, opts.frame - 1)
+    if faults.has("stale_vision") and opts.frame:  # images of frame 0, the rest of this frame
+        first = make_observation(cfg, opts.seed, opts.batch, 0)
+        return type(obs)(first.images, obs.image_masks, obs.tokens, obs.token_mask, obs.state)
+    return obs
 
 
 def _factory(variant_name: str):

@@ -14,11 +14,16 @@ from .model import Observation
 BOS = 2
 
 
-def make_observation(cfg: Pi05Config, seed: int, batch: int = 1) -> Observation:
+def make_observation(cfg: Pi05Config, seed: int, batch: int = 1, frame: int = 0) -> Observation:
+    """Frame 0 is the observation of `seed`; later frames keep its prompt and draw new
+    images and state, as a robot's camera stream would."""
     gen = torch.Generator().manual_seed(seed + 1_000_003)
     S, C = cfg.vision.image_size, len(cfg.cameras)
     # smooth-ish images in [-1, 1]: random low-resolution pattern upsampled
-    low = torch.rand(batch * C, 3, 8, 8, generator=gen) * 2 - 1
+    low = torch.rand(batch * C, 3, 8, 8, generator=gen) * 2 - 1  # frame 0's, drawn always: the prompt stays put
+    frame_gen = torch.Generator().manual_seed(seed + 3_000_017 + 7919 * frame) if frame else None
+    if frame_gen is not None:
+        low = torch.rand(batch * C, 3, 8, 8, generator=frame_gen) * 2 - 1
     images = torch.nn.functional.interpolate(low, size=(S, S), mode="bilinear", align_corners=False)
     images = images.reshape(batch, C, 3, S, S)
     image_masks = torch.tensor([c not in cfg.masked_cameras for c in cfg.cameras]).expand(batch, C).clone()
@@ -30,6 +35,8 @@ def make_observation(cfg: Pi05Config, seed: int, batch: int = 1) -> Observation:
     tokens[:, 0] = BOS
     tokens[~token_mask] = 0  # PAD
     state = torch.rand(batch, cfg.action_dim, generator=gen) * 2 - 1
+    if frame_gen is not None:
+        state = torch.rand(batch, cfg.action_dim, generator=frame_gen) * 2 - 1
     return Observation(images, image_masks, tokens, token_mask, state)
 
 
