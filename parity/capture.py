@@ -2,6 +2,9 @@
 
 Each tap is cloned as it is produced (later in-place kernels cannot change what was
 recorded) and handed to a sink: an in-memory `Capture` or a streaming `DumpWriter`.
+A tap reaches the sink as soon as it is produced, so a capture killed half-way has
+already written every tap before the kill; only taps recorded inside a CUDA graph
+capture wait for the end of the run (their values exist only once the graph replays).
 """
 from __future__ import annotations
 
@@ -37,6 +40,14 @@ class ProbeError(Exception):
     """The probe does not fit the model (e.g. a non-stepped tap that runs twice)."""
 
 
+class SinkFailed(Exception):
+    """Internal: raised through the model when the sink could not store a tap.
+
+    The model may catch it (a fallback path); the recorder remembers the real failure
+    and `capture` re-raises it after the run, so a failed write is never mistaken for
+    the model raising."""
+
+
 class Recorder:
     """Installs one pre- and one post-forward hook per probed module; removes all of them
     on exit, whatever happened.  Also knows which tap component was running when the
@@ -50,6 +61,8 @@ class Recorder:
         self.running: list[tuple[torch.nn.Module, TapInfo]] = []
         self.pending: list[tuple[TapInfo, int, torch.Tensor, str | None]] = []
         self.order = 0
+        self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
+        self.sink_error: BaseException | None = None  # the sink failed: record nothing more
 
     def __enter__(self) -> "Recorder":
         try:
@@ -83,11 +96,21 @@ class Recorder:
             hook(active)
 
     def flush(self) -> None:
-        """Hand every recorded tap to the sink as host storage, in execution order."""
-        for info, order, value, layout in self.pending:
+        """Hand every recorded tap to the sink as host storage, in execution order.
+
+        A tap leaves `pending` only once the sink has it, so a flush interrupted half-way
+        (Ctrl-C) is completed by the next one.  A sink failure (disk full, a name the
+        dump refuses) is kept in `sink_error`; nothing is recorded after it."""
+        while self.pending and self.sink_error is None:
+            info, order, value, layout = self.pending[0]
             array, dtype = to_storage(value, private=True)
-            self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
-        self.pending.clear()
+            try:
+                self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
+            except Exception as exc:  # noqa: BLE001 - re-raised by `capture` after the run
+                self.sink_error = exc
+                self.pending.clear()
+                raise SinkFailed(str(exc)) from exc
+            self.pending.pop(0)
 
     def _enter_hook(self, module_name: str, hit):
         rule, layer, component, name = hit
@@ -111,6 +134,8 @@ class Recorder:
             while self.running and self.running[-1][0] is not module:
                 self.running.pop()
             info = self.running[-1][1]
+            if self.sink_error is not None:
+                raise SinkFailed(str(self.sink_error))
             if self.select(info.name, info.key):
                 value = output[rule.select] if rule.select is not None else output
                 if not isinstance(value, torch.Tensor):
@@ -119,6 +144,10 @@ class Recorder:
                 # CUDA graph capture the copy is recorded into the graph), host copy at flush.
                 self.pending.append((info, self.order, value.detach().clone(), rule.layout))
                 self.order += 1
+                if value.is_cuda and torch.cuda.is_current_stream_capturing():
+                    self.defer = True  # the copy holds real values only after the graph replays
+                if not self.defer:
+                    self.flush()
             self.running.pop()  # only once recorded: a failure above is located at this tap
 
         return post
@@ -133,7 +162,10 @@ def capture(backend, sink=None, select: TapFilter | None = None):
     """Run the backend once with taps installed; returns the sink (a new Capture by default).
 
     An exception inside the model is a finding, not a crash: it is recorded in the sink
-    with the tap component that was running.  KeyboardInterrupt and friends propagate."""
+    with the tap component that was running (and the sink then reads as incomplete).
+    KeyboardInterrupt and friends propagate, after every tap recorded so far reached the
+    sink.  If the sink itself fails (a DumpError: disk full), that error propagates,
+    whatever the model did with it on the way."""
     sink = sink if sink is not None else Capture(meta=dict(backend.meta))
     for name, layout in backend.layouts().items():
         sink.add_layout(name, layout)
@@ -141,7 +173,14 @@ def capture(backend, sink=None, select: TapFilter | None = None):
         try:
             backend.run()
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
-            sink.set_error(rec.error_from(exc))
+            if rec.sink_error is None:
+                sink.set_error(rec.error_from(exc))
         finally:
-            rec.flush()  # every tap recorded before a stop reaches the sink
+            if rec.sink_error is None:
+                try:
+                    rec.flush()  # every tap recorded before a stop reaches the sink
+                except SinkFailed:
+                    pass  # raised below
+        if rec.sink_error is not None:
+            raise rec.sink_error
     return sink

@@ -1,21 +1,27 @@
 """`parity` command line: each command parses, calls one library function, renders, exits.
 
-Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error."""
+Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error,
+130 interrupted (Ctrl-C or SIGTERM).  Everything a dump says (tap names, paths, messages)
+is printed as data: consoles have markup off and control characters are escaped."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from .api import InputError, capture_to_dump, diff_dumps, diff_live, load_dump
+from .api import CaptureInterrupted, InputError, capture_to_dump, diff_dumps, diff_live, load_dump
 from .backends import BackendOptions
 from .diff import Thresholds
+from .render import shown
 
-EXIT_PASS, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer-by-layer numerical parity debugger: capture taps, diff them, find the first "
@@ -24,15 +30,45 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _console() -> Console:
     """Terminal width on a terminal; 120 columns when piped (CI logs), unless COLUMNS says."""
-    console = Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False, soft_wrap=False, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, soft_wrap=False, width=120)
+        console = Console(highlight=False, soft_wrap=False, markup=False, width=120)
     return console
 
 
+def _error_line(label: str, message: str) -> None:
+    """One line on stderr: a red label, then the message as data."""
+    line = Text(f"{label} ", style="bold red").append(shown(message))
+    Console(stderr=True, highlight=False, markup=False).print(line, soft_wrap=True)
+
+
 def _fail_input(message: str) -> None:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    _error_line("error:", message)
     raise typer.Exit(EXIT_INPUT)
+
+
+def _interrupted(message: str) -> None:
+    _error_line("interrupted:", message)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Within the block, SIGTERM stops the command the way Ctrl-C does, so a capture that
+    is terminated (a CI timeout) still closes its dump, marked incomplete."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _faults(inject: Optional[List[str]]) -> tuple[str, ...]:
@@ -70,7 +106,8 @@ def diff_cmd(
                                                        "last match wins), e.g. 'expert.*.mlp=0.995'."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the machine-readable result here."),
     show_all: bool = typer.Option(False, "--all", help="Also list every tap with all metrics."),
-    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Diff interrupted captures too."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete",
+                                          help="Diff interrupted captures too, as far as they go (never exit 0)."),
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
 
@@ -101,6 +138,8 @@ def diff_cmd(
             report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete)
     except InputError as exc:
         _fail_input(str(exc))
+    except KeyboardInterrupt:
+        _interrupted("diff stopped before it finished; nothing was judged")
     _console().print(render_report(report, show_all=show_all))
     if json_out is not None:
         try:
@@ -127,14 +166,22 @@ def capture_cmd(
     output = output or Path("reports") / f"{backend.replace(':', '_').replace('/', '_')}.h5"
     try:
         options = _options(config, seed, device, dtype, batch, _faults(inject))
-        summary = capture_to_dump(backend, options, output, taps, compression)
+        with _sigterm_interrupts():
+            summary = capture_to_dump(backend, options, output, taps, compression)
     except InputError as exc:
         _fail_input(str(exc))
+    except CaptureInterrupted as exc:
+        _interrupted(str(exc).removeprefix("capture interrupted: "))
+    except KeyboardInterrupt:
+        _interrupted("nothing was written")
     err = summary["error"]
     console = _console()
-    console.print(f"wrote {summary['taps']} taps to {summary['path']}")
+    console.print(Text(shown(f"wrote {summary['taps']} taps to {summary['path']}")))
     if err is not None:
-        console.print(f"[bold red]backend raised at {err.key or 'an untapped place'}:[/] {err.exc_type}: {err.message}")
+        line = Text(shown(f"backend raised at {err.key or 'an untapped place'}:"), style="bold red")
+        line.append(shown(f" {err.exc_type}: {err.message}"))
+        console.print(line)
+        console.print(Text(shown(f"{summary['path']} is marked incomplete: diff it with --allow-incomplete")))
         raise typer.Exit(EXIT_FAIL)
 
 
@@ -151,16 +198,18 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
     except InputError as exc:
         _fail_input(str(exc))
     console = _console()
-    console.print(f"[bold]{dump}[/]  complete={cap.complete}")
+    console.print(Text(shown(dump), style="bold").append(f"  complete={cap.complete}", style=""))
     for k, v in sorted(cap.meta.items()):
-        console.print(f"  {k}: {v}")
+        console.print(Text(shown(f"  {k}: {v}")))
     if cap.error:
-        console.print(f"[red]  raised at {cap.error.key}: {cap.error.exc_type}: {cap.error.message}[/]")
+        console.print(Text(shown(f"  raised at {cap.error.key}: {cap.error.exc_type}: {cap.error.message}"),
+                           style="red"))
     table = Table(pad_edge=False)
     for col in ("#", "tap", "shape", "dtype", "layout"):
         table.add_column(col)
     for t in cap.taps:
-        table.add_row(str(t.order), t.key, str(list(t.shape)), t.dtype, t.layout or "-")
+        table.add_row(str(t.order), Text(shown(t.key)), str(list(t.shape)), Text(shown(t.dtype)),
+                      Text(shown(t.layout or "-")))
     console.print(table)
 
 
@@ -177,9 +226,9 @@ def backends_cmd() -> None:
         try:
             factory = ep.load()
         except Exception as exc:  # noqa: BLE001 - a backend that fails to import is listed, not fatal
-            console.print(f"[bold]{name}[/]  [red](unavailable: {exc})[/]")
+            console.print(Text(shown(name), style="bold").append(shown(f"  (unavailable: {exc})"), style="red"))
             continue
-        console.print(f"[bold]{name}[/]  {(factory.__doc__ or '').strip()}")
+        console.print(Text(shown(name), style="bold").append(shown(f"  {(factory.__doc__ or '').strip()}")))
     faults: dict[str, str] = {}
     for ep in registered().values():
         try:
@@ -187,9 +236,9 @@ def backends_cmd() -> None:
         except Exception:  # noqa: BLE001
             pass
     if faults:
-        console.print("\n[bold]faults[/] (--inject NAME[,NAME])")
+        console.print(Text("\n").append("faults", style="bold").append(" (--inject NAME[,NAME])"))
         for name, text in faults.items():
-            console.print(f"  {name:18} {text}")
+            console.print(Text(shown(f"  {name:18} {text}")))
 
 
 def main() -> None:

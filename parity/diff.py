@@ -74,26 +74,47 @@ def _layout_of(tap: Tap, layouts: dict, side: str) -> Layout | None:
     return layouts[tap.layout]
 
 
+def _both(ref: Tap, cand: Tap) -> str:
+    """Both sides' shapes and dtypes, for the reason of a tap that cannot be compared."""
+    return f"ref {list(ref.shape)} {ref.dtype}, cand {list(cand.shape)} {cand.dtype}"
+
+
+def _locate(flat: int, shape: tuple[int, ...], canonical: np.ndarray | None) -> str:
+    """Where a flat index of the compared (gathered) array lies, in words."""
+    if canonical is None:
+        return f"flat index {flat} {list(np.unravel_index(flat, shape))}" if shape else f"flat index {flat}"
+    per_token = int(np.prod(shape[1:], dtype=np.int64))
+    return f"flat index {flat} of the valid tokens (canonical token position {int(canonical[flat // per_token])})"
+
+
 def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float) -> TapResult:
+    """One tap pair.  Never raises: whatever cannot be compared fails this tap only,
+    with both shapes in the reason."""
     base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
                 ref_dtype=ref.dtype, cand_dtype=cand.dtype)
     try:
         r, r_idx = gather_tokens(ref.array, _layout_of(ref, ref_layouts, "reference"))
         c, c_idx = gather_tokens(cand.array, _layout_of(cand, cand_layouts, "candidate"))
     except AlignmentError as exc:
-        return TapResult(status="layout", reason=str(exc), **base)
+        return TapResult(status="layout", reason=f"{exc} ({_both(ref, cand)})", **base)
     if (r_idx is None) != (c_idx is None) or (r_idx is not None and not np.array_equal(r_idx, c_idx)):
         nr = "all" if r_idx is None else r_idx.size
         nc = "all" if c_idx is None else c_idx.size
-        return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc})", **base)
+        return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc}; "
+                         f"{_both(ref, cand)})", **base)
     if r.shape != c.shape:
-        return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape}", **base)
+        return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})", **base)
     try:
         r64, c64 = to_float64(r, ref.dtype), to_float64(c, cand.dtype)
     except ValueError as exc:
-        return TapResult(status="dtype", reason=f"cannot decode: {exc}", **base)
+        return TapResult(status="dtype", reason=f"cannot decode: {exc} ({_both(ref, cand)})", **base)
     metrics = compare(r64, c64)
-    return TapResult(metrics=metrics, **judge(metrics, ref.dtype, cand.dtype, threshold), **base)
+    verdict = judge(metrics, ref.dtype, cand.dtype, threshold)
+    if verdict["status"] == "nonfinite":
+        verdict["reason"] += f" ({_locate(metrics.first_nonfinite, r.shape, r_idx)})"
+    elif verdict["status"] == "dtype":
+        verdict["reason"] += f" ({_both(ref, cand)})"
+    return TapResult(metrics=metrics, **verdict, **base)
 
 
 def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float) -> dict:
@@ -110,8 +131,18 @@ def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float) -> dict
     return dict(status="pass", reason="")
 
 
-def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None) -> Report:
-    """Compare every tap of `cand` against `ref`, in the reference's execution order."""
+def _listed(rows: list[TapResult], limit: int = 5) -> str:
+    keys = [r.key for r in rows]
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
+         labels: tuple[str, str] = ("reference", "candidate")) -> Report:
+    """Compare every tap of `cand` against `ref`, in the reference's execution order.
+
+    Fails closed: the report passes only if at least one tap was compared, every tap of
+    either side was compared and passed, and both runs completed.  `labels` name the two
+    sides in run-level problems (e.g. "reference a.h5")."""
     thresholds = thresholds or Thresholds()
     cand_taps = cand.by_key()
     rows: list[TapResult] = []
@@ -137,8 +168,21 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None) -> R
                               threshold=thresholds.for_tap(tap.info.name, tap.key), cand_shape=tap.shape,
                               cand_dtype=tap.dtype))
     problems = []
+    ref_label, cand_label = labels
     if not ref.taps:
-        problems.append("reference has no taps: nothing was compared")
+        problems.append(f"{ref_label} has no taps: nothing was compared")
+    if not cand.taps:
+        problems.append(f"{cand_label} has no taps: nothing was compared")
+    compared = [r for r in rows if r.ref_shape is not None and r.cand_shape is not None]
+    if ref.taps and cand.taps and not compared:
+        problems.append(f"no tap in common between {ref_label} and {cand_label}: nothing was compared")
+    for status, where in (("missing", ref_label), ("extra", cand_label)):
+        only = [r for r in rows if r.status == status]
+        if only:
+            problems.append(f"{len(only)} tap{'s' if len(only) > 1 else ''} only in the {where}: {_listed(only)}")
+    for label, c in ((ref_label, ref), (cand_label, cand)):
+        if not c.complete and c.error is None:
+            problems.append(f"{label} capture is incomplete (interrupted): taps after the stop were never compared")
     if ref.error:
         problems.append(f"reference raised at {ref.error.key or 'an untapped place'}: "
                         f"{ref.error.exc_type}: {ref.error.message}")

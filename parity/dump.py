@@ -5,10 +5,11 @@ Format (format_version 1)::
     /                     attrs: format="parity-dump", format_version=1, complete (bool, written LAST),
                                  meta (JSON string of Capture.meta), tap_count (int, at close)
     /layouts/<i>          group per layout, i = 0,1,..; attrs: name (str), length (int), regions (JSON list of [name,start,stop]);
-                          dataset "slots" int64 [R,T]
+                          dataset "slots" int64 [R,T], attr crc32 as for taps
     /taps/<i:06d>         dataset per tap in execution order (i = order); stored in storage dtype (codec);
                           attrs: key, name, stack, layer (int, -1 = none), component, step (int, -1 = none),
-                                 order, dtype (original dtype name), layout (layout name or "")
+                                 order, dtype (original dtype name), layout (layout name or ""),
+                                 crc32 (int: zlib CRC-32 of the array's C-order bytes)
     /error                optional group, attrs: key ("" = none), name/stack/layer/component/step as for taps (or absent), exc_type, message
 
 Notes on the format:
@@ -17,6 +18,10 @@ Notes on the format:
   the `order` attribute holds Tap.order as the capture assigned it.
 - bfloat16 / float8 tensors are stored as their raw bits (uint16 / uint8), see codec.py,
   so a dump is bit-exact.
+- HDF5 checksums its metadata but not raw data, so every array carries a CRC-32 of its
+  bytes (in its checksummed object header).  The reader verifies it on every load: a
+  flipped bit in tensor data is a DumpError, never a silently different number.  (A
+  dataset without crc32, from an early writer, is read unverified.)
 - String attributes are fixed-length UTF-8 (kept in the checksummed object headers;
   variable-length strings would sit in HDF5's unchecksummed global heap, where a flipped
   byte can hang the HDF5 reader); readers also accept variable-length strings.  Strings
@@ -43,6 +48,7 @@ import io
 import json
 import os
 import traceback
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -129,6 +135,11 @@ def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
             obj.attrs.create(name, np.array(raw, dtype=h5py.string_dtype("utf-8", max(1, len(raw)))))
         else:
             obj.attrs[name] = value
+
+
+def _crc32(array: np.ndarray, crc: int = 0) -> int:
+    """CRC-32 of an array's bytes in C order (continuing `crc`, for chunked reads)."""
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8) if array.ndim else array.tobytes(), crc)
 
 
 def _check_array(array: Any, dtype: str) -> None:
@@ -228,8 +239,10 @@ class DumpWriter:
         self._layouts: dict[str, Layout] = {}
         self._keys: set[str] = set()
         self._tap_count = 0
+        self._raised = False  # set_error was called: the run did not complete
         self._file: h5py.File | None = None
         self._done = False  # closed or failed
+        self._written = False  # closed and renamed to self.path
 
         try:
             # Exclusive create: the name itself is the lock between concurrent captures.
@@ -279,6 +292,16 @@ class DumpWriter:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise DumpError(self.path, f"write failed, dump discarded: {reason}") from None
 
+    @property
+    def tap_count(self) -> int:
+        """Taps written so far."""
+        return self._tap_count
+
+    @property
+    def written(self) -> bool:
+        """True once the dump was closed and renamed to its final path."""
+        return self._written
+
     def _live(self) -> h5py.File:
         if self._done or self._file is None:
             raise ValueError(f"{self.path}: the dump writer is closed")
@@ -304,7 +327,9 @@ class DumpWriter:
         try:
             group = f["layouts"].create_group(str(len(self._layouts)))
             _set_attrs(group, {"name": name, "length": int(layout.length), "regions": json.dumps(regions)})
-            group.create_dataset("slots", data=np.asarray(layout.slots, dtype=np.int64))
+            slots = np.ascontiguousarray(layout.slots, dtype=np.int64)
+            group.create_dataset("slots", data=slots)
+            _set_attrs(group["slots"], {"crc32": _crc32(slots)})
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
@@ -336,7 +361,8 @@ class DumpWriter:
                 chunks=True if chunked else None,
                 compression=self._compression if chunked else None,
             )
-            _set_attrs(ds, {"key": key, **attrs, "order": order, "dtype": tap.dtype, "layout": tap.layout or ""})
+            _set_attrs(ds, {"key": key, **attrs, "order": order, "dtype": tap.dtype, "layout": tap.layout or "",
+                            "crc32": _crc32(array)})
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
@@ -353,7 +379,9 @@ class DumpWriter:
         self._tap_count += 1
 
     def set_error(self, err: CaptureError) -> None:
-        """Record where and how the candidate raised (replaces an earlier record)."""
+        """Record where and how the candidate raised (replaces an earlier record).
+
+        A run that raised did not complete: the dump is then closed as incomplete."""
         f = self._live()
         if not isinstance(err, CaptureError):
             raise ValueError(f"expected a CaptureError, got {type(err).__name__}")
@@ -372,10 +400,12 @@ class DumpWriter:
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
+        self._raised = True
 
     def close(self, complete: bool = True) -> None:
         """Write tap_count, then `complete` last, and rename to the final path.
 
+        `complete` is written False, whatever is asked, once set_error was called.
         A no-op if already closed (or failed).
         """
         if self._done or self._file is None:
@@ -383,7 +413,7 @@ class DumpWriter:
         try:
             _set_attrs(self._file, {"tap_count": self._tap_count})
             self._file.flush()
-            _set_attrs(self._file, {"complete": bool(complete)})
+            _set_attrs(self._file, {"complete": bool(complete) and not self._raised})
             self._file.flush()
             self._file.close()
             self._file = None
@@ -392,6 +422,7 @@ class DumpWriter:
         except _IO_ERRORS as e:
             self._fail(e)
         self._done = True
+        self._written = True
 
     def __enter__(self) -> DumpWriter:
         return self
@@ -532,6 +563,7 @@ def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
     if slots_ds.size * 8 > file_size:
         raise _Bad(f"slots of layout {name!r} declare shape {slots_ds.shape}, more data than the file holds")
     slots = np.asarray(slots_ds[()])
+    _verify_crc(slots_ds, slots, f"slots of layout {name!r}")
     if slots.size and slots.min() < -1:
         raise _Bad(f"slots of layout {name!r} hold {slots.min()} (below -1, out of range)")
     try:
@@ -539,6 +571,19 @@ def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
     except ValueError as e:
         raise _Bad(f"layout {name!r}: {e}") from None
     return name, layout
+
+
+def _stored_crc(ds: Any) -> int | None:
+    """The crc32 attribute of a dataset, None if absent (early writers)."""
+    if "crc32" not in ds.attrs:
+        return None
+    return _int_attr(ds, "crc32", minimum=0)
+
+
+def _verify_crc(ds: Any, array: np.ndarray, what: str) -> None:
+    want = _stored_crc(ds)
+    if want is not None and _crc32(array) != want:
+        raise _Bad(f"{what}: data does not match its checksum (corrupt)")
 
 
 class DumpReader:
@@ -586,11 +631,15 @@ class DumpReader:
             fmt = fmt.decode("utf-8", "replace")
         if not isinstance(fmt, str) or fmt != FORMAT_NAME:
             raise _Bad(f"not a parity dump (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
-        version = _int_attr(f, "format_version")
-        if version != FORMAT_VERSION:
+        version = f.attrs.get("format_version")
+        if isinstance(version, np.generic):
+            version = version.item()
+        if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
+            shown = "missing" if version is None else repr(version)
             raise _Bad(
-                f"dump format_version {version} is not supported; this version of parity reads "
+                f"dump format_version {shown} is not supported; this version of parity reads "
                 f"format_version {FORMAT_VERSION} only"
+                + (" (written by a newer parity?)" if isinstance(version, int) and version > FORMAT_VERSION else "")
             )
         self.meta = _json_attr(f, "meta")
         if not isinstance(self.meta, dict):
@@ -636,6 +685,8 @@ class DumpReader:
             raise _Bad("marked complete but lacks attribute 'tap_count'")
 
         self.error = self._read_error(f.get("error")) if "error" in f else None
+        if self.error is not None:
+            self.complete = False  # a run that raised never completed, whatever the flag says
 
     def _read_header(self, ds: Any, file_size: int) -> TapHeader:
         if not isinstance(ds, h5py.Dataset):
@@ -658,6 +709,7 @@ class DumpReader:
         shape = tuple(int(s) for s in ds.shape)
         if ds.compression is None and int(np.prod(shape, dtype=object)) * ds.dtype.itemsize > file_size:
             raise _Bad(f"tap {key!r} declares shape {shape}, more data than the file holds")
+        _stored_crc(ds)  # present and well-formed, or absent
         # Like the writer, an unknown layout or a misfit shape is left to the diff.
         layout = _str_attr(ds, "layout") or None
         return TapHeader(info=info, order=order, dtype=dtype, layout=layout, shape=shape)
@@ -706,12 +758,16 @@ class DumpReader:
             array = np.asarray(ds[()])
             if array.dtype != ds.dtype or array.shape != header.shape:
                 raise _Bad(f"read back as {array.dtype} {array.shape}, expected {ds.dtype} {header.shape}")
+            _verify_crc(ds, array, "its data")
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
         return array
 
     def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:
-        """Yield a tap's array in slices of `rows` along axis 0 (a 0-d tap: once, whole)."""
+        """Yield a tap's array in slices of `rows` along axis 0 (a 0-d tap: once, whole).
+
+        The checksum covers the whole array, so a corrupt tap raises DumpError after its
+        last chunk: consume them all before trusting any."""
         if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)) or rows <= 0:
             raise ValueError(f"rows must be a positive int, got {rows!r}")
         i = self._resolve(key_or_index)
@@ -726,12 +782,17 @@ class DumpReader:
             ds = self._dataset(i)
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+        crc = 0
         for start in range(0, header.shape[0], rows):
             try:
                 chunk = np.asarray(ds[start : start + rows])
             except Exception as e:
                 raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+            crc = _crc32(chunk, crc)
             yield chunk
+        want = _stored_crc(ds)
+        if want is not None and crc != want:
+            raise DumpError(self.path, f"cannot read tap {header.key!r}: its data does not match its checksum (corrupt)")
 
     # -- lifetime
 

@@ -4,6 +4,7 @@ Rendering is its own layer: the report knows nothing about rich."""
 from __future__ import annotations
 
 import math
+import unicodedata
 
 from rich.console import Group
 from rich.panel import Panel
@@ -13,6 +14,28 @@ from rich.text import Text
 from .report import Report, TapResult
 
 OK, BAD = "✓", "✗"
+# Unicode categories never shown raw: controls (ESC can rewrite the terminal), format
+# characters (bidi overrides reorder what is shown), line/paragraph separators, surrogates.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def shown(value: object) -> str:
+    """`value` as text that is safe on a terminal: control and format characters escaped.
+
+    Tap names, paths and messages come from dumps, which may come from anywhere; they are
+    shown as data (callers wrap them in `Text`, never in console markup) and a name like
+    "\\x1b[2J" must not clear the screen."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in _HIDDEN_CATEGORIES:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _cell(row: TapResult | None) -> Text:
@@ -47,10 +70,10 @@ def stack_table(stack: str, rows: list[TapResult]) -> Table:
         cells.setdefault((r.info.layer, r.info.component), []).append(r)
     steps = sorted({r.info.step for r in rows if r.info.step is not None})
     title = f"{stack}" + (f"  (worst of {len(steps)} steps)" if steps else "")
-    table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
+    table = Table(title=Text(shown(title)), title_justify="left", show_lines=False, pad_edge=False)
     table.add_column("layer", justify="right")
     for c in components:
-        table.add_column(c)
+        table.add_column(Text(shown(c)))
     for layer in sorted({r.info.layer for r in rows}):
         row = [str(layer)]
         for c in components:
@@ -74,7 +97,7 @@ def other_table(rows: list[TapResult]) -> Table:
         w = _worst(found)
         m = w.metrics
         label = w.key if len(found) > 1 and not w.passed else name
-        table.add_row(label, "" if m is None else f"{m.cos:.6f}", "" if m is None else f"{m.max_abs:.4g}",
+        table.add_row(Text(shown(label)), "" if m is None else f"{m.cos:.6f}", "" if m is None else f"{m.max_abs:.4g}",
                       Text(f"{w.status} {OK if w.passed else BAD}", style="green" if w.passed else "bold red"))
     return table
 
@@ -91,14 +114,14 @@ def banner(report: Report) -> Panel:
         where = f"stack {i.stack}, layer {i.layer if i.layer is not None else '-'}, component {i.component}"
         if i.step is not None:
             where += f", step {i.step}"
-        lines.append(f"FIRST DIVERGENCE: {first.key}\n", style="bold red")
-        lines.append(f"  {where}\n")
-        lines.append(f"  {first.status}: {first.reason}\n")
+        lines.append(f"FIRST DIVERGENCE: {shown(first.key)}\n", style="bold red")
+        lines.append(f"  {shown(where)}\n")
+        lines.append(f"  {first.status}: {shown(first.reason)}\n")
         upstream = _upstream_matches(report, first)
         if upstream:
-            lines.append(f"  still matching just before it: {upstream}\n", style="dim")
+            lines.append(f"  still matching just before it: {shown(upstream)}\n", style="dim")
     for p in report.problems:
-        lines.append(f"FAIL: {p}\n", style="bold red")
+        lines.append(f"FAIL: {shown(p)}\n", style="bold red")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     lines.append(f"{n} taps: {counts}", style="dim")
     return Panel(lines, border_style="red")
@@ -119,14 +142,16 @@ def _upstream_matches(report: Report, first: TapResult, limit: int = 3) -> str:
 
 def header(report: Report) -> Text:
     def side(meta: dict) -> str:
-        faults = meta.get("faults") or []
-        extra = f" [inject {','.join(faults)}]" if faults else ""
+        faults = meta.get("faults") or []  # a dump's meta is arbitrary JSON: any type may turn up
+        faults = ",".join(map(str, faults)) if isinstance(faults, list) else str(faults)
+        extra = f" [inject {faults}]" if faults else ""
         return f"{meta.get('backend', '?')}{extra} ({meta.get('device', '?')}, {meta.get('dtype', '?')})"
 
     r, c = report.ref_meta, report.cand_meta
-    text = Text(f"ref {side(r)}  vs  cand {side(c)}", style="bold")
+    text = Text(shown(f"ref {side(r)}  vs  cand {side(c)}"), style="bold")
     if r.get("config") is not None:
-        text.append(f"\nconfig {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}",
+        text.append("\n")
+        text.append(shown(f"config {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}"),
                     style="dim")
     return text
 
@@ -155,7 +180,7 @@ def all_taps_table(report: Report) -> Table:
         m = r.metrics
         nums = ["", "", "", ""] if m is None else [f"{m.cos:.6f}", f"{m.max_abs:.4g}", f"{m.mean_abs:.4g}",
                                                    f"{m.rel_l2:.4g}"]
-        table.add_row(str(r.order if r.order is not None else "-"), r.key, *nums,
-                      Text(r.status if r.passed else f"{r.status}: {r.reason}",
+        table.add_row(str(r.order if r.order is not None else "-"), Text(shown(r.key)), *nums,
+                      Text(r.status if r.passed else f"{r.status}: {shown(r.reason)}",
                            style="green" if r.passed else "red"))
     return table

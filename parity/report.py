@@ -64,8 +64,8 @@ class TapResult:
             "threshold": self.threshold,
             "status": self.status,
             "reason": self.reason,
-            "ref_shape": list(self.ref_shape) if self.ref_shape else None,
-            "cand_shape": list(self.cand_shape) if self.cand_shape else None,
+            "ref_shape": None if self.ref_shape is None else list(self.ref_shape),
+            "cand_shape": None if self.cand_shape is None else list(self.cand_shape),
             "ref_dtype": self.ref_dtype,
             "cand_dtype": self.cand_dtype,
         }
