@@ -80,11 +80,12 @@ def _both(ref: Tap, cand: Tap) -> str:
 
 
 def _locate(flat: int, shape: tuple[int, ...], canonical: np.ndarray | None) -> str:
-    """Where a flat index of the compared (gathered) array lies, in words."""
+    """Where flat index `flat` of the compared array lies: its index in the tensor, or for
+    a token layout (where the compared array is the valid tokens, gathered) its token."""
     if canonical is None:
-        return f"flat index {flat} {list(np.unravel_index(flat, shape))}" if shape else f"flat index {flat}"
+        return f" {[int(i) for i in np.unravel_index(flat, shape)]}" if shape else ""
     per_token = int(np.prod(shape[1:], dtype=np.int64))
-    return f"flat index {flat} of the valid tokens (canonical token position {int(canonical[flat // per_token])})"
+    return f" of the valid tokens (canonical token position {int(canonical[flat // per_token])})"
 
 
 def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float) -> TapResult:
@@ -111,7 +112,7 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
     metrics = compare(r64, c64)
     verdict = judge(metrics, ref.dtype, cand.dtype, threshold)
     if verdict["status"] == "nonfinite":
-        verdict["reason"] += f" ({_locate(metrics.first_nonfinite, r.shape, r_idx)})"
+        verdict["reason"] += _locate(metrics.first_nonfinite, r.shape, r_idx)
     elif verdict["status"] == "dtype":
         verdict["reason"] += f" ({_both(ref, cand)})"
     return TapResult(metrics=metrics, **verdict, **base)

@@ -244,6 +244,8 @@ class DumpWriter:
         self._done = False  # closed or failed
         self._written = False  # closed and renamed to self.path
 
+        if os.path.isdir(self.path):
+            raise DumpError(self.path, "is a directory, not a dump file")
         try:
             # Exclusive create: the name itself is the lock between concurrent captures.
             fd = os.open(self.partial_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
