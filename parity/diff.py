@@ -185,9 +185,12 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
         if not c.complete and c.error is None:
             problems.append(f"{label} capture is incomplete (interrupted): taps after the stop were never compared")
     if ref.error:
-        problems.append(f"reference raised at {ref.error.key or 'an untapped place'}: "
+        problems.append(f"{ref_label} raised at {ref.error.key or 'an untapped place'}: "
                         f"{ref.error.exc_type}: {ref.error.message}")
-    if cand.error and raised_at is not None and raised_at not in {t.key for t in ref.taps}:
-        problems.append(f"candidate raised at {raised_at}: {cand.error.exc_type}: {cand.error.message}")
+    if cand.error and not any(r.status == "raised" for r in rows):
+        # Raised where no reference tap shows it (outside every tap, after the last one, or
+        # at a tap it had already recorded): still a failure, whatever the taps say.
+        problems.append(f"{cand_label} raised at {raised_at or 'an untapped place'}: "
+                        f"{cand.error.exc_type}: {cand.error.message}")
     return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta), thresholds=thresholds.to_dict(),
                   cand_error=cand.error, problems=problems)

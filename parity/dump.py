@@ -114,7 +114,7 @@ def _info_attrs(info: TapInfo) -> dict[str, Any]:
     layer = _check_index(info.layer, "layer", none_ok=True)
     step = _check_index(info.step, "step", none_ok=True)
     return {
-        "name": _check_text(info.name, "tap name"),
+        "name": _check_text(info.name, "tap name", allow_empty=False),
         "stack": _check_text(info.stack, "stack"),
         "layer": -1 if layer is None else layer,
         "component": _check_text(info.component, "component"),
@@ -513,8 +513,11 @@ def _json_attr(obj: Any, name: str) -> Any:
 def _read_info(obj: Any) -> TapInfo:
     layer = _int_attr(obj, "layer", minimum=-1)
     step = _int_attr(obj, "step", minimum=-1)
+    name = _str_attr(obj, "name")
+    if not name:
+        raise _Bad(f"{obj.name} has an empty tap name")
     return TapInfo(
-        name=_str_attr(obj, "name"),
+        name=name,
         stack=_str_attr(obj, "stack"),
         layer=None if layer == -1 else layer,
         component=_str_attr(obj, "component"),
@@ -662,12 +665,19 @@ class DumpReader:
         self.headers: list[TapHeader] = []
         self._datasets: list[str] = []
         members = _numbered(taps_group, "taps")
+        count = _int_attr(f, "tap_count", minimum=0) if "tap_count" in f.attrs else None
+        if count is None and _bool_attr(f, "complete"):
+            raise _Bad("marked complete but lacks attribute 'tap_count'")
         for i, member in enumerate(members):
             try:
                 header = self._read_header(taps_group[member], file_size)
             except Exception as e:
-                # A capture killed inside add_tap can leave its last tap half-written.
-                if self.complete or i != len(members) - 1:
+                # A capture killed inside add_tap (no tap_count: it never closed), or one
+                # whose interrupted add_tap could not remove its member (tap_count one
+                # short), can leave its last tap half-written: skip it, and say so.
+                # Anywhere else a broken tap is corruption.
+                leftover = count is None or count == len(members) - 1
+                if self.complete or i != len(members) - 1 or not leftover:
                     raise
                 self.notes.append(f"skipped half-written last tap {member}: {_describe(e)}")
                 break
@@ -678,13 +688,8 @@ class DumpReader:
             if h.key in self._index:
                 raise _Bad(f"tap key {h.key!r} appears twice")
             self._index[h.key] = i
-
-        if "tap_count" in f.attrs:
-            count = _int_attr(f, "tap_count", minimum=0)
-            if count not in (len(members), len(self.headers)):
-                raise _Bad(f"holds {len(members)} taps but tap_count says {count} (truncated?)")
-        elif _bool_attr(f, "complete"):
-            raise _Bad("marked complete but lacks attribute 'tap_count'")
+        if count is not None and count != len(self.headers):
+            raise _Bad(f"holds {len(members)} taps but tap_count says {count} (truncated?)")
 
         self.error = self._read_error(f.get("error")) if "error" in f else None
         if self.error is not None:

@@ -526,9 +526,15 @@ def test_half_written_last_tap_is_skipped_only_when_incomplete(tmp_path):
     write_dump(path, make_capture(complete=False))
     last = f"taps/{len(make_capture().taps) - 1:06d}"
     tamper(path, _del_attr(last, "dtype"))
+    with pytest.raises(DumpError, match="lacks attribute 'dtype'"):
+        read_dump(path)  # closed by its writer (tap_count says so): a broken tap is corruption
+    tamper(path, _del_attr("/", "tap_count"))  # as a killed writer leaves it
     with open_dump(path) as r:
         assert len(r.headers) == len(make_capture().taps) - 1
         assert r.notes and "half-written" in r.notes[0]
+    tamper(path, _set_attr("/", "tap_count", len(make_capture().taps) - 1))  # add_tap interrupted, member kept
+    with open_dump(path) as r:
+        assert len(r.headers) == len(make_capture().taps) - 1
     tamper(path, _set_attr("/", "complete", True))
     with pytest.raises(DumpError, match="lacks attribute 'dtype'"):
         read_dump(path)
