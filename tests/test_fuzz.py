@@ -30,6 +30,7 @@ from parity.render import render_report
 
 EXAMPLES = int(os.environ.get("PARITY_FUZZ_EXAMPLES", "200"))
 STRIDE = int(os.environ.get("PARITY_FUZZ_STRIDE", "53"))
+TALLY = os.environ.get("PARITY_FUZZ_TALLY")  # tools/fuzz.py: one line per input tried, with its outcome
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 500,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture, HealthCheck.large_base_example])
@@ -172,6 +173,13 @@ def mutate(data: bytes, draw) -> bytes:
 
 # --------------------------------------------------------------------------- checks
 
+def tally(prop: str, outcome: str) -> None:
+    """Count an input for the long campaign's figures (no-op in the normal suite)."""
+    if TALLY:
+        with open(TALLY, "a", encoding="utf-8") as f:
+            f.write(f"{prop} {outcome}\n")
+
+
 def assert_same_capture(got: Capture, want: Capture) -> None:
     assert (got.meta, got.complete, got.error) == (want.meta, want.complete, want.error)
     assert got.layouts.keys() == want.layouts.keys()
@@ -225,6 +233,7 @@ def test_random_dumps_round_trip_bit_exact(tmp_path_factory, cap, compression):
     path = tmp_path_factory.mktemp("rt") / "x.h5"
     write_dump(path, cap, compression=compression)
     assert_same_capture(read_all(path), cap)
+    tally("round-trip", "identical")
 
 
 @FUZZ
@@ -238,8 +247,10 @@ def test_mutated_dumps_fail_cleanly_or_read_identical(tmp_path_factory, cap, com
         got = read_all(bad)
     except DumpError as exc:
         assert str(exc).startswith(f"{bad}: ") and "\n" not in str(exc)
+        tally("mutated-dump", "dump-error")
         return
     assert_same_capture(got, cap)
+    tally("mutated-dump", "identical")
 
 
 @FUZZ
@@ -251,6 +262,8 @@ def test_diff_engine_never_raises_and_metrics_are_defined(data, thresholds):
     cand = data.draw(candidate_of(ref))
     check_report(diff(ref, cand, thresholds), ref, cand)
     check_report(diff(cand, ref, thresholds), cand, ref)
+    tally("diff-engine", "ok")
+    tally("diff-engine", "ok")
 
 
 @FUZZ
@@ -267,6 +280,7 @@ def test_diff_of_dumps_equals_diff_in_memory(tmp_path_factory, data):
     in_memory = compare_captures(ref, cand)
     assert [(r.key, r.status, r.reason) for r in on_disk.rows] == [(r.key, r.status, r.reason) for r in in_memory.rows]
     assert on_disk.passed == in_memory.passed
+    tally("diff-of-dumps", "ok")
 
 
 # --------------------------------------------------------------------------- deterministic sweep
@@ -307,7 +321,9 @@ def test_byte_sweep_cuts_and_flips(sweep_dump, tmp_path):
                 got = read_all(bad)
             except DumpError as exc:
                 assert str(exc).startswith(f"{bad}: ") and "\n" not in str(exc)
+                tally("byte-sweep", "dump-error")
                 continue
             assert len(damaged) == len(data)  # a cut file never reads
             assert_same_capture(got, cap)
+            tally("byte-sweep", "identical")
     assert tried >= 2 * (len(data) // STRIDE)
