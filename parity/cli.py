@@ -92,6 +92,18 @@ InjectOpt = typer.Option(None, "--inject", help="Fault(s) to inject into the can
 TapsOpt = typer.Option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k'.")
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Write `data` to a temporary name and rename it: a full disk leaves no truncated JSON."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(data, indent=2, allow_nan=False))
+        os.replace(partial, path)
+    except (OSError, ValueError) as exc:  # ValueError: a NaN where JSON has none
+        partial.unlink(missing_ok=True)
+        _fail_input(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}")
+
+
 @app.command("diff")
 def diff_cmd(
     dumps: Optional[List[Path]] = typer.Argument(None, help="Two dumps REF.h5 CAND.h5 (offline, no torch)."),
@@ -142,11 +154,7 @@ def diff_cmd(
         _interrupted("diff stopped before it finished; nothing was judged")
     _console().print(render_report(report, show_all=show_all))
     if json_out is not None:
-        try:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps(report.to_dict(), indent=2))
-        except OSError as exc:
-            _fail_input(f"cannot write {json_out}: {exc.strerror or exc}")
+        _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
 
 

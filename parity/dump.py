@@ -230,8 +230,8 @@ class DumpWriter:
         if not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
         try:
-            meta_json = json.dumps(meta)
-        except (TypeError, ValueError) as e:
+            meta_json = json.dumps(meta, allow_nan=False)  # strict JSON: no NaN/Infinity tokens
+        except (TypeError, ValueError, RecursionError) as e:
             raise ValueError(f"meta is not JSON-serializable: {e}") from None
         self.path = os.fspath(path)
         self.partial_path = self.path + PARTIAL_SUFFIX
@@ -502,11 +502,15 @@ def _bool_attr(obj: Any, name: str) -> bool:
     return bool(value)
 
 
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
 def _json_attr(obj: Any, name: str) -> Any:
     text = _str_attr(obj, name)
     try:
-        return json.loads(text)
-    except ValueError as e:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
         raise _Bad(f"attribute {name!r} of {obj.name} is not valid JSON ({e})") from None
 
 
@@ -799,7 +803,8 @@ class DumpReader:
             yield chunk
         want = _stored_crc(ds)
         if want is not None and crc != want:
-            raise DumpError(self.path, f"cannot read tap {header.key!r}: its data does not match its checksum (corrupt)")
+            raise DumpError(self.path,
+                            f"cannot read tap {header.key!r}: its data does not match its checksum (corrupt)")
 
     # -- lifetime
 

@@ -270,6 +270,8 @@ def test_bad_arguments_raise_value_error_and_writer_stays_usable(tmp_path):
         DumpWriter(tmp_path / "a.h5", {}, compression="zstd")
     with pytest.raises(ValueError, match="JSON"):
         DumpWriter(tmp_path / "b.h5", {"x": object()})
+    with pytest.raises(ValueError, match="JSON"):
+        DumpWriter(tmp_path / "b.h5", {"x": float("nan")})  # strict JSON: NaN is not JSON
     assert not list(tmp_path.iterdir())  # nothing created for refused arguments
 
     info = TapInfo("t", "s", 0, "c")
@@ -409,7 +411,8 @@ def _edit_slots(f, index, value, name="layouts/0/slots"):
 
 
 TAMPERS = {
-    "version as string": (_set_attr("/", "format_version", "1"), "format_version '1' is not supported.*reads format_version 1"),
+    "version as string": (_set_attr("/", "format_version", "1"),
+                          "format_version '1' is not supported.*reads format_version 1"),
     "version missing": (_del_attr("/", "format_version"), "format_version missing is not supported"),
     "tap data flipped": (lambda f: f["taps/000000"].__setitem__((0, 0, 0), 123.0), "does not match its checksum"),
     "slots data flipped": (lambda f: f["layouts/0/slots"].__setitem__((0, 0), 2), "does not match its checksum"),
@@ -418,6 +421,8 @@ TAMPERS = {
     "missing meta": (_del_attr("/", "meta"), "lacks attribute 'meta'"),
     "meta not json": (_set_attr("/", "meta", "{not json"), "not valid JSON"),
     "meta json list": (_set_attr("/", "meta", "[1, 2]"), "JSON object"),
+    "meta with NaN": (_set_attr("/", "meta", '{"x": NaN}'), "not valid JSON"),
+    "meta nested too deep": (_set_attr("/", "meta", "[" * 100_000 + "]" * 100_000), "meta"),
     "missing tap_count": (_del_attr("/", "tap_count"), "tap_count"),
     "wrong tap_count": (_set_attr("/", "tap_count", 3), "tap_count"),
     "missing dtype attr": (_del_attr("taps/000001", "dtype"), "lacks attribute 'dtype'"),

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from parity.cli import app
 from parity.diff import diff
-from parity.dump import PARTIAL_SUFFIX, DumpError, open_dump, read_dump, write_dump
+from parity.dump import PARTIAL_SUFFIX, open_dump, read_dump, write_dump
 from parity.records import Capture, Layout, Region, Tap, TapInfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +169,8 @@ def assert_prefix_of(got: Capture, full: Capture, at_least: int) -> None:
 # --------------------------------------------------------------------------- nothing compared / one-sided
 
 def test_empty_dump_fails_and_is_named(tmp_path):
-    empty, good = dump(tmp_path / "empty.h5"), dump(tmp_path / "good.h5", tap("a.x", 0, rand(3)), tap("b.x", 1, rand(3)))
+    empty = dump(tmp_path / "empty.h5")
+    good = dump(tmp_path / "good.h5", tap("a.x", 0, rand(3)), tap("b.x", 1, rand(3)))
     for ref, cand, needles in [
         (empty, empty, [f"reference {empty} has no taps", f"candidate {empty} has no taps"]),
         (good, empty, [f"candidate {empty} has no taps", f"2 taps only in the reference {good}: a.x, b.x"]),
