@@ -35,6 +35,11 @@ Notes on the format:
 - `complete` is written False when the file is created and True only as the very last
   write of a successful capture; tap_count is written at close.  A writer flushes after
   every tap, so a killed capture leaves a readable file with every tap written so far.
+  A run that raised is never complete: the writer writes False once set_error was
+  called, and the reader reads any dump holding /error as incomplete.
+- Only a dump without tap_count (its writer never closed it) or whose tap_count is one
+  short of its members (an interrupted add_tap) may end in a half-written tap, which the
+  reader skips with a note; anywhere else a broken tap is corruption (DumpError).
 - The file is written as `<path>.partial` (created exclusively, so two captures cannot
   write the same dump) and renamed to `<path>` at close.  A `.partial` file is always
   read as incomplete.
