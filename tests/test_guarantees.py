@@ -309,6 +309,16 @@ def test_interrupted_capture_keeps_its_taps_marked_incomplete(tmp_path, toy_full
     assert code == 1 and "capture is incomplete (interrupted)" in out
 
 
+def test_ctrl_c_during_a_live_diff_exits_130_judging_nothing(tmp_path):
+    progress = tmp_path / "progress"
+    proc = spawn(["diff", "--ref", TOY, "--cand", TOY], toy_env(sleep=0.25, progress=progress), tmp_path)
+    wait_for_progress(progress, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stdout == "" and "Traceback" not in stderr
+    assert stderr.strip() == "interrupted: diff stopped before it finished; nothing was judged"
+
+
 def test_killed_capture_leaves_a_readable_partial_file(tmp_path, toy_full):
     out_path, progress = tmp_path / "cut.h5", tmp_path / "progress"
     partial = Path(str(out_path) + PARTIAL_SUFFIX)
@@ -690,3 +700,23 @@ def test_tap_names_with_slashes_dots_unicode_are_data_not_paths(tmp_path):
     code, report = cli("diff", path, path, "--all", "--json", tmp_path / "r.json")
     assert code == 0 and "[/]" in report and "\\x1b[2Jclear" in report and "\x1b" not in report
     assert [t["tap"] for t in json.loads((tmp_path / "r.json").read_text())["taps"]] == want
+
+
+# --------------------------------------------------------------------------- the README names real tests
+
+def test_readme_guarantees_name_tests_that_exist():
+    """Every test the README's Guarantees table cites exists, and every row cites one."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    assert len(rows) == 11
+    defined: dict[str, set[str]] = {}
+    for row in rows:
+        cited = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)\b(?!\.py)", row.split(" | ")[-1])
+        assert cited, row
+        for module, name in cited:
+            module = module or "test_guarantees.py"
+            if module not in defined:
+                tree = ast.parse((TESTS / module).read_text())
+                defined[module] = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+            assert name in defined[module], f"README cites {module}::{name}, which does not exist"
