@@ -620,6 +620,9 @@ def test_no_code_path_can_unpickle_static_scan():
                 offences += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in UNPICKLERS]
             elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNPICKLERS:
                 offences.append(f"{where} imports from {node.module}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch") and \
+                    any(a.name == "load" for a in node.names):
+                offences.append(f"{where} imports load from {node.module} (unscannable calls)")
             elif isinstance(node, ast.Call):
                 name = _call_name(node)
                 last = name.rsplit(".", 1)[-1]
