@@ -606,32 +606,50 @@ def _keyword_is(node: ast.Call, name: str, value) -> bool:
     return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is value for k in node.keywords)
 
 
+def unpickling_offences(source: str, where: str) -> list[str]:
+    """What in `source` could unpickle: an unpickling module imported, torch.load without
+    weights_only=True (or imported bare, so its calls cannot be checked), np.load with
+    allow_pickle=True, torch.jit.load, pandas.read_pickle."""
+    offences = []
+    for node in ast.walk(ast.parse(source)):
+        at = f"{where}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            offences += [f"{at} imports {a.name}" for a in node.names if a.name.split(".")[0] in UNPICKLERS]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNPICKLERS:
+            offences.append(f"{at} imports from {node.module}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch") and \
+                any(a.name == "load" for a in node.names):
+            offences.append(f"{at} imports load from {node.module} (its calls cannot be checked)")
+        elif isinstance(node, ast.Call):
+            name = _call_name(node)
+            if name.endswith(("torch.load", "serialization.load")) and not _keyword_is(node, "weights_only", True):
+                offences.append(f"{at} calls {name} without weights_only=True")
+            if name.split(".")[0] in ("np", "numpy") and name.endswith(".load") and \
+                    _keyword_is(node, "allow_pickle", True):
+                offences.append(f"{at} calls {name} with allow_pickle=True")
+            if name.endswith(("jit.load", "read_pickle")):
+                offences.append(f"{at} calls {name}")
+    return offences
+
+
+def test_the_pickle_scan_catches_what_it_must():
+    bad = (
+        "import pickle\nimport dill as d\nfrom joblib import load\nfrom torch import load\n"
+        "torch.load(f)\ntorch.load(f, weights_only=False)\nnp.load(f, allow_pickle=True)\n"
+        "torch.jit.load(f)\npd.read_pickle(f)\n"
+    )
+    assert len(unpickling_offences(bad, "x.py")) == 9
+    good = "torch.load(f, weights_only=True)\nnp.load(f)\nnp.load(f, allow_pickle=False)\nimport json\n"
+    assert unpickling_offences(good, "x.py") == []
+
+
 def test_no_code_path_can_unpickle_static_scan():
-    """No unpickling module is imported; torch.load only with weights_only=True; np.load
-    never with allow_pickle=True; no torch.jit.load / pandas.read_pickle."""
+    """Every Python file of parity/, probes/, bench/ and tools/ passes the scan above."""
     files = list(_python_files())
     assert len(files) > 20  # the scan sees the code base
     offences = []
     for path in files:
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
-            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
-            if isinstance(node, ast.Import):
-                offences += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in UNPICKLERS]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNPICKLERS:
-                offences.append(f"{where} imports from {node.module}")
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch") and \
-                    any(a.name == "load" for a in node.names):
-                offences.append(f"{where} imports load from {node.module} (unscannable calls)")
-            elif isinstance(node, ast.Call):
-                name = _call_name(node)
-                last = name.rsplit(".", 1)[-1]
-                if name.endswith(("torch.load", "serialization.load")) and not _keyword_is(node, "weights_only", True):
-                    offences.append(f"{where} calls {name} without weights_only=True")
-                if last == "load" and name.split(".")[0] in ("np", "numpy") and _keyword_is(node, "allow_pickle", True):
-                    offences.append(f"{where} calls {name} with allow_pickle=True")
-                if name.endswith(("jit.load", "read_pickle")):
-                    offences.append(f"{where} calls {name}")
+        offences += unpickling_offences(path.read_text(), str(path.relative_to(REPO)))
     assert offences == []
 
 
