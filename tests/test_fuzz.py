@@ -28,6 +28,9 @@ from parity.dump import DumpError, open_dump, read_dump, write_dump
 from parity.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
 from parity.render import render_report
 
+# A warning from the library (numpy's "invalid value" on a NaN pattern, ...) fails the run too.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 EXAMPLES = int(os.environ.get("PARITY_FUZZ_EXAMPLES", "200"))
 STRIDE = int(os.environ.get("PARITY_FUZZ_STRIDE", "53"))
 TALLY = os.environ.get("PARITY_FUZZ_TALLY")  # tools/fuzz.py: one line per input tried, with its outcome
