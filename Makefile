@@ -29,7 +29,8 @@ demo: setup
 gate: setup
 	$(PARITY) diff --ref pytorch --cand flash --json reports/gate_flash.json > reports/gate_flash.txt
 	$(PARITY) diff --ref pytorch --cand flash_fp8 $(FP8_GATE) --json reports/gate_flash_fp8.json > reports/gate_flash_fp8.txt
-	@echo "gate: flash and flash_fp8 pass"
+	$(PARITY) weights --ref pytorch --cand flash_fp8 --json reports/gate_weights_flash_fp8.json > reports/gate_weights_flash_fp8.txt
+	@echo "gate: flash and flash_fp8 pass (taps and weights)"
 
 test: setup gate
 	$(PY) -m pytest -q

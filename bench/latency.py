@@ -112,7 +112,7 @@ def main() -> None:
           f"{'min cos':>9} {'act cos':>10} {'act maxd':>9}")
     for name, r in rows.items():
         lat, par = r["latency_ms"], r["parity"]
-        stages = " ".join(f"{lat[s]:8.2f}" if s in lat else f"{'(graph)':>8}" for s in STAGES)
+        stages = " ".join(f"{lat[s]:8.2f}" for s in STAGES)
         print(f"{name:12} {lat['total']:9.2f} {stages} "
               f"{r['speedup']:7.2f}x {par['min_cos']:9.6f} {par['action_cos']:10.6f} {par['action_max_abs']:9.4g}")
     out = Path(args.out)

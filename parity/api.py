@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
-from .backends import BackendError, BackendOptions
+from .backends import Backend, BackendError, BackendOptions
 from .diff import Thresholds, diff
 from .dump import DumpError, DumpWriter, read_dump
 from .probe import tap_filter
 from .records import Capture
 from .report import Report
+from .writer import DEFAULT_MAX_INFLIGHT_MB, BackgroundWriter, InflightBudget
+from .weights_report import WeightsReport
 
 
 class InputError(Exception):
@@ -45,7 +48,21 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _build(spec: str, options: BackendOptions):
+def _meta(backend: Backend, taps: str | None) -> dict:
+    """A run's metadata: the backend's own, when and what was captured, and which module
+    each tap observes (so reports can point back at the code, e.g. in Model Explorer)."""
+    meta = {**backend.meta, "created": _now(), "taps": taps or "*"}
+    if "modules" not in meta and hasattr(backend.model, "named_modules"):
+        meta["modules"] = backend.probe.modules(backend.model)
+    return meta
+
+
+ProgressFn = Callable[[str, int, "int | None"], None]  # (what, done, total or None)
+
+
+def _build(spec: str | Backend, options: BackendOptions) -> Backend:
+    if isinstance(spec, Backend):
+        return spec
     from .backends import resolve  # the factories import torch; keep it off the offline path
 
     try:
@@ -54,37 +71,49 @@ def _build(spec: str, options: BackendOptions):
         raise InputError(str(exc)) from None
 
 
-def capture_live(spec: str, options: BackendOptions, taps: str | None = None) -> Capture:
-    """Run a backend once and keep every selected tap in memory."""
+def capture_live(spec: str | Backend, options: BackendOptions, taps: str | None = None,
+                 progress: ProgressFn | None = None) -> Capture:
+    """Run a backend (a spec, or a ready Backend) once and keep every selected tap in memory."""
     from .capture import capture
 
     select = _select(taps)
     backend = _build(spec, options)
-    sink = Capture(meta={**backend.meta, "created": _now(), "taps": taps or "*"})
-    return capture(backend, sink, select)
+    sink = Capture(meta=_meta(backend, taps))
+    return capture(backend, _Counting(sink, progress, f"capture {backend.meta.get('backend', backend.name)}"),
+                   select).sink
 
 
-def capture_to_dump(spec: str, options: BackendOptions, path: str | Path, taps: str | None = None,
-                    compression: str | None = None) -> dict:
+def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Path, taps: str | None = None,
+                    compression: str | None = None, progress: ProgressFn | None = None,
+                    max_inflight_mb: float = DEFAULT_MAX_INFLIGHT_MB) -> dict:
     """Run a backend once, streaming taps into an HDF5 dump; returns a short summary.
+
+    A writer thread writes while the model runs.  `max_inflight_mb` bounds the tap
+    copies between the model and the disk: half for copies staged on their way to the
+    host, half for host copies queued for the writer; past it the capture waits.
 
     The dump is written as `<path>.partial` and renamed when closed: a disk that fills
     up raises InputError and leaves no file; Ctrl-C raises CaptureInterrupted and leaves
     `path` readable, marked incomplete; a killed process leaves `<path>.partial`."""
     from .capture import capture
 
+    if not max_inflight_mb > 0:
+        raise InputError(f"--max-inflight-mb must be positive, got {max_inflight_mb}")
     select = _select(taps)
+    half = max(1, int(max_inflight_mb * (1 << 20)) // 2)
+    budget = InflightBudget(half)
     writer = None
     try:
         backend = _build(spec, options)
-        meta = {**backend.meta, "created": _now(), "taps": taps or "*"}
+        meta = _meta(backend, taps)
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"{path}: cannot create its directory: {exc.strerror or exc}") from None
         with DumpWriter(path, meta, compression=compression) as writer:
-            counter = _Counting(writer)
-            capture(backend, counter, select)
+            with BackgroundWriter(writer, budget) as queued:
+                counter = _Counting(queued, progress, f"capture {backend.meta.get('backend', backend.name)}")
+                capture(backend, counter, select, max_staged_bytes=half)
     except KeyboardInterrupt:
         taps_written = writer.tap_count if writer is not None else 0
         raise CaptureInterrupted(str(path), taps_written, writer is not None and writer.written) from None
@@ -92,21 +121,32 @@ def capture_to_dump(spec: str, options: BackendOptions, path: str | Path, taps: 
         raise InputError(str(exc)) from None
     except ValueError as exc:  # the dump refused what the backend produced (e.g. a tap name with NUL)
         raise InputError(f"{path}: {exc}") from None
-    return {"path": str(path), "taps": counter.count, "error": counter.error}
+    return {"path": str(path), "taps": counter.count, "error": counter.error,
+            "peak_queued_bytes": budget.peak, "budget_waits": budget.waits}
 
 
 class _Counting:
-    """Passes taps to a sink and remembers how many went through and whether it raised."""
+    """Passes taps to a sink and remembers how many went through and whether it raised;
+    reports progress, if asked: each tap as the model produces it (`tap_recorded`, called
+    by the Recorder during the run), then each as it is stored (`add_tap`, after the run)."""
 
-    def __init__(self, sink):
-        self.sink, self.count, self.error = sink, 0, None
+    def __init__(self, sink, progress: ProgressFn | None = None, what: str = "capture"):
+        self.sink, self.count, self.recorded, self.error = sink, 0, 0, None
+        self.progress, self.what = progress, what
 
     def add_layout(self, name, layout):
         self.sink.add_layout(name, layout)
 
+    def tap_recorded(self, info):
+        self.recorded += 1
+        if self.progress is not None:
+            self.progress(self.what, self.recorded, None)
+
     def add_tap(self, tap):
         self.count += 1
         self.sink.add_tap(tap)
+        if self.progress is not None:
+            self.progress(f"{self.what} (store)", self.count, self.recorded or None)
 
     def set_error(self, error):
         self.error = error
@@ -137,7 +177,8 @@ def check_comparable(ref: Capture, cand: Capture) -> None:
 
 
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
-                     taps: str | None = None, labels: tuple[str, str] = ("reference", "candidate")) -> Report:
+                     taps: str | None = None, progress: ProgressFn | None = None, chunk: int | None = None,
+                     labels: tuple[str, str] = ("reference", "candidate")) -> Report:
     check_comparable(ref, cand)
     if taps:
         keep = _select(taps)
@@ -145,23 +186,188 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
                       ref.complete)
         cand = Capture([t for t in cand.taps if keep(t.info.name, t.key)], cand.layouts, cand.meta, cand.error,
                        cand.complete)
-    return diff(ref, cand, thresholds, labels)
+    tick = None if progress is None else (lambda done, total: progress("diff", done, total))
+    return diff(ref, cand, thresholds, progress=tick, chunk=chunk, labels=labels)
+
+
+def open_checked(path, allow_incomplete: bool = False):
+    """An open DumpReader (headers only), or InputError for a bad or incomplete dump."""
+    from .dump import open_dump
+
+    try:
+        reader = open_dump(path)
+    except DumpError as exc:
+        raise InputError(str(exc)) from None
+    if not reader.complete and not allow_incomplete:
+        if reader.error is not None:
+            why = (f"the backend raised at {reader.error.key or 'an untapped place'}: "
+                   f"{reader.error.exc_type}: {reader.error.message}")
+        else:
+            why = f"interrupted after {len(reader.headers)} taps"
+        reader.close()
+        raise InputError(f"{path}: capture is incomplete ({why}); pass --allow-incomplete to diff it anyway")
+    return reader
 
 
 def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
-               allow_incomplete: bool = False) -> Report:
-    """Offline diff of two dumps (no torch).  With allow_incomplete an interrupted dump is
-    compared as far as it goes, but the report never passes."""
-    return compare_captures(load_dump(ref_path, allow_incomplete), load_dump(cand_path, allow_incomplete),
-                            thresholds, taps, labels=(f"reference {ref_path}", f"candidate {cand_path}"))
+               allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
+    """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps.
+    With allow_incomplete an interrupted dump is compared as far as it goes, but the
+    report never passes.  Dumps hold taps, not the models that made them, so the first
+    divergence cannot be re-run in isolation: the report says so."""
+    from .localise import OFFLINE_NOTE, Localisation
+    from .stream import diff_readers
+
+    keep = _select(taps) if taps else None
+    with open_checked(ref_path, allow_incomplete) as ref, open_checked(cand_path, allow_incomplete) as cand:
+        check_comparable(ref, cand)
+        tick = None if progress is None else (lambda done, total: progress("diff", done, total))
+        try:
+            report = diff_readers(ref, cand, thresholds, keep, tick, chunk,
+                                  labels=(f"reference {ref_path}", f"candidate {cand_path}"))
+        except DumpError as exc:
+            raise InputError(str(exc)) from None
+    if report.first_divergence is not None:
+        report.localisation = Localisation(note=OFFLINE_NOTE)
+    return report
 
 
-def diff_live(ref: str, cand: str, options: BackendOptions, faults: tuple[str, ...] = (),
-              thresholds: Thresholds | None = None, taps: str | None = None) -> Report:
+def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
+              thresholds: Thresholds | None = None, taps: str | None = None,
+              progress: ProgressFn | None = None, isolate: bool = True, chunk: int | None = None) -> Report:
     """Build both backends from the same options (same weights, inputs and noise), inject
-    `faults` into the candidate only, run both and compare."""
+    `faults` into the candidate only, run both and compare.  With `isolate`, a failing
+    diff re-runs the first failing component on the reference's inputs and walks
+    upstream to the component that introduces the error (`report.localisation`)."""
     from dataclasses import replace
 
-    ref_cap = capture_live(ref, replace(options, faults=()), taps)
-    cand_cap = capture_live(cand, replace(options, faults=tuple(faults)), taps)
-    return compare_captures(ref_cap, cand_cap, thresholds)
+    ref_backend = _build(ref, replace(options, faults=()))
+    cand_backend = _build(cand, replace(options, faults=tuple(faults)))
+    ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
+    cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
+    report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
+    if isolate and report.first_divergence is not None:
+        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds, (ref_log, cand_log))
+    return report
+
+
+def _capture_recording(backend: Backend, options: BackendOptions, taps, progress, record: bool):
+    """A capture, and (when asked and the model allows) the layer calls of the same run,
+    so isolating needs no second run."""
+    if not record or getattr(backend.probe, "components", None) is None:
+        return capture_live(backend, options, taps, progress), None
+    from .isolate import CallRecorder
+
+    if not CallRecorder.reusable(backend):
+        return capture_live(backend, options, taps, progress), None
+    with CallRecorder(backend) as rec:
+        cap = capture_live(backend, options, taps, progress)
+    error = None if cap.error is None else f"{cap.error.exc_type}: {cap.error.message}"
+    return cap, rec.log(error)
+
+
+def localise_live(report: Report, ref_backend: Backend, cand_backend: Backend,
+                  thresholds: Thresholds | None = None, logs=(None, None)):
+    """Which component introduces the report's first divergence (a Localisation)."""
+    from .isolate import IsolationError, Isolator
+    from .localise import Localisation, localise
+
+    try:
+        return localise(report, Isolator(ref_backend, cand_backend, thresholds,
+                                         report.thresholds.get("exact_dtypes"), logs))
+    except IsolationError as exc:
+        return Localisation(note=str(exc))
+
+
+def isolate_component(ref: str | Backend, cand: str | Backend, options: BackendOptions, stack: str, layer: int,
+                      part: str, step: int | None = None, faults: tuple[str, ...] = (),
+                      thresholds: Thresholds | None = None):
+    """Run one component (`part` of `stack` layer `layer`, at denoise `step`) of the
+    reference and of the candidate on the reference's own inputs and compare the outputs
+    (a PartResult, truthy via `.passed`).  Bad requests raise InputError."""
+    from dataclasses import replace
+
+    from .isolate import IsolationError, Isolator, Unit
+
+    ref_backend = _build(ref, replace(options, faults=()))
+    cand_backend = _build(cand, replace(options, faults=tuple(faults)))
+    try:
+        isolator = Isolator(ref_backend, cand_backend, thresholds)
+        if step is None and stack in isolator.ref_adapter.stepped:
+            step = 0
+        if step is not None and stack not in isolator.ref_adapter.stepped:
+            raise IsolationError(f"stack {stack} runs once per inference: --step applies to "
+                                 f"{', '.join(sorted(isolator.ref_adapter.stepped))}")
+        result = isolator.isolate(Unit(stack, layer, step, part))
+    except IsolationError as exc:
+        raise InputError(str(exc)) from None
+    result.ref_meta, result.cand_meta = isolator.ref.meta, isolator.cand.meta
+    return result
+
+
+def make_thresholds(min_cos: float = 0.999,
+                    thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None) -> Thresholds:
+    """Thresholds from the forms a caller naturally has: a Thresholds, {glob: min_cos},
+    or ["glob=min_cos", ...] (later patterns win)."""
+    if isinstance(thresholds, Thresholds):
+        return thresholds
+    try:
+        if thresholds is None:
+            return Thresholds(min_cos)
+        if isinstance(thresholds, Mapping):
+            return Thresholds(min_cos, tuple((str(g), float(v)) for g, v in thresholds.items()))
+        if isinstance(thresholds, str):
+            thresholds = [thresholds]
+        return Thresholds.parse(min_cos, list(thresholds))
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed: int = 0, batch: int = 1,
+            device: str = "auto", dtype: str | None = None, padding: str | None = None, seq_len: int | None = None,
+            min_cos: float = 0.999, thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None,
+            taps: str | None = None, faults: Iterable[str] = (), config: str | None = None,
+            weights: str | None = None, progress: ProgressFn | None = None) -> Report:
+    """Run a reference and a candidate on the same inputs and compare them tap by tap.
+
+    `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
+    `"pkg.mod:factory"`) or ready `Backend` objects.  `inputs` is a token-id file
+    (.json/.npy), token rows, or a dict with input_ids/attention_mask; None draws them
+    from `seed`.  `config` and `weights` (a checkpoint path) are for backends that build
+    their own model, like the bundled pi0.5 ones; None = the backend's default.  The
+    returned Report is truthy when every tap passed; its `first_divergence` names the
+    earliest failing tap.  Bad requests raise InputError.
+
+        report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
+        assert report, report.first_divergence
+    """
+    try:
+        options = BackendOptions(config=config, seed=seed, device=device, dtype=dtype, batch=batch,
+                                 weights=weights, inputs=inputs, padding=padding, seq_len=seq_len)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress)
+
+
+def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
+                 thresholds: Thresholds | None = None, quantized_min_cos: float | None = None) -> WeightsReport:
+    """Build both backends from the same options (the same `--weights` file or seed),
+    inject `faults` into the candidate only, and compare the parameters each computes with."""
+    from dataclasses import replace
+
+    from .weights import DEFAULT_QUANTIZED_MIN_COS, compare_weights, model_parameters
+
+    sides = []
+    for spec, side_faults in ((ref, ()), (cand, tuple(faults))):
+        backend = _build(spec, replace(options, faults=side_faults))
+        try:
+            params = backend.parameters() if backend.parameters is not None else model_parameters(backend.model)
+        except ValueError as exc:
+            raise InputError(f"backend {spec!r}: {exc}") from None
+        sides.append((params, backend.meta))
+    (ref_params, ref_meta), (cand_params, cand_meta) = sides
+    q = DEFAULT_QUANTIZED_MIN_COS if quantized_min_cos is None else quantized_min_cos
+    try:
+        return compare_weights(ref_params, cand_params, thresholds, q, ref_meta, cand_meta)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None

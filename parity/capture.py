@@ -1,18 +1,26 @@
 """Recording taps from a live model: hooks that exist only inside a `with` block.
 
-Each tap is cloned as it is produced (later in-place kernels cannot change what was
-recorded) and handed to a sink: an in-memory `Capture` or a streaming `DumpWriter`.
-A tap reaches the sink as soon as it is produced, so a capture killed half-way has
-already written every tap before the kill; only taps recorded inside a CUDA graph
-capture wait for the end of the run (their values exist only once the graph replays).
+Each tap is cloned on its own device as it is produced (later in-place kernels cannot
+change what was recorded; no host sync inside the forward, so taps can be recorded inside
+a CUDA graph); on CUDA the clone then travels to pinned host memory on a side stream
+(`staging.py`).  A tap reaches the sink (an in-memory `Capture`, a `DumpWriter`, or a
+`BackgroundWriter` in front of one) as soon as its host copy exists, without waiting for
+it: on CPU at once, on CUDA once its side-stream copy has completed (checked at each later
+tap, and forced whenever the staged bytes exceed `max_staged_bytes`).  So a capture killed
+half-way has already handed over every tap whose copy was done; only taps recorded inside
+a CUDA graph capture wait for the end of the run (their values exist only once the graph
+replays).
 """
 from __future__ import annotations
+
+import collections
 
 import numpy as np
 import torch
 
-from .probe import Probe, TapFilter, tap_filter
+from .probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
 from .records import Capture, CaptureError, Tap, TapInfo
+from .staging import Staged, Stager, graph_capturing
 
 _BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
     torch.bfloat16: (torch.int16, np.uint16),
@@ -36,14 +44,22 @@ def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]
     return (arr.copy() if src_is_host else arr), name
 
 
+def _eager(hook):
+    """Hooks observe; they are never traced.  Under torch.compile each hook is a graph
+    break, so the compiled pieces are the code between taps (and the bookkeeping here
+    stays plain Python)."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
 class ProbeError(Exception):
     """The probe does not fit the model (e.g. a non-stepped tap that runs twice)."""
 
 
-class SinkFailed(Exception):
+class SinkFailed(BaseException):
     """Internal: raised through the model when the sink could not store a tap.
 
-    The model may catch it (a fallback path); the recorder remembers the real failure
+    A BaseException, so a model's `except Exception` fallback does not swallow it (and a
+    model that catches it anyway gets it again at its next tap); the recorder remembers the real failure
     and `capture` re-raises it after the run, so a failed write is never mistaken for
     the model raising."""
 
@@ -51,27 +67,36 @@ class SinkFailed(Exception):
 class Recorder:
     """Installs one pre- and one post-forward hook per probed module; removes all of them
     on exit, whatever happened.  Also knows which tap component was running when the
-    model raised."""
+    model raised.  Input taps (`TapRule.on="input"`) are recorded by the pre-hook,
+    output taps by the post-hook, so execution order is kept either way."""
 
-    def __init__(self, model: torch.nn.Module, probe: Probe, sink, select: TapFilter | None = None):
+    def __init__(self, model: torch.nn.Module, probe: Probe, sink, select: TapFilter | None = None,
+                 max_staged_bytes: int | None = None):
         self.model, self.probe, self.sink = model, probe, sink
         self.select = select or tap_filter(None)
         self.handles: list = []
         self.calls: dict[str, int] = {}
-        self.running: list[tuple[torch.nn.Module, TapInfo]] = []
-        self.pending: list[tuple[TapInfo, int, torch.Tensor, str | None]] = []
+        self.running: list[tuple[torch.nn.Module, TapInfo, int]] = []  # (module, blamed tap, call index)
+        # (info, order, staged copy, layout): handed to the sink as host storage by flush()
+        self.pending: collections.deque[tuple[TapInfo, int, Staged, str | None]] = collections.deque()
+        self.stager = Stager()
+        self.max_staged_bytes = max_staged_bytes
+        self.staged_bytes = 0
+        self.sink_error: BaseException | None = None  # the sink failed: record nothing more
+        # optional sink method, called as each tap is taken (progress displays): the sink
+        # itself gets the taps only at flush()
+        self.on_record = getattr(sink, "tap_recorded", None)
         self.order = 0
         self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
-        self.sink_error: BaseException | None = None  # the sink failed: record nothing more
 
     def __enter__(self) -> "Recorder":
         try:
             for module_name, module in self.model.named_modules():
-                hit = self.probe.tap_for(module_name)
-                if hit is None:
+                hits = self.probe.taps_for(module_name)
+                if not hits:
                     continue
-                self.handles.append(module.register_forward_pre_hook(self._enter_hook(module_name, hit)))
-                self.handles.append(module.register_forward_hook(self._exit_hook(hit)))
+                self.handles.append(module.register_forward_pre_hook(_eager(self._enter_hook(module_name, hits))))
+                self.handles.append(module.register_forward_hook(_eager(self._exit_hook(hits))))
             self._notify(True)
         except BaseException:
             self.remove()
@@ -86,6 +111,7 @@ class Recorder:
             h.remove()
         self.handles.clear()
         self.pending.clear()
+        self.staged_bytes = 0
         self._notify(False)
 
     def _notify(self, active: bool) -> None:
@@ -95,62 +121,102 @@ class Recorder:
         if callable(hook):
             hook(active)
 
-    def flush(self) -> None:
-        """Hand every recorded tap to the sink as host storage, in execution order.
+    def flush(self, keep_bytes: int = 0, ready_only: bool = False) -> None:
+        """Hand recorded taps to the sink as host storage, oldest first, until at most
+        `keep_bytes` stay staged (0: all of them); `ready_only`: only those whose host
+        copy is already there (never waits).
 
         A tap leaves `pending` only once the sink has it, so a flush interrupted half-way
         (Ctrl-C) is completed by the next one.  A sink failure (disk full, a name the
         dump refuses) is kept in `sink_error`; nothing is recorded after it."""
         while self.pending and self.sink_error is None:
-            info, order, value, layout = self.pending[0]
-            array, dtype = to_storage(value, private=True)
+            info, order, staged, layout = self.pending[0]
+            if keep_bytes and self.staged_bytes <= keep_bytes:
+                break
+            if ready_only and not staged.done():
+                break
+            array, dtype = to_storage(staged.ready(), private=True)
             try:
                 self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
             except Exception as exc:  # noqa: BLE001 - re-raised by `capture` after the run
                 self.sink_error = exc
                 self.pending.clear()
+                self.staged_bytes = 0
                 raise SinkFailed(str(exc)) from exc
-            self.pending.pop(0)
+            self.pending.popleft()
+            self.staged_bytes -= staged.nbytes
 
-    def _enter_hook(self, module_name: str, hit):
-        rule, layer, component, name = hit
+    @staticmethod
+    def _info(hit: ProbeHit, calls: int) -> TapInfo:
+        return TapInfo(hit.name, hit.rule.stack, hit.layer, hit.component, calls if hit.rule.stepped else None)
+
+    def _enter_hook(self, module_name: str, hits: list[ProbeHit]):
+        inputs = [h for h in hits if h.rule.on == ON_INPUT]
+        # The tap an exception inside this module is blamed on: its output, else its input.
+        blamed = next((h for h in hits if h.rule.on == ON_OUTPUT), hits[0])
 
         def pre(module, args):
             calls = self.calls.get(module_name, 0)
             self.calls[module_name] = calls + 1
-            info = TapInfo(name, rule.stack, layer, component, calls if rule.stepped else None)
-            self.running.append((module, info))
-            if calls and not rule.stepped:
-                raise ProbeError(f"tap {name} ran {calls + 1} times in one run: its probe rule must be stepped")
+            self.running.append((module, self._info(blamed, calls), calls))
+            once = next((h for h in hits if not h.rule.stepped), None)
+            if calls and once is not None:
+                raise ProbeError(f"tap {once.name} ran {calls + 1} times in one run: its probe rule must be stepped")
+            for hit in inputs:
+                self._record(hit, self._info(hit, calls), args[0] if args else None, "input")
 
         return pre
 
-    def _exit_hook(self, hit):
-        rule = hit[0]
+    def _exit_hook(self, hits: list[ProbeHit]):
+        outputs = [h for h in hits if h.rule.on == ON_OUTPUT]
 
         def post(module, args, output):
             # Entries above ours belong to tapped modules that raised and were caught
             # inside the model: they never finished, so they are dropped here.
             while self.running and self.running[-1][0] is not module:
                 self.running.pop()
-            info = self.running[-1][1]
             if self.sink_error is not None:
                 raise SinkFailed(str(self.sink_error))
-            if self.select(info.name, info.key):
-                value = output[rule.select] if rule.select is not None else output
-                if not isinstance(value, torch.Tensor):
-                    raise TypeError(f"tap {info.key}: module returned {type(value).__name__}, not a tensor")
-                # A device-side copy now (later in-place kernels cannot touch it; inside a
-                # CUDA graph capture the copy is recorded into the graph), host copy at flush.
-                self.pending.append((info, self.order, value.detach().clone(), rule.layout))
-                self.order += 1
-                if value.is_cuda and torch.cuda.is_current_stream_capturing():
-                    self.defer = True  # the copy holds real values only after the graph replays
-                if not self.defer:
-                    self.flush()
+            calls = self.running[-1][2]
+            for hit in outputs:
+                value = output
+                if hit.rule.select is not None and isinstance(output, (tuple, list)):
+                    value = output[hit.rule.select]
+                self._record(hit, self._info(hit, calls), value, "output")
             self.running.pop()  # only once recorded: a failure above is located at this tap
 
         return post
+
+    def _record(self, hit: ProbeHit, info: TapInfo, value, side: str) -> None:
+        if not self.select(info.name, info.key):
+            return
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"tap {info.key}: module {side} is {type(value).__name__}, not a tensor")
+        if hit.chunk is not None:
+            total = sum(size for _, size in hit.rule.split)
+            if value.shape[-1] != total:
+                raise ProbeError(f"tap {info.key}: last dimension {value.shape[-1]} does not match its split "
+                                 f"({total})")
+            value = value[..., hit.chunk[0]:hit.chunk[1]]
+        # A device-side copy now (later in-place kernels cannot touch it; inside a CUDA
+        # graph capture the copy is recorded into the graph), on its way to the host.
+        staged = self.stager.stage(value)
+        self.pending.append((info, self.order, staged, hit.rule.layout))
+        self.staged_bytes += staged.nbytes
+        self.order += 1
+        if graph_capturing():
+            self.defer = True  # the copy holds real values only after the graph replays
+        if not self.defer:
+            if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes:
+                # Over budget: wait for the oldest copies and hand them over (half the budget
+                # at a time, so the wait is not paid on every later tap).
+                self.flush(keep_bytes=self.max_staged_bytes // 2)
+        if self.on_record is not None:
+            self.on_record(info)
+        if not self.defer:
+            # Stream: every tap whose host copy is already there goes to the sink now (on
+            # CPU, this one), so a killed capture has handed over all it could.
+            self.flush(ready_only=True)
 
     def error_from(self, exc: BaseException) -> CaptureError:
         info = self.running[-1][1] if self.running else None
@@ -158,10 +224,12 @@ class Recorder:
         return CaptureError(key=info.key if info else None, info=info, exc_type=type(exc).__name__, message=message)
 
 
-def capture(backend, sink=None, select: TapFilter | None = None):
+def capture(backend, sink=None, select: TapFilter | None = None, max_staged_bytes: int | None = None):
     """Run the backend once with taps installed; returns the sink (a new Capture by default).
 
-    An exception inside the model is a finding, not a crash: it is recorded in the sink
+    `max_staged_bytes` bounds the tap copies held between the model and the sink (None:
+    no bound; taps still reach the sink as soon as their host copies exist).  An
+    exception inside the model is a finding, not a crash: it is recorded in the sink
     with the tap component that was running (and the sink then reads as incomplete).
     KeyboardInterrupt and friends propagate, after every tap recorded so far reached the
     sink.  If the sink itself fails (a DumpError: disk full), that error propagates,
@@ -169,9 +237,11 @@ def capture(backend, sink=None, select: TapFilter | None = None):
     sink = sink if sink is not None else Capture(meta=dict(backend.meta))
     for name, layout in backend.layouts().items():
         sink.add_layout(name, layout)
-    with Recorder(backend.model, backend.probe, sink, select) as rec:
+    with Recorder(backend.model, backend.probe, sink, select, max_staged_bytes) as rec:
         try:
             backend.run()
+        except SinkFailed:
+            pass
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
             if rec.sink_error is None:
                 sink.set_error(rec.error_from(exc))

@@ -2,13 +2,15 @@
 
 Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error,
 130 interrupted (Ctrl-C or SIGTERM).  Everything a dump says (tap names, paths, messages)
-is printed as data: consoles have markup off and control characters are escaped."""
+is printed as data: consoles have markup off and control characters are escaped.
+Defaults come from `[tool.parity]` in ./pyproject.toml (parity.settings); flags win."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,12 +18,13 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .api import CaptureInterrupted, InputError, capture_to_dump, diff_dumps, diff_live, load_dump
-from .backends import BackendOptions
-from .diff import Thresholds
-from .render import shown
+# The library (numpy, h5py, the backend registry) is imported by each command, not here:
+# `parity --help` stays fast.
+from .settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
+from .text import shown
 
 EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+REPORT_FORMATS = {"html": ".html", "md": ".md", "junit": ".xml", "model-explorer": ".me.json"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer-by-layer numerical parity debugger: capture taps, diff them, find the first "
@@ -38,7 +41,8 @@ def _console() -> Console:
 
 def _error_line(label: str, message: str) -> None:
     """One line on stderr: a red label, then the message as data."""
-    line = Text(f"{label} ", style="bold red").append(shown(message))
+    # Our own messages may span lines (a checkpoint's list of problems); each line is data.
+    line = Text(f"{label} ", style="bold red").append("\n".join(shown(part) for part in str(message).split("\n")))
     Console(stderr=True, highlight=False, markup=False).print(line, soft_wrap=True)
 
 
@@ -71,111 +75,278 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        _fail_input(str(exc))
+
+
+def _progress(quiet: bool):
+    """A progress callback that shows a bar on stderr after 1 s, only on a terminal."""
+    from .progress import DelayedProgress
+
+    console = Console(stderr=True)
+    return DelayedProgress(console, enabled=console.is_terminal and not quiet)
+
+
 def _faults(inject: Optional[List[str]]) -> tuple[str, ...]:
     return tuple(n.strip() for item in inject or [] for n in item.split(",") if n.strip())
 
 
-def _options(config, seed, device, dtype, batch, faults=()) -> BackendOptions:
+def _options(config, seed, device, dtype, batch, faults=(), weights=None, inputs=None, padding=None,
+             seq_len=None) -> BackendOptions:
+    from .backends import BackendOptions
+
     try:
-        return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch)
+        return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch,
+                              weights=None if weights is None else str(weights),
+                              inputs=str(inputs) if inputs is not None else None, padding=padding, seq_len=seq_len)
     except ValueError as exc:
         _fail_input(str(exc))
 
 
-ConfigOpt = typer.Option("tiny", "--config", help="Model size: tiny (CPU tests) or full (real pi0.5 sizes).")
-SeedOpt = typer.Option(0, "--seed", help="Seed for weights, inputs and flow-matching noise.")
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda if available).")
-DtypeOpt = typer.Option(None, "--dtype", help="Model dtype (default: the backend's, bfloat16 for pi0.5).")
-BatchOpt = typer.Option(1, "--batch", help="Batch size of the synthetic observation.")
-InjectOpt = typer.Option(None, "--inject", help="Fault(s) to inject into the candidate, NAME[,NAME]. "
-                                                "See `parity backends`.")
-TapsOpt = typer.Option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k'.")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write `data` to a temporary name and rename it: a full disk leaves no truncated JSON."""
+def _write(path: Path, text: str) -> None:
+    """Write `text` to a temporary name and rename it: a full disk leaves no truncated file."""
     partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(data, indent=2, allow_nan=False))
+        partial.write_text(text)
         os.replace(partial, path)
-    except (OSError, ValueError) as exc:  # ValueError: a NaN where JSON has none
-        partial.unlink(missing_ok=True)
-        _fail_input(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}")
+    except OSError as exc:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
+        _fail_input(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is None:
+        return
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False)
+    except ValueError as exc:  # a NaN where JSON has none
+        _fail_input(f"cannot write {path}: {exc}")
+    _write(path, text)
+
+
+ConfigOpt = typer.Option(None, "--config", help="pi0.5 model size: tiny (CPU tests) or full (real pi0.5 sizes). "
+                                                 "Default: tiny, or the sizes --weights holds.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for weights (unless --weights or an hf checkpoint), inputs and "
+                                         "flow-matching noise.")
+WeightsOpt = typer.Option(None, "--weights", help="pi0.5 checkpoint every backend loads: a .safetensors file or a "
+                                                  "directory with model.safetensors [+ config.json] (openpi or "
+                                                  "lerobot layout). hf backends load theirs from hf:PATH.")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda if available).")
+DtypeOpt = typer.Option(None, "--dtype", help="Model dtype (default: the backend's, bfloat16 for pi0.5, the "
+                                              "checkpoint's for hf).")
+BatchOpt = typer.Option(1, "--batch", help="Batch size of generated inputs.")
+InputOpt = typer.Option(None, "--input", help="hf backends: token ids from a .json (list of lists, or "
+                                              "{input_ids, attention_mask}) or .npy file (negative = padding).")
+PaddingOpt = typer.Option(None, "--padding", help="hf backends: left or right padding (a spec's @padding= wins).")
+SeqLenOpt = typer.Option(None, "--seq-len", help="hf backends: tokens per generated prompt (default 16).")
+InjectOpt = typer.Option(None, "--inject", help="Fault(s) to inject into the candidate, NAME[,NAME]. "
+                                                "See `parity backends`.")
+TapsOpt = typer.Option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k' "
+                                            "(default: [tool.parity] taps, else all).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
 @app.command("diff")
 def diff_cmd(
     dumps: Optional[List[Path]] = typer.Argument(None, help="Two dumps REF.h5 CAND.h5 (offline, no torch)."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="Reference backend (live), e.g. pytorch."),
-    cand: Optional[str] = typer.Option(None, "--cand", help="Candidate backend (live), e.g. flash_fp8."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Reference backend (live), e.g. pytorch or "
+                                                          "'hf:./model@attn=eager'."),
+    cand: Optional[str] = typer.Option(None, "--cand", help="Candidate backend (live), e.g. flash_fp8 or "
+                                                            "'hf:./model@attn=sdpa,dtype=bfloat16'."),
     inject: Optional[List[str]] = InjectOpt,
-    config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    batch: int = BatchOpt, taps: Optional[str] = TapsOpt,
-    min_cos: float = typer.Option(0.999, "--min-cos", help="Default minimum cosine similarity per tap."),
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    batch: int = BatchOpt, inputs: Optional[Path] = InputOpt, padding: Optional[str] = PaddingOpt,
+    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt, weights: Optional[Path] = WeightsOpt,
+    min_cos: Optional[float] = typer.Option(None, "--min-cos", help="Default minimum cosine similarity per tap "
+                                                                    "(default: [tool.parity] min_cos, else 0.999)."),
     threshold: Optional[List[str]] = typer.Option(None, "--threshold",
                                                   help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; "
                                                        "last match wins), e.g. 'expert.*.mlp=0.995'."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the machine-readable result here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the machine-readable result here "
+                                                                 "(input of `parity report`)."),
     show_all: bool = typer.Option(False, "--all", help="Also list every tap with all metrics."),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete",
                                           help="Diff interrupted captures too, as far as they go (never exit 0)."),
+    by_region: bool = typer.Option(False, "--by-region", help="Print the failing taps' error per token region "
+                                                              "(cameras, text, actions)."),
+    by_token: Optional[int] = typer.Option(None, "--by-token", help="Print the failing taps' error per chunk of "
+                                                                    "CHUNK canonical token positions.", min=1),
+    no_isolate: bool = typer.Option(False, "--no-isolate", help="Live diffs: do not re-run the first failing "
+                                                                "component on the reference's inputs."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
 
     Example (live):    parity diff --ref pytorch --cand flash_fp8 --inject nomask
 
+    Example (hf):      parity diff --ref 'hf:./m@attn=eager' --cand 'hf:./m@attn=sdpa' --batch 4 --padding left
+
     Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
+
+    Example (checkpoint): parity diff --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
     """
+    from .api import InputError, diff_dumps, diff_live
+    from .diff import Thresholds
     from .render import render_report
+
+    settings = _settings()
+    try:
+        thresholds = Thresholds.parse(min_cos if min_cos is not None else settings.min_cos or DEFAULT_MIN_COS,
+                                      settings.threshold_specs(threshold or []))
+    except ValueError as exc:
+        _fail_input(str(exc))
+    taps = taps or settings.taps
+    live = ref is not None or cand is not None
+    if live and dumps:
+        _fail_input("give either two dumps or --ref/--cand, not both")
+    try:
+        with _progress(quiet) as progress:
+            if live:
+                if ref is None or cand is None:
+                    _fail_input("a live diff needs both --ref and --cand")
+                options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
+                                   padding=padding, seq_len=seq_len)
+                report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress,
+                                   isolate=not no_isolate, chunk=by_token)
+            else:
+                if not dumps or len(dumps) != 2:
+                    _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
+                if inject:
+                    _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
+                if weights is not None:
+                    _fail_input("--weights applies to live backends; capture each dump with `parity capture --weights`")
+                report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress, by_token)
+    except InputError as exc:
+        _fail_input(str(exc))
+    except KeyboardInterrupt:
+        _interrupted("diff stopped before it finished; nothing was judged")
+    _console().print(render_report(report, show_all=show_all, by_region=by_region, by_token=by_token is not None))
+    _write_json(json_out, report.to_dict())
+    raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
+
+
+@app.command("component")
+def component_cmd(
+    ref: str = typer.Option(..., "--ref", help="Reference backend, e.g. pytorch."),
+    cand: str = typer.Option(..., "--cand", help="Candidate backend, e.g. flash_fp8."),
+    layer: int = typer.Option(..., "--layer", help="Layer index within the stack."),
+    part: str = typer.Option(..., "--part", help="input_norm, qkv (projections + RoPE), rope, attn (attention "
+                                                 "core, real mask), o_proj, post_attn_norm, mlp or layer."),
+    stack: str = typer.Option("prefix", "--stack", help="Stack of the layer: prefix, expert or vision (pi0.5)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Denoise step, for stacks run once per step "
+                                                            "(default 0)."),
+    inject: Optional[List[str]] = InjectOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    batch: int = BatchOpt, weights: Optional[Path] = WeightsOpt,
+    min_cos: float = typer.Option(DEFAULT_MIN_COS, "--min-cos", help="Minimum cosine similarity per output."),
+    threshold: Optional[List[str]] = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, "
+                                                                            "GLOB=VALUE, e.g. '*.mlp=0.99'."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result here."),
+) -> None:
+    """Run one component of the reference and of the candidate on the reference's own
+    inputs (so no upstream error can leak in) and compare the outputs: exit 1 means the
+    candidate's component itself is wrong.
+
+    Example: parity component --ref pytorch --cand flash_fp8 --inject silu --layer 0 --part mlp
+
+    Example: parity component --ref pytorch --cand flash --stack expert --step 3 --layer 1 --part attn
+    """
+    from .api import InputError, isolate_component
+    from .diff import Thresholds
+    from .render import render_component
 
     try:
         thresholds = Thresholds.parse(min_cos, threshold or [])
     except ValueError as exc:
         _fail_input(str(exc))
-    live = ref is not None or cand is not None
-    if live and dumps:
-        _fail_input("give either two dumps or --ref/--cand, not both")
     try:
-        if live:
-            if ref is None or cand is None:
-                _fail_input("a live diff needs both --ref and --cand")
-            report = diff_live(ref, cand, _options(config, seed, device, dtype, batch), _faults(inject),
-                               thresholds, taps)
-        else:
-            if not dumps or len(dumps) != 2:
-                _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
-            if inject:
-                _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
-            report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete)
+        result = isolate_component(ref, cand, _options(config, seed, device, dtype, batch, weights=weights), stack,
+                                   layer, part, step, _faults(inject), thresholds)
     except InputError as exc:
         _fail_input(str(exc))
-    except KeyboardInterrupt:
-        _interrupted("diff stopped before it finished; nothing was judged")
-    _console().print(render_report(report, show_all=show_all))
-    if json_out is not None:
-        _write_json(json_out, report.to_dict())
+    _console().print(render_component(result))
+    _write_json(json_out, {"format": "parity-component", "format_version": 1, **result.to_dict(),
+                           "ref": result.ref_meta, "cand": result.cand_meta})
+    raise typer.Exit(EXIT_PASS if result else EXIT_FAIL)
+
+
+ThresholdOpt = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; last "
+                                                      "match wins), e.g. 'expert.*.mlp=0.995'.")
+JsonOpt = typer.Option(None, "--json", help="Also write the machine-readable result here.")
+
+
+@app.command("weights")
+def weights_cmd(
+    ref: str = typer.Option(..., "--ref", help="Reference backend, e.g. pytorch."),
+    cand: str = typer.Option(..., "--cand", help="Candidate backend, e.g. flash_fp8."),
+    weights: Optional[Path] = WeightsOpt, inject: Optional[List[str]] = InjectOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    min_cos: float = typer.Option(0.99999, "--min-cos", help="Default minimum cosine similarity per parameter."),
+    quantized_min_cos: float = typer.Option(0.999, "--quantized-min-cos",
+                                            help="Minimum cosine of a parameter the backend declares quantised "
+                                                 "(e.g. FP8), unless a --threshold pattern matches."),
+    threshold: Optional[List[str]] = ThresholdOpt, json_out: Optional[Path] = JsonOpt,
+    show_all: bool = typer.Option(False, "--all", help="Also list every parameter with its metrics."),
+) -> None:
+    """Compare, parameter by parameter, what each backend computes with (FP8 dequantised,
+    norm weights as the scale they apply): cosine, max abs, relative error, and shape,
+    dtype, transposition and norm-offset findings.
+
+    Example: parity weights --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
+    """
+    from .api import InputError, weights_live
+    from .diff import Thresholds
+    from .render_weights import render_weights
+
+    try:
+        thresholds = Thresholds.parse(min_cos, threshold or [])
+    except ValueError as exc:
+        _fail_input(str(exc))
+    try:
+        report = weights_live(ref, cand, _options(config, seed, device, dtype, 1, weights=weights), _faults(inject),
+                              thresholds, quantized_min_cos)
+    except InputError as exc:
+        _fail_input(str(exc))
+    _console().print(render_weights(report, show_all=show_all))
+    _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
 
 
 @app.command("capture")
 def capture_cmd(
-    backend: str = typer.Option(..., "--backend", help="Backend to run, e.g. pytorch, flash, flash_fp8."),
-    output: Path = typer.Option(None, "-o", "--output", help="Dump path (default reports/<backend>.h5)."),
+    backend: str = typer.Option(..., "--backend", help="Backend to run, e.g. pytorch, flash_fp8, 'hf:./model'."),
+    output: Path = typer.Option(None, "-o", "--output", help="Dump path (default <output_dir>/<backend>.h5)."),
     inject: Optional[List[str]] = InjectOpt,
-    config: str = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    batch: int = BatchOpt, taps: Optional[str] = TapsOpt,
+    config: Optional[str] = ConfigOpt, seed: int = SeedOpt, device: str = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+    batch: int = BatchOpt, inputs: Optional[Path] = InputOpt, padding: Optional[str] = PaddingOpt,
+    seq_len: Optional[int] = SeqLenOpt, taps: Optional[str] = TapsOpt, weights: Optional[Path] = WeightsOpt,
     compression: Optional[str] = typer.Option(None, "--compression", help="gzip or lzf (default: none)."),
+    max_inflight_mb: float = typer.Option(2048, "--max-inflight-mb",
+                                          help="Most MB of tap copies between the model and the disk (staged "
+                                               "on their way to the host, queued for the writer thread); past it "
+                                               "the capture waits for the writer."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Run one backend with taps installed and write every tap to an HDF5 dump.
 
     Example: parity capture --backend flash --inject silu -o reports/flash_silu.h5
     """
-    output = output or Path("reports") / f"{backend.replace(':', '_').replace('/', '_')}.h5"
+    from .api import CaptureInterrupted, InputError, capture_to_dump
+    settings = _settings()
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
+    output = output or settings.output_dir / f"{safe}.h5"
     try:
-        options = _options(config, seed, device, dtype, batch, _faults(inject))
-        with _sigterm_interrupts():
-            summary = capture_to_dump(backend, options, output, taps, compression)
+        options = _options(config, seed, device, dtype, batch, _faults(inject), weights, inputs, padding, seq_len)
+        with _sigterm_interrupts(), _progress(quiet) as progress:
+            summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress,
+                                      max_inflight_mb)
     except InputError as exc:
         _fail_input(str(exc))
     except CaptureInterrupted as exc:
@@ -193,12 +364,95 @@ def capture_cmd(
         raise typer.Exit(EXIT_FAIL)
 
 
+@app.command("report")
+def report_cmd(
+    result: Path = typer.Argument(..., help="A result written by `parity diff --json`."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="Output file (default <output_dir>/<result name> + extension); "
+                                               "'-' writes to stdout."),
+    fmt: str = typer.Option("html", "--format", "-f", help="html (one self-contained file), md (PR comment), "
+                                                           "junit (CI), model-explorer (node data JSON)."),
+    exported_program: Optional[Path] = typer.Option(
+        None, "--exported-program", help="model-explorer: a torch.export .pt2 of the reference model; node ids "
+                                         "become its FX node names (needs torch). Without it parity also writes "
+                                         "its own tap graph next to the node data."),
+) -> None:
+    """Render a diff result as a shareable report (no model, no torch).
+
+    Example: parity diff --ref 'hf:./m@attn=eager' --cand 'hf:./m@attn=sdpa' --json reports/r.json;
+    parity report reports/r.json -o reports/r.html
+
+    Example: parity report reports/r.json --format md -o - >> comment.md
+    """
+    from .report import Report
+
+    if fmt not in REPORT_FORMATS:
+        _fail_input(f"unknown format {fmt!r}; known: {', '.join(REPORT_FORMATS)}")
+    if exported_program is not None and fmt != "model-explorer":
+        _fail_input("--exported-program applies to --format model-explorer")
+    try:
+        report = Report.from_dict(json.loads(result.read_text()))
+    except OSError as exc:
+        _fail_input(f"cannot read {result}: {exc.strerror or exc}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        _fail_input(f"{result} is not JSON: {exc}")
+    except ValueError as exc:
+        _fail_input(f"{result}: {exc}")
+    stem = result.name.removesuffix(".json")
+    output = output or _settings().output_dir / (stem + REPORT_FORMATS[fmt])
+    extra: dict[Path, str] = {}
+    if fmt == "html":
+        from .html import render_html
+        text = render_html(report)
+    elif fmt == "md":
+        from .markdown import render_markdown
+        text = render_markdown(report)
+    elif fmt == "junit":
+        from .junit import render_junit
+        text = render_junit(report)
+    else:
+        text, extra = _model_explorer(report, exported_program, output)
+    if str(output) == "-":
+        sys.stdout.write(text)
+        raise typer.Exit(EXIT_PASS)
+    _write(output, text)
+    for path, content in extra.items():
+        _write(path, content)
+    console = _console()
+    for path in (output, *extra):
+        console.print(Text(shown(f"wrote {path}")))
+
+
+def _model_explorer(report, exported_program: Optional[Path], output: Path) -> tuple[str, dict[Path, str]]:
+    from . import model_explorer as me
+
+    if exported_program is None:
+        graph = output.with_name(output.name.removesuffix(".json").removesuffix(".me") + ".graph.json")
+        return (json.dumps(me.node_data(report), indent=2),
+                {graph: json.dumps(me.tap_graph(report), indent=2)} if str(output) != "-" else {})
+    modules = report.ref_meta.get("modules")
+    if not modules:
+        _fail_input("the reference run recorded no module names (ref.modules): cannot map taps to graph nodes")
+    try:
+        import torch
+        ep = torch.export.load(str(exported_program))
+    except ImportError:
+        _fail_input("--exported-program needs torch")
+    except Exception as exc:  # noqa: BLE001 - any unreadable .pt2 is an input error
+        _fail_input(f"cannot load {exported_program}: {str(exc).strip().splitlines()[0] if str(exc) else exc}")
+    ids = me.node_ids_from_exported_program(ep, modules)
+    if not ids:
+        _fail_input(f"no tap module of this report appears in {exported_program}")
+    return json.dumps(me.node_data(report, ids), indent=2), {}
+
+
 @app.command("inspect")
 def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity capture`.")) -> None:
     """List a dump's metadata and taps (no torch).
 
     Example: parity inspect reports/pytorch.h5
     """
+    from .api import InputError, load_dump
     from rich.table import Table
 
     try:
@@ -208,6 +462,8 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
     console = _console()
     console.print(Text(shown(dump), style="bold").append(f"  complete={cap.complete}", style=""))
     for k, v in sorted(cap.meta.items()):
+        if k == "modules" and isinstance(v, (dict, list)):
+            v = f"{len(v)} taps mapped to modules"
         console.print(Text(shown(f"  {k}: {v}")))
     if cap.error:
         console.print(Text(shown(f"  raised at {cap.error.key}: {cap.error.exc_type}: {cap.error.message}"),
@@ -223,33 +479,40 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
 
 @app.command("backends")
 def backends_cmd() -> None:
-    """List the registered backends and the faults each accepts for --inject.
+    """List the registered backends (entry-point group parity.backends) and their faults.
 
     Example: parity backends
     """
     from .backends import registered
 
     console = _console()
+    faults: dict[str, str] = {}
     for name, ep in sorted(registered().items()):
         try:
             factory = ep.load()
         except Exception as exc:  # noqa: BLE001 - a backend that fails to import is listed, not fatal
             console.print(Text(shown(name), style="bold").append(shown(f"  (unavailable: {exc})"), style="red"))
             continue
-        console.print(Text(shown(name), style="bold").append(shown(f"  {(factory.__doc__ or '').strip()}")))
-    faults: dict[str, str] = {}
-    for ep in registered().values():
+        usage = getattr(factory, "usage", None)
+        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
+        console.print(Text(shown(name), style="bold").append(shown(f"  {doc}"))
+                      .append("\n    " + shown(usage) if usage else ""))
         try:
-            faults.update(getattr(ep.load(), "faults", {}))
-        except Exception:  # noqa: BLE001
+            faults.update(getattr(factory, "faults", {}))
+        except Exception:  # noqa: BLE001 - a malformed fault table is not fatal either
             pass
     if faults:
         console.print(Text("\n").append("faults", style="bold").append(" (--inject NAME[,NAME])"))
         for name, text in faults.items():
             console.print(Text(shown(f"  {name:18} {text}")))
+    console.print("\nAlso: package.module:factory[:ARG] (a function returning a parity Backend).")
 
 
 def main() -> None:
+    # Like `python -m`, make the current directory importable, so `my_backends:factory`
+    # specs work from a project folder without installing it.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     app()
 
 

@@ -88,7 +88,8 @@ def _locate(flat: int, shape: tuple[int, ...], canonical: np.ndarray | None) -> 
     return f" of the valid tokens (canonical token position {int(canonical[flat // per_token])})"
 
 
-def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float) -> TapResult:
+def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float,
+                 exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
     """One tap pair.  Never raises: whatever cannot be compared fails this tap only,
     with both shapes in the reason."""
     base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
@@ -110,22 +111,58 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
     except ValueError as exc:
         return TapResult(status="dtype", reason=f"cannot decode: {exc} ({_both(ref, cand)})", **base)
     metrics = compare(r64, c64)
-    verdict = judge(metrics, ref.dtype, cand.dtype, threshold)
+    layout = _layout_of(ref, ref_layouts, "reference")
+    regions = region_metrics(r64, c64, r_idx, layout)
+    chunks = chunk_metrics(r64, c64, r_idx, layout, chunk) if chunk else {}
+    verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
     if verdict["status"] == "nonfinite":
         verdict["reason"] += _locate(metrics.first_nonfinite, r.shape, r_idx)
     elif verdict["status"] == "dtype":
         verdict["reason"] += f" ({_both(ref, cand)})"
-    return TapResult(metrics=metrics, **verdict, **base)
+    return TapResult(metrics=metrics, regions=regions, chunks=chunks, heads=head_metrics(r64, c64, r_idx),
+                     **verdict, **base)
 
 
-def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float) -> dict:
+def chunk_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None,
+                  size: int) -> dict:
+    """Metrics per chunk of `size` canonical positions ("0-15", "16-31", ...), the seed's
+    per-chunk table: where along the sequence an error lives, region names or not."""
+    if layout is None or idx is None:
+        return {}
+    pos = idx % layout.length
+    which = pos // size
+    return {f"{k * size}-{min((k + 1) * size, layout.length) - 1}": compare(r64[which == k], c64[which == k])
+            for k in np.unique(which)}
+
+
+def head_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None) -> list:
+    """Per attention head, for token tensors whose features are [heads, head_dim] (q, k, v
+    as the attention core sees them): which heads carry the error."""
+    if idx is None or r64.ndim != 3 or r64.shape[1] < 2:
+        return []
+    return [compare(r64[:, h], c64[:, h]) for h in range(r64.shape[1])]
+
+
+def region_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None) -> dict:
+    """Metrics per named region of the layout (image vs text tokens, each camera, ...):
+    where in the sequence a divergence lives.  Empty when the layout declares none."""
+    if layout is None or idx is None or not layout.regions:
+        return {}
+    which = layout.region_of(idx)
+    return {reg.name: compare(r64[which == i], c64[which == i]) for i, reg in enumerate(layout.regions)
+            if (which == i).any()}
+
+
+def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float, exact_dtypes: bool = True) -> dict:
+    """The verdict on one tap.  A dtype change fails unless the runs were asked for
+    different dtypes (`exact_dtypes=False`): then only the values are judged."""
     if not m.finite:
         return dict(status="nonfinite", reason=(
             f"NaN/Inf: ref nan={m.nan_ref} inf={m.inf_ref}, cand nan={m.nan_cand} inf={m.inf_cand}, "
             f"first at flat index {m.first_nonfinite}"))
     if m.n == 0:
         return dict(status="empty", reason="no valid elements to compare")
-    if ref_dtype != cand_dtype:
+    if exact_dtypes and ref_dtype != cand_dtype:
         return dict(status="dtype", reason=f"dtype {ref_dtype} vs {cand_dtype}")
     if not m.cos >= threshold:
         return dict(status="fail", reason=f"cos {m.cos:.6f} < {threshold}")
@@ -137,13 +174,23 @@ def _listed(rows: list[TapResult], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
+def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exact_dtypes: bool | None = None,
+         progress=None, compare=compare_taps, chunk: int | None = None,
          labels: tuple[str, str] = ("reference", "candidate")) -> Report:
     """Compare every tap of `cand` against `ref`, in the reference's execution order.
 
     Fails closed: the report passes only if at least one tap was compared, every tap of
     either side was compared and passed, and both runs completed.  `labels` name the two
-    sides in run-level problems (e.g. "reference a.h5")."""
+    sides in run-level problems (e.g. "reference a.h5").
+
+    `exact_dtypes` (default: whether both runs declare the same model dtype in their
+    metadata) makes a tap whose dtype changed fail; a float32-vs-bfloat16 comparison
+    judges values only.  `progress(done, total)` is called after each tap.  `compare`
+    judges one pair (same signature as `compare_taps`): the streaming diff of two dumps
+    passes its own, over taps that are headers whose data stays on disk.  `chunk`: also
+    break each tap down by chunks of that many canonical token positions."""
+    if exact_dtypes is None:
+        exact_dtypes = ref.meta.get("dtype") == cand.meta.get("dtype")
     thresholds = thresholds or Thresholds()
     cand_taps = cand.by_key()
     rows: list[TapResult] = []
@@ -153,7 +200,9 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
         threshold = thresholds.for_tap(tap.info.name, tap.key)
         other = cand_taps.pop(tap.key, None)
         if other is not None:
-            rows.append(compare_taps(tap, other, ref.layouts, cand.layouts, threshold))
+            rows.append(compare(tap, other, ref.layouts, cand.layouts, threshold, exact_dtypes, chunk))
+            if progress is not None:
+                progress(len(rows), len(ref.taps))
             continue
         common = dict(info=tap.info, order=tap.order, threshold=threshold, ref_shape=tap.shape, ref_dtype=tap.dtype)
         if cand.error and tap.key == raised_at:
@@ -192,5 +241,6 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
         # at a tap it had already recorded): still a failure, whatever the taps say.
         problems.append(f"{cand_label} raised at {raised_at or 'an untapped place'}: "
                         f"{cand.error.exc_type}: {cand.error.message}")
-    return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta), thresholds=thresholds.to_dict(),
+    return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta),
+                  thresholds={**thresholds.to_dict(), "exact_dtypes": exact_dtypes},
                   cand_error=cand.error, problems=problems)

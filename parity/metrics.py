@@ -149,12 +149,12 @@ class MetricAccumulator:
         ed = max(er, ec) + 1 if math.isinf(max_d) else _exponent(max_d)
         self._rescale(er, ec, ed)
 
-        rs = np.ldexp(r, -self._er)
-        cs = np.ldexp(c, -self._ec)
+        rs = _scaled(r, -self._er)
+        cs = _scaled(c, -self._ec)
         if math.isinf(max_d):
-            ds = np.ldexp(c, -self._ed) - np.ldexp(r, -self._ed)
+            ds = _scaled(c, -self._ed) - _scaled(r, -self._ed)
         else:
-            ds = np.ldexp(d, -self._ed)
+            ds = _scaled(d, -self._ed)
         self._dot += float(np.dot(rs, cs))
         self._rr += float(np.dot(rs, rs))
         self._cc += float(np.dot(cs, cs))
@@ -217,6 +217,15 @@ class MetricAccumulator:
             first_nonfinite=self._first_nonfinite,
             max_abs_index=self._max_abs_index,
         )
+
+
+def _scaled(x: np.ndarray, e: int) -> np.ndarray:
+    """x * 2**e.  A product with a power of two is exact and rounds exactly as ldexp
+    does, and is several times faster than the ldexp ufunc; ldexp only where 2**e
+    itself is not a normal float64."""
+    if -1021 <= e <= 1023:
+        return x * math.ldexp(1.0, e)
+    return np.ldexp(x, e)
 
 
 def _ldexp_inf(x: float, e: int) -> float:

@@ -4,7 +4,6 @@ Rendering is its own layer: the report knows nothing about rich."""
 from __future__ import annotations
 
 import math
-import unicodedata
 
 from rich.console import Group
 from rich.panel import Panel
@@ -12,30 +11,12 @@ from rich.table import Table
 from rich.text import Text
 
 from .report import Report, TapResult
+from .text import shown  # noqa: F401 - part of this module's interface (render.shown)
+from .series import worst as _worst
+from .summary import concentration, heads_line, regions_line, side_label
+from .summary import upstream_matches as _upstream_matches
 
 OK, BAD = "✓", "✗"
-# Unicode categories never shown raw: controls (ESC can rewrite the terminal), format
-# characters (bidi overrides reorder what is shown), line/paragraph separators, surrogates.
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
-
-
-def shown(value: object) -> str:
-    """`value` as text that is safe on a terminal: control and format characters escaped.
-
-    Tap names, paths and messages come from dumps, which may come from anywhere; they are
-    shown as data (callers wrap them in `Text`, never in console markup) and a name like
-    "\\x1b[2J" must not clear the screen."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in _HIDDEN_CATEGORIES:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def _cell(row: TapResult | None) -> Text:
@@ -49,15 +30,6 @@ def _cell(row: TapResult | None) -> Text:
     text = Text(f"{cos} {OK if row.passed else BAD}", style=style)
     text.append(f"\nΔ {m.max_abs:.4g}", style="dim")
     return text
-
-
-def _worst(rows: list[TapResult]) -> TapResult:
-    """The row to show for a (layer, component) seen at several steps: the first failure,
-    else the lowest cosine."""
-    failing = [r for r in rows if not r.passed]
-    if failing:
-        return failing[0]
-    return min(rows, key=lambda r: r.cos if r.cos is not None and not math.isnan(r.cos) else -2.0)
 
 
 def stack_table(stack: str, rows: list[TapResult]) -> Table:
@@ -83,6 +55,20 @@ def stack_table(stack: str, rows: list[TapResult]) -> Table:
                 cell.append(f" @{_worst(found).info.step}", style="red")
             row.append(cell)
         table.add_row(*row)
+    return table
+
+
+def layer_table(title: str, rows: list[TapResult]) -> Table:
+    """One layer (or any few taps) top to bottom: a row per tap with all metrics.  Fits a
+    narrow terminal or a test failure message where a per-layer row would wrap."""
+    table = Table(title=Text(shown(title)), title_justify="left", pad_edge=False)
+    for col in ("tap", "cos", "max |Δ|", "rel L2", "status"):
+        table.add_column(col)
+    for r in rows:
+        m = r.metrics
+        nums = ["", "", ""] if m is None else [f"{m.cos:.6f}", f"{m.max_abs:.4g}", f"{m.rel_l2:.4g}"]
+        table.add_row(Text(shown(r.key)), *nums, Text(f"{OK} {r.status}" if r.passed else f"{BAD} {r.status}: {shown(r.reason)}",
+                                         style="green" if r.passed else "bold red"))
     return table
 
 
@@ -120,6 +106,22 @@ def banner(report: Report) -> Panel:
         upstream = _upstream_matches(report, first)
         if upstream:
             lines.append(f"  still matching just before it: {shown(upstream)}\n", style="dim")
+        if first.regions:
+            lines.append(f"  by region: {shown(regions_line(first))}\n", style="dim")
+        words = concentration(first)
+        if words:
+            lines.append(f"  where: {shown(words)}\n")
+        if first.heads and not first.passed:
+            lines.append(f"  by head: {heads_line(first)}\n", style="dim")
+        loc = report.localisation
+        if loc is not None:
+            if loc.introduced:
+                lines.append(f"INTRODUCED AT: {shown(loc.introduced)}\n", style="bold red")
+            lines.append(f"  isolation: {shown(loc.line())}\n")
+            if loc.narrowed:
+                lines.append(f"  narrowed to: {shown(loc.narrowed)} (fails on its own inside {shown(loc.introduced)})\n")
+            if loc.hint:
+                lines.append(f"  hint: {shown(loc.hint)}\n", style="bold yellow")
     for p in report.problems:
         lines.append(f"FAIL: {shown(p)}\n", style="bold red")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
@@ -127,36 +129,64 @@ def banner(report: Report) -> Panel:
     return Panel(lines, border_style="red")
 
 
-def _upstream_matches(report: Report, first: TapResult, limit: int = 3) -> str:
-    """The passing taps of the same layer just before the first divergence (e.g. the K/V
-    that still match when attention fails)."""
-    out = []
-    for r in report.rows:
-        if r is first:
-            break
-        same = (r.info.stack, r.info.layer, r.info.step) == (first.info.stack, first.info.layer, first.info.step)
-        if same and r.passed and r.metrics is not None:
-            out.append(f"{r.info.component} cos={r.metrics.cos:.6f} max_diff={r.metrics.max_abs:.4g}")
-    return " | ".join(out[-limit:])
-
-
 def header(report: Report) -> Text:
-    def side(meta: dict) -> str:
-        faults = meta.get("faults") or []  # a dump's meta is arbitrary JSON: any type may turn up
-        faults = ",".join(map(str, faults)) if isinstance(faults, list) else str(faults)
-        extra = f" [inject {faults}]" if faults else ""
-        return f"{meta.get('backend', '?')}{extra} ({meta.get('device', '?')}, {meta.get('dtype', '?')})"
+    return run_header(report.ref_meta, report.cand_meta)
 
-    r, c = report.ref_meta, report.cand_meta
-    text = Text(shown(f"ref {side(r)}  vs  cand {side(c)}"), style="bold")
+
+def run_header(r: dict, c: dict) -> Text:
+    """Which two runs were compared: backend, faults, device, dtype; then config (pi0.5)
+    or inputs (hf) and, for checkpoint runs, the weights both sides loaded."""
+    text = Text(shown(f"ref {side_label(r)}  vs  cand {side_label(c)}"), style="bold")
     if r.get("config") is not None:
         text.append("\n")
         text.append(shown(f"config {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}"),
                     style="dim")
+    elif r.get("inputs") is not None:
+        text.append("\n")
+        text.append(shown(f"inputs {r.get('inputs')} (batch {r.get('batch')}, fingerprint "
+                          f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}"),
+                    style="dim")
+    weights = r.get("weights")
+    if isinstance(weights, dict):
+        text.append("\n")
+        text.append(shown(f"weights {weights.get('path', '?')} ({weights.get('layout', '?')} layout)"), style="dim")
     return text
 
 
-def render_report(report: Report, show_all: bool = False) -> Group:
+def breakdown_table(report: Report, field: str, title: str, limit: int = 24) -> Table | None:
+    """Failing taps (first `limit`, execution order) against their token regions
+    (`field="regions"`) or chunks (`"chunks"`): cosine per cell, ✗ below the tap's threshold."""
+    rows = [r for r in report.rows if not r.passed and getattr(r, field)]
+    if not rows:
+        return None
+    cols: list[str] = []
+    for r in rows:
+        for k in getattr(r, field):
+            if k not in cols:
+                cols.append(k)
+    first = rows[:limit]
+    more = f"  (first {limit} of {len(rows)} failing taps)" if len(rows) > limit else ""
+    table = Table(title=Text(shown(title + more)), title_justify="left", pad_edge=False)
+    table.add_column("tap")
+    for c in cols:
+        table.add_column(Text(shown(c)))
+    if field == "regions":
+        table.add_column("where")
+    for r in first:
+        cells = []
+        for c in cols:
+            m = getattr(r, field).get(c)
+            if m is None or m.n == 0:
+                cells.append(Text(""))
+                continue
+            ok = m.cos >= r.threshold
+            cells.append(Text(f"{m.cos:.4f} {OK if ok else BAD}", style="green" if ok else "red"))
+        extra = [Text(concentration(r, short=True) or "", style="dim")] if field == "regions" else []
+        table.add_row(Text(shown(r.key)), *cells, *extra)
+    return table
+
+
+def render_report(report: Report, show_all: bool = False, by_region: bool = False, by_token: bool = False) -> Group:
     parts = [header(report)]
     by_stack: dict[str, list[TapResult]] = {}
     others: list[TapResult] = []
@@ -168,6 +198,12 @@ def render_report(report: Report, show_all: bool = False) -> Group:
         parts.append(other_table(others))
     if show_all:
         parts.append(all_taps_table(report))
+    if by_region:
+        table = breakdown_table(report, "regions", "by token region (cos per region)")
+        parts.append(table if table is not None else Text("by region: no failing tap has token regions"))
+    if by_token:
+        table = breakdown_table(report, "chunks", "by token chunk (cos per chunk of canonical positions)")
+        parts.append(table if table is not None else Text("by token: no failing tap has a token layout"))
     parts.append(banner(report))
     return Group(*parts)
 
@@ -184,3 +220,24 @@ def all_taps_table(report: Report) -> Table:
                       Text(r.status if r.passed else f"{r.status}: {shown(r.reason)}",
                            style="green" if r.passed else "red"))
     return table
+
+
+def render_component(result) -> Group:
+    """`parity component`: the re-run part's outputs, one row each, and its verdict."""
+    parts = [run_header(result.ref_meta, result.cand_meta)]
+    if result.rows:
+        parts.append(layer_table(f"{result.unit.name} on the reference's inputs", result.rows))
+    text = Text()
+    if result.passed:
+        text.append(f"PASS: {result.unit.name} matches the reference on the reference's own inputs", style="bold green")
+        parts.append(Panel(text, border_style="green"))
+        return Group(*parts)
+    text.append(f"FAIL: {result.unit.name} introduces an error (fails on the reference's own inputs)\n",
+                style="bold red")
+    text.append(f"  {result.summary()}")
+    if result.narrowed:
+        text.append(f"\n  narrowed to: {result.narrowed} (fails on its own)")
+    if result.hint:
+        text.append(f"\n  hint: {result.hint}", style="bold yellow")
+    parts.append(Panel(text, border_style="red"))
+    return Group(*parts)

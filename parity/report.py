@@ -9,9 +9,10 @@ from .metrics import Metrics
 from .records import CaptureError, TapInfo
 
 PASS = "pass"
+REPORT_FORMAT, REPORT_VERSION = "parity-report", 1
 
 
-def _num(x):
+def json_number(x):
     """JSON-safe number: NaN/Inf become None."""
     if x is None:
         return None
@@ -31,6 +32,9 @@ class TapResult:
     cand_shape: tuple | None = None
     ref_dtype: str | None = None
     cand_dtype: str | None = None
+    regions: dict[str, Metrics] = field(default_factory=dict)  # per named token region, if the layout has any
+    chunks: dict[str, Metrics] = field(default_factory=dict)  # per chunk of canonical positions, if asked
+    heads: list[Metrics] = field(default_factory=list)  # per attention head, for [tokens, heads, dim] taps
 
     @property
     def passed(self) -> bool:
@@ -48,15 +52,16 @@ class TapResult:
         m = self.metrics
         return {
             "tap": self.info.key,
+            "order": self.order,
             "name": self.info.name,
             "stack": self.info.stack,
             "layer": self.info.layer,
             "component": self.info.component,
             "step": self.info.step,
-            "cos": _num(m.cos) if m else None,
-            "max_abs": _num(m.max_abs) if m else None,
-            "mean_abs": _num(m.mean_abs) if m else None,
-            "rel_l2": _num(m.rel_l2) if m else None,
+            "cos": json_number(m.cos) if m else None,
+            "max_abs": json_number(m.max_abs) if m else None,
+            "mean_abs": json_number(m.mean_abs) if m else None,
+            "rel_l2": json_number(m.rel_l2) if m else None,
             "nan_ref": m.nan_ref if m else None,
             "nan_cand": m.nan_cand if m else None,
             "inf_ref": m.inf_ref if m else None,
@@ -68,7 +73,45 @@ class TapResult:
             "cand_shape": None if self.cand_shape is None else list(self.cand_shape),
             "ref_dtype": self.ref_dtype,
             "cand_dtype": self.cand_dtype,
+            "n": m.n if m else None,
+            "regions": {name: _metrics_dict(rm) for name, rm in self.regions.items()},
+            **({"chunks": {name: _metrics_dict(cm) for name, cm in self.chunks.items()}} if self.chunks else {}),
+            **({"heads": [_metrics_dict(hm) for hm in self.heads]} if self.heads else {}),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TapResult":
+        """Inverse of to_dict, for reports re-rendered from JSON (`parity report`)."""
+        info = TapInfo(d["name"], d["stack"], d["layer"], d["component"], d.get("step"))
+        metrics = None
+        if d.get("cos") is not None or d.get("max_abs") is not None or d.get("nan_ref") is not None:
+            metrics = _metrics_from(d)
+        return cls(info=info, order=d.get("order"), status=d["status"], reason=d.get("reason") or "",
+                   threshold=float(d["threshold"]), metrics=metrics,
+                   ref_shape=tuple(d["ref_shape"]) if d.get("ref_shape") else None,
+                   cand_shape=tuple(d["cand_shape"]) if d.get("cand_shape") else None,
+                   ref_dtype=d.get("ref_dtype"), cand_dtype=d.get("cand_dtype"),
+                   regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()},
+                   chunks={k: _metrics_from(v) for k, v in (d.get("chunks") or {}).items()},
+                   heads=[_metrics_from(v) for v in (d.get("heads") or [])])
+
+
+def _metrics_dict(m: Metrics) -> dict[str, Any]:
+    return {"n": m.n, "cos": json_number(m.cos), "max_abs": json_number(m.max_abs),
+            "mean_abs": json_number(m.mean_abs), "rel_l2": json_number(m.rel_l2)}
+
+
+def _float(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _metrics_from(d: dict[str, Any]) -> Metrics:
+    """Metrics from their JSON form (None -> nan; counts default to 0)."""
+    return Metrics(n=int(d.get("n") or 0), cos=_float(d.get("cos")), max_abs=_float(d.get("max_abs")),
+                   mean_abs=_float(d.get("mean_abs")), rel_l2=_float(d.get("rel_l2")),
+                   nan_ref=int(d.get("nan_ref") or 0), inf_ref=int(d.get("inf_ref") or 0),
+                   nan_cand=int(d.get("nan_cand") or 0), inf_cand=int(d.get("inf_cand") or 0),
+                   first_nonfinite=None, max_abs_index=None)
 
 
 @dataclass
@@ -79,6 +122,7 @@ class Report:
     thresholds: dict = field(default_factory=dict)
     cand_error: CaptureError | None = None
     problems: list[str] = field(default_factory=list)  # run-level failures (nothing compared, ...)
+    localisation: Any = None  # parity.localise.Localisation: which component introduces the first divergence
 
     @property
     def first_divergence(self) -> TapResult | None:
@@ -103,6 +147,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         first = self.first_divergence
         return {
+            "format": REPORT_FORMAT,
+            "format_version": REPORT_VERSION,
             "passed": self.passed,
             "first_divergence": None if first is None else {
                 "tap": first.key, "stack": first.info.stack, "layer": first.info.layer,
@@ -117,5 +163,26 @@ class Report:
             "candidate_error": None if self.cand_error is None else {
                 "tap": self.cand_error.key, "type": self.cand_error.exc_type, "message": self.cand_error.message,
             },
+            "isolation": None if self.localisation is None else self.localisation.to_dict(),
             "taps": [r.to_dict() for r in self.rows],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        """A Report from what `parity diff --json` wrote; ValueError names what is wrong."""
+        if not isinstance(d, dict) or "taps" not in d or not isinstance(d["taps"], list):
+            raise ValueError("not a parity result: no 'taps' list (write one with `parity diff --json`)")
+        try:
+            rows = [TapResult.from_dict(t) for t in d["taps"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed tap entry in the parity result: {exc!r}") from None
+        err = d.get("candidate_error")
+        cand_error = None
+        if err:
+            info = next((r.info for r in rows if r.key == err.get("tap")), None)
+            cand_error = CaptureError(err.get("tap"), info, err.get("type", "?"), err.get("message", ""))
+        from .localise import Localisation
+
+        return cls(rows=rows, ref_meta=dict(d.get("ref") or {}), cand_meta=dict(d.get("cand") or {}),
+                   thresholds=dict(d.get("thresholds") or {}), cand_error=cand_error,
+                   problems=list(d.get("problems") or []), localisation=Localisation.from_dict(d.get("isolation")))

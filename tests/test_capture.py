@@ -373,6 +373,120 @@ def test_non_stepped_tap_running_twice_is_reported_not_silently_duplicated():
     assert len({t.key for t in c.taps}) == len(c.taps)
 
 
+# --------------------------------------------------------------------------- input taps and split taps
+
+class Fused(nn.Module):
+    """A fused projection (q|k|v in one output) followed by an output projection."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.qkv = nn.Linear(F, 2 + 3 + 3)
+        self.o = nn.Linear(3, F)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([2, 3, 3], dim=-1)
+        return self.o(v * 2)
+
+
+def fused_backend(split=(("q", 2), ("k", 3), ("v", 3))):
+    model = nn.Sequential(Fused())
+    probe = Probe("toy", (TapRule(r"0\.qkv", "attn", split=split),
+                          TapRule(r"0\.o", "attn", "core", on="input"),
+                          TapRule(r"0\.o", "attn", "o_proj")))
+    x = torch.randn(2, F)
+    return Backend("toy", model, probe, run=lambda: model(x), layouts=dict), model, x
+
+
+def test_input_tap_records_what_a_module_receives_before_its_output():
+    backend, model, x = fused_backend()
+    c = capture(backend)
+    assert keys(c) == ["attn.q", "attn.k", "attn.v", "attn.core", "attn.o_proj"]
+    fused = model[0].qkv(x).detach().numpy()
+    np.testing.assert_allclose(c.by_key()["attn.core"].array, 2 * fused[:, 5:], rtol=1e-6)
+    assert c.by_key()["attn.o_proj"].shape == (2, F)
+
+
+def test_split_tap_cuts_the_last_dimension_into_named_chunks():
+    backend, model, x = fused_backend()
+    c = capture(backend)
+    fused = model[0].qkv(x).detach().numpy()
+    np.testing.assert_array_equal(c.by_key()["attn.q"].array, fused[:, :2])
+    np.testing.assert_array_equal(c.by_key()["attn.k"].array, fused[:, 2:5])
+    np.testing.assert_array_equal(c.by_key()["attn.v"].array, fused[:, 5:])
+
+
+def test_split_that_does_not_fit_is_a_probe_error_at_that_tap():
+    backend, _, _ = fused_backend(split=(("q", 4), ("k", 4), ("v", 4)))
+    c = capture(backend)
+    assert c.error is not None and c.error.exc_type == "ProbeError"
+    assert "does not match its split" in c.error.message and c.error.key == "attn.q"
+
+
+class FusedInPlace(Fused):
+    """Overwrites its fused projection output and the o-projection's input in place after use."""
+
+    def forward(self, x):
+        y = self.qkv(x)
+        v = y[..., 5:] * 2
+        out = self.o(v)
+        y.zero_()
+        v.zero_()
+        return out
+
+
+def test_split_and_input_taps_are_copies_taken_when_produced():
+    """Split chunks and input taps are copies taken when produced: in-place kernels after
+    the tap cannot change what was recorded.  On CPU the sink gets each one as it is
+    produced (failclosed: a killed capture keeps what it had), so all four are there
+    when the forward returns."""
+    model = nn.Sequential(FusedInPlace())
+    probe = Probe("toy", (TapRule(r"0\.qkv", "attn", split=(("q", 2), ("k", 3), ("v", 3))),
+                          TapRule(r"0\.o", "attn", "core", on="input")))
+    x = torch.randn(2, F)
+    in_sink_after_forward = []
+    sink = Capture()
+
+    def run():
+        out = model(x)
+        in_sink_after_forward.append(len(sink.taps))
+        return out
+
+    capture(Backend("toy", model, probe, run=run, layouts=dict), sink)
+    assert in_sink_after_forward == [4] and keys(sink) == ["attn.q", "attn.k", "attn.v", "attn.core"]
+    fused = model[0].qkv(x).detach().numpy()
+    np.testing.assert_array_equal(sink.by_key()["attn.q"].array, fused[:, :2])
+    np.testing.assert_allclose(sink.by_key()["attn.core"].array, 2 * fused[:, 5:], rtol=1e-6)
+
+
+def test_probe_modules_maps_taps_to_modules():
+    backend, model, _ = fused_backend()
+    assert backend.probe.modules(model) == {"attn.q": "0.qkv", "attn.k": "0.qkv", "attn.v": "0.qkv",
+                                            "attn.core": "0.o:input", "attn.o_proj": "0.o"}
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(pattern="x", stack="s", component="c", on="middle"), "on must be"),
+    (dict(pattern="x", stack="s", split=(("q", 0),)), "split sizes"),
+    (dict(pattern="x", stack="s"), "names no component"),
+])
+def test_bad_tap_rules_are_refused(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        TapRule(**kwargs)
+
+
+def test_hooks_are_opaque_to_torch_compile():
+    """Under torch.compile each hook runs eagerly (a graph break), and the values match."""
+    backend, model, x = fused_backend()
+    compiled = torch.compile(model, backend="eager")
+    eager = capture(backend)
+    compiled_backend = Backend("toy", model, backend.probe, run=lambda: compiled(x), layouts=dict)
+    c = capture(compiled_backend)
+    assert keys(c) == keys(eager)
+    for a, b in zip(eager.taps, c.taps, strict=True):
+        np.testing.assert_allclose(a.array, b.array, rtol=1e-6)
+
+
 class Instrumentable(Toy):
     """A model that caches captured execution and wants to know when taps come and go."""
 
@@ -390,3 +504,26 @@ def test_models_are_told_when_taps_are_installed_and_removed():
     (on, hooks_on), (off, hooks_off) = model.calls
     assert on is True and hooks_on > 0  # told after the hooks are in place
     assert off is False and hooks_off == 0  # and after they are gone
+
+
+def test_progress_advances_as_taps_are_produced_and_stored():
+    """On CPU each tap reaches the sink as soon as it is produced (a killed capture keeps
+    it): a progress callback advances once as the model produces a tap, then once as it
+    is stored, both while the model runs."""
+    from parity.api import capture_live
+    from parity.backends import BackendOptions
+
+    calls: list[tuple[str, int, int | None]] = []
+    backend = make_backend()
+    inner_run = backend.run
+
+    def run():
+        inner_run()
+        calls.append(("run ended", 0, None))
+
+    backend.run = run
+    cap = capture_live(backend, BackendOptions(), progress=lambda what, done, total: calls.append((what, done, total)))
+    n = len(EXPECTED_KEYS)
+    assert keys(cap) == EXPECTED_KEYS
+    assert calls == ([c for i in range(1, n + 1) for c in (("capture toy", i, None), ("capture toy (store)", i, i))]
+                     + [("run ended", 0, None)])

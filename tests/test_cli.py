@@ -55,6 +55,17 @@ def test_candidate_that_raises_is_a_finding_not_a_traceback():
     assert "Traceback" not in out
 
 
+def test_streamed_offline_breakdowns_equal_live_ones(tmp_path):
+    ref, cand = tmp_path / "ref.h5", tmp_path / "cand.h5"
+    assert run("capture", "--backend", "pytorch", "--taps", "prefix.*", "-o", str(ref))[0] == 0
+    assert run("capture", "--backend", "flash", "--inject", "nomask", "--taps", "prefix.*", "-o", str(cand))[0] == 0
+    run("diff", str(ref), str(cand), "--by-token", "16", "--json", str(tmp_path / "off.json"))
+    run("diff", "--ref", "pytorch", "--cand", "flash", "--inject", "nomask", "--taps", "prefix.*", "--by-token", "16",
+        "--no-isolate", "--json", str(tmp_path / "live.json"))
+    off, live = (json.loads((tmp_path / f).read_text())["taps"] for f in ("off.json", "live.json"))
+    assert off == live and any(t.get("chunks") for t in off) and any(t.get("heads") for t in off)
+
+
 def test_offline_diff_equals_live_diff(tmp_path):
     ref, cand = tmp_path / "ref.h5", tmp_path / "cand.h5"
     assert run("capture", "--backend", "pytorch", "-o", str(ref))[0] == 0
@@ -118,7 +129,8 @@ def test_dumps_of_different_inputs_are_refused(tmp_path):
 def test_every_command_has_help_with_an_example():
     code, out = run("--help")
     assert code == 0
-    commands = {"diff", "capture", "inspect", "backends"}
+    commands = {c.name for c in app.registered_commands}
+    assert commands == {"diff", "capture", "inspect", "backends", "report", "weights", "component"}
     for name in commands:
         assert name in out
         code, text = run(name, "--help")
@@ -146,3 +158,10 @@ def test_help_and_offline_diff_work_without_torch(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_cli_start_up_imports_neither_numpy_nor_h5py():
+    """`parity --help` must start fast: the library is imported by each command, not at start-up."""
+    code = "import sys, parity.cli; bad = {'numpy', 'h5py', 'torch'} & set(sys.modules); assert not bad, bad"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

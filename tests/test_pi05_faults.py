@@ -22,6 +22,9 @@ EXPECTED = {
     "norm_plain_w": ("prefix.0.input_norm", "fail"),
     "rope_interleaved": ("prefix.0.q", "fail"),
     "kv_mutate": ("expert.0.attn@1", "fail"),
+    "mid_norm": ("prefix.2.input_norm", "fail"),  # tiny has 4 prefix layers: the middle one is 2
+    "rope_base": ("prefix.0.q", "fail"),
+    "attn_scale": ("vision.0.attn", "fail"),  # every attention, SigLIP's first
 }
 
 
@@ -32,7 +35,7 @@ def rows_of(report):
 @pytest.mark.parametrize("cand", ["flash", "pytorch"])
 @pytest.mark.parametrize("fault", sorted(EXPECTED))
 def test_fault_is_localised(cand, fault):
-    report = diff_live("pytorch", cand, OPTS, faults=(fault,))
+    report = diff_live("pytorch", cand, OPTS, faults=(fault,), isolate=False)  # isolation: test_isolate.py
     tap, status = EXPECTED[fault]
     assert not report
     first = report.first_divergence
@@ -102,3 +105,12 @@ def test_unknown_fault_is_an_input_error():
 
     with pytest.raises(InputError, match="unknown fault"):
         diff_live("pytorch", "flash", OPTS, faults=("nosuchbug",))
+
+
+def test_fast_restructuring_computes_what_flash_fp8_computes():
+    """fast = flash_fp8 + fused q|k|v + all steps' adaRMS modulations in one matmul (+ CUDA
+    graphs and compile on GPU): on the CPU the restructuring alone must be numerically
+    invisible, and the planted bugs still land where they live."""
+    assert diff_live("flash_fp8", "fast", OPTS, thresholds=Thresholds(0.99999))
+    report = diff_live("pytorch", "fast", OPTS, faults=("kv_mutate",), thresholds=FP8_GATE)
+    assert report.first_divergence.key == "expert.0.attn@1"

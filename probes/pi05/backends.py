@@ -1,6 +1,7 @@
 """The bundled pi0.5 backends: `pytorch` (the reference), `flash`, `flash_fp8`.
 
-They share one model class and differ only by `Variant`; any of them accepts faults.
+They share one model class and differ only by `Variant`; any of them accepts faults and
+`--weights` (a checkpoint every backend of a comparison loads the same way).
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torch
 
 from parity.backends import Backend, BackendOptions
 
+from .checkpoint import Checkpoint
 from .config import get_config
 from .faults import CATALOGUE, Faults
 from .inputs import fingerprint, make_noise, make_observation
 from .model import Pi05Policy, Variant
+from .params import effective_parameters
 from .probe import PROBE, layouts
 
 VARIANTS = {
@@ -21,9 +24,10 @@ VARIANTS = {
     "flash": (Variant(packed=True), "packs away padding and masked cameras; mask-free fused SDPA attention"),
     "flash_fp8": (Variant(packed=True, fp8_mlp=True),
                   "flash + Gemma MLP gate/up projections in FP8 e4m3 (torch._scaled_mm on sm89+, emulated elsewhere)"),
-    "fast": (Variant(packed=True, fp8_mlp=True, cuda_graph=True, compiled=True),
-             "flash_fp8 with norms/MLPs/RoPE fused by torch.compile, replayed as one CUDA graph per token layout "
-             "(eager on CPU)"),
+    "fast": (Variant(packed=True, fp8_mlp=True, cuda_graph=True, compiled=True, batched_conditioning=True,
+                     fused_qkv=True),
+             "flash_fp8 + fused q|k|v, all denoise steps' adaRMS modulations in one matmul, torch.compile'd "
+             "layers, replayed as CUDA graphs per token layout (graphs and compile on CUDA only)"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -39,13 +43,22 @@ def _device(name: str) -> torch.device:
 def build(variant_name: str, opts: BackendOptions, variant: Variant | None = None) -> Backend:
     """Build a bundled backend; `variant` overrides the name's (benchmarks of ablations)."""
     variant = variant or VARIANTS[variant_name][0]
-    cfg = get_config(opts.config)
+    if opts.takes_inputs:
+        raise ValueError("pi0.5 backends build their observation from --seed and --batch; "
+                         "--input/--padding/--seq-len apply to hf backends")
     faults = Faults.parse(opts.faults)
     device = _device(opts.device)
     dtype_name = opts.dtype or "bfloat16"
     if dtype_name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype_name!r}; known: {', '.join(DTYPES)}")
-    model = Pi05Policy.build(cfg, opts.seed, variant, faults, DTYPES[dtype_name], device)
+    weights = None
+    if opts.weights is None:
+        cfg = get_config(opts.config or "tiny")
+    else:
+        weights = Checkpoint.open(opts.weights)
+        cfg = weights.config_for(opts.config)
+        weights.check(cfg)
+    model = Pi05Policy.build(cfg, opts.seed, variant, faults, DTYPES[dtype_name], device, weights)
     obs = make_observation(cfg, opts.seed, opts.batch)
     noise = make_noise(cfg, opts.seed, opts.batch)
     meta = {
@@ -61,9 +74,14 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         "input_fingerprint": fingerprint(obs, noise),
         "execution": ("cuda graph; re-captured with tap copies inside when instrumented"
                       if model.graphed is not None else "eager")
-        + ("; torch.compile'd norms/MLPs/RoPE" if variant.compiled and device.type == "cuda" else ""),
+        + ("; whole layers torch.compile'd, leaves only (norms, MLPs, RoPE) while taps are installed"
+           if variant.compiled and device.type == "cuda" else ""),
+        "weights": None if weights is None else weights.describe(),
     }
     obs, noise = obs.to(device), noise.to(device)
+    if model.graphed is not None:  # compile and capture now, outside any parity capture
+        model.graphed.warm_up(obs, noise)
+        model.sample_actions(obs, noise)
     return Backend(
         name=variant_name,
         model=model,
@@ -72,6 +90,7 @@ def build(variant_name: str, opts: BackendOptions, variant: Variant | None = Non
         layouts=lambda: layouts(model, obs),
         meta=meta,
         inputs=(obs, noise),
+        parameters=lambda: effective_parameters(model),
     )
 
 

@@ -1,15 +1,19 @@
 """pi0.5 sizes (tiny for CPU tests, full = openpi's real sizes) and the rounding policy.
 
-Rounding choices of the reference, stated once (openpi's PyTorch port is the model):
+Rounding choices of the reference, stated once (openpi's PyTorch port is the model; the
+README's table sets them beside JAX's):
 - Linear layers of SigLIP, the projector and both Gemma stacks run in `dtype` (bf16 by
   default), weights stored in `dtype`.
 - Patch and position embedding, every norm (statistics, scale, adaRMS dense) and the
   top-level action_in/out projections and time MLP run in float32; norm outputs are cast
   back to `dtype`.
-- Attention: logits q.k^T in `dtype` (q pre-scaled by head_dim^-0.5, exact in bf16),
-  additive mask and softmax in float32, probabilities cast to `dtype` before .v.
-- RoPE: cos/sin and the rotation in float32, cast once to `dtype` (JAX's choice).
+- Attention: logits q.k^T in `dtype`, then times head_dim^-0.5 (HF eager order; exact for
+  Gemma's 1/16, rounded for SigLIP's 72^-0.5), additive mask and softmax in float32,
+  probabilities cast to `dtype` before .v.
+- RoPE: cos/sin and the rotation in float32, cast once to `dtype` (JAX's choice, the one
+  departure from openpi PyTorch, which rotates in bf16).
 - Text embedding times sqrt(width) as a Python float, rounded once to `dtype`.
+- Time embedding in float64, cast once to float32 (openpi PyTorch).
 - Flow-matching state x_t, the noise, dt and t stay float32; t accumulates in float32.
 """
 from __future__ import annotations

@@ -14,6 +14,9 @@ CATALOGUE: dict[str, str] = {
     "norm_plain_w": "Gemma RMSNorm scales by w instead of (1 + w)",
     "rope_interleaved": "RoPE pairs interleaved channels (GPT-J style) instead of the half-split rotate_half",
     "kv_mutate": "prefix K/V cache updated in place by each denoise step, so later steps attend to stale suffix keys",
+    "mid_norm": "only the middle prefix layer's input RMSNorm (layer depth // 2) scales by w instead of (1 + w)",
+    "rope_base": "RoPE tables built with base 1e6 instead of 1e4 (a config copied from another model)",
+    "attn_scale": "attention logits scaled by 1 / head_dim instead of 1 / sqrt(head_dim)",
 }
 
 

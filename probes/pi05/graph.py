@@ -30,46 +30,92 @@ def compile_leaves(policy) -> int:
     return count
 
 
+def compile_layers(policy) -> list:
+    """Whole transformer layers compiled (residuals, gates, the cache concat and RoPE fuse
+    with their neighbours): returns (layer, compiled forward) pairs for CudaGraphSampler to
+    switch on and off."""
+    pairs = []
+    for stack in (policy.vision, policy.prefix, policy.expert):
+        for layer in stack.layers:
+            pairs.append((layer, torch.compile(layer.forward, dynamic=False)))
+    return pairs
+
+
 class CudaGraphSampler:
-    def __init__(self, policy):
+    """One set of graphs per token layout: vision+embedding, prefix LLM, denoise loop.
+
+    Three graphs instead of one cost two extra graph launches (microseconds) and give the
+    per-stage timings a benchmark needs; they share one memory pool, so each graph's
+    outputs stay valid inputs of the next."""
+
+    def __init__(self, policy, compiled_layers: list | None = None):
         self.policy = policy
+        self.compiled_layers = compiled_layers or []
         self.graphs: dict = {}
         self.instrumented = False
+        self._use_compiled_layers(True)
+
+    def _use_compiled_layers(self, on: bool) -> None:
+        for layer, compiled in self.compiled_layers:
+            if on:
+                layer.forward = compiled
+            elif "forward" in vars(layer):
+                del layer.forward  # back to the class's forward: module boundaries for the taps
+
+    @torch.inference_mode()
+    def warm_up(self, obs, noise) -> None:
+        """Compile both execution paths (whole layers; leaves only, used while taps are
+        installed) before any capture: nothing may compile inside a graph capture."""
+        plan = self.policy.plan_tokens(obs)
+        for on in (False, True) if self.compiled_layers else (True,):
+            self._use_compiled_layers(on)
+            self.policy.sample_eager(obs, noise, plan)
+        torch.cuda.synchronize()
 
     def reset(self, instrumented: bool) -> None:
         """Drop captured graphs; with `instrumented`, the next capture runs with parity's
-        taps installed, so their copies are recorded inside the graph (no warm-up pass then:
-        it would fire the taps twice)."""
+        taps installed, so their copies are recorded inside the graphs. Taps live on module
+        boundaries, so while instrumented the layers run leaf-compiled, not whole-layer
+        compiled (the execution note in the backend's metadata says so); no warm-up pass
+        then: it would fire the taps twice."""
         self.graphs.clear()
         self.instrumented = instrumented
+        self._use_compiled_layers(not instrumented)
 
     def __call__(self, obs, noise, mark):
-        plan_key = (obs.image_masks.cpu().numpy().tobytes(), obs.token_mask.cpu().numpy().tobytes(),
-                    tuple(obs.images.shape), tuple(noise.shape))
-        entry = self.graphs.get(plan_key)
+        key = (obs.image_masks.cpu().numpy().tobytes(), obs.token_mask.cpu().numpy().tobytes(),
+               tuple(obs.images.shape), tuple(noise.shape))
+        entry = self.graphs.get(key)
         if entry is None:
-            entry = self.graphs[plan_key] = self._capture(obs, noise)
-        graph, static_obs, static_noise, _plan, out = entry
+            entry = self.graphs[key] = self._capture(obs, noise)
         for name in obs.__dataclass_fields__:
-            getattr(static_obs, name).copy_(getattr(obs, name))
-        static_noise.copy_(noise)
-        graph.replay()
-        mark("graph")
-        return out.clone()
+            getattr(entry["obs"], name).copy_(getattr(obs, name))
+        entry["noise"].copy_(noise)
+        for stage, graph in entry["graphs"]:
+            graph.replay()
+            mark(stage)
+        return entry["out"].clone()
 
-    def _capture(self, obs, noise):
+    def _capture(self, obs, noise) -> dict:
         policy = self.policy
         static_obs = type(obs)(*(getattr(obs, f).clone() for f in obs.__dataclass_fields__))
         static_noise = noise.clone()
         plan = policy.plan_tokens(static_obs)
-        if not self.instrumented:  # warm up kernels and library handles outside the capture
+        if not self.instrumented:  # warm up kernels, compilation and library handles outside capture
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 policy.sample_eager(static_obs, static_noise, plan)
             torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = policy.sample_eager(static_obs, static_noise, plan)
-        # everything the graph reads must outlive it: the plan's index tensors too
-        return graph, static_obs, static_noise, plan, out
+        pool = torch.cuda.graph_pool_handle()
+        graphs = [(stage, torch.cuda.CUDAGraph()) for stage in ("vision", "prefix", "denoise")]
+        with torch.cuda.graph(graphs[0][1], pool=pool):
+            x = policy.embed_prefix(static_obs, plan)
+        with torch.cuda.graph(graphs[1][1], pool=pool):
+            cache = policy.prefix_cache(x, plan)
+        with torch.cuda.graph(graphs[2][1], pool=pool):
+            out = policy.denoise(static_obs, static_noise, cache)
+        # everything the graphs read must outlive them: inputs, the plan's index tensors,
+        # the intermediate embeddings and cache
+        return {"graphs": graphs, "obs": static_obs, "noise": static_noise, "plan": plan, "x": x, "cache": cache,
+                "out": out}

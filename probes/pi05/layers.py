@@ -48,7 +48,9 @@ class MaskedCore:
         group = Hq // k.shape[2]
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
-        logits = torch.einsum("bthd,bshd->bhts", q * scale, k).float()
+        # logits in the model dtype, scaled after the product as HF/openpi PyTorch do (for
+        # SigLIP's head_dim 72 the scale is not a power of two, so the order rounds differently)
+        logits = (torch.einsum("bthd,bshd->bhts", q, k) * scale).float()  # [B, H, T, S]
         if not (self.ignore_mask or ctx.dense) and (ctx.q_valid is not None or ctx.k_valid is not None):
             qv = ctx.q_valid if ctx.q_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
             kv = ctx.k_valid if ctx.k_valid is not None else torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
@@ -128,7 +130,7 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, modulation: torch.Tensor | None = None):
         scale = self.weight if self.plain_w else 1.0 + self.weight
         return (self.normalize(x) * scale).to(x.dtype), None
 
@@ -142,8 +144,12 @@ class AdaRMSNorm(RMSNorm):
         self.dense = nn.Linear(cond_dim, 3 * dim)
         self.dense.keep_fp32 = True
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
-        scale, shift, gate = self.dense(cond.float())[:, None, :].chunk(3, dim=-1)  # each [B, 1, dim]
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, modulation: torch.Tensor | None = None):
+        """`modulation` = dense(cond) [B, 3*dim] when a caller computed it ahead (the `fast`
+        candidate does all norms of all denoise steps in one matmul)."""
+        if modulation is None:
+            modulation = self.dense(cond.float())
+        scale, shift, gate = modulation[:, None, :].chunk(3, dim=-1)  # each [B, 1, dim]
         return (self.normalize(x) * (1.0 + scale) + shift).to(x.dtype), gate.to(x.dtype)
 
 
@@ -217,20 +223,40 @@ class Attention(nn.Module):
         self.core = core
         self.rope_interleaved = faults.has("rope_interleaved")
         self.rope_fn = apply_rope
-        self.scale = head_dim ** -0.5
+        self.scale = 1.0 / head_dim if faults.has("attn_scale") else head_dim ** -0.5
 
-    def forward(self, h, ctx: AttnContext, rope=None, kv_prefix=None):
+    def fuse_qkv(self) -> None:
+        """One projection for q, k and v (one matmul instead of three): the `fast` candidate."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                          device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        fused.requires_grad_(False)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
+
+    def project(self, h: torch.Tensor):
         B, T, _ = h.shape
-        q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(h).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        return (q.reshape(B, T, self.num_heads, self.head_dim), k.reshape(B, T, self.num_kv_heads, self.head_dim),
+                v.reshape(B, T, self.num_kv_heads, self.head_dim))
+
+    def forward(self, h, ctx: AttnContext, rope=None, prefix_kv=None):
+        q, k, v = self.project(h)
         if rope is not None:
             q = self.rope_fn(q, rope, self.rope_interleaved)
             k = self.rope_fn(k, rope, self.rope_interleaved)
         q, k, v = self.q(q), self.k(k), self.v(v)
         keys, values = k, v
-        if kv_prefix is not None:
-            keys, values, ctx = kv_prefix(k, v, ctx)
+        if prefix_kv is not None:  # suffix queries attend to [cached prefix, own suffix]
+            keys, values = torch.cat([prefix_kv[0], k], dim=1), torch.cat([prefix_kv[1], v], dim=1)
         out = self.attn(self.core(q, keys, values, ctx, self.scale))
         return self.o_proj(out), k, v
 

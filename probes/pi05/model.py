@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,9 +16,12 @@ from torch import nn
 
 from .config import GemmaConfig, Pi05Config, VisionConfig
 from .faults import Faults
-from .graph import CudaGraphSampler, compile_leaves
+from .graph import CudaGraphSampler, compile_layers, compile_leaves
 from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
                      PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights, rope_tables)
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class Variant:
     fp8_mlp: bool = False  # flash_fp8: Gemma MLP gate/up projections in FP8 e4m3
     cuda_graph: bool = False  # fast: the whole inference replayed as one CUDA graph per token layout
     compiled: bool = False  # fast: norms, MLPs and RoPE fused by torch.compile (CUDA only)
+    batched_conditioning: bool = False  # fast: all steps' time conditions and adaRMS modulations at once
+    fused_qkv: bool = False  # fast: one q|k|v projection
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,11 @@ class GemmaLayer(nn.Module):
         self.post_attn_norm = norm()
         self.mlp = GatedMLP(cfg.width, cfg.mlp_dim, faults)
 
-    def forward(self, x, ctx, rope, cond=None, kv_prefix=None):
-        h, gate = self.input_norm(x, cond)
-        y, k, v = self.self_attn(h, ctx, rope, kv_prefix)
+    def forward(self, x, ctx, rope, cond=None, prefix_kv=None, modulation=(None, None)):
+        h, gate = self.input_norm(x, cond, modulation[0])
+        y, k, v = self.self_attn(h, ctx, rope, prefix_kv)
         x = x + (y if gate is None else y * gate)
-        h, gate = self.post_attn_norm(x, cond)
+        h, gate = self.post_attn_norm(x, cond, modulation[1])
         y = self.mlp(h)
         return x + (y if gate is None else y * gate), k, v
 
@@ -107,6 +113,10 @@ class GemmaStack(nn.Module):
         self.final_norm = (RMSNorm(cfg.width, eps, faults) if cond_dim is None
                            else AdaRMSNorm(cfg.width, cond_dim, eps, faults))
 
+    def modulated_norms(self) -> list:
+        """Every adaRMSNorm in execution order: per layer input, post-attention; then final."""
+        return [n for layer in self.layers for n in (layer.input_norm, layer.post_attn_norm)] + [self.final_norm]
+
 
 @dataclass(frozen=True)
 class TokenPlan:
@@ -117,6 +127,8 @@ class TokenPlan:
     positions: torch.Tensor  # [B, L] RoPE positions (cumsum of the pad mask - 1)
     dense: bool  # every slot is a real token: attention needs no mask
     slots: np.ndarray  # [B, L] canonical prefix position of each slot, -1 = don't care
+    image_rows: torch.Tensor | None = None  # flat (sample, camera) indices of the images run; None = all
+    image_rows_host: np.ndarray | None = None  # the same on the host, for the vision token layout
 
 
 class PrefixCache:
@@ -130,29 +142,45 @@ class PrefixCache:
         self.key_valid = [key_valid] * len(self.keys)
         self.dense, self.mutate = dense, mutate
 
-    def joiner(self, layer: int):
-        def join(k, v, ctx: AttnContext):
-            keys = torch.cat([self.keys[layer], k], dim=1)
-            values = torch.cat([self.values[layer], v], dim=1)
-            suffix_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-            key_valid = torch.cat([self.key_valid[layer], suffix_valid], dim=1)
-            if self.mutate:
-                self.keys[layer], self.values[layer], self.key_valid[layer] = keys, values, key_valid
-            return keys, values, AttnContext(q_valid=ctx.q_valid, k_valid=key_valid, dense=self.dense)
+    def for_layer(self, layer: int, suffix_len: int):
+        """(prefix K, prefix V, attention context) for the suffix queries of one layer."""
+        keys, values = self.keys[layer], self.values[layer]
+        if self.dense:  # every cached key is real: no validity mask at all
+            return (keys, values), AttnContext(dense=True)
+        valid = self.key_valid[layer]
+        suffix_valid = torch.ones(valid.shape[0], suffix_len, dtype=torch.bool, device=valid.device)
+        return (keys, values), AttnContext(k_valid=torch.cat([valid, suffix_valid], dim=1))
 
-        return join
+    def after_step(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Nothing, unless the `kv_mutate` fault stores this step's K/V into the cache."""
+        if self.mutate:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=1)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=1)
+            ones = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+            self.key_valid[layer] = torch.cat([self.key_valid[layer], ones], dim=1)
 
 
 def _no_mark(stage: str) -> None:
     pass
 
 
+def _cast_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Linear and embedding weights to the model dtype, except those kept in fp32."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
+            m.to(dtype)
+
+
 def sincos_time_embedding(t: torch.Tensor, dim: int, min_period=4e-3, max_period=4.0) -> torch.Tensor:
-    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period; fp32."""
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float32, device=t.device)
+    """[sin(2 pi t / p_k), cos(2 pi t / p_k)], p_k log-spaced from min to max period.
+
+    Computed in float64 and rounded once to float32, as openpi's PyTorch port does: in
+    float32 (JAX's choice) the angles reach 2 pi / 4e-3 ~ 1571 rad and the embedding is
+    off by a relative 2.4e-5 at t = 1."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** fraction
-    angle = (2 * math.pi / period)[None, :] * t.float()[:, None]  # [B, dim/2]
-    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+    angle = (2 * math.pi / period)[None, :] * t.double()[:, None]  # [B, dim/2] float64
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
 
 
 class Pi05Policy(nn.Module):
@@ -177,28 +205,45 @@ class Pi05Policy(nn.Module):
         self.expert.velocity = TapPoint()
         self.actions = TapPoint()
         self.packs_prefix = variant.packed and not faults.has("nomask")
+        if faults.has("mid_norm"):  # one middle layer's norm only: everything after it inherits the error
+            self.prefix.layers[cfg.llm.depth // 2].input_norm.plain_w = True
+        self.rope_theta = 1e6 if faults.has("rope_base") else cfg.rope_theta
         self.graphed = None  # a CudaGraphSampler when the variant replays CUDA graphs
 
     # ---- building ---------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Pi05Config, seed: int, variant: Variant, faults: Faults, dtype: torch.dtype,
-              device: torch.device) -> "Pi05Policy":
-        with torch.device("meta"):  # no memory, no default init: the seed fills every parameter
+              device: torch.device, weights: "Checkpoint | None" = None) -> "Pi05Policy":
+        """Seeded random weights, or every weight from a checkpoint (checked already):
+        the model is allocated empty (no memory, no default init) and every parameter is
+        filled from the seed or the file, so no other value can survive.  FP8 MLPs
+        quantise whatever dense weights the model holds at this point."""
+        with torch.device("meta"):
             model = cls(cfg, variant, faults)
-        model.to_empty(device=device)
-        init_weights(model, seed)
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not getattr(m, "keep_fp32", False):
-                m.to(dtype)
+        if weights is None:
+            model.to_empty(device=device)
+            init_weights(model, seed)
+            _cast_linears(model, dtype)
+        else:
+            _cast_linears(model, dtype)
+            model.to_empty(device=device)
+            weights.load_into(model)  # file values cast to each parameter's dtype
+        if variant.fused_qkv:
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.fuse_qkv()
         if variant.fp8_mlp:
             for stack in (model.prefix, model.expert):
                 for layer in stack.layers:
                     layer.mlp = Fp8GatedMLP(layer.mlp)
         model.dtype = dtype
+        model.requires_grad_(False)  # inference only: no autograd graphs, also not in torch.compile
+        compiled_layers = None
         if variant.compiled and device.type == "cuda":
             compile_leaves(model)
+            compiled_layers = compile_layers(model)
         if variant.cuda_graph and device.type == "cuda":
-            model.graphed = CudaGraphSampler(model)
+            model.graphed = CudaGraphSampler(model, compiled_layers)
         return model.eval()
 
     # ---- token layout -----------------------------------------------------------
@@ -229,29 +274,44 @@ class Pi05Policy(nn.Module):
             gather[b, : idx.size] = idx
         packed_valid = torch.from_numpy(slots >= 0).to(device)
         positions = torch.arange(lmax, device=device).expand(B, -1)
+        rows = np.flatnonzero(obs.image_masks.cpu().numpy().reshape(-1))
         return TokenPlan(torch.from_numpy(gather).to(device), packed_valid, positions, bool((lengths == lmax).all()),
-                         slots)
+                         slots, torch.from_numpy(rows).to(device), rows)
 
     def prefix_slots(self, obs: Observation) -> np.ndarray:
         """Canonical prefix position of every row slot this backend computes, -1 = don't care."""
         return self.plan_tokens(obs).slots
 
+    def vision_rows(self, obs: Observation) -> np.ndarray:
+        """Flat (sample, camera) index of every image the vision tower runs on."""
+        rows = self.plan_tokens(obs).image_rows_host
+        return np.arange(obs.image_masks.numel()) if rows is None else rows
+
     # ---- forward ------------------------------------------------------------------
-    def embed_prefix(self, obs: Observation) -> torch.Tensor:
+    def embed_prefix(self, obs: Observation, plan: TokenPlan) -> torch.Tensor:
         B, C = obs.image_masks.shape
-        imgs = self.vision(obs.images.flatten(0, 1), self.dtype)  # [B*C, n, Dv]
-        img_tokens = self.projector(imgs).reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
+        images = obs.images.flatten(0, 1)  # [B*C, 3, S, S]
+        if plan.image_rows is None:
+            img_tokens = self.projector(self.vision(images, self.dtype))  # [B*C, n, D]
+        else:  # packing backends skip masked cameras: their tokens are never attended to
+            valid = self.projector(self.vision(images[plan.image_rows], self.dtype))  # [V, n, D]
+            img_tokens = valid.new_zeros(B * C, *valid.shape[1:]).index_copy(0, plan.image_rows, valid)
+        img_tokens = img_tokens.reshape(B, -1, self.cfg.llm.width)  # [B, C*n, D]
         text = self.embed_tokens(obs.tokens) * math.sqrt(self.cfg.llm.width)  # [B, L, D]
         return torch.cat([img_tokens, text.to(self.dtype)], dim=1)  # [B, P, D]
 
     def run_prefix(self, obs: Observation, plan: TokenPlan, mark=_no_mark) -> PrefixCache:
-        x = self.embed_prefix(obs)
+        x = self.embed_prefix(obs, plan)
         mark("vision")
+        return self.prefix_cache(x, plan)
+
+    def prefix_cache(self, x: torch.Tensor, plan: TokenPlan) -> PrefixCache:
+        """The prefix LLM over the prefix embeddings [B, P, D]: per-layer K/V after RoPE."""
         if plan.gather is not None:  # packed: valid tokens only, [B, P, D] -> [B, L, D]
             x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
         x = self.prefix.embed(x)
         ctx = AttnContext(q_valid=plan.valid, k_valid=plan.valid, dense=plan.dense)
-        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.cfg.rope_theta)
+        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.rope_theta)
         keys, values = [], []
         for layer in self.prefix.layers:
             x, k, v = layer(x, ctx, rope)
@@ -259,14 +319,22 @@ class Pi05Policy(nn.Module):
             values.append(v)
         return PrefixCache(keys, values, plan.valid, plan.dense, mutate=self.faults.has("kv_mutate"))
 
-    def velocity(self, cache: PrefixCache, rope, x_t: torch.Tensor, t: torch.Tensor):
+    def time_condition(self, t: torch.Tensor) -> torch.Tensor:
+        """c = swish(time_mlp_out(swish(time_mlp_in(posemb(t))))): [N] -> [N, De] fp32."""
         cond = torch.nn.functional.silu(self.time_mlp_in(sincos_time_embedding(t, self.cfg.expert.width)))
-        cond = self.expert.time(torch.nn.functional.silu(self.time_mlp_out(cond)))  # [B, De] fp32
+        return torch.nn.functional.silu(self.time_mlp_out(cond))
+
+    def velocity(self, cache: PrefixCache, rope, x_t: torch.Tensor, t: torch.Tensor, cond=None, modulations=None):
+        """v(x_t, t). `cond` and `modulations` (every adaRMSNorm's dense(cond), in
+        expert.modulated_norms() order) may come precomputed for all steps at once."""
+        cond = self.expert.time(self.time_condition(t) if cond is None else cond)  # [B, De] fp32
+        mods = modulations if modulations is not None else [None] * (2 * len(self.expert.layers) + 1)
         x = self.expert.embed(self.action_in_proj(x_t).to(self.dtype))  # [B, H, De]
-        ctx = AttnContext(dense=True)  # the suffix's own queries are all real tokens
         for i, layer in enumerate(self.expert.layers):
-            x, _, _ = layer(x, ctx, rope, cond, kv_prefix=cache.joiner(i))
-        x, _ = self.expert.final_norm(x, cond)
+            prefix_kv, ctx = cache.for_layer(i, x.shape[1])
+            x, k, v = layer(x, ctx, rope, cond, prefix_kv, (mods[2 * i], mods[2 * i + 1]))
+            cache.after_step(i, k, v)
+        x, _ = self.expert.final_norm(x, cond, mods[-1])
         return self.expert.velocity(self.action_out_proj(x.float()))  # [B, H, action_dim] fp32
 
     @torch.inference_mode()
@@ -281,18 +349,45 @@ class Pi05Policy(nn.Module):
     def sample_eager(self, obs: Observation, noise: torch.Tensor, plan: TokenPlan, mark=_no_mark) -> torch.Tensor:
         cache = self.run_prefix(obs, plan, mark)
         mark("prefix")
+        out = self.denoise(obs, noise, cache)
+        mark("denoise")
+        return out
+
+    def denoise(self, obs: Observation, noise: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        """The flow-matching loop over the (never mutated) prefix cache."""
         num_valid = self.prefix_valid(obs).sum(1)  # [B]
         H = noise.shape[1]
         positions = num_valid[:, None] + torch.arange(H, device=noise.device)[None, :]  # [B, H]
-        rope = rope_tables(positions, self.cfg.expert.head_dim, self.cfg.rope_theta)
+        rope = rope_tables(positions, self.cfg.expert.head_dim, self.rope_theta)
         dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
         t = torch.ones(noise.shape[0], dtype=torch.float32, device=noise.device)
+        times = [t]
+        for _ in range(self.cfg.num_steps - 1):  # t accumulates in fp32, as openpi does
+            times.append(times[-1] + dt)
+        conds, mods = self.precondition(torch.stack(times)) if self.variant.batched_conditioning else (None, None)
         x_t = noise.float()
-        for _ in range(self.cfg.num_steps):
-            x_t = x_t + dt * self.velocity(cache, rope, x_t, t)
-            t = t + dt
-        mark("denoise")
+        for step, t in enumerate(times):
+            x_t = x_t + dt * self.velocity(cache, rope, x_t, t, None if conds is None else conds[step],
+                                           None if mods is None else [m[step] for m in mods])
         return self.actions(x_t)
+
+    def precondition(self, times: torch.Tensor):
+        """Time condition and every adaRMSNorm modulation for all steps in one matmul each
+        (they depend on t only, and t's schedule is fixed): [S, B] -> [S, B, De] and, per
+        norm, [S, B, 3*De]."""
+        S, B = times.shape
+        conds = self.time_condition(times.reshape(-1))  # [S*B, De]
+        norms = self.expert.modulated_norms()
+        weight = torch.cat([n.dense.weight for n in norms])  # [N*3*De, De]
+        bias = torch.cat([n.dense.bias for n in norms])
+        mods = torch.nn.functional.linear(conds, weight, bias).reshape(S, B, -1)
+        return conds.reshape(S, B, -1), mods.chunk(len(norms), dim=-1)
+
+    @property
+    def parity_static_buffers(self) -> bool:
+        """Told to parity's isolation: layer calls made while a CUDA graph is captured see
+        static buffers, so it records them in a run of its own."""
+        return self.graphed is not None
 
     def parity_instrumented(self, active: bool) -> None:
         """Called by parity's Recorder as taps are installed and removed: a captured CUDA

@@ -11,6 +11,8 @@ import numpy as np
 from parity.probe import Probe, TapRule
 from parity.records import Layout, Region
 
+from .components import Pi05Components
+
 LAYER = r"(?P<layer>\d+)\."
 ATTN_PARTS = r"self_attn\.(?P<component>q|k|v|attn|o_proj)"
 NORM_PARTS = r"(?P<component>input_norm|post_attn_norm)"
@@ -43,6 +45,7 @@ PROBE = Probe(
         TapRule(r"expert\.velocity", "expert", "velocity", layout="actions", stepped=True),
         TapRule(r"actions", "output", "actions", layout="actions"),
     ),
+    components=Pi05Components(),
 )
 
 
@@ -53,8 +56,9 @@ def layouts(model, obs) -> dict[str, Layout]:
     n, cams = cfg.vision.num_tokens, cfg.cameras
     B, C = obs.image_masks.shape
     image_valid = obs.image_masks.cpu().numpy().reshape(B * C)
-    vision_slots = np.arange(B * C * n, dtype=np.int64).reshape(B * C, n)
-    vision_slots[~image_valid] = -1
+    rows = model.vision_rows(obs)  # the images this backend runs: all, or only unmasked cameras
+    vision_slots = rows[:, None] * n + np.arange(n, dtype=np.int64)[None, :]  # [rows, n]
+    vision_slots[~image_valid[rows]] = -1  # a masked camera's tokens are never attended to
     camera_regions = tuple(Region(f"camera:{c}", i * n, (i + 1) * n) for i, c in enumerate(cams))
     H = cfg.action_horizon
     return {

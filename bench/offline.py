@@ -1,0 +1,221 @@
+"""Offline cost of parity: dump write vs raw write, streamed diff vs plain h5py read,
+diff peak memory on a multi-GB dump, and CLI startup.  All ratios in the same run.
+
+    PYTHONPATH=. python bench/offline.py --gb 2          # this machine: "cpu"
+
+Synthetic pi0.5-shaped dumps (bf16 taps with a padded token layout, ~0.5-8 MB each,
+the candidate a perturbed copy) are written to a temp dir (PARITY_BENCH_TMP, else the
+system one; check `df -h` first: the run needs ~2.2x `--gb` of free disk).  Writes
+bench/results/offline_<card>.json.  No torch: this is the path that never imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from parity.api import diff_dumps
+from parity.codec import to_float64
+from parity.dump import DumpWriter, read_dump
+from parity.metrics import compare
+from parity.records import Layout, Region, Tap, TapInfo
+
+ROWS, TOKENS = 2, 968  # batch 2, 3 cameras x 256 + 200 text tokens
+
+
+def layout() -> Layout:
+    slots = np.arange(ROWS * TOKENS, dtype=np.int64).reshape(ROWS, TOKENS)
+    slots[:, 900:] = -1  # padding
+    return Layout(slots, TOKENS, (Region("image", 0, 768), Region("text", 768, TOKENS)))
+
+
+def tap_specs(total_bytes: int):
+    """(key, feature width) of taps adding up to total_bytes of bf16."""
+    widths = [256, 2048, 2048, 256, 2048, 16384, 2048, 2048]  # q, k, v-ish, mlp hidden ...
+    out, used, i = [], 0, 0
+    while used < total_bytes:
+        w = widths[i % len(widths)]
+        out.append((f"prefix.{i // len(widths)}.c{i % len(widths)}", w))
+        used += ROWS * TOKENS * w * 2
+        i += 1
+    return out
+
+
+def write_pair(tmp: Path, total_bytes: int) -> tuple[Path, Path, float, int]:
+    """Reference and candidate dumps; returns paths, the write seconds of the reference, bytes."""
+    rng = np.random.default_rng(0)
+    base = {w: (rng.standard_normal((ROWS, TOKENS, w), dtype=np.float32)) for w in {w for _, w in tap_specs(1)}}
+    paths = tmp / "ref.h5", tmp / "cand.h5"
+    seconds, nbytes = 0.0, 0
+    for side, path in enumerate(paths):
+        taps = []
+        for order, (key, w) in enumerate(tap_specs(total_bytes)):
+            x = base.get(w)
+            if x is None:
+                x = base[w] = rng.standard_normal((ROWS, TOKENS, w), dtype=np.float32)
+            x = x * (1 + order * 1e-3) + side * 1e-3
+            bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+            taps.append(Tap(TapInfo(key, "prefix", order // 8, f"c{order % 8}"), order, bits, "bfloat16", "prefix"))
+            if len(taps) == 8 or order == len(tap_specs(total_bytes)) - 1:
+                t0 = time.perf_counter()
+                if order < 8:
+                    writer = DumpWriter(path, {"dtype": "bfloat16"})
+                    writer.add_layout("prefix", layout())
+                for t in taps:
+                    writer.add_tap(t)
+                seconds += time.perf_counter() - t0
+                nbytes += sum(t.array.nbytes for t in taps) if side == 0 else 0
+                taps = []
+        t0 = time.perf_counter()
+        writer.close()
+        fsync(path)
+        seconds += time.perf_counter() - t0
+        if side == 0:
+            ref_seconds = seconds
+    return paths[0], paths[1], ref_seconds, nbytes
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def raw_write(path: Path, nbytes: int) -> float:
+    block = np.random.default_rng(1).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def plain_read(paths) -> float:
+    """h5py reading every tap of both files in 8 MB slabs: the I/O floor of a diff."""
+    t0 = time.perf_counter()
+    for path in paths:
+        with h5py.File(path, "r") as f:
+            for name in f["taps"]:
+                ds = f["taps"][name]
+                rows = max(1, (8 << 20) // max(1, ds.nbytes // max(1, ds.shape[0])))
+                for s in range(0, ds.shape[0], rows):
+                    ds[s:s + rows]
+    return time.perf_counter() - t0
+
+
+def naive_diff(paths) -> float:
+    """Read both dumps whole, then numpy per tap: the throw-away-script way."""
+    t0 = time.perf_counter()
+    a, b = read_dump(paths[0]), read_dump(paths[1])
+    for ta, tb in zip(a.taps, b.taps):
+        compare(to_float64(ta.array, ta.dtype), to_float64(tb.array, tb.dtype))
+    return time.perf_counter() - t0
+
+
+def drop_cache(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def child_peak_rss_mb(code: str) -> float:
+    """Peak RSS (VmHWM, reset at exec, unlike ru_maxrss which a forked child inherits)."""
+    out = subprocess.run([sys.executable, "-c", code + "\nprint('RSS', [l.split()[1] for l in "
+                          "open('/proc/self/status') if l.startswith('VmHWM')][0])"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return int(out.stdout.split("RSS")[-1]) / 1024
+
+
+def startup(argv: list[str], runs: int = 5) -> dict:
+    exe = str(Path(sys.executable).with_name("parity"))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([exe, *argv], capture_output=True)
+        times.append(time.perf_counter() - t0)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from parity.cli import app; "
+                            "from typer.main import get_command; import parity.api, parity.stream; "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True)
+    return {"median_s": sorted(times)[len(times) // 2], "torch_imported": probe.stdout.strip() == "True"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gb", type=float, default=2.0, help="size of each synthetic dump (the multi-GB RSS check)")
+    ap.add_argument("--naive-gb", type=float, default=0.5, help="size for the naive whole-read baseline")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    res: dict = {"card": "cpu", "torch": None, "numpy": np.__version__, "h5py": h5py.version.version,
+                 "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("PARITY_BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        # throughput, side by side on a dump small enough for the naive baseline's RAM
+        small = tmp / "small"
+        small.mkdir()
+        ref, cand, wsec, nbytes = write_pair(small, int(args.naive_gb * 1e9))
+        rsec = raw_write(small / "raw.bin", nbytes)
+        res["write"] = {"bytes": nbytes, "dump_MBps": nbytes / 1e6 / wsec, "raw_MBps": nbytes / 1e6 / rsec,
+                        "ratio": rsec / wsec, "taps": len(tap_specs(int(args.naive_gb * 1e9)))}
+        both = 2 * os.path.getsize(ref)
+        timings = {}
+        for name, fn in (("plain_read", lambda: plain_read((ref, cand))),
+                         ("parity_diff", lambda: diff_dumps(ref, cand)),
+                         ("naive_diff", lambda: naive_diff((ref, cand)))):
+            best = []
+            for _ in range(2):
+                drop_cache((ref, cand))
+                best.append(fn() if name != "parity_diff" else _timed(fn))
+            timings[name] = min(best)
+        res["diff"] = {"bytes_both": both, **{f"{k}_MBps": both / 1e6 / v for k, v in timings.items()},
+                       "parity_vs_plain_read": timings["plain_read"] / timings["parity_diff"],
+                       "naive_vs_plain_read": timings["plain_read"] / timings["naive_diff"]}
+        # peak RSS on a multi-GB dump
+        big = tmp / "big"
+        big.mkdir()
+        for p in (small / "raw.bin", ref, cand):
+            p.unlink()
+        bref, bcand, _, bbytes = write_pair(big, int(args.gb * 1e9))
+        largest = max(ROWS * TOKENS * w * 2 for _, w in tap_specs(int(args.gb * 1e9)))
+        t0 = time.perf_counter()
+        rss = child_peak_rss_mb(f"from parity.api import diff_dumps; diff_dumps({str(bref)!r}, {str(bcand)!r})")
+        res["rss"] = {"dump_bytes_each": os.path.getsize(bref), "largest_tap_MB": largest / 1e6,
+                      "peak_rss_MB": rss, "goal_MB": 300 + 2 * largest / 1e6, "seconds": time.perf_counter() - t0,
+                      "baseline_import_rss_MB": child_peak_rss_mb("import parity.api, parity.stream")}
+        res["startup"] = {"help": startup(["--help"]), "diff": startup(["diff", str(bref), str(bcand)][:1] + [
+            str(_tiny(tmp, "a")), str(_tiny(tmp, "b"))])}
+    print(json.dumps(res, indent=2))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "offline_cpu.json"
+    path.write_text(json.dumps(res, indent=2))
+    print(f"wrote {path}")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _tiny(tmp: Path, name: str) -> Path:
+    path = tmp / f"{name}.h5"
+    with DumpWriter(path, {}) as w:
+        w.add_tap(Tap(TapInfo("t", "s", 0, "c"), 0, np.ones((4, 8), np.float32), "float32"))
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The `hf` backend: any local `transformers` checkpoint as reference or candidate.
+
+    parity diff --ref 'hf:./m@attn=eager,dtype=float32' --cand 'hf:./m@attn=sdpa,dtype=float32'
+
+The model class comes from the checkpoint's config (`architectures`), the probe from its
+`model_type` (families.py), the inputs from `--input` or the seed (inputs.py).  Nothing is
+patched: hooks observe the model exactly as transformers runs it.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+from typing import Any
+
+from parity.backends import Backend, BackendOptions
+from parity.records import Region
+
+from .families import TOKENS, Family, probe_for
+from .inputs import DEFAULT_SEQ_LEN, Prompts, check_rows, generate_pixels, generate_rows, pad, read_inputs, token_layout
+from .spec import USAGE, HFSpec
+
+DEFAULT_PADDING = "right"
+
+
+def _torch_dtype(torch, name: str | None):
+    return "auto" if name is None else getattr(torch, name)
+
+
+def _device(torch, name: str):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers):
+    """Loading a checkpoint prints progress bars and config warnings; parity's output
+    should not carry them.  transformers' own settings are restored afterwards."""
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_model(spec: HFSpec, dtype: str | None, device):
+    """The checkpoint's own class (config.architectures), eval mode, on `device`."""
+    import torch
+    import transformers
+
+    with _quiet_transformers(transformers):
+        config = transformers.AutoConfig.from_pretrained(spec.path)
+        names = getattr(config, "architectures", None) or []
+        cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
+        kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch, dtype)}
+        if spec.attn is not None:
+            kwargs["attn_implementation"] = spec.attn
+        try:
+            model = cls.from_pretrained(spec.path, **kwargs)
+        except (ImportError, OSError) as exc:  # e.g. flash_attention_2 not installed, unreadable weights
+            raise ValueError(f"cannot load {spec.path}: {str(exc).strip().splitlines()[0]}") from None
+    return model.to(device).eval(), config
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _vision_config(config):
+    return getattr(config, "vision_config", None) or config
+
+
+def make_prompts(family: Family, config, opts: BackendOptions) -> Prompts:
+    """The rows both sides see: from opts.inputs, else generated from the seed."""
+    text, vision = _text_config(config), _vision_config(config)
+    pixels_needed = family.inputs in ("image", "image_text")
+    rows: list[list[int]] = []
+    pixels = None
+    source = f"seed {opts.seed}"
+    if opts.inputs is not None:
+        rows, pixels, source = read_inputs(opts.inputs)
+        if pixels is not None and not pixels_needed:
+            raise ValueError(f"{source}: this model takes token ids, not images")
+    if family.inputs != "image":
+        if not rows:
+            seq_len = opts.seq_len or DEFAULT_SEQ_LEN
+            prefix: tuple[int, ...] = ()
+            avoid = tuple(i for i in (getattr(text, "pad_token_id", None),) if i is not None)
+            if family.inputs == "image_text":
+                n_img = _image_tokens(config)
+                bos = getattr(text, "bos_token_id", None)
+                prefix = (config.image_token_id,) * n_img + ((bos,) if bos is not None else ())
+                avoid += (config.image_token_id,)
+                seq_len = opts.seq_len or len(prefix) + DEFAULT_SEQ_LEN // 2
+            rows = generate_rows(opts.seed, opts.batch, seq_len, text.vocab_size, prefix, avoid)
+        check_rows(rows, text.vocab_size, source)
+    elif rows:
+        raise ValueError(f"{source}: this model takes images, not token ids")
+    if pixels_needed:
+        n = len(rows) if rows else opts.batch
+        if pixels is None:
+            pixels = generate_pixels(opts.seed, n, getattr(vision, "num_channels", 3), vision.image_size)
+        elif pixels.shape[0] != n:
+            raise ValueError(f"{source}: {pixels.shape[0]} images for {n} prompts")
+    return Prompts(tuple(tuple(r) for r in rows), pixels, source)
+
+
+def _image_tokens(config) -> int:
+    n = getattr(config, "num_image_tokens", None) or getattr(_text_config(config), "num_image_tokens", None)
+    if n is None:
+        v = _vision_config(config)
+        n = (v.image_size // v.patch_size) ** 2
+    return int(n)
+
+
+def _regions(family: Family, config, length: int) -> tuple[Region, ...]:
+    """Named spans of canonical positions: PaliGemma's image tokens, then its text."""
+    if family.inputs != "image_text":
+        return ()
+    n = min(_image_tokens(config), length)
+    return (Region("image", 0, n), Region("text", n, length))
+
+
+def factory(opts: BackendOptions, arg: str) -> Backend:
+    """any local transformers model (Llama, Gemma, Gemma2, Qwen2/3, Phi3, SigLIP, ViT, PaliGemma probes)"""
+    import torch
+    import transformers
+
+    spec = HFSpec.parse(arg)
+    if opts.faults:
+        raise ValueError("hf backends have no fault catalogue; plant a bug with your own package.module:factory")
+    if opts.weights is not None or opts.config is not None:
+        raise ValueError("hf backends load the checkpoint at hf:PATH; --weights and --config apply to the "
+                         "pi0.5 backends")
+    dtype = spec.dtype or opts.dtype
+    if dtype is not None and spec.dtype is None:
+        HFSpec(spec.path, dtype=dtype).validate()
+    device = _device(torch, spec.device or opts.device)
+    model, config = load_model(spec, dtype, device)
+    model_type = getattr(config, "model_type", "?")
+    probe, family, how = probe_for(model, model_type, _text_config(config))
+    prompts = make_prompts(family, config, opts)
+    padding = spec.padding or opts.padding or DEFAULT_PADDING
+    pad_id = getattr(_text_config(config), "pad_token_id", None) or 0
+    batch = pad(prompts, padding, pad_id, family.position_offset)
+    layout = None
+    if batch.input_ids is not None:
+        layout = token_layout(prompts, batch, _regions(family, config, batch.input_ids.shape[1]))
+
+    kwargs: dict[str, Any] = {}
+    if batch.input_ids is not None:
+        kwargs.update(input_ids=torch.from_numpy(batch.input_ids).to(device),
+                      attention_mask=torch.from_numpy(batch.attention_mask).to(device),
+                      position_ids=torch.from_numpy(batch.position_ids).to(device), use_cache=False)
+        if family.prefix_lm:
+            kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])
+    if batch.pixels is not None:
+        kwargs["pixel_values"] = torch.from_numpy(batch.pixels).to(device=device, dtype=model.dtype)
+    call = torch.compile(model, backend=spec.compile) if spec.compile else model
+
+    def run():
+        with torch.no_grad():
+            return call(**kwargs)
+
+    meta = {
+        "arch": probe.arch,
+        "probe": how,
+        "model": str(spec.path),
+        "model_class": type(model).__name__,
+        "attn": getattr(model.config, "_attn_implementation", None),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "compile": spec.compile,
+        "padding": padding if batch.input_ids is not None else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "seed": opts.seed,
+        "batch": len(prompts.rows) if prompts.rows else int(batch.pixels.shape[0]),
+        "inputs": prompts.source,
+        "input_fingerprint": prompts.fingerprint(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    return Backend(name="hf", model=model, probe=probe, run=run,
+                   layouts=lambda: {TOKENS: layout} if layout is not None else {}, meta=meta, inputs=kwargs)
+
+
+factory.usage = USAGE
