@@ -1,7 +1,8 @@
 """The library's front door: capture, diff and gate as functions returning result objects.
 
 The CLI is a thin shell over these; a user's own test suite can call them directly.
-Input problems (unknown backend, bad dump, incomparable runs) raise `InputError`."""
+Input problems (unknown backend, bad dump, incomparable runs, an output that cannot be
+written) raise `InputError`; an interrupted capture raises `CaptureInterrupted`."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -20,6 +21,27 @@ from .weights_report import WeightsReport
 
 class InputError(Exception):
     """The request cannot be carried out as given (exit code 2)."""
+
+
+class CaptureInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, in the CLI) stopped a capture to a dump.
+
+    A KeyboardInterrupt, so code that catches those still does; it says what was kept:
+    `written` is True when `path` now holds the `taps` written before the stop, marked
+    incomplete."""
+
+    def __init__(self, path: str, taps: int, written: bool) -> None:
+        self.path, self.taps, self.written = path, taps, written
+        kept = f"{path} holds the {taps} taps written before the stop, marked incomplete" if written \
+            else "nothing was written"
+        super().__init__(f"capture interrupted: {kept}")
+
+
+def _select(taps: str | None):
+    try:
+        return tap_filter(taps)
+    except ValueError as exc:
+        raise InputError(f"--taps {taps!r}: {exc}") from None
 
 
 def _now() -> str:
@@ -54,10 +76,11 @@ def capture_live(spec: str | Backend, options: BackendOptions, taps: str | None 
     """Run a backend (a spec, or a ready Backend) once and keep every selected tap in memory."""
     from .capture import capture
 
+    select = _select(taps)
     backend = _build(spec, options)
     sink = Capture(meta=_meta(backend, taps))
     return capture(backend, _Counting(sink, progress, f"capture {backend.meta.get('backend', backend.name)}"),
-                   tap_filter(taps)).sink
+                   select).sink
 
 
 def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Path, taps: str | None = None,
@@ -67,23 +90,37 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
 
     A writer thread writes while the model runs.  `max_inflight_mb` bounds the tap
     copies between the model and the disk: half for copies staged on their way to the
-    host, half for host copies queued for the writer; past it the capture waits."""
+    host, half for host copies queued for the writer; past it the capture waits.
+
+    The dump is written as `<path>.partial` and renamed when closed: a disk that fills
+    up raises InputError and leaves no file; Ctrl-C raises CaptureInterrupted and leaves
+    `path` readable, marked incomplete; a killed process leaves `<path>.partial`."""
     from .capture import capture
 
     if not max_inflight_mb > 0:
         raise InputError(f"--max-inflight-mb must be positive, got {max_inflight_mb}")
+    select = _select(taps)
     half = max(1, int(max_inflight_mb * (1 << 20)) // 2)
-    backend = _build(spec, options)
-    meta = _meta(backend, taps)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     budget = InflightBudget(half)
+    writer = None
     try:
+        backend = _build(spec, options)
+        meta = _meta(backend, taps)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot create its directory: {exc.strerror or exc}") from None
         with DumpWriter(path, meta, compression=compression) as writer:
             with BackgroundWriter(writer, budget) as queued:
                 counter = _Counting(queued, progress, f"capture {backend.meta.get('backend', backend.name)}")
-                capture(backend, counter, tap_filter(taps), max_staged_bytes=half)
+                capture(backend, counter, select, max_staged_bytes=half)
+    except KeyboardInterrupt:
+        taps_written = writer.tap_count if writer is not None else 0
+        raise CaptureInterrupted(str(path), taps_written, writer is not None and writer.written) from None
     except DumpError as exc:
         raise InputError(str(exc)) from None
+    except ValueError as exc:  # the dump refused what the backend produced (e.g. a tap name with NUL)
+        raise InputError(f"{path}: {exc}") from None
     return {"path": str(path), "taps": counter.count, "error": counter.error,
             "peak_queued_bytes": budget.peak, "budget_waits": budget.waits}
 
@@ -117,12 +154,18 @@ class _Counting:
 
 
 def load_dump(path: str | Path, allow_incomplete: bool = False) -> Capture:
+    """Read a whole dump; InputError if it is unreadable, or incomplete and not allowed."""
     try:
         cap = read_dump(path)
     except DumpError as exc:
         raise InputError(str(exc)) from None
     if not cap.complete and not allow_incomplete:
-        raise InputError(f"{path}: capture is incomplete (interrupted); pass --allow-incomplete to diff it anyway")
+        if cap.error is not None:
+            why = (f"the backend raised at {cap.error.key or 'an untapped place'}: "
+                   f"{cap.error.exc_type}: {cap.error.message}")
+        else:
+            why = f"interrupted after {len(cap.taps)} taps"
+        raise InputError(f"{path}: capture is incomplete ({why}); pass --allow-incomplete to diff it anyway")
     return cap
 
 
@@ -134,16 +177,17 @@ def check_comparable(ref: Capture, cand: Capture) -> None:
 
 
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
-                     taps: str | None = None, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
+                     taps: str | None = None, progress: ProgressFn | None = None, chunk: int | None = None,
+                     labels: tuple[str, str] = ("reference", "candidate")) -> Report:
     check_comparable(ref, cand)
     if taps:
-        keep = tap_filter(taps)
+        keep = _select(taps)
         ref = Capture([t for t in ref.taps if keep(t.info.name, t.key)], ref.layouts, ref.meta, ref.error,
                       ref.complete)
         cand = Capture([t for t in cand.taps if keep(t.info.name, t.key)], cand.layouts, cand.meta, cand.error,
                        cand.complete)
     tick = None if progress is None else (lambda done, total: progress("diff", done, total))
-    return diff(ref, cand, thresholds, progress=tick, chunk=chunk)
+    return diff(ref, cand, thresholds, progress=tick, chunk=chunk, labels=labels)
 
 
 def open_checked(path, allow_incomplete: bool = False):
@@ -155,24 +199,32 @@ def open_checked(path, allow_incomplete: bool = False):
     except DumpError as exc:
         raise InputError(str(exc)) from None
     if not reader.complete and not allow_incomplete:
+        if reader.error is not None:
+            why = (f"the backend raised at {reader.error.key or 'an untapped place'}: "
+                   f"{reader.error.exc_type}: {reader.error.message}")
+        else:
+            why = f"interrupted after {len(reader.headers)} taps"
         reader.close()
-        raise InputError(f"{path}: capture is incomplete (interrupted); pass --allow-incomplete to diff it anyway")
+        raise InputError(f"{path}: capture is incomplete ({why}); pass --allow-incomplete to diff it anyway")
     return reader
 
 
 def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
                allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
     """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps.
-    Dumps hold taps, not the models that made them, so the first divergence cannot be
-    re-run in isolation: the report says so."""
+    With allow_incomplete an interrupted dump is compared as far as it goes, but the
+    report never passes.  Dumps hold taps, not the models that made them, so the first
+    divergence cannot be re-run in isolation: the report says so."""
     from .localise import OFFLINE_NOTE, Localisation
     from .stream import diff_readers
 
+    keep = _select(taps) if taps else None
     with open_checked(ref_path, allow_incomplete) as ref, open_checked(cand_path, allow_incomplete) as cand:
         check_comparable(ref, cand)
         tick = None if progress is None else (lambda done, total: progress("diff", done, total))
         try:
-            report = diff_readers(ref, cand, thresholds, tap_filter(taps) if taps else None, tick, chunk)
+            report = diff_readers(ref, cand, thresholds, keep, tick, chunk,
+                                  labels=(f"reference {ref_path}", f"candidate {cand_path}"))
         except DumpError as exc:
             raise InputError(str(exc)) from None
     if report.first_divergence is not None:

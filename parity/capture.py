@@ -3,9 +3,13 @@
 Each tap is cloned on its own device as it is produced (later in-place kernels cannot
 change what was recorded; no host sync inside the forward, so taps can be recorded inside
 a CUDA graph); on CUDA the clone then travels to pinned host memory on a side stream
-(`staging.py`).  Taps reach the sink (an in-memory `Capture`, a `DumpWriter`, or a
-`BackgroundWriter` in front of one) after the run, or during it, oldest first, whenever
-the staged bytes exceed `max_staged_bytes`.
+(`staging.py`).  A tap reaches the sink (an in-memory `Capture`, a `DumpWriter`, or a
+`BackgroundWriter` in front of one) as soon as its host copy exists, without waiting for
+it: on CPU at once, on CUDA once its side-stream copy has completed (checked at each later
+tap, and forced whenever the staged bytes exceed `max_staged_bytes`).  So a capture killed
+half-way has already handed over every tap whose copy was done; only taps recorded inside
+a CUDA graph capture wait for the end of the run (their values exist only once the graph
+replays).
 """
 from __future__ import annotations
 
@@ -47,13 +51,17 @@ def _eager(hook):
     return torch.compiler.disable(hook, recursive=True)
 
 
-class _SinkFailed(BaseException):
-    """Stops the model when the sink failed mid-run (disk full): not the model's fault,
-    so not an `Exception` a model or `capture` would record as the candidate's error."""
-
-
 class ProbeError(Exception):
     """The probe does not fit the model (e.g. a non-stepped tap that runs twice)."""
+
+
+class SinkFailed(BaseException):
+    """Internal: raised through the model when the sink could not store a tap.
+
+    A BaseException, so a model's `except Exception` fallback does not swallow it (and a
+    model that catches it anyway gets it again at its next tap); the recorder remembers the real failure
+    and `capture` re-raises it after the run, so a failed write is never mistaken for
+    the model raising."""
 
 
 class Recorder:
@@ -74,11 +82,12 @@ class Recorder:
         self.stager = Stager()
         self.max_staged_bytes = max_staged_bytes
         self.staged_bytes = 0
-        self.sink_error: BaseException | None = None
+        self.sink_error: BaseException | None = None  # the sink failed: record nothing more
         # optional sink method, called as each tap is taken (progress displays): the sink
         # itself gets the taps only at flush()
         self.on_record = getattr(sink, "tap_recorded", None)
         self.order = 0
+        self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
 
     def __enter__(self) -> "Recorder":
         try:
@@ -112,19 +121,30 @@ class Recorder:
         if callable(hook):
             hook(active)
 
-    def flush(self, keep_bytes: int = 0) -> None:
+    def flush(self, keep_bytes: int = 0, ready_only: bool = False) -> None:
         """Hand recorded taps to the sink as host storage, oldest first, until at most
-        `keep_bytes` stay staged (0: all of them)."""
-        while self.pending and self.staged_bytes > keep_bytes:
-            info, order, staged, layout = self.pending.popleft()
-            self.staged_bytes -= staged.nbytes
+        `keep_bytes` stay staged (0: all of them); `ready_only`: only those whose host
+        copy is already there (never waits).
+
+        A tap leaves `pending` only once the sink has it, so a flush interrupted half-way
+        (Ctrl-C) is completed by the next one.  A sink failure (disk full, a name the
+        dump refuses) is kept in `sink_error`; nothing is recorded after it."""
+        while self.pending and self.sink_error is None:
+            info, order, staged, layout = self.pending[0]
+            if keep_bytes and self.staged_bytes <= keep_bytes:
+                break
+            if ready_only and not staged.done():
+                break
             array, dtype = to_storage(staged.ready(), private=True)
-            self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
-        if keep_bytes == 0:
-            while self.pending:  # zero-sized taps
-                info, order, staged, layout = self.pending.popleft()
-                array, dtype = to_storage(staged.ready(), private=True)
+            try:
                 self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
+            except Exception as exc:  # noqa: BLE001 - re-raised by `capture` after the run
+                self.sink_error = exc
+                self.pending.clear()
+                self.staged_bytes = 0
+                raise SinkFailed(str(exc)) from exc
+            self.pending.popleft()
+            self.staged_bytes -= staged.nbytes
 
     @staticmethod
     def _info(hit: ProbeHit, calls: int) -> TapInfo:
@@ -155,6 +175,8 @@ class Recorder:
             # inside the model: they never finished, so they are dropped here.
             while self.running and self.running[-1][0] is not module:
                 self.running.pop()
+            if self.sink_error is not None:
+                raise SinkFailed(str(self.sink_error))
             calls = self.running[-1][2]
             for hit in outputs:
                 value = output
@@ -182,17 +204,19 @@ class Recorder:
         self.pending.append((info, self.order, staged, hit.rule.layout))
         self.staged_bytes += staged.nbytes
         self.order += 1
-        if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes \
-                and not graph_capturing():
-            # Over budget: wait for the oldest copies and hand them over (half the budget
-            # at a time, so the wait is not paid on every later tap).
-            try:
+        if graph_capturing():
+            self.defer = True  # the copy holds real values only after the graph replays
+        if not self.defer:
+            if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes:
+                # Over budget: wait for the oldest copies and hand them over (half the budget
+                # at a time, so the wait is not paid on every later tap).
                 self.flush(keep_bytes=self.max_staged_bytes // 2)
-            except Exception as exc:  # noqa: BLE001 - raised again by capture(), outside the model
-                self.sink_error = exc
-                raise _SinkFailed() from None
         if self.on_record is not None:
             self.on_record(info)
+        if not self.defer:
+            # Stream: every tap whose host copy is already there goes to the sink now (on
+            # CPU, this one), so a killed capture has handed over all it could.
+            self.flush(ready_only=True)
 
     def error_from(self, exc: BaseException) -> CaptureError:
         info = self.running[-1][1] if self.running else None
@@ -204,22 +228,29 @@ def capture(backend, sink=None, select: TapFilter | None = None, max_staged_byte
     """Run the backend once with taps installed; returns the sink (a new Capture by default).
 
     `max_staged_bytes` bounds the tap copies held between the model and the sink (None:
-    all of them until the run ends).  An exception inside the model is a finding, not a
-    crash: it is recorded in the sink with the tap component that was running.
-    KeyboardInterrupt and friends propagate."""
+    no bound; taps still reach the sink as soon as their host copies exist).  An
+    exception inside the model is a finding, not a crash: it is recorded in the sink
+    with the tap component that was running (and the sink then reads as incomplete).
+    KeyboardInterrupt and friends propagate, after every tap recorded so far reached the
+    sink.  If the sink itself fails (a DumpError: disk full), that error propagates,
+    whatever the model did with it on the way."""
     sink = sink if sink is not None else Capture(meta=dict(backend.meta))
     for name, layout in backend.layouts().items():
         sink.add_layout(name, layout)
     with Recorder(backend.model, backend.probe, sink, select, max_staged_bytes) as rec:
         try:
             backend.run()
-        except _SinkFailed:
+        except SinkFailed:
             pass
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
-            sink.set_error(rec.error_from(exc))
+            if rec.sink_error is None:
+                sink.set_error(rec.error_from(exc))
         finally:
             if rec.sink_error is None:
-                rec.flush()  # every tap recorded before a stop reaches the sink
+                try:
+                    rec.flush()  # every tap recorded before a stop reaches the sink
+                except SinkFailed:
+                    pass  # raised below
         if rec.sink_error is not None:
             raise rec.sink_error
     return sink

@@ -1,24 +1,29 @@
 """`parity` command line: each command parses, calls one library function, renders, exits.
 
-Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error.
+Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error,
+130 interrupted (Ctrl-C or SIGTERM).  Everything a dump says (tap names, paths, messages)
+is printed as data: consoles have markup off and control characters are escaped.
 Defaults come from `[tool.parity]` in ./pyproject.toml (parity.settings); flags win."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 # The library (numpy, h5py, the backend registry) is imported by each command, not here:
 # `parity --help` stays fast.
 from .settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
+from .text import shown
 
-EXIT_PASS, EXIT_FAIL, EXIT_INPUT = 0, 1, 2
+EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 REPORT_FORMATS = {"html": ".html", "md": ".md", "junit": ".xml", "model-explorer": ".me.json"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,15 +33,46 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _console() -> Console:
     """Terminal width on a terminal; 120 columns when piped (CI logs), unless COLUMNS says."""
-    console = Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False, soft_wrap=False, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, soft_wrap=False, width=120)
+        console = Console(highlight=False, soft_wrap=False, markup=False, width=120)
     return console
 
 
+def _error_line(label: str, message: str) -> None:
+    """One line on stderr: a red label, then the message as data."""
+    # Our own messages may span lines (a checkpoint's list of problems); each line is data.
+    line = Text(f"{label} ", style="bold red").append("\n".join(shown(part) for part in str(message).split("\n")))
+    Console(stderr=True, highlight=False, markup=False).print(line, soft_wrap=True)
+
+
 def _fail_input(message: str) -> None:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    _error_line("error:", message)
     raise typer.Exit(EXIT_INPUT)
+
+
+def _interrupted(message: str) -> None:
+    _error_line("interrupted:", message)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Within the block, SIGTERM stops the command the way Ctrl-C does, so a capture that
+    is terminated (a CI timeout) still closes its dump, marked incomplete."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _settings() -> Settings:
@@ -71,16 +107,28 @@ def _options(config, seed, device, dtype, batch, faults=(), weights=None, inputs
 
 
 def _write(path: Path, text: str) -> None:
+    """Write `text` to a temporary name and rename it: a full disk leaves no truncated file."""
+    partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        partial.write_text(text)
+        os.replace(partial, path)
     except OSError as exc:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
         _fail_input(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def _write_json(path: Optional[Path], data: dict) -> None:
-    if path is not None:
-        _write(path, json.dumps(data, indent=2))
+    if path is None:
+        return
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False)
+    except ValueError as exc:  # a NaN where JSON has none
+        _fail_input(f"cannot write {path}: {exc}")
+    _write(path, text)
 
 
 ConfigOpt = typer.Option(None, "--config", help="pi0.5 model size: tiny (CPU tests) or full (real pi0.5 sizes). "
@@ -124,7 +172,8 @@ def diff_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the machine-readable result here "
                                                                  "(input of `parity report`)."),
     show_all: bool = typer.Option(False, "--all", help="Also list every tap with all metrics."),
-    allow_incomplete: bool = typer.Option(False, "--allow-incomplete", help="Diff interrupted captures too."),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete",
+                                          help="Diff interrupted captures too, as far as they go (never exit 0)."),
     by_region: bool = typer.Option(False, "--by-region", help="Print the failing taps' error per token region "
                                                               "(cameras, text, actions)."),
     by_token: Optional[int] = typer.Option(None, "--by-token", help="Print the failing taps' error per chunk of "
@@ -176,6 +225,8 @@ def diff_cmd(
                 report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress, by_token)
     except InputError as exc:
         _fail_input(str(exc))
+    except KeyboardInterrupt:
+        _interrupted("diff stopped before it finished; nothing was judged")
     _console().print(render_report(report, show_all=show_all, by_region=by_region, by_token=by_token is not None))
     _write_json(json_out, report.to_dict())
     raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
@@ -287,23 +338,29 @@ def capture_cmd(
 
     Example: parity capture --backend flash --inject silu -o reports/flash_silu.h5
     """
-    from .api import InputError, capture_to_dump
+    from .api import CaptureInterrupted, InputError, capture_to_dump
     settings = _settings()
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
     output = output or settings.output_dir / f"{safe}.h5"
     try:
         options = _options(config, seed, device, dtype, batch, _faults(inject), weights, inputs, padding, seq_len)
-        with _progress(quiet) as progress:
+        with _sigterm_interrupts(), _progress(quiet) as progress:
             summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress,
                                       max_inflight_mb)
     except InputError as exc:
         _fail_input(str(exc))
+    except CaptureInterrupted as exc:
+        _interrupted(str(exc).removeprefix("capture interrupted: "))
+    except KeyboardInterrupt:
+        _interrupted("nothing was written")
     err = summary["error"]
     console = _console()
-    console.print(f"wrote {summary['taps']} taps to {escape(summary['path'])}")
+    console.print(Text(shown(f"wrote {summary['taps']} taps to {summary['path']}")))
     if err is not None:
-        console.print(f"[bold red]backend raised at {err.key or 'an untapped place'}:[/] "
-                      f"{escape(f'{err.exc_type}: {err.message}')}")
+        line = Text(shown(f"backend raised at {err.key or 'an untapped place'}:"), style="bold red")
+        line.append(shown(f" {err.exc_type}: {err.message}"))
+        console.print(line)
+        console.print(Text(shown(f"{summary['path']} is marked incomplete: diff it with --allow-incomplete")))
         raise typer.Exit(EXIT_FAIL)
 
 
@@ -363,7 +420,7 @@ def report_cmd(
         _write(path, content)
     console = _console()
     for path in (output, *extra):
-        console.print(f"wrote {escape(str(path))}")
+        console.print(Text(shown(f"wrote {path}")))
 
 
 def _model_explorer(report, exported_program: Optional[Path], output: Path) -> tuple[str, dict[Path, str]]:
@@ -403,18 +460,20 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
     except InputError as exc:
         _fail_input(str(exc))
     console = _console()
-    console.print(f"[bold]{escape(str(dump))}[/]  complete={cap.complete}")
+    console.print(Text(shown(dump), style="bold").append(f"  complete={cap.complete}", style=""))
     for k, v in sorted(cap.meta.items()):
-        if k == "modules":
+        if k == "modules" and isinstance(v, (dict, list)):
             v = f"{len(v)} taps mapped to modules"
-        console.print(f"  {k}: {escape(str(v))}")
+        console.print(Text(shown(f"  {k}: {v}")))
     if cap.error:
-        console.print(f"[red]  raised at {cap.error.key}: {escape(f'{cap.error.exc_type}: {cap.error.message}')}[/]")
+        console.print(Text(shown(f"  raised at {cap.error.key}: {cap.error.exc_type}: {cap.error.message}"),
+                           style="red"))
     table = Table(pad_edge=False)
     for col in ("#", "tap", "shape", "dtype", "layout"):
         table.add_column(col)
     for t in cap.taps:
-        table.add_row(str(t.order), t.key, str(list(t.shape)), t.dtype, t.layout or "-")
+        table.add_row(str(t.order), Text(shown(t.key)), str(list(t.shape)), Text(shown(t.dtype)),
+                      Text(shown(t.layout or "-")))
     console.print(table)
 
 
@@ -432,16 +491,20 @@ def backends_cmd() -> None:
         try:
             factory = ep.load()
         except Exception as exc:  # noqa: BLE001 - a backend that fails to import is listed, not fatal
-            console.print(f"[bold]{escape(name)}[/]  [red](unavailable: {escape(str(exc))})[/]")
+            console.print(Text(shown(name), style="bold").append(shown(f"  (unavailable: {exc})"), style="red"))
             continue
         usage = getattr(factory, "usage", None)
         doc = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
-        console.print(f"[bold]{escape(name)}[/]  {escape(doc)}" + (f"\n    {escape(usage)}" if usage else ""))
-        faults.update(getattr(factory, "faults", {}))
+        console.print(Text(shown(name), style="bold").append(shown(f"  {doc}"))
+                      .append("\n    " + shown(usage) if usage else ""))
+        try:
+            faults.update(getattr(factory, "faults", {}))
+        except Exception:  # noqa: BLE001 - a malformed fault table is not fatal either
+            pass
     if faults:
-        console.print("\n[bold]faults[/] (--inject NAME[,NAME])")
+        console.print(Text("\n").append("faults", style="bold").append(" (--inject NAME[,NAME])"))
         for name, text in faults.items():
-            console.print(f"  {name:18} {escape(text)}")
+            console.print(Text(shown(f"  {name:18} {text}")))
     console.print("\nAlso: package.module:factory[:ARG] (a function returning a parity Backend).")
 
 

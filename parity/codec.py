@@ -111,4 +111,5 @@ def to_float64(array: np.ndarray, dtype: str) -> np.ndarray:
         table = _E4M3FN if dtype == "float8_e4m3fn" else _E5M2
         # reshape: indexing with a 0-d array would give a numpy scalar, not an array
         return table[array.reshape(-1)].reshape(array.shape)
-    return array.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs of float16/32 warn on the cast, as above
+        return array.astype(np.float64)

@@ -74,30 +74,51 @@ def _layout_of(tap: Tap, layouts: dict, side: str) -> Layout | None:
     return layouts[tap.layout]
 
 
+def _both(ref: Tap, cand: Tap) -> str:
+    """Both sides' shapes and dtypes, for the reason of a tap that cannot be compared."""
+    return f"ref {list(ref.shape)} {ref.dtype}, cand {list(cand.shape)} {cand.dtype}"
+
+
+def _locate(flat: int, shape: tuple[int, ...], canonical: np.ndarray | None) -> str:
+    """Where flat index `flat` of the compared array lies: its index in the tensor, or for
+    a token layout (where the compared array is the valid tokens, gathered) its token."""
+    if canonical is None:
+        return f" {[int(i) for i in np.unravel_index(flat, shape)]}" if shape else ""
+    per_token = int(np.prod(shape[1:], dtype=np.int64))
+    return f" of the valid tokens (canonical token position {int(canonical[flat // per_token])})"
+
+
 def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float,
                  exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
+    """One tap pair.  Never raises: whatever cannot be compared fails this tap only,
+    with both shapes in the reason."""
     base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
                 ref_dtype=ref.dtype, cand_dtype=cand.dtype)
     try:
         r, r_idx = gather_tokens(ref.array, _layout_of(ref, ref_layouts, "reference"))
         c, c_idx = gather_tokens(cand.array, _layout_of(cand, cand_layouts, "candidate"))
     except AlignmentError as exc:
-        return TapResult(status="layout", reason=str(exc), **base)
+        return TapResult(status="layout", reason=f"{exc} ({_both(ref, cand)})", **base)
     if (r_idx is None) != (c_idx is None) or (r_idx is not None and not np.array_equal(r_idx, c_idx)):
         nr = "all" if r_idx is None else r_idx.size
         nc = "all" if c_idx is None else c_idx.size
-        return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc})", **base)
+        return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc}; "
+                         f"{_both(ref, cand)})", **base)
     if r.shape != c.shape:
-        return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape}", **base)
+        return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})", **base)
     try:
         r64, c64 = to_float64(r, ref.dtype), to_float64(c, cand.dtype)
     except ValueError as exc:
-        return TapResult(status="dtype", reason=f"cannot decode: {exc}", **base)
+        return TapResult(status="dtype", reason=f"cannot decode: {exc} ({_both(ref, cand)})", **base)
     metrics = compare(r64, c64)
     layout = _layout_of(ref, ref_layouts, "reference")
     regions = region_metrics(r64, c64, r_idx, layout)
     chunks = chunk_metrics(r64, c64, r_idx, layout, chunk) if chunk else {}
     verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
+    if verdict["status"] == "nonfinite":
+        verdict["reason"] += _locate(metrics.first_nonfinite, r.shape, r_idx)
+    elif verdict["status"] == "dtype":
+        verdict["reason"] += f" ({_both(ref, cand)})"
     return TapResult(metrics=metrics, regions=regions, chunks=chunks, heads=head_metrics(r64, c64, r_idx),
                      **verdict, **base)
 
@@ -148,9 +169,19 @@ def judge(m: Metrics, ref_dtype: str, cand_dtype: str, threshold: float, exact_d
     return dict(status="pass", reason="")
 
 
+def _listed(rows: list[TapResult], limit: int = 5) -> str:
+    keys = [r.key for r in rows]
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
 def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exact_dtypes: bool | None = None,
-         progress=None, compare=compare_taps, chunk: int | None = None) -> Report:
+         progress=None, compare=compare_taps, chunk: int | None = None,
+         labels: tuple[str, str] = ("reference", "candidate")) -> Report:
     """Compare every tap of `cand` against `ref`, in the reference's execution order.
+
+    Fails closed: the report passes only if at least one tap was compared, every tap of
+    either side was compared and passed, and both runs completed.  `labels` name the two
+    sides in run-level problems (e.g. "reference a.h5").
 
     `exact_dtypes` (default: whether both runs declare the same model dtype in their
     metadata) makes a tap whose dtype changed fail; a float32-vs-bfloat16 comparison
@@ -187,13 +218,29 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
                               threshold=thresholds.for_tap(tap.info.name, tap.key), cand_shape=tap.shape,
                               cand_dtype=tap.dtype))
     problems = []
+    ref_label, cand_label = labels
     if not ref.taps:
-        problems.append("reference has no taps: nothing was compared")
+        problems.append(f"{ref_label} has no taps: nothing was compared")
+    if not cand.taps:
+        problems.append(f"{cand_label} has no taps: nothing was compared")
+    compared = [r for r in rows if r.ref_shape is not None and r.cand_shape is not None]
+    if ref.taps and cand.taps and not compared:
+        problems.append(f"no tap in common between {ref_label} and {cand_label}: nothing was compared")
+    for status, where in (("missing", ref_label), ("extra", cand_label)):
+        only = [r for r in rows if r.status == status]
+        if only:
+            problems.append(f"{len(only)} tap{'s' if len(only) > 1 else ''} only in the {where}: {_listed(only)}")
+    for label, c in ((ref_label, ref), (cand_label, cand)):
+        if not c.complete and c.error is None:
+            problems.append(f"{label} capture is incomplete (interrupted): taps after the stop were never compared")
     if ref.error:
-        problems.append(f"reference raised at {ref.error.key or 'an untapped place'}: "
+        problems.append(f"{ref_label} raised at {ref.error.key or 'an untapped place'}: "
                         f"{ref.error.exc_type}: {ref.error.message}")
-    if cand.error and raised_at is not None and raised_at not in {t.key for t in ref.taps}:
-        problems.append(f"candidate raised at {raised_at}: {cand.error.exc_type}: {cand.error.message}")
+    if cand.error and not any(r.status == "raised" for r in rows):
+        # Raised where no reference tap shows it (outside every tap, after the last one, or
+        # at a tap it had already recorded): still a failure, whatever the taps say.
+        problems.append(f"{cand_label} raised at {raised_at or 'an untapped place'}: "
+                        f"{cand.error.exc_type}: {cand.error.message}")
     return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta),
                   thresholds={**thresholds.to_dict(), "exact_dtypes": exact_dtypes},
                   cand_error=cand.error, problems=problems)

@@ -5,10 +5,11 @@ Format (format_version 1)::
     /                     attrs: format="parity-dump", format_version=1, complete (bool, written LAST),
                                  meta (JSON string of Capture.meta), tap_count (int, at close)
     /layouts/<i>          group per layout, i = 0,1,..; attrs: name (str), length (int), regions (JSON list of [name,start,stop]);
-                          dataset "slots" int64 [R,T]
+                          dataset "slots" int64 [R,T], attr crc32 as for taps
     /taps/<i:06d>         dataset per tap in execution order (i = order); stored in storage dtype (codec);
                           attrs: key, name, stack, layer (int, -1 = none), component, step (int, -1 = none),
-                                 order, dtype (original dtype name), layout (layout name or "")
+                                 order, dtype (original dtype name), layout (layout name or ""),
+                                 crc32 (int: zlib CRC-32 of the array's C-order bytes)
     /error                optional group, attrs: key ("" = none), name/stack/layer/component/step as for taps (or absent), exc_type, message
 
 Notes on the format:
@@ -17,6 +18,10 @@ Notes on the format:
   the `order` attribute holds Tap.order as the capture assigned it.
 - bfloat16 / float8 tensors are stored as their raw bits (uint16 / uint8), see codec.py,
   so a dump is bit-exact.
+- HDF5 checksums its metadata but not raw data, so every array carries a CRC-32 of its
+  bytes (in its checksummed object header).  The reader verifies it on every load: a
+  flipped bit in tensor data is a DumpError, never a silently different number.  (A
+  dataset without crc32, from an early writer, is read unverified.)
 - String attributes are fixed-length UTF-8 (kept in the checksummed object headers;
   variable-length strings would sit in HDF5's unchecksummed global heap, where a flipped
   byte can hang the HDF5 reader); readers also accept variable-length strings.  Strings
@@ -31,6 +36,11 @@ Notes on the format:
   write of a successful capture; tap_count is written at close.  A writer flushes after
   every tap (the background writer of `parity capture`: whenever it catches up, at least
   every second), so a killed capture leaves a readable file with the taps flushed so far.
+  A run that raised is never complete: the writer writes False once set_error was
+  called, and the reader reads any dump holding /error as incomplete.
+- Only a dump without tap_count (its writer never closed it) or whose tap_count is one
+  short of its members (an interrupted add_tap) may end in a half-written tap, which the
+  reader skips with a note; anywhere else a broken tap is corruption (DumpError).
 - The file is written as `<path>.partial` (created exclusively, so two captures cannot
   write the same dump) and renamed to `<path>` at close.  A `.partial` file is always
   read as incomplete.
@@ -44,6 +54,7 @@ import io
 import json
 import os
 import traceback
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -116,7 +127,7 @@ def _info_attrs(info: TapInfo) -> dict[str, Any]:
     layer = _check_index(info.layer, "layer", none_ok=True)
     step = _check_index(info.step, "step", none_ok=True)
     return {
-        "name": _check_text(info.name, "tap name"),
+        "name": _check_text(info.name, "tap name", allow_empty=False),
         "stack": _check_text(info.stack, "stack"),
         "layer": -1 if layer is None else layer,
         "component": _check_text(info.component, "component"),
@@ -152,6 +163,11 @@ def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
             h5py.h5a.create(obj.id, key, h5py.h5t.STD_I64LE, space).write(np.array(value, dtype=np.int64))
         else:
             obj.attrs[name] = value
+
+
+def _crc32(array: np.ndarray, crc: int = 0) -> int:
+    """CRC-32 of an array's bytes in C order (continuing `crc`, for chunked reads)."""
+    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8) if array.ndim else array.tobytes(), crc)
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES) -> tuple[int, ...]:
@@ -262,8 +278,8 @@ class DumpWriter:
         if not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
         try:
-            meta_json = json.dumps(meta)
-        except (TypeError, ValueError) as e:
+            meta_json = json.dumps(meta, allow_nan=False)  # strict JSON: no NaN/Infinity tokens
+        except (TypeError, ValueError, RecursionError) as e:
             raise ValueError(f"meta is not JSON-serializable: {e}") from None
         self.path = os.fspath(path)
         self.partial_path = self.path + PARTIAL_SUFFIX
@@ -271,9 +287,13 @@ class DumpWriter:
         self._layouts: dict[str, Layout] = {}
         self._keys: set[str] = set()
         self._tap_count = 0
+        self._raised = False  # set_error was called: the run did not complete
         self._file: h5py.File | None = None
         self._done = False  # closed or failed
+        self._written = False  # closed and renamed to self.path
 
+        if os.path.isdir(self.path):
+            raise DumpError(self.path, "is a directory, not a dump file")
         try:
             # Exclusive create: the name itself is the lock between concurrent captures.
             fd = os.open(self.partial_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
@@ -322,6 +342,16 @@ class DumpWriter:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise DumpError(self.path, f"write failed, dump discarded: {reason}") from None
 
+    @property
+    def tap_count(self) -> int:
+        """Taps written so far."""
+        return self._tap_count
+
+    @property
+    def written(self) -> bool:
+        """True once the dump was closed and renamed to its final path."""
+        return self._written
+
     def _live(self) -> h5py.File:
         if self._done or self._file is None:
             raise ValueError(f"{self.path}: the dump writer is closed")
@@ -347,7 +377,9 @@ class DumpWriter:
         try:
             group = f["layouts"].create_group(str(len(self._layouts)))
             _set_attrs(group, {"name": name, "length": int(layout.length), "regions": json.dumps(regions)})
-            group.create_dataset("slots", data=np.asarray(layout.slots, dtype=np.int64))
+            slots = np.ascontiguousarray(layout.slots, dtype=np.int64)
+            group.create_dataset("slots", data=slots)
+            _set_attrs(group["slots"], {"crc32": _crc32(slots)})
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
@@ -384,7 +416,8 @@ class DumpWriter:
                 chunks=chunk_shape(array.shape, array.dtype.itemsize, target) if chunked else None,
                 compression=self._compression if chunked else None,
             )
-            _set_attrs(ds, {"key": key, **attrs, "order": order, "dtype": tap.dtype, "layout": tap.layout or ""})
+            _set_attrs(ds, {"key": key, **attrs, "order": order, "dtype": tap.dtype, "layout": tap.layout or "",
+                            "crc32": _crc32(array)})
             if flush:
                 f.flush()
         except _IO_ERRORS as e:
@@ -410,7 +443,9 @@ class DumpWriter:
             self._fail(e)
 
     def set_error(self, err: CaptureError) -> None:
-        """Record where and how the candidate raised (replaces an earlier record)."""
+        """Record where and how the candidate raised (replaces an earlier record).
+
+        A run that raised did not complete: the dump is then closed as incomplete."""
         f = self._live()
         if not isinstance(err, CaptureError):
             raise ValueError(f"expected a CaptureError, got {type(err).__name__}")
@@ -429,10 +464,12 @@ class DumpWriter:
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
+        self._raised = True
 
     def close(self, complete: bool = True) -> None:
         """Write tap_count, then `complete` last, and rename to the final path.
 
+        `complete` is written False, whatever is asked, once set_error was called.
         A no-op if already closed (or failed).
         """
         if self._done or self._file is None:
@@ -440,7 +477,7 @@ class DumpWriter:
         try:
             _set_attrs(self._file, {"tap_count": self._tap_count})
             self._file.flush()
-            _set_attrs(self._file, {"complete": bool(complete)})
+            _set_attrs(self._file, {"complete": bool(complete) and not self._raised})
             self._file.flush()
             self._file.close()
             self._file = None
@@ -449,6 +486,7 @@ class DumpWriter:
         except _IO_ERRORS as e:
             self._fail(e)
         self._done = True
+        self._written = True
 
     def __enter__(self) -> DumpWriter:
         return self
@@ -526,19 +564,26 @@ def _bool_attr(obj: Any, name: str) -> bool:
     return bool(value)
 
 
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
 def _json_attr(obj: Any, name: str) -> Any:
     text = _str_attr(obj, name)
     try:
-        return json.loads(text)
-    except ValueError as e:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
         raise _Bad(f"attribute {name!r} of {obj.name} is not valid JSON ({e})") from None
 
 
 def _read_info(obj: Any) -> TapInfo:
     layer = _int_attr(obj, "layer", minimum=-1)
     step = _int_attr(obj, "step", minimum=-1)
+    name = _str_attr(obj, "name")
+    if not name:
+        raise _Bad(f"{obj.name} has an empty tap name")
     return TapInfo(
-        name=_str_attr(obj, "name"),
+        name=name,
         stack=_str_attr(obj, "stack"),
         layer=None if layer == -1 else layer,
         component=_str_attr(obj, "component"),
@@ -589,6 +634,7 @@ def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
     if slots_ds.size * 8 > file_size:
         raise _Bad(f"slots of layout {name!r} declare shape {slots_ds.shape}, more data than the file holds")
     slots = np.asarray(slots_ds[()])
+    _verify_crc(slots_ds, slots, f"slots of layout {name!r}")
     if slots.size and slots.min() < -1:
         raise _Bad(f"slots of layout {name!r} hold {slots.min()} (below -1, out of range)")
     try:
@@ -596,6 +642,19 @@ def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
     except ValueError as e:
         raise _Bad(f"layout {name!r}: {e}") from None
     return name, layout
+
+
+def _stored_crc(ds: Any) -> int | None:
+    """The crc32 attribute of a dataset, None if absent (early writers)."""
+    if "crc32" not in ds.attrs:
+        return None
+    return _int_attr(ds, "crc32", minimum=0)
+
+
+def _verify_crc(ds: Any, array: np.ndarray, what: str) -> None:
+    want = _stored_crc(ds)
+    if want is not None and _crc32(array) != want:
+        raise _Bad(f"{what}: data does not match its checksum (corrupt)")
 
 
 class DumpReader:
@@ -627,6 +686,10 @@ class DumpReader:
         except Exception as e:
             raise DumpError(self.path, f"unreadable HDF5 file (truncated or corrupt?): {_describe(e)}") from None
         self.notes: list[str] = []
+        # per tap index: (next row, crc so far) of read_rows calls that went through it in
+        # order; a tap whose rows were all read that way is checked without a second read
+        self._row_crc: dict[int, tuple[int, int]] = {}
+        self._verified: set[int] = set()
         try:
             self._parse()
         except _Bad as e:
@@ -643,11 +706,15 @@ class DumpReader:
             fmt = fmt.decode("utf-8", "replace")
         if not isinstance(fmt, str) or fmt != FORMAT_NAME:
             raise _Bad(f"not a parity dump (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
-        version = _int_attr(f, "format_version")
-        if version != FORMAT_VERSION:
+        version = f.attrs.get("format_version")
+        if isinstance(version, np.generic):
+            version = version.item()
+        if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
+            shown = "missing" if version is None else repr(version)
             raise _Bad(
-                f"dump format_version {version} is not supported; this version of parity reads "
+                f"dump format_version {shown} is not supported; this version of parity reads "
                 f"format_version {FORMAT_VERSION} only"
+                + (" (written by a newer parity?)" if isinstance(version, int) and version > FORMAT_VERSION else "")
             )
         self.meta = _json_attr(f, "meta")
         if not isinstance(self.meta, dict):
@@ -668,12 +735,19 @@ class DumpReader:
         self.headers: list[TapHeader] = []
         self._datasets: list[str] = []
         members = _numbered(taps_group, "taps")
+        count = _int_attr(f, "tap_count", minimum=0) if "tap_count" in f.attrs else None
+        if count is None and _bool_attr(f, "complete"):
+            raise _Bad("marked complete but lacks attribute 'tap_count'")
         for i, member in enumerate(members):
             try:
                 header = self._read_header(taps_group[member], file_size)
             except Exception as e:
-                # A capture killed inside add_tap can leave its last tap half-written.
-                if self.complete or i != len(members) - 1:
+                # A capture killed inside add_tap (no tap_count: it never closed), or one
+                # whose interrupted add_tap could not remove its member (tap_count one
+                # short), can leave its last tap half-written: skip it, and say so.
+                # Anywhere else a broken tap is corruption.
+                leftover = count is None or count == len(members) - 1
+                if self.complete or i != len(members) - 1 or not leftover:
                     raise
                 self.notes.append(f"skipped half-written last tap {member}: {_describe(e)}")
                 break
@@ -684,15 +758,12 @@ class DumpReader:
             if h.key in self._index:
                 raise _Bad(f"tap key {h.key!r} appears twice")
             self._index[h.key] = i
-
-        if "tap_count" in f.attrs:
-            count = _int_attr(f, "tap_count", minimum=0)
-            if count not in (len(members), len(self.headers)):
-                raise _Bad(f"holds {len(members)} taps but tap_count says {count} (truncated?)")
-        elif _bool_attr(f, "complete"):
-            raise _Bad("marked complete but lacks attribute 'tap_count'")
+        if count is not None and count != len(self.headers):
+            raise _Bad(f"holds {len(members)} taps but tap_count says {count} (truncated?)")
 
         self.error = self._read_error(f.get("error")) if "error" in f else None
+        if self.error is not None:
+            self.complete = False  # a run that raised never completed, whatever the flag says
 
     def _read_header(self, ds: Any, file_size: int) -> TapHeader:
         if not isinstance(ds, h5py.Dataset):
@@ -715,6 +786,7 @@ class DumpReader:
         shape = tuple(int(s) for s in ds.shape)
         if ds.compression is None and int(np.prod(shape, dtype=object)) * ds.dtype.itemsize > file_size:
             raise _Bad(f"tap {key!r} declares shape {shape}, more data than the file holds")
+        _stored_crc(ds)  # present and well-formed, or absent
         # Like the writer, an unknown layout or a misfit shape is left to the diff.
         layout = _str_attr(ds, "layout") or None
         return TapHeader(info=info, order=order, dtype=dtype, layout=layout, shape=shape)
@@ -763,6 +835,7 @@ class DumpReader:
             array = np.asarray(ds[()])
             if array.dtype != ds.dtype or array.shape != header.shape:
                 raise _Bad(f"read back as {array.dtype} {array.shape}, expected {ds.dtype} {header.shape}")
+            _verify_crc(ds, array, "its data")
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
         return array
@@ -774,13 +847,43 @@ class DumpReader:
         try:
             if not header.shape:
                 raise _Bad("a 0-d tap has no rows")
-            chunk = np.asarray(self._dataset(i)[start:stop])
+            ds = self._dataset(i)
+            chunk = np.asarray(ds[start:stop])
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+        # The checksum covers the whole array: rows read in order from the first are
+        # checked once the last one is read; any other pattern is checked by `verify`.
+        at, crc = self._row_crc.get(i, (0, 0))
+        if start == at and i not in self._verified:
+            at, crc = start + chunk.shape[0], _crc32(chunk, crc)
+            self._row_crc[i] = (at, crc)
+            if at >= header.shape[0]:
+                del self._row_crc[i]
+                want = _stored_crc(ds)
+                if want is not None and crc != want:
+                    raise DumpError(self.path, f"cannot read tap {header.key!r}: its data does not match its "
+                                               "checksum (corrupt)")
+                self._verified.add(i)
         return chunk
 
+    def verify(self, key_or_index: str | int) -> None:
+        """Check a tap's checksum (DumpError if its data is corrupt), reading it again in
+        slices unless `read_rows` or `load` already read and checked all of it in order."""
+        i = self._resolve(key_or_index)
+        if i in self._verified:
+            return
+        header = self.headers[i]
+        per_row = int(np.prod(header.shape[1:], dtype=np.int64)) if header.shape else 1
+        for _ in self._chunks(i, max(1, (1 << 20) // max(1, per_row))):
+            pass
+        self._row_crc.pop(i, None)
+        self._verified.add(i)
+
     def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:
-        """Yield a tap's array in slices of `rows` along axis 0 (a 0-d tap: once, whole)."""
+        """Yield a tap's array in slices of `rows` along axis 0 (a 0-d tap: once, whole).
+
+        The checksum covers the whole array, so a corrupt tap raises DumpError after its
+        last chunk: consume them all before trusting any."""
         if isinstance(rows, (bool, np.bool_)) or not isinstance(rows, (int, np.integer)) or rows <= 0:
             raise ValueError(f"rows must be a positive int, got {rows!r}")
         i = self._resolve(key_or_index)
@@ -795,12 +898,18 @@ class DumpReader:
             ds = self._dataset(i)
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+        crc = 0
         for start in range(0, header.shape[0], rows):
             try:
                 chunk = np.asarray(ds[start : start + rows])
             except Exception as e:
                 raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+            crc = _crc32(chunk, crc)
             yield chunk
+        want = _stored_crc(ds)
+        if want is not None and crc != want:
+            raise DumpError(self.path,
+                            f"cannot read tap {header.key!r}: its data does not match its checksum (corrupt)")
 
     # -- lifetime
 

@@ -103,13 +103,21 @@ class CaptureError:
 
 @dataclass
 class Capture:
-    """Everything one backend run produced: taps in execution order, layouts, metadata."""
+    """Everything one backend run produced: taps in execution order, layouts, metadata.
+
+    `complete` is False when the run stopped early: interrupted, or the backend raised.
+    A run that raised never counts as complete, so `error` forces `complete` to False.
+    """
 
     taps: list[Tap] = field(default_factory=list)
     layouts: dict[str, Layout] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     error: CaptureError | None = None
     complete: bool = True
+
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            self.complete = False
 
     def by_key(self) -> dict[str, Tap]:
         return {t.key: t for t in self.taps}
@@ -123,4 +131,5 @@ class Capture:
 
     def set_error(self, error: CaptureError) -> None:
         self.error = error
+        self.complete = False
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .report import Report, TapResult
+from .text import shown  # noqa: F401 - part of this module's interface (render.shown)
 from .series import worst as _worst
 from .summary import concentration, heads_line, regions_line, side_label
 from .summary import upstream_matches as _upstream_matches
@@ -41,10 +42,10 @@ def stack_table(stack: str, rows: list[TapResult]) -> Table:
         cells.setdefault((r.info.layer, r.info.component), []).append(r)
     steps = sorted({r.info.step for r in rows if r.info.step is not None})
     title = f"{stack}" + (f"  (worst of {len(steps)} steps)" if steps else "")
-    table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
+    table = Table(title=Text(shown(title)), title_justify="left", show_lines=False, pad_edge=False)
     table.add_column("layer", justify="right")
     for c in components:
-        table.add_column(c)
+        table.add_column(Text(shown(c)))
     for layer in sorted({r.info.layer for r in rows}):
         row = [str(layer)]
         for c in components:
@@ -60,13 +61,13 @@ def stack_table(stack: str, rows: list[TapResult]) -> Table:
 def layer_table(title: str, rows: list[TapResult]) -> Table:
     """One layer (or any few taps) top to bottom: a row per tap with all metrics.  Fits a
     narrow terminal or a test failure message where a per-layer row would wrap."""
-    table = Table(title=title, title_justify="left", pad_edge=False)
+    table = Table(title=Text(shown(title)), title_justify="left", pad_edge=False)
     for col in ("tap", "cos", "max |Δ|", "rel L2", "status"):
         table.add_column(col)
     for r in rows:
         m = r.metrics
         nums = ["", "", ""] if m is None else [f"{m.cos:.6f}", f"{m.max_abs:.4g}", f"{m.rel_l2:.4g}"]
-        table.add_row(r.key, *nums, Text(f"{OK} {r.status}" if r.passed else f"{BAD} {r.status}: {r.reason}",
+        table.add_row(Text(shown(r.key)), *nums, Text(f"{OK} {r.status}" if r.passed else f"{BAD} {r.status}: {shown(r.reason)}",
                                          style="green" if r.passed else "bold red"))
     return table
 
@@ -82,7 +83,7 @@ def other_table(rows: list[TapResult]) -> Table:
         w = _worst(found)
         m = w.metrics
         label = w.key if len(found) > 1 and not w.passed else name
-        table.add_row(label, "" if m is None else f"{m.cos:.6f}", "" if m is None else f"{m.max_abs:.4g}",
+        table.add_row(Text(shown(label)), "" if m is None else f"{m.cos:.6f}", "" if m is None else f"{m.max_abs:.4g}",
                       Text(f"{w.status} {OK if w.passed else BAD}", style="green" if w.passed else "bold red"))
     return table
 
@@ -99,30 +100,30 @@ def banner(report: Report) -> Panel:
         where = f"stack {i.stack}, layer {i.layer if i.layer is not None else '-'}, component {i.component}"
         if i.step is not None:
             where += f", step {i.step}"
-        lines.append(f"FIRST DIVERGENCE: {first.key}\n", style="bold red")
-        lines.append(f"  {where}\n")
-        lines.append(f"  {first.status}: {first.reason}\n")
+        lines.append(f"FIRST DIVERGENCE: {shown(first.key)}\n", style="bold red")
+        lines.append(f"  {shown(where)}\n")
+        lines.append(f"  {first.status}: {shown(first.reason)}\n")
         upstream = _upstream_matches(report, first)
         if upstream:
-            lines.append(f"  still matching just before it: {upstream}\n", style="dim")
+            lines.append(f"  still matching just before it: {shown(upstream)}\n", style="dim")
         if first.regions:
-            lines.append(f"  by region: {regions_line(first)}\n", style="dim")
+            lines.append(f"  by region: {shown(regions_line(first))}\n", style="dim")
         words = concentration(first)
         if words:
-            lines.append(f"  where: {words}\n")
+            lines.append(f"  where: {shown(words)}\n")
         if first.heads and not first.passed:
             lines.append(f"  by head: {heads_line(first)}\n", style="dim")
         loc = report.localisation
         if loc is not None:
             if loc.introduced:
-                lines.append(f"INTRODUCED AT: {loc.introduced}\n", style="bold red")
-            lines.append(f"  isolation: {loc.line()}\n")
+                lines.append(f"INTRODUCED AT: {shown(loc.introduced)}\n", style="bold red")
+            lines.append(f"  isolation: {shown(loc.line())}\n")
             if loc.narrowed:
-                lines.append(f"  narrowed to: {loc.narrowed} (fails on its own inside {loc.introduced})\n")
+                lines.append(f"  narrowed to: {shown(loc.narrowed)} (fails on its own inside {shown(loc.introduced)})\n")
             if loc.hint:
-                lines.append(f"  hint: {loc.hint}\n", style="bold yellow")
+                lines.append(f"  hint: {shown(loc.hint)}\n", style="bold yellow")
     for p in report.problems:
-        lines.append(f"FAIL: {p}\n", style="bold red")
+        lines.append(f"FAIL: {shown(p)}\n", style="bold red")
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
     lines.append(f"{n} taps: {counts}", style="dim")
     return Panel(lines, border_style="red")
@@ -135,17 +136,20 @@ def header(report: Report) -> Text:
 def run_header(r: dict, c: dict) -> Text:
     """Which two runs were compared: backend, faults, device, dtype; then config (pi0.5)
     or inputs (hf) and, for checkpoint runs, the weights both sides loaded."""
-    text = Text(f"ref {side_label(r)}  vs  cand {side_label(c)}", style="bold")
+    text = Text(shown(f"ref {side_label(r)}  vs  cand {side_label(c)}"), style="bold")
     if r.get("config") is not None:
-        text.append(f"\nconfig {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}",
+        text.append("\n")
+        text.append(shown(f"config {r.get('config')}, seed {r.get('seed')}, inputs {r.get('input_fingerprint', '?')}"),
                     style="dim")
     elif r.get("inputs") is not None:
-        text.append(f"\ninputs {r.get('inputs')} (batch {r.get('batch')}, fingerprint "
-                    f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}",
+        text.append("\n")
+        text.append(shown(f"inputs {r.get('inputs')} (batch {r.get('batch')}, fingerprint "
+                          f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}"),
                     style="dim")
     weights = r.get("weights")
     if isinstance(weights, dict):
-        text.append(f"\nweights {weights.get('path', '?')} ({weights.get('layout', '?')} layout)", style="dim")
+        text.append("\n")
+        text.append(shown(f"weights {weights.get('path', '?')} ({weights.get('layout', '?')} layout)"), style="dim")
     return text
 
 
@@ -160,15 +164,15 @@ def breakdown_table(report: Report, field: str, title: str, limit: int = 24) -> 
         for k in getattr(r, field):
             if k not in cols:
                 cols.append(k)
-    shown = rows[:limit]
+    first = rows[:limit]
     more = f"  (first {limit} of {len(rows)} failing taps)" if len(rows) > limit else ""
-    table = Table(title=title + more, title_justify="left", pad_edge=False)
+    table = Table(title=Text(shown(title + more)), title_justify="left", pad_edge=False)
     table.add_column("tap")
     for c in cols:
-        table.add_column(c)
+        table.add_column(Text(shown(c)))
     if field == "regions":
         table.add_column("where")
-    for r in shown:
+    for r in first:
         cells = []
         for c in cols:
             m = getattr(r, field).get(c)
@@ -178,7 +182,7 @@ def breakdown_table(report: Report, field: str, title: str, limit: int = 24) -> 
             ok = m.cos >= r.threshold
             cells.append(Text(f"{m.cos:.4f} {OK if ok else BAD}", style="green" if ok else "red"))
         extra = [Text(concentration(r, short=True) or "", style="dim")] if field == "regions" else []
-        table.add_row(r.key, *cells, *extra)
+        table.add_row(Text(shown(r.key)), *cells, *extra)
     return table
 
 
@@ -212,8 +216,8 @@ def all_taps_table(report: Report) -> Table:
         m = r.metrics
         nums = ["", "", "", ""] if m is None else [f"{m.cos:.6f}", f"{m.max_abs:.4g}", f"{m.mean_abs:.4g}",
                                                    f"{m.rel_l2:.4g}"]
-        table.add_row(str(r.order if r.order is not None else "-"), r.key, *nums,
-                      Text(r.status if r.passed else f"{r.status}: {r.reason}",
+        table.add_row(str(r.order if r.order is not None else "-"), Text(shown(r.key)), *nums,
+                      Text(r.status if r.passed else f"{r.status}: {shown(r.reason)}",
                            style="green" if r.passed else "red"))
     return table
 

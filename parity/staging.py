@@ -33,6 +33,10 @@ class Staged:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
+    def done(self) -> bool:
+        """Whether the host copy is there already (never waits)."""
+        return self.event is None or self.event.query()
+
     def ready(self) -> torch.Tensor:
         if self.event is not None:
             self.event.synchronize()

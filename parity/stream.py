@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from .codec import STORAGE_DTYPES, to_float64
-from .diff import AlignmentError, Thresholds, _layout_of, diff, judge
+from .diff import AlignmentError, Thresholds, _both, _layout_of, _locate, diff, judge
 from .dump import DumpReader, TapHeader
 from .metrics import MetricAccumulator
 from .records import Capture, Layout
@@ -148,18 +148,20 @@ class StreamingComparer:
             r_order, r_idx = _token_order(ref, r_layout)
             c_order, c_idx = _token_order(cand, c_layout)
         except AlignmentError as exc:
-            return TapResult(status="layout", reason=str(exc), **base)
+            return TapResult(status="layout", reason=f"{exc} ({_both(ref, cand)})", **base)
         if (r_idx is None) != (c_idx is None) or (r_idx is not None and not np.array_equal(r_idx, c_idx)):
             nr = "all" if r_idx is None else r_idx.size
             nc = "all" if c_idx is None else c_idx.size
-            return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc})", **base)
+            return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc}; "
+                             f"{_both(ref, cand)})", **base)
         feat_r = ref.shape[2:] if r_layout else ref.shape
         feat_c = cand.shape[2:] if c_layout else cand.shape
         if feat_r != feat_c:
-            return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape}", **base)
+            return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})", **base)
         for dtype in (ref.dtype, cand.dtype):
             if dtype not in STORAGE_DTYPES:
-                return TapResult(status="dtype", reason=f"cannot decode: unknown dtype {dtype!r}", **base)
+                return TapResult(status="dtype", reason=f"cannot decode: unknown dtype {dtype!r} ({_both(ref, cand)})",
+                                 **base)
         acc = MetricAccumulator()
         tokens = r_layout is not None and r_idx is not None
         regions = Grouped() if tokens and r_layout.regions else None
@@ -176,12 +178,22 @@ class StreamingComparer:
                 chunks.update((idx % r_layout.length) // chunk, r64, c64)
             for h, head_acc in enumerate(heads):
                 head_acc.update(r64[:, h], c64[:, h])
+        # A tap's checksum covers its whole array, so it is checked once all of it was
+        # read (for free when its rows were read in order; else by one more pass): a
+        # corrupt tap raises DumpError, as reading it whole does.
+        self.ref.verify(ref.key)
+        self.cand.verify(cand.key)
         metrics = acc.result()
         region_metrics = {} if regions is None else {
             r_layout.regions[i].name: m for i, m in regions.results() if i >= 0}
         chunk_metrics = {} if chunks is None else {
             f"{k * chunk}-{min((k + 1) * chunk, r_layout.length) - 1}": m for k, m in chunks.results()}
         verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
+        if verdict["status"] == "nonfinite":
+            shape = ((r_idx.size, *feat_r) if tokens else tuple(ref.shape))
+            verdict["reason"] += _locate(metrics.first_nonfinite, shape, r_idx if tokens else None)
+        elif verdict["status"] == "dtype":
+            verdict["reason"] += f" ({_both(ref, cand)})"
         return TapResult(metrics=metrics, regions=region_metrics, chunks=chunk_metrics,
                          heads=[h.result() for h in heads], **verdict, **base)
 
@@ -209,7 +221,8 @@ def header_capture(reader: DumpReader, keep=None) -> Capture:
 
 
 def diff_readers(ref: DumpReader, cand: DumpReader, thresholds: Thresholds | None = None, keep=None,
-                 progress=None, chunk: int | None = None) -> Report:
+                 progress=None, chunk: int | None = None,
+                 labels: tuple[str, str] = ("reference", "candidate")) -> Report:
     """The diff of two open dumps, streamed (see the module docstring)."""
     return diff(header_capture(ref, keep), header_capture(cand, keep), thresholds, progress=progress,
-                compare=StreamingComparer(ref, cand), chunk=chunk)
+                compare=StreamingComparer(ref, cand), chunk=chunk, labels=labels)

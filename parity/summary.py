@@ -8,8 +8,9 @@ from .report import Report, TapResult
 
 def side_label(meta: dict) -> str:
     """`backend [inject f] (device, dtype)` for one run."""
-    faults = meta.get("faults") or []
-    extra = f" [inject {','.join(faults)}]" if faults else ""
+    faults = meta.get("faults") or []  # a dump's meta is arbitrary JSON: any type may turn up
+    faults = ",".join(map(str, faults)) if isinstance(faults, list) else str(faults)
+    extra = f" [inject {faults}]" if faults else ""
     return f"{meta.get('backend', '?')}{extra} ({meta.get('device', '?')}, {meta.get('dtype', '?')})"
 
 

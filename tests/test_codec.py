@@ -127,3 +127,19 @@ def test_bf16_matches_torch_for_all_65536_patterns():
     np.testing.assert_array_equal(ours, theirs)
     num = ~np.isnan(ours)
     np.testing.assert_array_equal(np.signbit(ours[num]), np.signbit(theirs[num]))
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("bits, dtype, view", [
+    (0x7F800001, "float32", np.float32), (0xFFA00000, "float32", np.float32), (0x7C01, "float16", np.float16),
+    (0x7F81, "bfloat16", None), (0x7FF0000000000001, "float64", np.float64),
+])
+def test_signalling_nans_decode_to_nan_without_a_warning(bits, dtype, view):
+    """Found by the long fuzz run: a float32 signalling NaN warned on the cast to float64
+    (an error wherever warnings are errors)."""
+    from parity.codec import storage_dtype
+
+    raw = np.array([bits], dtype=np.uint64).astype(storage_dtype(dtype) if view is None else
+                                                   np.dtype(f"u{np.dtype(view).itemsize}"))
+    array = raw if view is None else raw.view(view)
+    assert np.isnan(to_float64(array, dtype)).all()

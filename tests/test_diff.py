@@ -371,3 +371,28 @@ def test_array_that_does_not_match_its_dtype_fails_that_tap_only():
     report = diff(ref, cand)
     assert status_of(report, "embed") == "dtype" and "cannot decode" in rows_by_key(report)["embed"].reason
     assert status_of(report, "head") == "pass"
+
+
+@pytest.mark.parametrize("raised_at", [None, EXEC_NAMES[-1]], ids=["outside-every-tap", "at-a-recorded-tap"])
+def test_candidate_that_raised_never_passes_even_with_every_tap_matching(raised_at):
+    """Found by the fuzzer: a candidate that raised after its last tap (or at a tap it had
+    recorded) used to pass, since no tap row showed the exception."""
+    ref = five_taps()
+    error = CaptureError(key=raised_at, info=None, exc_type="RuntimeError", message="after the last tap")
+    cand = copy_capture(ref)
+    cand.set_error(error)
+    report = diff(ref, cand)
+    assert all(r.status == "pass" for r in report.rows)
+    assert not report
+    assert any(f"raised at {raised_at or 'an untapped place'}: RuntimeError: after the last tap" in p
+               for p in report.problems)
+
+
+@pytest.mark.parametrize("side", ["ref", "cand"])
+def test_an_incomplete_capture_never_passes(side):
+    ref, cand = five_taps(), five_taps()
+    (ref if side == "ref" else cand).complete = False
+    report = diff(ref, cand)
+    assert all(r.status == "pass" for r in report.rows) and not report
+    label = "reference" if side == "ref" else "candidate"
+    assert f"{label} capture is incomplete (interrupted): taps after the stop were never compared" in report.problems

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import h5py
@@ -97,7 +98,16 @@ def tamper(path: Path, fn) -> None:
 
 @pytest.fixture
 def dump_path(tmp_path: Path) -> Path:
+    """A complete dump (no error: a run that raised is never complete)."""
     path = tmp_path / "run.h5"
+    write_dump(path, make_capture(with_error=False))
+    return path
+
+
+@pytest.fixture
+def raised_dump_path(tmp_path: Path) -> Path:
+    """The dump of a run that raised: it has an /error group and reads as incomplete."""
+    path = tmp_path / "raised.h5"
     write_dump(path, make_capture())
     return path
 
@@ -112,6 +122,19 @@ def test_round_trip_is_bit_exact(tmp_path, compression):
     write_dump(path, cap, compression=compression)
     assert not (tmp_path / "x.h5.partial").exists()
     assert_same_capture(read_dump(path), cap)
+
+
+def test_a_run_that_raised_is_never_complete(tmp_path, raised_dump_path):
+    assert make_capture().complete is False  # Capture: error forces complete=False
+    assert read_dump(raised_dump_path).complete is False
+    with DumpWriter(tmp_path / "x.h5", {}) as w:
+        w.set_error(CaptureError(key=None, info=None, exc_type="RuntimeError", message="boom"))
+        w.close(complete=True)  # asked complete, written incomplete
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        assert bool(f.attrs["complete"]) is False
+    # a dump from another writer that says complete but holds an error reads incomplete too
+    tamper(raised_dump_path, _set_attr("/", "complete", True))
+    assert read_dump(raised_dump_path).complete is False
 
 
 def test_round_trip_incomplete_without_error(tmp_path):
@@ -247,6 +270,8 @@ def test_bad_arguments_raise_value_error_and_writer_stays_usable(tmp_path):
         DumpWriter(tmp_path / "a.h5", {}, compression="zstd")
     with pytest.raises(ValueError, match="JSON"):
         DumpWriter(tmp_path / "b.h5", {"x": object()})
+    with pytest.raises(ValueError, match="JSON"):
+        DumpWriter(tmp_path / "b.h5", {"x": float("nan")})  # strict JSON: NaN is not JSON
     assert not list(tmp_path.iterdir())  # nothing created for refused arguments
 
     info = TapInfo("t", "s", 0, "c")
@@ -379,12 +404,25 @@ def _replace_tap_data(f, data, name="taps/000000"):
         f[name].attrs[k] = v
 
 
+def _edit_slots(f, index, value, name="layouts/0/slots"):
+    """Edit a layout's slots and re-sign them: the reader's checks beyond the checksum."""
+    f[name][index] = value
+    f[name].attrs["crc32"] = zlib.crc32(np.ascontiguousarray(f[name][()]).view(np.uint8))
+
+
 TAMPERS = {
-    "version as string": (_set_attr("/", "format_version", "1"), "must be an integer"),
+    "version as string": (_set_attr("/", "format_version", "1"),
+                          "format_version '1' is not supported.*reads format_version 1"),
+    "version missing": (_del_attr("/", "format_version"), "format_version missing is not supported"),
+    "tap data flipped": (lambda f: f["taps/000000"].__setitem__((0, 0, 0), 123.0), "does not match its checksum"),
+    "slots data flipped": (lambda f: f["layouts/0/slots"].__setitem__((0, 0), 2), "does not match its checksum"),
+    "crc as string": (_set_attr("taps/000002", "crc32", "0"), "must be an integer"),
     "complete as int": (_set_attr("/", "complete", 1), "must be a boolean"),
     "missing meta": (_del_attr("/", "meta"), "lacks attribute 'meta'"),
     "meta not json": (_set_attr("/", "meta", "{not json"), "not valid JSON"),
     "meta json list": (_set_attr("/", "meta", "[1, 2]"), "JSON object"),
+    "meta with NaN": (_set_attr("/", "meta", '{"x": NaN}'), "not valid JSON"),
+    "meta nested too deep": (_set_attr("/", "meta", "[" * 100_000 + "]" * 100_000), "meta"),
     "missing tap_count": (_del_attr("/", "tap_count"), "tap_count"),
     "wrong tap_count": (_set_attr("/", "tap_count", 3), "tap_count"),
     "missing dtype attr": (_del_attr("taps/000001", "dtype"), "lacks attribute 'dtype'"),
@@ -402,8 +440,8 @@ TAMPERS = {
     "tap gap": (lambda f: f.__delitem__("taps/000003"), "not numbered"),
     "stray tap member": (lambda f: f["taps"].create_dataset("junk", data=[1]), "unexpected member"),
     "tap is a group": (lambda f: (f.__delitem__("taps/000000"), f.create_group("taps/000000")), "not a dataset"),
-    "slots out of range": (lambda f: f["layouts/0/slots"].__setitem__((0, 3), -5), "out of range"),
-    "slots duplicate": (lambda f: f["layouts/0/slots"].__setitem__((0, 1), 0), "same canonical"),
+    "slots out of range": (lambda f: _edit_slots(f, (0, 3), -5), "out of range"),
+    "slots duplicate": (lambda f: _edit_slots(f, (0, 1), 0), "same canonical"),
     "slots float": (lambda f: (f.__delitem__("layouts/0/slots"), f["layouts/0"].create_dataset("slots", data=np.zeros((2, 4)))), "int64"),
     "regions bad json": (_set_attr("layouts/0", "regions", "[[1,2"), "not valid JSON"),
     "region past length": (_set_attr("layouts/0", "regions", '[["x", 0, 9]]'), "bad region"),
@@ -416,13 +454,14 @@ TAMPERS = {
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERS))
-def test_tampered_file_gives_dump_error(dump_path, case):
+def test_tampered_file_gives_dump_error(dump_path, raised_dump_path, case):
     fn, message = TAMPERS[case]
-    tamper(dump_path, fn)
+    path = raised_dump_path if case.startswith("error") else dump_path
+    tamper(path, fn)
     with pytest.raises(DumpError, match=message) as info:
-        read_dump(dump_path)
+        read_dump(path)
     text = str(info.value)
-    assert text.startswith(str(dump_path) + ": ") and "\n" not in text
+    assert text.startswith(str(path) + ": ") and "\n" not in text
 
 
 def _read_everything(path: Path) -> None:
@@ -492,9 +531,15 @@ def test_half_written_last_tap_is_skipped_only_when_incomplete(tmp_path):
     write_dump(path, make_capture(complete=False))
     last = f"taps/{len(make_capture().taps) - 1:06d}"
     tamper(path, _del_attr(last, "dtype"))
+    with pytest.raises(DumpError, match="lacks attribute 'dtype'"):
+        read_dump(path)  # closed by its writer (tap_count says so): a broken tap is corruption
+    tamper(path, _del_attr("/", "tap_count"))  # as a killed writer leaves it
     with open_dump(path) as r:
         assert len(r.headers) == len(make_capture().taps) - 1
         assert r.notes and "half-written" in r.notes[0]
+    tamper(path, _set_attr("/", "tap_count", len(make_capture().taps) - 1))  # add_tap interrupted, member kept
+    with open_dump(path) as r:
+        assert len(r.headers) == len(make_capture().taps) - 1
     tamper(path, _set_attr("/", "complete", True))
     with pytest.raises(DumpError, match="lacks attribute 'dtype'"):
         read_dump(path)
