@@ -88,6 +88,15 @@ def _locate(flat: int, shape: tuple[int, ...], canonical: np.ndarray | None) -> 
     return f" of the valid tokens (canonical token position {int(canonical[flat // per_token])})"
 
 
+def token_mismatch(r_idx: np.ndarray | None, c_idx: np.ndarray | None, ref: Tap, cand: Tap) -> str:
+    """Why two taps' valid token positions cannot be laid over each other ("" if they can)."""
+    if (r_idx is None) == (c_idx is None) and (r_idx is None or np.array_equal(r_idx, c_idx)):
+        return ""
+    nr = "all" if r_idx is None else r_idx.size
+    nc = "all" if c_idx is None else c_idx.size
+    return f"valid token positions differ (ref {nr}, cand {nc}; {_both(ref, cand)})"
+
+
 def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float,
                  exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
     """One tap pair.  Never raises: whatever cannot be compared fails this tap only,
@@ -99,11 +108,9 @@ def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, thr
         c, c_idx = gather_tokens(cand.array, _layout_of(cand, cand_layouts, "candidate"))
     except AlignmentError as exc:
         return TapResult(status="layout", reason=f"{exc} ({_both(ref, cand)})", **base)
-    if (r_idx is None) != (c_idx is None) or (r_idx is not None and not np.array_equal(r_idx, c_idx)):
-        nr = "all" if r_idx is None else r_idx.size
-        nc = "all" if c_idx is None else c_idx.size
-        return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc}; "
-                         f"{_both(ref, cand)})", **base)
+    mismatch = token_mismatch(r_idx, c_idx, ref, cand)
+    if mismatch:
+        return TapResult(status="layout", reason=mismatch, **base)
     if r.shape != c.shape:
         return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})", **base)
     try:

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from .codec import STORAGE_DTYPES, to_float64
-from .diff import AlignmentError, Thresholds, _both, _layout_of, _locate, diff, judge
+from .diff import AlignmentError, Thresholds, _both, _layout_of, _locate, diff, judge, token_mismatch
 from .dump import DumpReader, TapHeader
 from .metrics import MetricAccumulator
 from .records import Capture, Layout
@@ -149,11 +149,9 @@ class StreamingComparer:
             c_order, c_idx = _token_order(cand, c_layout)
         except AlignmentError as exc:
             return TapResult(status="layout", reason=f"{exc} ({_both(ref, cand)})", **base)
-        if (r_idx is None) != (c_idx is None) or (r_idx is not None and not np.array_equal(r_idx, c_idx)):
-            nr = "all" if r_idx is None else r_idx.size
-            nc = "all" if c_idx is None else c_idx.size
-            return TapResult(status="layout", reason=f"valid token positions differ (ref {nr}, cand {nc}; "
-                             f"{_both(ref, cand)})", **base)
+        mismatch = token_mismatch(r_idx, c_idx, ref, cand)
+        if mismatch:
+            return TapResult(status="layout", reason=mismatch, **base)
         feat_r = ref.shape[2:] if r_layout else ref.shape
         feat_c = cand.shape[2:] if c_layout else cand.shape
         if feat_r != feat_c:
