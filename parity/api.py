@@ -160,13 +160,17 @@ def load_dump(path: str | Path, allow_incomplete: bool = False) -> Capture:
     except DumpError as exc:
         raise InputError(str(exc)) from None
     if not cap.complete and not allow_incomplete:
-        if cap.error is not None:
-            why = (f"the backend raised at {cap.error.key or 'an untapped place'}: "
-                   f"{cap.error.exc_type}: {cap.error.message}")
-        else:
-            why = f"interrupted after {len(cap.taps)} taps"
-        raise InputError(f"{path}: capture is incomplete ({why}); pass --allow-incomplete to diff it anyway")
+        raise _incomplete(path, cap.error, len(cap.taps))
     return cap
+
+
+def _incomplete(path, error, n_taps: int) -> InputError:
+    """The refusal of an incomplete dump, saying why it is incomplete."""
+    if error is not None:
+        why = f"the backend raised at {error.key or 'an untapped place'}: {error.exc_type}: {error.message}"
+    else:
+        why = f"interrupted after {n_taps} taps"
+    return InputError(f"{path}: capture is incomplete ({why}); pass --allow-incomplete to diff it anyway")
 
 
 def check_comparable(ref: Capture, cand: Capture) -> None:
@@ -182,10 +186,7 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
     check_comparable(ref, cand)
     if taps:
         keep = _select(taps)
-        ref = Capture([t for t in ref.taps if keep(t.info.name, t.key)], ref.layouts, ref.meta, ref.error,
-                      ref.complete)
-        cand = Capture([t for t in cand.taps if keep(t.info.name, t.key)], cand.layouts, cand.meta, cand.error,
-                       cand.complete)
+        ref, cand = ref.only(keep), cand.only(keep)
     tick = None if progress is None else (lambda done, total: progress("diff", done, total))
     return diff(ref, cand, thresholds, progress=tick, chunk=chunk, labels=labels)
 
@@ -199,13 +200,8 @@ def open_checked(path, allow_incomplete: bool = False):
     except DumpError as exc:
         raise InputError(str(exc)) from None
     if not reader.complete and not allow_incomplete:
-        if reader.error is not None:
-            why = (f"the backend raised at {reader.error.key or 'an untapped place'}: "
-                   f"{reader.error.exc_type}: {reader.error.message}")
-        else:
-            why = f"interrupted after {len(reader.headers)} taps"
         reader.close()
-        raise InputError(f"{path}: capture is incomplete ({why}); pass --allow-incomplete to diff it anyway")
+        raise _incomplete(path, reader.error, len(reader.headers))
     return reader
 
 

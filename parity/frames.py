@@ -13,7 +13,6 @@ from .api import capture_live, compare_captures
 from .backends import BackendOptions
 from .diff import Thresholds, diff
 from .probe import tap_filter
-from .records import Capture
 from .report import Report
 
 
@@ -38,13 +37,6 @@ class FramesResult:
         }
 
 
-def _only(cap: Capture, pattern: str | None) -> Capture:
-    if not pattern:
-        return cap
-    keep = tap_filter(pattern)
-    return Capture([t for t in cap.taps if keep(t.info.name, t.key)], cap.layouts, cap.meta, cap.error, cap.complete)
-
-
 def compare_frames(ref: str, cand: str, options: BackendOptions, n_frames: int, faults: tuple[str, ...] = (),
                    thresholds: Thresholds | None = None, taps: str | None = None,
                    drift_taps: str | None = "prefix.*.k") -> FramesResult:
@@ -58,7 +50,7 @@ def compare_frames(ref: str, cand: str, options: BackendOptions, n_frames: int, 
         ref_cap = capture_live(ref, replace(opts, faults=()), taps)
         cand_cap = capture_live(cand, replace(opts, faults=tuple(faults)), taps)
         reports.append(compare_captures(ref_cap, cand_cap, thresholds))
-        current = _only(ref_cap, drift_taps)
+        current = ref_cap.only(tap_filter(drift_taps)) if drift_taps else ref_cap
         if previous is not None:  # different inputs by design: no fingerprint check here
             drift.append(diff(previous, current, Thresholds(1.0)))
         previous = current

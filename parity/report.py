@@ -114,8 +114,22 @@ def _metrics_from(d: dict[str, Any]) -> Metrics:
                    first_nonfinite=None, max_abs_index=None)
 
 
+class Verdict:
+    """What every result with `rows` (each with a `status`) and `passed` shares: it is its
+    own verdict, and it counts its rows by status."""
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.rows:
+            out[row.status] = out.get(row.status, 0) + 1
+        return out
+
+
 @dataclass
-class Report:
+class Report(Verdict):
     rows: list[TapResult]
     ref_meta: dict = field(default_factory=dict)
     cand_meta: dict = field(default_factory=dict)
@@ -135,14 +149,6 @@ class Report:
     def passed(self) -> bool:
         return bool(self.rows) and not self.problems and self.first_divergence is None
 
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for row in self.rows:
-            out[row.status] = out.get(row.status, 0) + 1
-        return out
 
     def to_dict(self) -> dict[str, Any]:
         first = self.first_divergence

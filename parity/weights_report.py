@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .metrics import Metrics
-from .report import json_number
+from .report import Verdict, json_number
 
 PASS = "pass"
 
@@ -46,7 +46,7 @@ class ParamResult:
 
 
 @dataclass
-class WeightsReport:
+class WeightsReport(Verdict):
     rows: list[ParamResult]
     ref_meta: dict = field(default_factory=dict)
     cand_meta: dict = field(default_factory=dict)
@@ -61,14 +61,6 @@ class WeightsReport:
     def passed(self) -> bool:
         return bool(self.rows) and not self.problems and not self.findings
 
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for row in self.rows:
-            out[row.status] = out.get(row.status, 0) + 1
-        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
