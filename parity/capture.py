@@ -64,6 +64,12 @@ class SinkFailed(BaseException):
     the model raising."""
 
 
+class StopRun(BaseException):
+    """Raised by a sink's `add_device_tap` to end the run early, not as a failure (e.g. a
+    live compare told to stop at the first divergence).  A BaseException for the same
+    reason as SinkFailed; `capture` returns normally after it."""
+
+
 class Recorder:
     """Installs one pre- and one post-forward hook per probed module; removes all of them
     on exit, whatever happened.  Also knows which tap component was running when the
@@ -86,6 +92,10 @@ class Recorder:
         # optional sink method, called as each tap is taken (progress displays): the sink
         # itself gets the taps only at flush()
         self.on_record = getattr(sink, "tap_recorded", None)
+        # optional sink method taking each tap as the live device tensor (on-device
+        # compare, stats): then nothing is staged for the host at all
+        self.on_device = getattr(sink, "add_device_tap", None)
+        self.stopped = False  # the sink raised StopRun: the run ends here
         self.order = 0
         self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
 
@@ -177,6 +187,8 @@ class Recorder:
                 self.running.pop()
             if self.sink_error is not None:
                 raise SinkFailed(str(self.sink_error))
+            if self.stopped:
+                raise StopRun()
             calls = self.running[-1][2]
             for hit in outputs:
                 value = output
@@ -198,6 +210,9 @@ class Recorder:
                 raise ProbeError(f"tap {info.key}: last dimension {value.shape[-1]} does not match its split "
                                  f"({total})")
             value = value[..., hit.chunk[0]:hit.chunk[1]]
+        if self.on_device is not None:
+            self._hand_over(info, value.detach(), hit.rule.layout)
+            return
         # A device-side copy now (later in-place kernels cannot touch it; inside a CUDA
         # graph capture the copy is recorded into the graph), on its way to the host.
         staged = self.stager.stage(value)
@@ -218,6 +233,21 @@ class Recorder:
             # CPU, this one), so a killed capture has handed over all it could.
             self.flush(ready_only=True)
 
+    def _hand_over(self, info: TapInfo, value: torch.Tensor, layout: str | None) -> None:
+        """The device-tensor path: the sink sees the tap as it is now (it copies what it keeps)."""
+        try:
+            self.on_device(info, self.order, value, layout)
+        except StopRun:
+            self.stopped = True
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised by `capture` after the run
+            self.sink_error = exc
+            raise SinkFailed(str(exc)) from exc
+        finally:
+            self.order += 1
+        if self.on_record is not None:
+            self.on_record(info)
+
     def error_from(self, exc: BaseException) -> CaptureError:
         info = self.running[-1][1] if self.running else None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -233,14 +263,16 @@ def capture(backend, sink=None, select: TapFilter | None = None, max_staged_byte
     with the tap component that was running (and the sink then reads as incomplete).
     KeyboardInterrupt and friends propagate, after every tap recorded so far reached the
     sink.  If the sink itself fails (a DumpError: disk full), that error propagates,
-    whatever the model did with it on the way."""
+    whatever the model did with it on the way.  A sink with `add_device_tap` gets each tap
+    as the live device tensor instead (nothing is copied to the host), and may end the run
+    early by raising StopRun."""
     sink = sink if sink is not None else Capture(meta=dict(backend.meta))
     for name, layout in backend.layouts().items():
         sink.add_layout(name, layout)
     with Recorder(backend.model, backend.probe, sink, select, max_staged_bytes) as rec:
         try:
             backend.run()
-        except SinkFailed:
+        except (SinkFailed, StopRun):
             pass
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
             if rec.sink_error is None:

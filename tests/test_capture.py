@@ -527,3 +527,68 @@ def test_progress_advances_as_taps_are_produced_and_stored():
     assert keys(cap) == EXPECTED_KEYS
     assert calls == ([c for i in range(1, n + 1) for c in (("capture toy", i, None), ("capture toy (store)", i, i))]
                      + [("run ended", 0, None)])
+
+
+# --------------------------------------------------------------------------- device sinks
+
+class DeviceSink:
+    """Takes taps as live tensors (what an on-device compare or stats sink does); stops the
+    run once it has seen `stop_after` taps."""
+
+    def __init__(self, stop_after: int | None = None, fail_at: str | None = None):
+        self.seen, self.layouts, self.error = [], {}, None
+        self.stop_after, self.fail_at = stop_after, fail_at
+
+    def add_layout(self, name, layout):
+        self.layouts[name] = layout
+
+    def add_tap(self, tap):
+        raise AssertionError("a device sink never gets host copies")
+
+    def set_error(self, error):
+        self.error = error
+
+    def add_device_tap(self, info, order, value, layout):
+        from parity.capture import StopRun
+
+        if info.key == self.fail_at:
+            raise OSError("device sink broke")
+        self.seen.append((info.key, order, value.clone(), layout))
+        if self.stop_after is not None and len(self.seen) >= self.stop_after:
+            raise StopRun()
+
+
+def test_device_sink_gets_every_tap_as_a_tensor_in_order_and_equal_to_the_host_path():
+    host = capture(make_backend())
+    sink = capture(make_backend(), DeviceSink())
+    assert [k for k, *_ in sink.seen] == EXPECTED_KEYS
+    assert [o for _, o, *_ in sink.seen] == list(range(len(EXPECTED_KEYS)))
+    for (key, _, value, _), tap in zip(sink.seen, host.taps):
+        assert isinstance(value, torch.Tensor) and not value.requires_grad
+        assert np.array_equal(value.numpy(), tap.array), key
+
+
+def test_device_sink_can_stop_the_run_early_without_an_error():
+    model = Toy()
+    backend = make_backend(model)
+    sink = capture(backend, DeviceSink(stop_after=3))
+    assert [k for k, *_ in sink.seen] == EXPECTED_KEYS[:3]
+    assert sink.error is None and backend.outputs == []  # the model never finished
+    assert_no_hooks(model)
+
+
+def test_stop_survives_a_model_that_catches_exceptions():
+    model = nn.Sequential(Fallback())
+    probe = Probe("toy", (TapRule(r"0", stack="attn", component="out"),
+                          TapRule(r"0\.(?P<component>fast|slow)", stack="attn")))
+    backend = Backend("toy", model, probe, run=lambda: model(torch.ones(2, F)), layouts=dict)
+    sink = capture(backend, DeviceSink(stop_after=1))
+    assert [k for k, *_ in sink.seen] == ["attn.slow"] and sink.error is None
+
+
+def test_a_failing_device_sink_propagates_its_error_not_a_model_error():
+    sink = DeviceSink(fail_at="blk.0.out")
+    with pytest.raises(OSError, match="device sink broke"):
+        capture(make_backend(), sink)
+    assert sink.error is None
+    assert [k for k, *_ in sink.seen] == EXPECTED_KEYS[:3]
