@@ -153,6 +153,70 @@ TapsOpt = typer.Option(None, "--taps", help="Only these taps: glob(s) on canonic
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
+StatsOpt = typer.Option(False, "--stats", help="Per-tap summaries (norms, moments, min/max, NaN/Inf counts, a bit "
+                                                 "checksum) computed on the device instead of whole tensors.")
+StatsTolOpt = typer.Option(None, "--stats-tol", help="Stats diffs: relative tolerance of norm, std, max |x| and mean "
+                                                     "shift (in ref std), VALUE (default 0.05) or GLOB=VALUE "
+                                                     "(repeatable; last match wins).")
+
+
+def _stats_dumps(dumps: Optional[List[Path]]) -> bool:
+    """Whether any of the given dumps is a stats dump (then both must be)."""
+    if not dumps:
+        return False
+    from .stats_dump import is_stats_dump
+
+    kinds = [is_stats_dump(d) for d in dumps]
+    if any(kinds) and not all(kinds) and len(dumps) == 2:
+        stats_one, tensor_one = (dumps[0], dumps[1]) if kinds[0] else (dumps[1], dumps[0])
+        _fail_input(f"{stats_one} is a stats dump and {tensor_one} a tensor dump: diff stats against stats "
+                    "(capture both with --stats) or tensors against tensors")
+    return any(kinds)
+
+
+def _diff_stats(dumps, ref, cand, inject, options, taps, stats_tol, json_out, show_all, allow_incomplete, quiet,
+                tensor_only: dict) -> None:
+    """`parity diff --stats` / `parity diff A_stats.h5 B_stats.h5`: compare summaries."""
+    from .api import InputError
+    from .render_stats import render_stats_report
+    from .stats_api import diff_stats_dumps, diff_stats_live
+    from .stats_diff import DEFAULT_TOLERANCE, tolerances
+
+    given = [flag for flag, value in tensor_only.items() if value]
+    if given:
+        _fail_input(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to tensor diffs; a stats diff "
+                    "takes --stats-tol")
+    specs = [s for s in stats_tol or [] if "=" in s]
+    bare = [s for s in stats_tol or [] if "=" not in s]
+    try:
+        default = float(bare[-1]) if bare else DEFAULT_TOLERANCE
+        tol = tolerances(default, specs)
+    except ValueError as exc:
+        _fail_input(f"--stats-tol: {exc}")
+    taps = taps or _settings().taps
+    try:
+        if ref is not None or cand is not None:
+            if dumps:
+                _fail_input("give either two dumps or --ref/--cand, not both")
+            if ref is None or cand is None:
+                _fail_input("a live diff needs both --ref and --cand")
+            with _progress(quiet) as progress:
+                report = diff_stats_live(ref, cand, options(), _faults(inject), tol, taps, progress)
+        else:
+            if not dumps or len(dumps) != 2:
+                _fail_input("give two stats dumps (REF_stats.h5 CAND_stats.h5) or --ref and --cand with --stats")
+            if inject:
+                _fail_input("--inject applies to a live candidate; capture it with `parity capture --stats --inject`")
+            report = diff_stats_dumps(dumps[0], dumps[1], tol, taps, allow_incomplete)
+    except InputError as exc:
+        _fail_input(str(exc))
+    except KeyboardInterrupt:
+        _interrupted("diff stopped before it finished; nothing was judged")
+    _console().print(render_stats_report(report, show_all=show_all))
+    _write_json(json_out, report.to_dict())
+    raise typer.Exit(EXIT_PASS if report else EXIT_FAIL)
+
+
 @app.command("diff")
 def diff_cmd(
     dumps: Optional[List[Path]] = typer.Argument(None, help="Two dumps REF.h5 CAND.h5 (offline, no torch)."),
@@ -180,6 +244,7 @@ def diff_cmd(
                                                                     "CHUNK canonical token positions.", min=1),
     no_isolate: bool = typer.Option(False, "--no-isolate", help="Live diffs: do not re-run the first failing "
                                                                 "component on the reference's inputs."),
+    stats: bool = StatsOpt, stats_tol: Optional[List[str]] = StatsTolOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
@@ -191,11 +256,19 @@ def diff_cmd(
     Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
 
     Example (checkpoint): parity diff --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
+
+    Example (stats):   parity diff reports/pytorch_stats.h5 reports/flash_stats.h5   (or --ref/--cand --stats)
     """
     from .api import InputError, diff_dumps, diff_live
     from .diff import Thresholds
     from .render import render_report
 
+    if stats or stats_tol or _stats_dumps(dumps):
+        _diff_stats(dumps, ref, cand, inject, lambda: _options(config, seed, device, dtype, batch, weights=weights,
+                                                                 inputs=inputs, padding=padding, seq_len=seq_len),
+                    taps, stats_tol, json_out, show_all, allow_incomplete, quiet,
+                    tensor_only={"--min-cos": min_cos, "--threshold": threshold, "--by-region": by_region,
+                                 "--by-token": by_token, "--no-isolate": no_isolate})
     settings = _settings()
     try:
         thresholds = Thresholds.parse(min_cos if min_cos is not None else settings.min_cos or DEFAULT_MIN_COS,
@@ -332,21 +405,28 @@ def capture_cmd(
                                           help="Most MB of tap copies between the model and the disk (staged "
                                                "on their way to the host, queued for the writer thread); past it "
                                                "the capture waits for the writer."),
+    stats: bool = StatsOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Run one backend with taps installed and write every tap to an HDF5 dump.
 
     Example: parity capture --backend flash --inject silu -o reports/flash_silu.h5
+
+    Example: parity capture --backend flash --stats -o reports/flash_stats.h5   (summaries only)
     """
     from .api import CaptureInterrupted, InputError, capture_to_dump
     settings = _settings()
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
-    output = output or settings.output_dir / f"{safe}.h5"
+    output = output or settings.output_dir / f"{safe}{'_stats' if stats else ''}.h5"
     try:
         options = _options(config, seed, device, dtype, batch, _faults(inject), weights, inputs, padding, seq_len)
         with _sigterm_interrupts(), _progress(quiet) as progress:
-            summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress,
-                                      max_inflight_mb)
+            if stats:
+                from .stats_api import capture_stats
+                summary = capture_stats(backend, options, output, taps or settings.taps, progress)
+            else:
+                summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress,
+                                          max_inflight_mb)
     except InputError as exc:
         _fail_input(str(exc))
     except CaptureInterrupted as exc:
@@ -355,7 +435,7 @@ def capture_cmd(
         _interrupted("nothing was written")
     err = summary["error"]
     console = _console()
-    console.print(Text(shown(f"wrote {summary['taps']} taps to {summary['path']}")))
+    console.print(Text(shown(f"wrote {'summaries of ' if stats else ''}{summary['taps']} taps to {summary['path']}")))
     if err is not None:
         line = Text(shown(f"backend raised at {err.key or 'an untapped place'}:"), style="bold red")
         line.append(shown(f" {err.exc_type}: {err.message}"))
@@ -395,6 +475,10 @@ def report_cmd(
     except OSError as exc:
         _fail_input(f"cannot read {result}: {exc.strerror or exc}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        from .stats_dump import is_stats_dump
+        if is_stats_dump(result):
+            _fail_input(f"{result} is a stats dump (per-tap summaries), not a diff result: compare two with "
+                        "`parity diff A_stats.h5 B_stats.h5`; `parity report` renders `parity diff --json` results")
         _fail_input(f"{result} is not JSON: {exc}")
     except ValueError as exc:
         _fail_input(f"{result}: {exc}")
@@ -455,8 +539,14 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
     from .api import InputError, load_dump
     from rich.table import Table
 
+    from .stats_dump import is_stats_dump
+    stats = is_stats_dump(dump)
     try:
-        cap = load_dump(dump, allow_incomplete=True)
+        if stats:
+            from .stats_api import load_stats
+            cap = load_stats(dump, allow_incomplete=True)
+        else:
+            cap = load_dump(dump, allow_incomplete=True)
     except InputError as exc:
         _fail_input(str(exc))
     console = _console()
@@ -468,6 +558,10 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
     if cap.error:
         console.print(Text(shown(f"  raised at {cap.error.key}: {cap.error.exc_type}: {cap.error.message}"),
                            style="red"))
+    if stats:
+        from .render_stats import render_stats_capture
+        console.print(render_stats_capture(cap))
+        return
     table = Table(pad_edge=False)
     for col in ("#", "tap", "shape", "dtype", "layout"):
         table.add_column(col)

@@ -272,6 +272,10 @@ class DumpWriter:
     partial file and makes every later call a no-op.
     """
 
+    # What the root says; a subclass writing another format (stats_dump.StatsWriter)
+    # reuses the safe write (exclusive .partial, discard on I/O error, complete last, rename).
+    format_name, format_version = FORMAT_NAME, FORMAT_VERSION
+
     def __init__(self, path: str | os.PathLike, meta: dict, *, compression: str | None = None) -> None:
         if compression not in _COMPRESSIONS:
             raise ValueError(f"compression must be one of {_COMPRESSIONS}, got {compression!r}")
@@ -312,7 +316,8 @@ class DumpWriter:
             self._file = h5py.File(self._raw, "w", libver=_LIBVER)
             _set_attrs(
                 self._file,
-                {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "complete": False, "meta": meta_json},
+                {"format": self.format_name, "format_version": self.format_version, "complete": False,
+                 "meta": meta_json},
             )
             self._file.create_group("layouts")
             self._file.create_group("taps")
@@ -657,6 +662,38 @@ def _verify_crc(ds: Any, array: np.ndarray, what: str) -> None:
         raise _Bad(f"{what}: data does not match its checksum (corrupt)")
 
 
+# Other formats parity writes as HDF5, and what to do with one handed to the wrong reader.
+STATS_FORMAT_NAME = "parity-stats"
+_MISPLACED = {
+    STATS_FORMAT_NAME: "stats dump (per-tap summaries, no tensors): diff it against another stats dump "
+                       "(parity diff REF_stats.h5 CAND_stats.h5) or capture tensors without --stats",
+    FORMAT_NAME: "tensor dump, not a stats dump: diff it against another tensor dump, or capture with --stats",
+}
+
+
+def check_format(f: Any, name: str, version: int) -> None:
+    """_Bad unless the root says format `name`, format_version `version`; a file of another
+    parity format is named as such, with what to do instead."""
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode("utf-8", "replace")
+    if isinstance(fmt, str) and fmt != name and fmt in _MISPLACED:
+        raise _Bad(_MISPLACED[fmt])
+    if not isinstance(fmt, str) or fmt != name:
+        raise _Bad(f"not a {name} file (format attribute is {fmt!r}, expected {name!r})"
+                   if name != FORMAT_NAME else f"not a parity dump (format attribute is {fmt!r}, expected {name!r})")
+    found = f.attrs.get("format_version")
+    if isinstance(found, np.generic):
+        found = found.item()
+    if isinstance(found, bool) or not isinstance(found, int) or found != version:
+        shown = "missing" if found is None else repr(found)
+        raise _Bad(
+            f"dump format_version {shown} is not supported; this version of parity reads "
+            f"format_version {version} only"
+            + (" (written by a newer parity?)" if isinstance(found, int) and found > version else "")
+        )
+
+
 class DumpReader:
     """An open, validated dump.  Headers are read (and checked) at open; data on demand.
 
@@ -701,21 +738,7 @@ class DumpReader:
 
     def _parse(self) -> None:
         f = self._file
-        fmt = f.attrs.get("format")
-        if isinstance(fmt, bytes):
-            fmt = fmt.decode("utf-8", "replace")
-        if not isinstance(fmt, str) or fmt != FORMAT_NAME:
-            raise _Bad(f"not a parity dump (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
-        version = f.attrs.get("format_version")
-        if isinstance(version, np.generic):
-            version = version.item()
-        if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
-            shown = "missing" if version is None else repr(version)
-            raise _Bad(
-                f"dump format_version {shown} is not supported; this version of parity reads "
-                f"format_version {FORMAT_VERSION} only"
-                + (" (written by a newer parity?)" if isinstance(version, int) and version > FORMAT_VERSION else "")
-            )
+        check_format(f, FORMAT_NAME, FORMAT_VERSION)
         self.meta = _json_attr(f, "meta")
         if not isinstance(self.meta, dict):
             raise _Bad("meta attribute must be a JSON object")

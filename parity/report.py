@@ -176,6 +176,9 @@ class Report(Verdict):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         """A Report from what `parity diff --json` wrote; ValueError names what is wrong."""
+        if isinstance(d, dict) and d.get("format") not in (None, REPORT_FORMAT):
+            raise ValueError(f"a {str(d.get('format'))[:40]} result, not a tensor diff's ({REPORT_FORMAT}): "
+                             "`parity report` renders `parity diff --json` results of tensor diffs")
         if not isinstance(d, dict) or "taps" not in d or not isinstance(d["taps"], list):
             raise ValueError("not a parity result: no 'taps' list (write one with `parity diff --json`)")
         try:
