@@ -1,0 +1,124 @@
+"""What a stats scan costs: plain forward vs stats capture vs full capture to host, side by side.
+
+    PYTHONPATH=. python bench/stats.py --config full --device cuda
+
+Per backend (default `pytorch`), median wall time per inference (the modes take turns within
+each run, after a warm-up round; CUDA synchronised) of: the plain run; parity's stats capture (every tap summarised on its
+device, results fetched in batches: `StatsSink`); the same plus writing the stats dump;
+and parity's full capture to host memory (every tap copied to the host: `Capture`).
+Ratios are to the plain run of the same backend in the same process.  Also the bytes
+each mode brings to the host, and a check that the stats run's checksums equal those of
+the full capture's host copies summarised again (the device and the host agree bit for bit).
+Writes bench/results/stats_<card>.json (card, torch version, config, numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from parity.backends import BackendOptions, resolve
+from parity.capture import capture
+from parity.records import Capture
+from parity.stats_device import StatsSink, checksum
+from parity.stats_dump import write_stats
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved(modes: dict, runs: int) -> dict[str, float]:
+    """Median ms per mode, the modes taking turns within each run (so that a machine whose
+    load drifts during the benchmark affects every mode alike); one warm-up round first."""
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for i in range(runs + 1):
+        for name, fn in modes.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {f"{name}_ms": statistics.median(t) for name, t in times.items()}
+
+
+def stats_run(backend):
+    sink = StatsSink(meta=dict(backend.meta))
+    capture(backend, sink)
+    return sink.finish()
+
+
+def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict:
+    backend = resolve(name, opts)
+    path = tmp / f"{name}_stats.h5"
+    row = interleaved({"plain": backend.run, "stats": lambda: stats_run(backend),
+                       "stats_dump": lambda: write_stats(path, stats_run(backend)),
+                       "full_host": lambda: capture(backend, Capture())}, runs)
+    stats, full = stats_run(backend), capture(backend, Capture())
+    row["taps"] = len(stats.taps)
+    row["full_host_bytes"] = sum(t.array.nbytes for t in full.taps)
+    row["stats_host_bytes"] = sum(t.values.nbytes + 8 for t in stats.taps)
+    row["stats_dump_bytes"] = path.stat().st_size
+    # device vs host: the stats run's checksums equal the full capture's taps checksummed on the
+    # host (taps under a token layout are summarised over their valid tokens: compare whole-tensor taps)
+    whole = [s for s in stats.taps if s.tokens == "all"]
+    by_key = full.by_key()
+    mismatches = 0
+    for s in whole:
+        tap = by_key[s.key]
+        host = torch.from_numpy(tap.array)
+        mismatches += int(int(checksum(host)) != s.checksum)
+    row["checksums_checked"], row["checksum_mismatches_device_vs_host"] = len(whole), mismatches
+    del backend
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="tiny", choices=("tiny", "full"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backends", default="pytorch")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    opts = BackendOptions(config=args.config, device=args.device)
+    on_cuda = torch.cuda.is_available() and args.device != "cpu"
+    card = torch.cuda.get_device_name() if on_cuda else "cpu"
+    rows = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("PARITY_BENCH_TMP")) as tmp:
+        for name in args.backends.split(","):
+            rows[name] = bench_backend(name, opts, args.runs, Path(tmp))
+    for r in rows.values():
+        r["ratios"] = {k.removesuffix("_ms"): r[k] / r["plain_ms"] for k in r if k.endswith("_ms") and k != "plain_ms"}
+    result = {"card": card, "torch": torch.__version__, "config": args.config, "device": args.device,
+              "runs": args.runs, "cpus": os.cpu_count(), "backends": rows}
+    print(f"card {card}, torch {torch.__version__}, config {args.config}; median of {args.runs} runs, "
+          "ratios to the plain run")
+    print(f"{'backend':10} {'taps':>5} {'plain ms':>9} {'stats':>16} {'stats + dump':>16} {'full to host':>16} "
+          f"{'host bytes stats / full':>26}")
+    for name, r in rows.items():
+        cells = [f"{r[k + '_ms']:8.2f} {r['ratios'][k]:5.2f}x" for k in ("stats", "stats_dump", "full_host")]
+        print(f"{name:10} {r['taps']:5d} {r['plain_ms']:9.2f} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
+              f"{r['stats_host_bytes']:>12,} / {r['full_host_bytes']:,}")
+        print(f"{'':10} checksums device vs host: {r['checksum_mismatches_device_vs_host']} of "
+              f"{r['checksums_checked']} whole-tensor taps differ")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in card).strip("_").lower()
+    path = out / f"stats_{slug}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
