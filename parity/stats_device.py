@@ -23,31 +23,10 @@ import torch
 from .records import CaptureError, Layout, TapInfo
 from .stats import FIELD_INDEX, FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
 
-CHUNK_ELEMENTS = 1 << 24  # elements reduced at a time: bounds the float64 temporaries (~128 MB each)
-FETCH_EVERY = 256  # taps whose results are stacked and copied to the host at once
+BATCH_ELEMENTS = 1 << 22  # elements summarised together (~128 MB of buffers); a bigger tap goes alone
+FETCH_EVERY = 256  # taps whose results are copied to the host at once
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 _INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _raw_bits(flat: torch.Tensor) -> torch.Tensor:
-    """The elements' raw bits as int64 (signed view of their width, sign-extended)."""
-    if flat.dtype == torch.bool:
-        return flat.view(torch.uint8).to(torch.int64)
-    if flat.dtype == torch.uint8:
-        return flat.to(torch.int64)
-    return flat.view(_INT_VIEWS[flat.element_size()]).to(torch.int64)
-
-
-def checksum(t: torch.Tensor, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """0-d int64 checksum of `t`'s bits in C order, on its device (see the module doc)."""
-    flat = _flat(t)
-    total = torch.zeros((), dtype=torch.int64, device=flat.device)
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start:start + chunk]
-        weights = torch.arange(start, start + part.numel(), dtype=torch.int64, device=flat.device)
-        weights = torch.bitwise_or(weights * _GOLDEN, 1)  # wraps mod 2**64: odd weights
-        total = total + (_raw_bits(part) * weights).sum()
-    return total
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -57,60 +36,111 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1)
 
 
-def summarise(t: torch.Tensor, chunk: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 [len(FIELDS)], int64 checksum) of `t`, both on its device, no host sync.
+def _raw_bits(flat: torch.Tensor) -> torch.Tensor:
+    """The elements' raw bits as a signed integer of their width (uint8/bool: unsigned),
+    a view: no copy."""
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8)
+    if flat.dtype == torch.uint8:
+        return flat
+    return flat.view(_INT_VIEWS[flat.element_size()])
 
-    Two passes over float64 chunks: counts, sum, extrema; then moments about the mean,
-    scaled by max |x| so that fourth powers of huge values do not overflow."""
-    flat = _flat(t)
-    device, n = flat.device, flat.numel()
-    f64 = dict(dtype=torch.float64, device=device)
-    if n == 0:
-        values = np.full(len(FIELDS), np.nan)
-        values[[FIELD_INDEX[k] for k in ("count", "finite", "nan", "posinf", "neginf", "zeros", "sum", "l2",
-                                         "mean_abs")]] = 0.0
-        return torch.from_numpy(values).to(device), torch.zeros((), dtype=torch.int64, device=device)
-    zero = torch.zeros((), **f64)
-    counts = torch.zeros(5, **f64)  # finite, nan, posinf, neginf, zeros
-    total, abs_total = zero, zero
-    lo = torch.full((), float("inf"), **f64)
-    hi = torch.full((), float("-inf"), **f64)
-    for start in range(0, n, chunk):
-        x = flat[start:start + chunk].to(torch.float64)
-        finite = torch.isfinite(x)
-        counts = counts + torch.stack([finite.sum(), torch.isnan(x).sum(), (x == float("inf")).sum(),
-                                       (x == float("-inf")).sum(), (x == 0).sum()]).to(torch.float64)
-        xf = torch.where(finite, x, 0.0)
-        total = total + xf.sum()
-        abs_total = abs_total + xf.abs().sum()
-        lo = torch.minimum(lo, torch.where(finite, x, float("inf")).min())
-        hi = torch.maximum(hi, torch.where(finite, x, float("-inf")).max())
-    n_finite = counts[0]
+
+class _Batch:
+    """Taps laid end to end on one device: values as float64, raw bits as int64, and for
+    each element its tap (segment) and its position within the tap.  Filling it costs four
+    device copies per tap; reducing it costs a fixed number of kernels per batch, however
+    many taps it holds (a run of thousands of small taps is launch-bound otherwise)."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device, self.capacity = device, capacity
+        self.x = torch.empty(capacity, dtype=torch.float64, device=device)
+        self.bits = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.seg = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.pos = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.used = 0
+        self.taps: list[int] = []  # the sink's tap indices, one per segment
+
+    def fits(self, n: int) -> bool:
+        return self.used + n <= self.capacity
+
+    def add(self, flat: torch.Tensor, tap: int) -> None:
+        a, b = self.used, self.used + flat.numel()
+        self.x[a:b].copy_(flat)  # exact: every float format widens to float64 exactly
+        self.bits[a:b].copy_(_raw_bits(flat))
+        self.seg[a:b].fill_(len(self.taps))
+        torch.arange(0, b - a, out=self.pos[a:b])
+        self.used = b
+        self.taps.append(tap)
+
+    def reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.used
+        return _reduce(self.x[:end], self.bits[:end], self.seg[:end], self.pos[:end], len(self.taps))
+
+
+def _reduce(x: torch.Tensor, bits: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
+            n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per segment: float64 [n, len(FIELDS)] summaries and int64 [n] checksums, on the
+    device, no host sync.  Two passes: counts, sums, extrema; then moments about each
+    segment's mean, scaled by its max |x| so that fourth powers of huge values do not
+    overflow.  (On CUDA the per-segment float sums use atomic adds: reproducible to
+    rounding, not bit for bit; the checksum, an integer sum, is exact.)"""
+    f64 = dict(dtype=torch.float64, device=x.device)
+
+    def per_segment(v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n, **f64).index_add_(0, seg, v.to(torch.float64))
+
+    def extreme(v: torch.Tensor, fill: float, how: str) -> torch.Tensor:
+        return torch.full((n,), fill, **f64).scatter_reduce_(0, seg, v, how)
+
+    finite = torch.isfinite(x)
+    xf = torch.where(finite, x, 0.0)
+    n_finite = per_segment(finite)
+    total, abs_total = per_segment(xf), per_segment(xf.abs())
+    lo = extreme(torch.where(finite, x, float("inf")), float("inf"), "amin")
+    hi = extreme(torch.where(finite, x, float("-inf")), float("-inf"), "amax")
+    none = n_finite == 0
     max_abs = torch.maximum(lo.abs(), hi.abs())
-    scale = torch.where(n_finite > 0, torch.where(max_abs > 0, max_abs, 1.0), 1.0)
+    scale = torch.where(none | (max_abs == 0), 1.0, max_abs)
     mean = total / n_finite  # NaN without finite elements
-    centre = torch.where(n_finite > 0, mean, 0.0) / scale
-    powers = torch.zeros(4, **f64)  # sums of (x/s)^2 and ((x - mean)/s)^2, ^3, ^4 over finite x
-    for start in range(0, n, chunk):
-        x = flat[start:start + chunk].to(torch.float64)
-        finite = torch.isfinite(x)
-        xs = torch.where(finite, x, 0.0) / scale
-        d = torch.where(finite, xs - centre, 0.0)
-        d2 = d * d
-        powers = powers + torch.stack([(xs * xs).sum(), d2.sum(), (d2 * d).sum(), (d2 * d2).sum()])
-    m2, m3, m4 = powers[1] / n_finite, powers[2] / n_finite, powers[3] / n_finite  # scaled central moments
+    xs = xf / scale[seg]
+    d = torch.where(finite, xs - torch.where(none, 0.0, mean / scale)[seg], 0.0)
+    d2 = d * d
+    m2, m3, m4 = per_segment(d2) / n_finite, per_segment(d2 * d) / n_finite, per_segment(d2 * d2) / n_finite
     spread = m2 > 0
-    nan = torch.full((), float("nan"), **f64)
-    none_finite = n_finite == 0
+    safe_m2 = torch.where(spread, m2, 1.0)
+    nan = torch.full((n,), float("nan"), **f64)
     values = torch.stack([
-        torch.full((), float(n), **f64), n_finite, counts[1], counts[2], counts[3], counts[4],
-        total, mean, scale * torch.sqrt(powers[0]), torch.where(none_finite, zero, abs_total / torch.clamp(n_finite, min=1)),
+        torch.zeros(n, **f64).index_add_(0, seg, torch.ones_like(x)), n_finite,
+        per_segment(torch.isnan(x)), per_segment(torch.isposinf(x)), per_segment(torch.isneginf(x)),
+        per_segment(x == 0), total, mean, scale * torch.sqrt(per_segment(xs * xs)),
+        torch.where(none, 0.0, abs_total / torch.clamp(n_finite, min=1)),
         m2 * scale * scale, torch.sqrt(m2) * scale,
-        torch.where(spread, m3 / torch.where(spread, m2, 1.0) ** 1.5, nan),
-        torch.where(spread, m4 / torch.where(spread, m2, 1.0) ** 2 - 3.0, nan),
-        torch.where(none_finite, nan, lo), torch.where(none_finite, nan, hi), torch.where(none_finite, nan, max_abs),
-    ])
-    return values, checksum(flat, chunk)
+        torch.where(spread, m3 / safe_m2 ** 1.5, nan), torch.where(spread, m4 / safe_m2 ** 2 - 3.0, nan),
+        torch.where(none, nan, lo), torch.where(none, nan, hi), torch.where(none, nan, max_abs),
+    ], dim=1)
+    weights = torch.bitwise_or(pos * _GOLDEN, 1)  # wraps mod 2**64: odd weights
+    checks = torch.zeros(n, dtype=torch.int64, device=x.device).index_add_(0, seg, bits * weights)
+    return values, checks
+
+
+def summarise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 [len(FIELDS)], int64 checksum) of one tensor, on its device, no host sync."""
+    flat = _flat(t)
+    batch = _Batch(flat.device, max(1, flat.numel()))
+    if flat.numel():
+        batch.add(flat, 0)
+        values, checks = batch.reduce()
+        return values[0], checks[0]
+    values = np.full(len(FIELDS), np.nan)
+    values[[FIELD_INDEX[k] for k in ("count", "finite", "nan", "posinf", "neginf", "zeros", "sum", "l2",
+                                     "mean_abs")]] = 0.0
+    return torch.from_numpy(values).to(flat.device), torch.zeros((), dtype=torch.int64, device=flat.device)
+
+
+def checksum(t: torch.Tensor) -> torch.Tensor:
+    """0-d int64 checksum of `t`'s bits in C order, on its device (see the module doc)."""
+    return summarise(t)[1]
 
 
 class StatsSink:
@@ -118,22 +148,27 @@ class StatsSink:
 
     The Recorder hands it each tap as the live device tensor (`add_device_tap`); it
     gathers the valid token positions of a tap whose layout fits (on the device, index
-    tensors cached per layout and device), summarises, and keeps the small results on the
-    device, copying them to the host every `fetch_every` taps (and at `finish`)."""
+    tensors cached per layout and device) and copies the values into a batch on the device;
+    a batch is summarised when full (`batch_elements`), and the small results are copied to
+    the host every `fetch_every` taps (asynchronously into pinned memory on CUDA) and at
+    `finish`.  A tap recorded inside a CUDA graph capture is summarised on its own by
+    kernels recorded into the graph (its values exist only when the graph replays)."""
 
-    def __init__(self, meta: dict | None = None, fetch_every: int = FETCH_EVERY, chunk: int = CHUNK_ELEMENTS,
-                 progress=None) -> None:
-        if fetch_every < 1:
-            raise ValueError(f"fetch_every must be >= 1, got {fetch_every}")
+    def __init__(self, meta: dict | None = None, fetch_every: int = FETCH_EVERY,
+                 batch_elements: int = BATCH_ELEMENTS, progress=None) -> None:
+        if fetch_every < 1 or batch_elements < 1:
+            raise ValueError(f"fetch_every and batch_elements must be >= 1, got {fetch_every}, {batch_elements}")
         self.meta = dict(meta or {})
-        self.fetch_every, self.chunk, self.progress = fetch_every, chunk, progress
+        self.fetch_every, self.batch_elements, self.progress = fetch_every, batch_elements, progress
         self.layouts: dict[str, Layout] = {}
         self.error: CaptureError | None = None
+        self.fetches = 0  # host copies started (a run of N taps makes about N / fetch_every)
         self._gather: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._positions: dict[str, tuple[np.ndarray, str]] = {}
         self._ids: list[tuple] = []  # per tap, host-side identity
-        self._batch: list[tuple[torch.Tensor, torch.Tensor]] = []  # device results not yet fetched
-        self._fetched: list[tuple[torch.Tensor, torch.Tensor, object]] = []  # (values, checksums, event)
+        self._batch: _Batch | None = None  # being filled
+        self._results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # on the device, not fetched
+        self._fetched: list[tuple[list[int], torch.Tensor, torch.Tensor, object]] = []  # (taps, values, checks, event)
 
     # -- sink protocol
 
@@ -149,18 +184,31 @@ class StatsSink:
     def add_device_tap(self, info: TapInfo, order: int, value: torch.Tensor, layout: str | None) -> None:
         shape = tuple(int(s) for s in value.shape)
         picked, tokens, positions = self._valid_tokens(value, layout)
-        values, check = summarise(picked, self.chunk)
         dtype = str(value.dtype).removeprefix("torch.")
+        index = len(self._ids)
         self._ids.append((info, order, dtype, layout, shape, tuple(int(s) for s in picked.shape), tokens, positions))
-        if self._batch and self._batch[-1][0].device != values.device:
-            self._fetch()
-        self._batch.append((values, check))
-        if len(self._batch) >= self.fetch_every and not _graph_capturing():
+        flat = _flat(picked)
+        n = flat.numel()
+        capturing = _graph_capturing()
+        if capturing or n == 0 or n > self.batch_elements:
+            values, checks = summarise(flat)  # on its own
+            self._results.append(([index], values[None], checks[None]))
+        else:
+            if self._batch is not None and (self._batch.device != flat.device or not self._batch.fits(n)):
+                self._close_batch()
+            if self._batch is None:
+                self._batch = _Batch(flat.device, self.batch_elements)
+            self._batch.add(flat, index)
+        if not capturing and self._unfetched() >= self.fetch_every:
+            self._close_batch()
             self._fetch()
         if self.progress is not None:
             self.progress(len(self._ids))
 
     # -- internals
+
+    def _unfetched(self) -> int:
+        return sum(len(taps) for taps, _, _ in self._results) + (len(self._batch.taps) if self._batch else 0)
 
     def _valid_tokens(self, value: torch.Tensor, layout: str | None) -> tuple[torch.Tensor, str, str]:
         """[valid tokens, *features] in canonical order under a fitting layout, else the tensor."""
@@ -180,37 +228,50 @@ class StatsSink:
         rows = value.reshape(-1, *value.shape[2:])
         return rows.index_select(0, self._gather[key]), TOKENS_VALID, positions
 
-    def _fetch(self) -> None:
-        """Stack the pending device results and start their copy to the host (no wait on CUDA)."""
-        if not self._batch:
+    def _close_batch(self) -> None:
+        """Summarise the batch being filled; its buffers are reused (in stream order)."""
+        batch = self._batch
+        if batch is None or not batch.taps:
             return
-        values = torch.stack([v for v, _ in self._batch])
-        checks = torch.stack([c for _, c in self._batch])
-        self._batch = []
-        event = None
-        if values.device.type == "cuda":
-            host_v = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host_c = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
-            host_v.copy_(values, non_blocking=True)
-            host_c.copy_(checks, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            values, checks = host_v, host_c
-        elif values.device.type != "cpu":
-            values, checks = values.cpu(), checks.cpu()
-        self._fetched.append((values, checks, event))
+        values, checks = batch.reduce()
+        self._results.append((list(batch.taps), values, checks))
+        batch.used, batch.taps = 0, []
+
+    def _fetch(self) -> None:
+        """Start copying the summarised results to the host (no wait on CUDA)."""
+        by_device: dict[torch.device, list] = {}
+        for entry in self._results:
+            by_device.setdefault(entry[1].device, []).append(entry)
+        self._results = []
+        for device, entries in by_device.items():
+            taps = [i for t, _, _ in entries for i in t]
+            values = torch.cat([v for _, v, _ in entries])
+            checks = torch.cat([c for _, _, c in entries])
+            event = None
+            if device.type == "cuda":
+                host_v = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                host_c = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
+                host_v.copy_(values, non_blocking=True)
+                host_c.copy_(checks, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                values, checks = host_v, host_c
+            elif device.type != "cpu":
+                values, checks = values.cpu(), checks.cpu()
+            self._fetched.append((taps, values, checks, event))
+            self.fetches += 1
 
     def finish(self, complete: bool = True) -> StatsCapture:
-        """Fetch what is left, wait for the copies, and return the run's summaries."""
+        """Summarise and fetch what is left, wait for the copies, return the run's summaries."""
+        self._close_batch()
         self._fetch()
-        rows_v, rows_c = [], []
-        for values, checks, event in self._fetched:
+        all_v = np.full((len(self._ids), len(FIELDS)), np.nan)
+        all_c = np.zeros(len(self._ids), dtype=np.int64)
+        for taps, values, checks, event in self._fetched:
             if event is not None:
                 event.synchronize()
-            rows_v.append(values.numpy())
-            rows_c.append(checks.numpy())
-        all_v = np.concatenate(rows_v) if rows_v else np.zeros((0, len(FIELDS)))
-        all_c = np.concatenate(rows_c) if rows_c else np.zeros(0, dtype=np.int64)
+            all_v[taps] = values.numpy()
+            all_c[taps] = checks.numpy()
         taps = [TapStats(info, order, dtype, layout, shape, summarised, tokens, positions,
                          np.array(all_v[i], dtype=np.float64), int(all_c[i]))
                 for i, (info, order, dtype, layout, shape, summarised, tokens, positions) in enumerate(self._ids)]
