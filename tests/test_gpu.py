@@ -57,3 +57,55 @@ def test_fault_localised_on_gpu():
     report = compare_captures(capture_live("pytorch", CUDA), capture_live("fast", BackendOptions(
         device="cuda", faults=("nomask",))), Thresholds.parse(0.995, ["*.mlp=0.99"]))
     assert report.first_divergence.key == "prefix.0.attn"
+
+
+def _host_stats(cap):
+    """The CPU summaries of a capture's host copies (the reference for GPU-side summaries)."""
+    import numpy as np
+
+    from parity.stats_device import StatsSink
+
+    views = {"bfloat16": (np.int16, torch.bfloat16), "float8_e4m3fn": (np.int8, torch.float8_e4m3fn),
+             "float8_e5m2": (np.int8, torch.float8_e5m2)}
+    sink = StatsSink()
+    for name, layout in cap.layouts.items():
+        sink.add_layout(name, layout)
+    for t in cap.taps:
+        if t.dtype in views:
+            value = torch.from_numpy(t.array.view(views[t.dtype][0])).view(views[t.dtype][1])
+        else:
+            value = torch.from_numpy(t.array)
+        sink.add_device_tap(t.info, t.order, value, t.layout)
+    return sink.finish()
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "fast"])
+def test_stats_on_the_gpu_equal_the_host_copies_summarised_on_the_cpu(backend):
+    """Batched GPU summaries (and, for `fast`, summaries recorded inside its CUDA graphs)
+    equal the CPU's summaries of the same run's host copies: checksums bit for bit, the
+    float64 summaries to rounding (the GPU sums with atomics)."""
+    import numpy as np
+
+    from parity.backends import resolve
+    from parity.capture import capture
+    from parity.records import Capture
+    from parity.stats_device import StatsSink
+
+    b = resolve(backend, CUDA)
+    full = capture(b, Capture())
+    sink = StatsSink()
+    capture(b, sink)
+    gpu = sink.finish()
+    cpu = _host_stats(full)
+    assert [t.key for t in gpu.taps] == [t.key for t in cpu.taps] == [t.key for t in full.taps]
+    for g, c in zip(gpu.taps, cpu.taps):
+        assert g.checksum == c.checksum, g.key
+        np.testing.assert_allclose(g.values, c.values, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=g.key)
+    assert sink.fetches <= len(gpu.taps) // 256 + 2  # batched, not per tap
+
+
+def test_stats_diff_on_the_gpu_flags_nomask_at_prefix_0_attn():
+    from parity.stats_api import diff_stats_live
+
+    report = diff_stats_live("pytorch", "flash_fp8", CUDA, ("nomask",))
+    assert report.first_divergence.key == "prefix.0.attn"

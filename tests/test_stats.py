@@ -438,3 +438,28 @@ def test_offline_stats_diff_needs_no_torch(tmp_path):
               f"r = CliRunner().invoke(app, ['inspect', {str(path)!r}]); assert r.exit_code == 0, r.output\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_readme_stats_section_runs_as_documented(tmp_path, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("## Stats-only scans")
+    section = text[start:text.index("\n## ", start + 1)]
+    monkeypatch.chdir(tmp_path)
+    outputs, ran = [], 0
+    for line in section.splitlines():
+        m = re.fullmatch(r"parity (.*?)(?:\s+# (?:exit (\d))?.*)?", line.strip())
+        if not m:
+            continue
+        code, out = cli(*shlex.split(m.group(1)))
+        assert code == int(m.group(2) or 0), (line, out)
+        outputs.append(out)
+        ran += 1
+    assert ran == 5
+    for needle in ("FIRST DIVERGENCE (stats): prefix.0.attn", "bits first differ at prefix.0.attn",
+                   "(39 of 413 taps in all)", "CAPTURE IN FULL: --taps 'prefix.0.*,prefix.embed'",
+                   "fail: rel_norm +0.149, rel_std +0.145 beyond 0.05"):
+        assert needle in section and needle in "".join(outputs), needle
