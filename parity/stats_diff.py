@@ -236,5 +236,9 @@ def diff_stats(ref: StatsCapture, cand: StatsCapture, tol: Thresholds | None = N
     """Compare two stats runs tap by tap in the reference's execution order (fails closed,
     as the tensor diff: missing/extra taps, a raised or interrupted run never pass)."""
     report = diff(ref, cand, tol or tolerances(), compare=compare_stats, labels=labels)
-    return StatsReport(rows=report.rows, ref_meta=report.ref_meta, cand_meta=report.cand_meta,
+    ref_by, cand_by = ref.by_key(), cand.by_key()
+    rows = [r if isinstance(r, StatsResult)  # missing, extra, raised, not reached: the diff's own rows
+            else StatsResult(**vars(r), ref_stats=ref_by.get(r.key), cand_stats=cand_by.get(r.key))
+            for r in report.rows]
+    return StatsReport(rows=rows, ref_meta=report.ref_meta, cand_meta=report.cand_meta,
                        thresholds=report.thresholds, cand_error=report.cand_error, problems=report.problems)

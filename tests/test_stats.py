@@ -463,3 +463,16 @@ def test_readme_stats_section_runs_as_documented(tmp_path, monkeypatch):
                    "(39 of 413 taps in all)", "CAPTURE IN FULL: --taps 'prefix.0.*,prefix.embed'",
                    "fail: rel_norm +0.149, rel_std +0.145 beyond 0.05"):
         assert needle in section and needle in "".join(outputs), needle
+
+
+def test_a_candidate_that_raised_fails_the_stats_diff_at_the_raising_tap(tmp_path):
+    ref, cand = tmp_path / "ref.h5", tmp_path / "cand.h5"
+    assert cli("capture", "--backend", "pytorch", "--stats", "-o", ref)[0] == 0
+    code, out = cli("capture", "--backend", "flash", "--inject", "dtype", "--stats", "-o", cand)
+    assert code == 1 and "backend raised at prefix.0.mlp" in out
+    code, out = cli("diff", ref, cand)
+    assert code == 2 and "capture is incomplete" in one_line_error(out)
+    code, out = cli("diff", ref, cand, "--allow-incomplete", "--json", tmp_path / "r.json")
+    assert code == 1 and "FIRST DIVERGENCE (stats): prefix.0.mlp" in out and "raised" in out
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["counts"]["raised"] == 1 and d["counts"]["not_reached"] > 0 and d["taps"][-1]["ref"] is not None
