@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/stats.py --config full --device cuda
 
-Per backend (default `pytorch`), median wall time per inference (the modes take turns within
+Per backend (default `pytorch,fast`), median wall time per inference (the modes take turns within
 each run, after a warm-up round; CUDA synchronised) of: the plain run; parity's stats capture (every tap summarised on its
 device, results fetched in batches: `StatsSink`); the same plus writing the stats dump;
 and parity's full capture to host memory (every tap copied to the host: `Capture`).
@@ -87,21 +87,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="tiny", choices=("tiny", "full"))
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--backends", default="pytorch")
+    ap.add_argument("--backends", default="pytorch,fast")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     opts = BackendOptions(config=args.config, device=args.device)
     on_cuda = torch.cuda.is_available() and args.device != "cpu"
     card = torch.cuda.get_device_name() if on_cuda else "cpu"
-    rows = {}
+    rows, errors = {}, {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("PARITY_BENCH_TMP")) as tmp:
         for name in args.backends.split(","):
-            rows[name] = bench_backend(name, opts, args.runs, Path(tmp))
+            try:
+                rows[name] = bench_backend(name, opts, args.runs, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - one backend failing must not lose the others' figures
+                print(f"{name}: failed: {type(exc).__name__}: {exc}")
+                errors[name] = f"{type(exc).__name__}: {exc}"
     for r in rows.values():
         r["ratios"] = {k.removesuffix("_ms"): r[k] / r["plain_ms"] for k in r if k.endswith("_ms") and k != "plain_ms"}
     result = {"card": card, "torch": torch.__version__, "config": args.config, "device": args.device,
-              "runs": args.runs, "cpus": os.cpu_count(), "backends": rows}
+              "runs": args.runs, "cpus": os.cpu_count(), "backends": rows, "errors": errors}
     print(f"card {card}, torch {torch.__version__}, config {args.config}; median of {args.runs} runs, "
           "ratios to the plain run")
     print(f"{'backend':10} {'taps':>5} {'plain ms':>9} {'stats':>16} {'stats + dump':>16} {'full to host':>16} "

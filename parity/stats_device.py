@@ -181,6 +181,10 @@ class StatsSink:
     def set_error(self, error: CaptureError) -> None:
         self.error = error
 
+    def set_observation(self, observation: dict) -> None:
+        """How observing changed the run (capture.observation): kept in meta, as a dump does."""
+        self.meta["observation"] = observation
+
     def add_device_tap(self, info: TapInfo, order: int, value: torch.Tensor, layout: str | None) -> None:
         shape = tuple(int(s) for s in value.shape)
         picked, tokens, positions = self._valid_tokens(value, layout)
