@@ -2,9 +2,12 @@
 
 Why on the device: a stats scan exists to avoid moving tensors.  Each tap is reduced where
 it was produced to a float64 vector (`parity.stats.FIELDS`) and an int64 checksum of its
-exact bits; the small results stay on the device and are stacked and copied to the host
-in batches (asynchronously, into pinned memory on CUDA), so a run has no per-tap host
-sync and no full tensor ever leaves the device.
+exact bits.  Taps are laid end to end in a device batch (four copies per tap) and a batch
+is reduced by a fixed number of kernels, however many taps it holds: a model of
+thousands of small taps would otherwise spend its time launching ~75 kernels per tap.
+The small results stay on the device and are copied to the host every few hundred taps
+(asynchronously, into pinned memory on CUDA), so a run has no per-tap host sync and no
+full tensor ever leaves the device.
 
 The checksum: the tap's raw bits read as a signed integer of its element width (bf16 ->
 int16, fp8 -> int8, fp32 -> int32, ...), sign-extended to int64, times an odd
@@ -135,7 +138,17 @@ def summarise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = np.full(len(FIELDS), np.nan)
     values[[FIELD_INDEX[k] for k in ("count", "finite", "nan", "posinf", "neginf", "zeros", "sum", "l2",
                                      "mean_abs")]] = 0.0
-    return torch.from_numpy(values).to(flat.device), torch.zeros((), dtype=torch.int64, device=flat.device)
+    return _to_device(torch.from_numpy(values), flat.device), torch.zeros((), dtype=torch.int64, device=flat.device)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without a host sync: on CUDA through pinned memory,
+    asynchronously (also inside a CUDA graph capture, where a copy from pageable memory is
+    not allowed; the pinned source is kept alive by the caching host allocator's stream
+    tracking, and by the caller while a graph may replay the copy)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def checksum(t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +177,7 @@ class StatsSink:
         self.error: CaptureError | None = None
         self.fetches = 0  # host copies started (a run of N taps makes about N / fetch_every)
         self._gather: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._keep: list = []  # index tensors made inside a CUDA graph capture, kept while it may replay
         self._positions: dict[str, tuple[np.ndarray, str]] = {}
         self._ids: list[tuple] = []  # per tap, host-side identity
         self._batch: _Batch | None = None  # being filled
@@ -227,10 +241,16 @@ class StatsSink:
             self._positions[layout] = (order, f"{zlib.crc32(canonical.tobytes()):08x}")
         order, positions = self._positions[layout]
         key = (layout, value.device)
-        if key not in self._gather:
-            self._gather[key] = torch.as_tensor(order, dtype=torch.int64).to(value.device)
+        index = self._gather.get(key)
+        if index is None:
+            host = torch.as_tensor(order, dtype=torch.int64)
+            index = _to_device(host, value.device)
+            if _graph_capturing():  # valid only once the graph replays: used by this tap alone
+                self._keep.append((host, index))
+            else:
+                self._gather[key] = index
         rows = value.reshape(-1, *value.shape[2:])
-        return rows.index_select(0, self._gather[key]), TOKENS_VALID, positions
+        return rows.index_select(0, index), TOKENS_VALID, positions
 
     def _close_batch(self) -> None:
         """Summarise the batch being filled; its buffers are reused (in stream order)."""
