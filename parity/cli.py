@@ -190,6 +190,9 @@ def _diff_stats(dumps, ref, cand, inject, options, taps, stats_tol, json_out, sh
     bare = [s for s in stats_tol or [] if "=" not in s]
     try:
         default = float(bare[-1]) if bare else DEFAULT_TOLERANCE
+    except ValueError:
+        _fail_input(f"--stats-tol: bad value {bare[-1]!r}: expected VALUE or GLOB=VALUE, e.g. 0.05 or 'expert.*=0.1'")
+    try:
         tol = tolerances(default, specs)
     except ValueError as exc:
         _fail_input(f"--stats-tol: {exc}")
@@ -422,6 +425,8 @@ def capture_cmd(
         options = _options(config, seed, device, dtype, batch, _faults(inject), weights, inputs, padding, seq_len)
         with _sigterm_interrupts(), _progress(quiet) as progress:
             if stats:
+                if compression:
+                    _fail_input("--compression applies to tensor dumps; a stats dump is a few KB")
                 from .stats_api import capture_stats
                 summary = capture_stats(backend, options, output, taps or settings.taps, progress)
             else:

@@ -423,6 +423,8 @@ def test_live_stats_diff_of_flash_passes():
     (("diff", "--ref", "pytorch", "--cand", "flash", "--stats", "--min-cos", "0.9"), "--min-cos applies to tensor"),
     (("diff", "--ref", "pytorch", "--cand", "flash", "--stats", "--stats-tol", "2"), "outside (0, 1]"),
     (("diff", "--ref", "pytorch", "--stats"), "needs both --ref and --cand"),
+    (("diff", "a.h5", "b.h5", "--stats-tol", "abc"), "expected VALUE or GLOB=VALUE"),
+    (("capture", "--backend", "pytorch", "--stats", "--compression", "gzip"), "--compression applies to tensor"),
 ])
 def test_stats_usage_errors_exit_2_with_one_line(args, needle):
     code, out = cli(*args)
