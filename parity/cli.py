@@ -160,6 +160,30 @@ StatsTolOpt = typer.Option(None, "--stats-tol", help="Stats diffs: relative tole
                                                      "(repeatable; last match wins).")
 
 
+TapsFromOpt = typer.Option(None, "--taps-from", help="Only the taps a stats diff suggests capturing in full: its "
+                                                     "--json result (suggested.taps).")
+
+
+def _taps_from(path: Optional[Path], taps: Optional[str]) -> Optional[str]:
+    """--taps, or the selection a stats diff's JSON result suggests."""
+    if path is None:
+        return taps
+    if taps:
+        _fail_input("give --taps or --taps-from, not both")
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        _fail_input(f"cannot read {path}: {exc.strerror or exc}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        _fail_input(f"{path} is not JSON: {exc}")
+    if not isinstance(data, dict) or data.get("format") != "parity-stats-report":
+        _fail_input(f"{path} is not a stats diff result (write one with `parity diff A_stats.h5 B_stats.h5 --json`)")
+    suggested = data.get("suggested")
+    if not isinstance(suggested, dict) or not isinstance(suggested.get("taps"), str) or not suggested["taps"]:
+        _fail_input(f"{path}: the stats diff passed, so it suggests no taps to capture")
+    return suggested["taps"]
+
+
 def _stats_dumps(dumps: Optional[List[Path]]) -> bool:
     """Whether any of the given dumps is a stats dump (then both must be)."""
     if not dumps:
@@ -247,7 +271,7 @@ def diff_cmd(
                                                                     "CHUNK canonical token positions.", min=1),
     no_isolate: bool = typer.Option(False, "--no-isolate", help="Live diffs: do not re-run the first failing "
                                                                 "component on the reference's inputs."),
-    stats: bool = StatsOpt, stats_tol: Optional[List[str]] = StatsTolOpt,
+    stats: bool = StatsOpt, stats_tol: Optional[List[str]] = StatsTolOpt, taps_from: Optional[Path] = TapsFromOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
@@ -266,6 +290,7 @@ def diff_cmd(
     from .diff import Thresholds
     from .render import render_report
 
+    taps = _taps_from(taps_from, taps)
     if stats or stats_tol or _stats_dumps(dumps):
         _diff_stats(dumps, ref, cand, inject, lambda: _options(config, seed, device, dtype, batch, weights=weights,
                                                                  inputs=inputs, padding=padding, seq_len=seq_len),
@@ -408,7 +433,7 @@ def capture_cmd(
                                           help="Most MB of tap copies between the model and the disk (staged "
                                                "on their way to the host, queued for the writer thread); past it "
                                                "the capture waits for the writer."),
-    stats: bool = StatsOpt,
+    stats: bool = StatsOpt, taps_from: Optional[Path] = TapsFromOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Run one backend with taps installed and write every tap to an HDF5 dump.
@@ -419,6 +444,7 @@ def capture_cmd(
     """
     from .api import CaptureInterrupted, InputError, capture_to_dump
     settings = _settings()
+    taps = _taps_from(taps_from, taps)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
     output = output or settings.output_dir / f"{safe}{'_stats' if stats else ''}.h5"
     try:

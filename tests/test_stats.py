@@ -395,6 +395,13 @@ def test_stats_diff_flags_nomask_where_the_tensor_diff_does(tmp_path):
     assert code == 1 and "FIRST DIVERGENCE: prefix.0.attn" in out and "still matching just before it" in out
     code, out = cli("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "nomask", "--no-isolate")
     assert "FIRST DIVERGENCE: prefix.0.attn" in out
+    # --taps-from: full captures of just the suggested taps, diffed offline
+    focus_ref, focus_cand = tmp_path / "focus_ref.h5", tmp_path / "focus_cand.h5"
+    code, out = cli("capture", "--backend", "pytorch", "--taps-from", result, "-o", focus_ref)
+    assert code == 0 and "wrote 9 taps" in out  # prefix.embed and prefix.0's eight components
+    assert cli("capture", "--backend", "flash_fp8", "--inject", "nomask", "--taps-from", result, "-o", focus_cand)[0] == 0
+    code, out = cli("diff", focus_ref, focus_cand)
+    assert code == 1 and "FIRST DIVERGENCE: prefix.0.attn" in out
 
 
 @pytest.mark.parametrize("fault", ["rope_base", "mid_norm"])
@@ -425,6 +432,8 @@ def test_live_stats_diff_of_flash_passes():
     (("diff", "--ref", "pytorch", "--stats"), "needs both --ref and --cand"),
     (("diff", "a.h5", "b.h5", "--stats-tol", "abc"), "expected VALUE or GLOB=VALUE"),
     (("capture", "--backend", "pytorch", "--stats", "--compression", "gzip"), "--compression applies to tensor"),
+    (("capture", "--backend", "pytorch", "--taps-from", "pyproject.toml"), "is not JSON"),
+    (("capture", "--backend", "pytorch", "--taps-from", "x.json", "--taps", "a"), "--taps or --taps-from"),
 ])
 def test_stats_usage_errors_exit_2_with_one_line(args, needle):
     code, out = cli(*args)
@@ -460,7 +469,7 @@ def test_readme_stats_section_runs_as_documented(tmp_path, monkeypatch):
         assert code == int(m.group(2) or 0), (line, out)
         outputs.append(out)
         ran += 1
-    assert ran == 5
+    assert ran == 6
     for needle in ("FIRST DIVERGENCE (stats): prefix.0.attn", "bits first differ at prefix.0.attn",
                    "(39 of 413 taps in all)", "CAPTURE IN FULL: --taps 'prefix.0.*,prefix.embed'",
                    "fail: rel_norm +0.149, rel_std +0.145 beyond 0.05"):
