@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .records import CaptureError, Layout, TapInfo
-from .stats import FIELD_INDEX, FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
+from .stats import FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
 
 BATCH_ELEMENTS = 1 << 22  # elements summarised together (~128 MB of buffers); a bigger tap goes alone
 FETCH_EVERY = 256  # taps whose results are copied to the host at once
@@ -67,78 +67,126 @@ class _Batch:
     def fits(self, n: int) -> bool:
         return self.used + n <= self.capacity
 
-    def add(self, flat: torch.Tensor, tap: int) -> None:
+    def add(self, flat: torch.Tensor, tap: int, offset: int = 0) -> None:
+        """Append a tap (or, from `offset`, a piece of one) as the next segment."""
         a, b = self.used, self.used + flat.numel()
         self.x[a:b].copy_(flat)  # exact: every float format widens to float64 exactly
         self.bits[a:b].copy_(_raw_bits(flat))
         self.seg[a:b].fill_(len(self.taps))
-        torch.arange(0, b - a, out=self.pos[a:b])
+        torch.arange(offset, offset + b - a, out=self.pos[a:b])
         self.used = b
         self.taps.append(tap)
 
+    def clear(self) -> None:
+        self.used, self.taps = 0, []
+
     def reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summaries [segments, len(FIELDS)] and checksums [segments] of what the batch holds."""
+        partial, checks = self.first_pass()
+        return _assemble(partial, self.second_pass(partial)), checks
+
+    def _view(self):
         end = self.used
-        return _reduce(self.x[:end], self.bits[:end], self.seg[:end], self.pos[:end], len(self.taps))
+        return self.x[:end], self.seg[:end], len(self.taps)
+
+    def first_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per segment: float64 [n, 10] (count, finite, nan, +inf, -inf, zeros, sum, sum |x|,
+        min, max over finite x) and the int64 checksum; partials of pieces of one tap add
+        up (min/max: take the extremes) to the tap's."""
+        x, seg, n = self._view()
+        f64 = dict(dtype=torch.float64, device=x.device)
+
+        def per_segment(v: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(n, **f64).index_add_(0, seg, v.to(torch.float64))
+
+        def extreme(v: torch.Tensor, fill: float, how: str) -> torch.Tensor:
+            return torch.full((n,), fill, **f64).scatter_reduce_(0, seg, v, how)
+
+        finite = torch.isfinite(x)
+        xf = torch.where(finite, x, 0.0)
+        partial = torch.stack([
+            per_segment(torch.ones_like(x)), per_segment(finite), per_segment(torch.isnan(x)),
+            per_segment(torch.isposinf(x)), per_segment(torch.isneginf(x)), per_segment(x == 0),
+            per_segment(xf), per_segment(xf.abs()),
+            extreme(torch.where(finite, x, float("inf")), float("inf"), "amin"),
+            extreme(torch.where(finite, x, float("-inf")), float("-inf"), "amax"),
+        ], dim=1)
+        weights = torch.bitwise_or(self.pos[:self.used] * _GOLDEN, 1)  # wraps mod 2**64: odd weights
+        checks = torch.zeros(n, dtype=torch.int64, device=x.device).index_add_(0, seg, self.bits[:self.used] * weights)
+        return partial, checks
+
+    def second_pass(self, partial: torch.Tensor) -> torch.Tensor:
+        """Per segment: float64 [n, 4] sums of (x/s)^2 and ((x - mean)/s)^2, ^3, ^4 over finite
+        x, s = the tap's max |x| (so fourth powers of huge values do not overflow); `partial`
+        holds each segment's tap's whole first pass."""
+        x, seg, n = self._view()
+        mean, scale = _centre(partial)
+        finite = torch.isfinite(x)
+        xs = torch.where(finite, x, 0.0) / scale[seg]
+        d = torch.where(finite, xs - (mean / scale)[seg], 0.0)
+        d2 = d * d
+        zeros = torch.zeros(n, dtype=torch.float64, device=x.device)
+        return torch.stack([zeros.clone().index_add_(0, seg, xs * xs), zeros.clone().index_add_(0, seg, d2),
+                            zeros.clone().index_add_(0, seg, d2 * d), zeros.clone().index_add_(0, seg, d2 * d2)],
+                           dim=1)
 
 
-def _reduce(x: torch.Tensor, bits: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor,
-            n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per segment: float64 [n, len(FIELDS)] summaries and int64 [n] checksums, on the
-    device, no host sync.  Two passes: counts, sums, extrema; then moments about each
-    segment's mean, scaled by its max |x| so that fourth powers of huge values do not
-    overflow.  (On CUDA the per-segment float sums use atomic adds: reproducible to
-    rounding, not bit for bit; the checksum, an integer sum, is exact.)"""
-    f64 = dict(dtype=torch.float64, device=x.device)
-
-    def per_segment(v: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n, **f64).index_add_(0, seg, v.to(torch.float64))
-
-    def extreme(v: torch.Tensor, fill: float, how: str) -> torch.Tensor:
-        return torch.full((n,), fill, **f64).scatter_reduce_(0, seg, v, how)
-
-    finite = torch.isfinite(x)
-    xf = torch.where(finite, x, 0.0)
-    n_finite = per_segment(finite)
-    total, abs_total = per_segment(xf), per_segment(xf.abs())
-    lo = extreme(torch.where(finite, x, float("inf")), float("inf"), "amin")
-    hi = extreme(torch.where(finite, x, float("-inf")), float("-inf"), "amax")
+def _centre(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 0 where no finite element) and the scale (max |x|, 1 where that is 0 or undefined)."""
+    n_finite, lo, hi = partial[:, 1], partial[:, 8], partial[:, 9]
     none = n_finite == 0
     max_abs = torch.maximum(lo.abs(), hi.abs())
-    scale = torch.where(none | (max_abs == 0), 1.0, max_abs)
-    mean = total / n_finite  # NaN without finite elements
-    xs = xf / scale[seg]
-    d = torch.where(finite, xs - torch.where(none, 0.0, mean / scale)[seg], 0.0)
-    d2 = d * d
-    m2, m3, m4 = per_segment(d2) / n_finite, per_segment(d2 * d) / n_finite, per_segment(d2 * d2) / n_finite
+    return (torch.where(none, 0.0, partial[:, 6] / torch.clamp(n_finite, min=1)),
+            torch.where(none | (max_abs == 0), 1.0, max_abs))
+
+
+def _assemble(partial: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
+    """The FIELDS vector of each segment from its first-pass partial and second-pass powers."""
+    n_finite, total, abs_total, lo, hi = partial[:, 1], partial[:, 6], partial[:, 7], partial[:, 8], partial[:, 9]
+    _, scale = _centre(partial)
+    none = n_finite == 0
+    nan = torch.full_like(n_finite, float("nan"))
+    m2, m3, m4 = (powers[:, k] / n_finite for k in (1, 2, 3))  # scaled central moments (NaN if none finite)
     spread = m2 > 0
     safe_m2 = torch.where(spread, m2, 1.0)
-    nan = torch.full((n,), float("nan"), **f64)
-    values = torch.stack([
-        torch.zeros(n, **f64).index_add_(0, seg, torch.ones_like(x)), n_finite,
-        per_segment(torch.isnan(x)), per_segment(torch.isposinf(x)), per_segment(torch.isneginf(x)),
-        per_segment(x == 0), total, mean, scale * torch.sqrt(per_segment(xs * xs)),
+    max_abs = torch.maximum(lo.abs(), hi.abs())
+    return torch.stack([
+        partial[:, 0], n_finite, partial[:, 2], partial[:, 3], partial[:, 4], partial[:, 5],
+        total, total / n_finite, scale * torch.sqrt(powers[:, 0]),
         torch.where(none, 0.0, abs_total / torch.clamp(n_finite, min=1)),
         m2 * scale * scale, torch.sqrt(m2) * scale,
         torch.where(spread, m3 / safe_m2 ** 1.5, nan), torch.where(spread, m4 / safe_m2 ** 2 - 3.0, nan),
         torch.where(none, nan, lo), torch.where(none, nan, hi), torch.where(none, nan, max_abs),
     ], dim=1)
-    weights = torch.bitwise_or(pos * _GOLDEN, 1)  # wraps mod 2**64: odd weights
-    checks = torch.zeros(n, dtype=torch.int64, device=x.device).index_add_(0, seg, bits * weights)
-    return values, checks
 
 
-def summarise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 [len(FIELDS)], int64 checksum) of one tensor, on its device, no host sync."""
+def summarise(t: torch.Tensor, batch_elements: int = BATCH_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 [len(FIELDS)], int64 checksum) of one tensor, on its device, no host sync.
+
+    A tensor above `batch_elements` is taken in pieces of that size (device memory stays
+    bounded): first passes of all pieces, added up; then second passes about the tap's mean."""
     flat = _flat(t)
-    batch = _Batch(flat.device, max(1, flat.numel()))
-    if flat.numel():
-        batch.add(flat, 0)
-        values, checks = batch.reduce()
-        return values[0], checks[0]
-    values = np.full(len(FIELDS), np.nan)
-    values[[FIELD_INDEX[k] for k in ("count", "finite", "nan", "posinf", "neginf", "zeros", "sum", "l2",
-                                     "mean_abs")]] = 0.0
-    return _to_device(torch.from_numpy(values), flat.device), torch.zeros((), dtype=torch.int64, device=flat.device)
+    total = flat.numel()
+    size = max(1, min(total, batch_elements))
+    batch = _Batch(flat.device, size)
+    pieces = range(0, total, size)
+    partial = torch.zeros(1, 10, dtype=torch.float64, device=flat.device)
+    partial[:, 8], partial[:, 9] = float("inf"), float("-inf")
+    checks = torch.zeros(1, dtype=torch.int64, device=flat.device)
+    for start in pieces:
+        batch.clear()
+        batch.add(flat[start:start + size], 0, offset=start)
+        p, c = batch.first_pass()
+        partial = torch.cat([partial[:, :8] + p[:, :8], torch.minimum(partial[:, 8:9], p[:, 8:9]),
+                             torch.maximum(partial[:, 9:], p[:, 9:])], dim=1)
+        checks = checks + c
+    powers = torch.zeros(1, 4, dtype=torch.float64, device=flat.device)
+    for start in pieces:
+        if len(pieces) > 1:  # a single piece is still in the batch
+            batch.clear()
+            batch.add(flat[start:start + size], 0, offset=start)
+        powers = powers + batch.second_pass(partial)
+    return _assemble(partial, powers)[0], checks[0]
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -209,7 +257,7 @@ class StatsSink:
         n = flat.numel()
         capturing = _graph_capturing()
         if capturing or n == 0 or n > self.batch_elements:
-            values, checks = summarise(flat)  # on its own
+            values, checks = summarise(flat, self.batch_elements)  # on its own
             self._results.append(([index], values[None], checks[None]))
         else:
             if self._batch is not None and (self._batch.device != flat.device or not self._batch.fits(n)):
@@ -259,7 +307,7 @@ class StatsSink:
             return
         values, checks = batch.reduce()
         self._results.append((list(batch.taps), values, checks))
-        batch.used, batch.taps = 0, []
+        batch.clear()
 
     def _fetch(self) -> None:
         """Start copying the summarised results to the host (no wait on CUDA)."""

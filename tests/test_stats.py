@@ -94,8 +94,12 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.flo
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_summaries_equal_float64_numpy_references(dtype):
-    assert_summary(sample(dtype))
+@pytest.mark.parametrize("pieces", [None, 16], ids=["whole", "in_pieces"])
+def test_summaries_equal_float64_numpy_references(dtype, pieces):
+    """`in_pieces`: a tap bigger than a batch is summarised piece by piece (first passes
+    added up, then moments about the whole tap's mean): the same numbers."""
+    t = sample(dtype)
+    assert_summary(t, *(summarise(t, pieces) if pieces else summarise(t)))
 
 
 def test_taps_summarised_together_in_batches_equal_their_references():
@@ -141,6 +145,7 @@ def test_edge_cases_have_defined_summaries(case):
          "huge_f64": torch.tensor([1e300, -1.5e300, 3e299], dtype=torch.float64),
          "denormal": torch.tensor([1e-45, -3e-45, 0.0], dtype=torch.float32)}[case]
     assert_summary(t)
+    assert_summary(t, *summarise(t, batch_elements=2))
     got = dict(zip(FIELDS, summarise(t)[0].tolist()))
     # no overflow where the value is representable (a variance of 1e300-sized values is not)
     assert not np.isinf([got[k] for k in ("l2", "std", "mean", "skew", "kurtosis")]).any(), got
