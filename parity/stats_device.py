@@ -189,16 +189,6 @@ def summarise(t: torch.Tensor, batch_elements: int = BATCH_ELEMENTS) -> tuple[to
     return _assemble(partial, powers)[0], checks[0]
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device` without a host sync: on CUDA through pinned memory,
-    asynchronously (also inside a CUDA graph capture, where a copy from pageable memory is
-    not allowed; the pinned source is kept alive by the caching host allocator's stream
-    tracking, and by the caller while a graph may replay the copy)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 def checksum(t: torch.Tensor) -> torch.Tensor:
     """0-d int64 checksum of `t`'s bits in C order, on its device (see the module doc)."""
     return summarise(t)[1]
@@ -226,7 +216,7 @@ class StatsSink:
         self.fetches = 0  # host copies started (a run of N taps makes about N / fetch_every)
         self._gather: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._keep: list = []  # index tensors made inside a CUDA graph capture, kept while it may replay
-        self._positions: dict[str, tuple[np.ndarray, str]] = {}
+        self._positions: dict[str, tuple[torch.Tensor, str]] = {}  # per layout: valid slots, their CRC
         self._ids: list[tuple] = []  # per tap, host-side identity
         self._batch: _Batch | None = None  # being filled
         self._results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # on the device, not fetched
@@ -235,7 +225,18 @@ class StatsSink:
     # -- sink protocol
 
     def add_layout(self, name: str, layout: Layout) -> None:
+        """Also works out, before the run, which slots hold valid tokens in canonical order
+        (on the host, pinned where CUDA is available: copied to a device later without a sync,
+        even inside a CUDA graph capture, where no host memory may be allocated)."""
         self.layouts[name] = layout
+        idx = layout.slots.reshape(-1)
+        keep = np.flatnonzero(idx >= 0)
+        order = keep[np.argsort(idx[keep], kind="stable")]
+        canonical = np.ascontiguousarray(idx[order], dtype=np.int64)
+        host = torch.as_tensor(order, dtype=torch.int64)
+        if torch.cuda.is_available():
+            host = host.pin_memory()
+        self._positions[name] = (host, f"{zlib.crc32(canonical.tobytes()):08x}")
 
     def add_tap(self, tap) -> None:
         raise TypeError("StatsSink takes taps as device tensors (add_device_tap), never host copies")
@@ -281,20 +282,13 @@ class StatsSink:
         spec = self.layouts.get(layout) if layout else None
         if spec is None or value.dim() < 2 or tuple(value.shape[:2]) != spec.slots.shape:
             return value, TOKENS_ALL, ""
-        if layout not in self._positions:
-            idx = spec.slots.reshape(-1)
-            keep = np.flatnonzero(idx >= 0)
-            order = keep[np.argsort(idx[keep], kind="stable")]
-            canonical = np.ascontiguousarray(idx[order], dtype=np.int64)
-            self._positions[layout] = (order, f"{zlib.crc32(canonical.tobytes()):08x}")
-        order, positions = self._positions[layout]
+        host, positions = self._positions[layout]
         key = (layout, value.device)
         index = self._gather.get(key)
         if index is None:
-            host = torch.as_tensor(order, dtype=torch.int64)
-            index = _to_device(host, value.device)
+            index = host.to(value.device, non_blocking=True)
             if _graph_capturing():  # valid only once the graph replays: used by this tap alone
-                self._keep.append((host, index))
+                self._keep.append(index)
             else:
                 self._gather[key] = index
         rows = value.reshape(-1, *value.shape[2:])
