@@ -10,6 +10,7 @@ Format (format "parity-stats", format_version 1)::
     /stats/index       uint8 [bytes]: UTF-8 JSON list, per tap {key, name, stack, layer, component, step,
                        order, dtype, layout, shape, summarised_shape, tokens, positions}; attr crc32
     /error             optional, as in a tensor dump: where the backend raised
+    /layouts, /taps    present and empty (made by the shared writer)
 
 It is written by the tensor dump's own writer (`DumpWriter`: exclusive `<path>.partial`,
 discarded on an I/O error, `complete` written last, renamed at close) and read through
