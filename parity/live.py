@@ -27,7 +27,8 @@ import torch
 
 from .capture import StopRun, capture
 from .codec import storage_dtype
-from .device_metrics import DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_TAPS, Reducer, group_metrics
+from . import device_metrics
+from .device_metrics import Reducer, group_metrics
 from .diff import Thresholds, TapResult, align, compare_taps, diff, judged
 from .records import Capture, Tap, TapInfo
 from .report import Report
@@ -120,11 +121,12 @@ class LiveComparer(_Sink):
 
     def __init__(self, stash: ReferenceStash, meta: dict, thresholds: Thresholds, exact_dtypes: bool,
                  chunk: int | None = None, stop_at_first: bool = False, progress=None, what: str = "",
-                 max_taps: int = DEFAULT_MAX_TAPS, max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+                 max_taps: int | None = None, max_elements: int | None = None) -> None:
         super().__init__(meta, progress, what, total=len(stash.headers))
         self.stash, self.thresholds, self.exact_dtypes, self.chunk = stash, thresholds, exact_dtypes, chunk
         self.stop_at_first = stop_at_first
-        self.reducer = Reducer(chunk, eager=stop_at_first, max_taps=max_taps, max_elements=max_elements)
+        self.reducer = Reducer(chunk, eager=stop_at_first, max_taps=max_taps or device_metrics.DEFAULT_MAX_TAPS,
+                               max_elements=max_elements or device_metrics.DEFAULT_MAX_ELEMENTS)
         self.results: dict[str, TapResult] = {}
         self.stopped_at: str | None = None
 
