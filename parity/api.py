@@ -239,7 +239,8 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
 
     `on_device` (default): compare on the device as the candidate produces each tap
     (parity.live; no tap is copied to the host), the reference's taps kept on the device
-    up to `ref_device_mb` (None: no limit) and in pinned host memory past it.  Otherwise
+    up to `ref_device_mb` (None: half the free device memory) and in pinned host memory
+    past it.  Otherwise
     both runs are captured to host memory and diffed there.  `stop_at_first` (on-device
     only) ends the candidate run at the first failing tap."""
     from dataclasses import replace

@@ -266,7 +266,8 @@ def reduce_batch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     # Largest |c - r| and first non-finite element: per unit, then the first unit holding
     # its group's extreme, in the group's own flat order.
     peak, at = torch.stack([absd, invalid.to(torch.float64)]).max(-1)  # [2, K, U]
-    vals, where = peak[..., plan.src], at[..., plan.src].to(torch.float64) + plan.offset  # [2, K, P]
+    vals = peak.index_select(-1, plan.src)  # [2, K, P]
+    where = at.index_select(-1, plan.src).to(torch.float64) + plan.offset
     groups = per_group.shape[-1]
     dst = plan.dst.expand_as(vals)
     top = torch.full((2, k, groups), -math.inf, dtype=torch.float64, device=x.device)

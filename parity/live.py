@@ -31,6 +31,7 @@ from . import device_metrics
 from .device_metrics import Reducer, group_metrics
 from .diff import Thresholds, TapResult, align, compare_taps, diff, judged
 from .records import Capture, Tap, TapInfo
+from .staging import graph_capturing
 from .report import Report
 
 @dataclass(frozen=True)
@@ -96,6 +97,12 @@ class ReferenceStash(_Sink):
         self.headers.append(header)
         self.by_key[header.key] = header
         nbytes = value.numel() * value.element_size()
+        if graph_capturing():  # recorded into the graph: the copy is made at each replay, on the device
+            self.tensors[header.key] = value.clone()
+            self.device_bytes += nbytes
+            return
+        if self.device_budget is None and value.device.type == "cuda":
+            self.device_budget = torch.cuda.mem_get_info(value.device)[0] // 2
         over = self.device_budget is not None and self.device_bytes + nbytes > self.device_budget
         if value.device.type == "cuda" and over:
             kept = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -128,17 +135,33 @@ class LiveComparer(_Sink):
         self.reducer = Reducer(chunk, eager=stop_at_first, max_taps=max_taps or device_metrics.DEFAULT_MAX_TAPS,
                                max_elements=max_elements or device_metrics.DEFAULT_MAX_ELEMENTS)
         self.results: dict[str, TapResult] = {}
+        self.aligned: dict[tuple, object] = {}
+        self.deferred: list = []  # taps recorded inside a CUDA graph capture, compared after the run
         self.stopped_at: str | None = None
 
     def add_device_tap(self, info: TapInfo, order: int, value: torch.Tensor, layout: str | None) -> None:
         cand = _header(info, order, value, layout)
         self.headers.append(cand)
+        if graph_capturing():
+            # Inside a CUDA graph capture the tap holds values only once the graph replays
+            # (after this run's capture): a copy is recorded into the graph and compared
+            # when the run is over.  No early stop for such taps.
+            self.deferred.append((cand, value.clone()))
+            return
+        self._compare(cand, value)
+
+    def _compare(self, cand: Header, value: torch.Tensor) -> None:
         ref = self.stash.by_key.get(cand.key)
         ref_value = self.stash.take(cand.key)
         if ref is None or ref_value is None:
             return  # only in the candidate (or a repeated key): the diff loop says so
         threshold = self.thresholds.for_tap(ref.info.name, ref.key)
-        a = align(ref, cand, self.stash.layouts, self.layouts, threshold)
+        signature = (ref.shape, cand.shape, ref.layout, cand.layout, ref.dtype, cand.dtype)
+        a = self.aligned.get(signature)  # layers repeat their taps' signatures: align each once
+        if a is None:
+            a = align(ref, cand, self.stash.layouts, self.layouts, threshold)
+            if not isinstance(a, TapResult):
+                self.aligned[signature] = a
         if isinstance(a, TapResult):
             self._done(a)
         elif value.numel() == 0:
@@ -171,6 +194,12 @@ class LiveComparer(_Sink):
 
     def finish(self) -> None:
         """Reduce what is still queued and judge every compared tap (one transfer)."""
+        deferred, self.deferred = self.deferred, []
+        for cand, value in deferred:
+            try:
+                self._compare(cand, value)
+            except StopRun:
+                pass  # the run is over anyway
         for token, plan, rows in self.reducer.collect():
             result = self._judge(token, plan, rows)
             self.results.setdefault(result.key, result)
