@@ -360,7 +360,8 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
             device: str = "auto", dtype: str | None = None, padding: str | None = None, seq_len: int | None = None,
             min_cos: float = 0.999, thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None,
             taps: str | None = None, faults: Iterable[str] = (), config: str | None = None,
-            weights: str | None = None, progress: ProgressFn | None = None) -> Report:
+            weights: str | None = None, progress: ProgressFn | None = None, stop_at_first: bool = False,
+            on_device: bool = True) -> Report:
     """Run a reference and a candidate on the same inputs and compare them tap by tap.
 
     `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
@@ -369,7 +370,9 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     from `seed`.  `config` and `weights` (a checkpoint path) are for backends that build
     their own model, like the bundled pi0.5 ones; None = the backend's default.  The
     returned Report is truthy when every tap passed; its `first_divergence` names the
-    earliest failing tap.  Bad requests raise InputError.
+    earliest failing tap.  The two runs are compared on the device as the candidate runs
+    (`on_device=False`: both captured to host memory and diffed there); `stop_at_first`
+    ends the candidate run at the first failing tap.  Bad requests raise InputError.
 
         report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
         assert report, report.first_divergence
@@ -379,7 +382,8 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
                                  weights=weights, inputs=inputs, padding=padding, seq_len=seq_len)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress)
+    return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress,
+                     on_device=on_device, stop_at_first=stop_at_first)
 
 
 def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),

@@ -187,7 +187,8 @@ def diff_cmd(
                                                                     "comparing on the device as the candidate runs."),
     ref_device_mb: Optional[float] = typer.Option(None, "--ref-device-mb",
                                                   help="Live diffs: most MB of reference taps kept on the device; "
-                                                       "the rest wait in pinned host memory (default: half the free device memory)."),
+                                                       "the rest wait in pinned host memory (default: half the "
+                                                       "free device memory)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.

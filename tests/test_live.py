@@ -156,7 +156,8 @@ def _pair(gen: torch.Generator):
         torch.tensor([-1.5e308, 1.0], dtype=torch.float64))  # c - r overflows: max_abs inf
     tap("f64_tiny", torch.tensor([1e-310, 3e-320], dtype=torch.float64),
         torch.tensor([2e-310, 3e-320], dtype=torch.float64))
-    tap("ints", torch.arange(12, dtype=torch.int32).reshape(3, 4), torch.arange(12, dtype=torch.int32).reshape(3, 4) + 1)
+    ints = torch.arange(12, dtype=torch.int32).reshape(3, 4)
+    tap("ints", ints, ints + 1)
     tap("bools", torch.tensor([True, False, True]), torch.tensor([True, True, True]))
     tap("zeros_vs_ones", torch.zeros(5), torch.ones(5))
     tap("both_zero", torch.zeros(5), torch.zeros(5))
