@@ -68,6 +68,11 @@ class Plan:
     max_taps: int
     batch: "Batch | None" = None
 
+    @property
+    def capacity(self) -> int:
+        """Elements per side of a full batch."""
+        return self.max_taps * self.units * self.unit_len
+
     @classmethod
     def build(cls, a: Alignment, ref_dtype: str, cand_dtype: str, chunk: int | None, device: torch.device,
               max_taps: int, max_elements: int) -> "Plan":
@@ -149,7 +154,7 @@ class Reducer:
         self.max_taps, self.max_elements = (1, max_elements) if eager else (max_taps, max_elements)
         self.plans: dict[tuple, Plan] = {}
         self.open: list[Plan] = []  # plans with a partly filled batch
-        self.open_elements = 0
+        self.open_elements = 0  # capacity of the part-filled batches, elements per side
         self.reduced: list[tuple[list, Plan, torch.Tensor]] = []  # (tokens, plan, rows on the device [K, G, W])
         self.in_flight: list[tuple[list, Plan, torch.Tensor, object]] = []  # eager: (.., host rows, event)
 
@@ -166,26 +171,26 @@ class Reducer:
         """Queue one pair (`token` comes back with its rows).  `cand` is copied at once: the
         model may overwrite it after this returns."""
         if plan.batch is None:
+            if self.open_elements + plan.capacity > 4 * self.max_elements:
+                self.flush_all()  # many part-filled batches: bound the memory they hold
             data = torch.empty((3, plan.max_taps, plan.units, plan.unit_len), dtype=torch.float64,
                                device=cand.device)
             plan.batch = Batch(data)
             self.open.append(plan)
+            self.open_elements += plan.capacity
         batch = plan.batch
         k = len(batch.tokens)
         _put(batch.data[0, k], ref.to(cand.device, non_blocking=True), plan.ref_order)
         _put(batch.data[1, k], cand, plan.cand_order)
         batch.tokens.append(token)
-        self.open_elements += plan.units * plan.unit_len
         if len(batch.tokens) == plan.max_taps:
             self.flush(plan)
-        elif self.open_elements > 4 * self.max_elements:  # many part-filled batches: bound their memory
-            self.flush_all()
 
     def flush(self, plan: Plan) -> None:
         batch, plan.batch = plan.batch, None
         self.open.remove(plan)
         k = len(batch.tokens)
-        self.open_elements -= k * plan.units * plan.unit_len
+        self.open_elements -= plan.capacity
         rows = reduce_batch(batch.data[:, :k], plan)
         if self.eager:
             self.in_flight.append((batch.tokens, plan, *_to_host(rows)))
@@ -238,12 +243,13 @@ def _to_host(rows: torch.Tensor):
 @torch.inference_mode()  # batches are made inside the forward, often in inference mode
 def reduce_batch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
     """[K, G, WIDTH] float64 rows (see the column names above) of a batch
-    x = [3, K, U, L] (ref, cand, scratch), which it overwrites."""
+    x = [3, K, U, L] (ref, cand, scratch), which it overwrites.  Few passes over the data:
+    what is summed per unit is reduced where it is computed (matmuls, norms), never
+    materialised as products first."""
     ref, cand, diff = x[0], x[1], x[2]  # [K, U, L]
     torch.sub(cand, ref, out=diff)
-    nan, inf = torch.isnan(x[:2]), torch.isinf(x[:2])  # [2, K, U, L]
-    # Non-finite on either side.  Below float64, c - r is non-finite exactly then.
-    invalid = (nan | inf).any(0) if plan.scaled else ~torch.isfinite(diff)
+    nonfinite, nan = ~torch.isfinite(x[:2]), torch.isnan(x[:2])  # [2, K, U, L] per side
+    invalid = nonfinite[0] | nonfinite[1]  # non-finite on either side: left out of every statistic
     absd = diff.abs().masked_fill_(invalid, -1.0)  # |c - r| over valid elements, unscaled (inf on overflow)
     x.masked_fill_(invalid, 0.0)
     k = x.shape[1]
@@ -259,13 +265,23 @@ def reduce_batch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
         cand.mul_(s1[1]).mul_(s2[1])
     else:
         exps = torch.zeros((3, k), dtype=torch.float64, device=x.device)
-    counts = torch.stack([~invalid, nan[0], inf[0], nan[1], inf[1]]).sum(-1, dtype=torch.float64)  # [5, K, U]
-    sums = torch.stack([ref * cand, ref * ref, cand * cand, diff * diff, diff.abs()]).sum(-1)  # [5, K, U]
+
+    def dot(a, b):  # [K, U]: per-unit dot product, reduced inside the matmul
+        return (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]
+
+    counts = torch.stack([(~invalid).sum(-1), nan[0].sum(-1), nonfinite[0].sum(-1), nan[1].sum(-1),
+                          nonfinite[1].sum(-1)]).to(torch.float64)  # [5, K, U]
+    counts[2] -= counts[1]  # non-finite minus NaN: Inf
+    counts[4] -= counts[3]
+    sums = torch.stack([dot(ref, cand), dot(ref, ref), dot(cand, cand), dot(diff, diff),
+                        torch.linalg.vector_norm(diff, 1, dim=-1)])  # [5, K, U]
     per_unit = torch.cat([counts, sums]).reshape(10 * k, plan.units)
     per_group = (per_unit @ plan.member).reshape(10, k, -1)  # [10, K, G]
     # Largest |c - r| and first non-finite element: per unit, then the first unit holding
     # its group's extreme, in the group's own flat order.
-    peak, at = torch.stack([absd, invalid.to(torch.float64)]).max(-1)  # [2, K, U]
+    peak_abs, at_abs = absd.max(-1)
+    peak_bad, at_bad = invalid.max(-1)
+    peak, at = torch.stack([peak_abs, peak_bad.to(torch.float64)]), torch.stack([at_abs, at_bad])  # [2, K, U]
     vals = peak.index_select(-1, plan.src)  # [2, K, P]
     where = at.index_select(-1, plan.src).to(torch.float64) + plan.offset
     groups = per_group.shape[-1]

@@ -89,6 +89,7 @@ class ReferenceStash(_Sink):
         super().__init__(meta, progress, what)
         self.device_budget = device_budget
         self.tensors: dict[str, torch.Tensor] = {}
+        self.spilled: set[str] = set()  # keys whose copy waits in pinned host memory
         self.by_key: dict[str, Header] = {}
         self.device_bytes = self.spilled_bytes = 0
 
@@ -108,6 +109,7 @@ class ReferenceStash(_Sink):
             kept = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             kept.copy_(value, non_blocking=True)
             self.spilled_bytes += nbytes
+            self.spilled.add(header.key)
         else:
             kept = value.clone()
             self.device_bytes += nbytes
@@ -116,7 +118,7 @@ class ReferenceStash(_Sink):
     def take(self, key: str) -> torch.Tensor | None:
         """The stashed tensor of `key`, forgotten here (each is compared once)."""
         tensor = self.tensors.pop(key, None)
-        if tensor is not None and not tensor.is_pinned():
+        if tensor is not None and key not in self.spilled:
             self.device_bytes -= tensor.numel() * tensor.element_size()
         return tensor
 
