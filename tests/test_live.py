@@ -303,3 +303,15 @@ def test_cli_host_compare_is_still_there():
     result = runner.invoke(app, ["diff", "--ref", "pytorch", "--cand", "flash", "--device", "cpu",
                                  "--host-compare", "--quiet"])
     assert result.exit_code == 0, result.output
+
+
+def test_identical_tensors_give_cos_exactly_one_whatever_the_kernels_summed():
+    """A GPU may sum r*c and r*r in different orders; when every difference is zero the
+    finishing step knows they are the same sum (the host gives exactly 1.0 there)."""
+    row = np.zeros(device_metrics.WIDTH)
+    row[device_metrics.N_VALID] = 3
+    row[device_metrics.DOT], row[device_metrics.RR], row[device_metrics.CC] = 1.9999999999999998, 2.0, 2.0
+    m = device_metrics.row_metrics(row, 3)
+    assert m.cos == 1.0 and m.rel_l2 == 0.0 and m.max_abs == 0.0 and m.max_abs_index == 0
+    row[device_metrics.DD], row[device_metrics.SAD] = 1e-30, 1e-15  # not identical: no such shortcut
+    assert device_metrics.row_metrics(row, 3).cos == 0.9999999999999999
