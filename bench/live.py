@@ -124,15 +124,14 @@ def main() -> None:
               "ms": rows, "ratios": ratios, "checks": checks}
     print(f"card {card}, torch {torch.__version__}, config {args.config}, {args.ref} vs {args.cand}, "
           f"{taps} taps ({tap_bytes / 1e6:.1f} MB per forward), median of {args.runs}")
-    print(f"{'what':34} {'ms':>10} {'ratio':>7}")
+    print(f"{'what':42} {'ms':>10} {'ratio':>7}   (fault rows: ratio to ref + faulty cand, {plain_fault:.1f} ms)")
     table = [("plain ref + cand forward", rows["plain_ms"], 1.0),
              ("host path (capture to host, diff)", rows["host_ms"], ratios["host"]),
              ("live on-device compare", rows["live_ms"], ratios["live"]),
              (f"live, --inject {args.fault}", rows["live_fault_ms"], ratios["live_fault"]),
              (f"live, --inject {args.fault} --stop-at-first", rows["stop_first_ms"], ratios["stop_first"])]
     for what, ms, ratio in table:
-        print(f"{what:34} {ms:10.2f} {ratio:6.2f}x")
-    print(f"(fault ratios are to ref + faulty cand plain, {plain_fault:.2f} ms)")
+        print(f"{what:42} {ms:10.2f} {ratio:6.2f}x")
     print(f"live report == host report: verdicts {checks['same_verdicts']} / {checks['same_verdicts_fault']} "
           f"(fault), largest relative metric difference {checks['max_rel_metric_diff']:.2e}; "
           f"stop-at-first: first divergence {checks['stop_first_divergence']}, "

@@ -18,6 +18,7 @@ import collections
 import numpy as np
 import torch
 
+from .observation import Observation
 from .probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
 from .records import Capture, CaptureError, Tap, TapInfo
 from .staging import Staged, Stager, graph_capturing
@@ -96,6 +97,9 @@ class Recorder:
         # compare, stats): then nothing is staged for the host at all
         self.on_device = getattr(sink, "add_device_tap", None)
         self.stopped = False  # the sink raised StopRun: the run ends here
+        self.installed: set[str] = set()  # module names with taps
+        self.ran: set[str] = set()  # ... and those whose hooks fired
+        self.model_note = None  # what the model says instrumenting changed
         self.order = 0
         self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
 
@@ -107,7 +111,8 @@ class Recorder:
                     continue
                 self.handles.append(module.register_forward_pre_hook(_eager(self._enter_hook(module_name, hits))))
                 self.handles.append(module.register_forward_hook(_eager(self._exit_hook(hits))))
-            self._notify(True)
+                self.installed.add(module_name)
+            self.model_note = self._notify(True)
         except BaseException:
             self.remove()
             raise
@@ -124,12 +129,12 @@ class Recorder:
         self.staged_bytes = 0
         self._notify(False)
 
-    def _notify(self, active: bool) -> None:
+    def _notify(self, active: bool):
         """Models that cache captured execution (CUDA graphs, compiled code) may define
-        `parity_instrumented(active)` to re-capture with the taps in place."""
+        `parity_instrumented(active)` to re-capture with the taps in place; what it returns
+        (a note on how the instrumented run differs) goes into the observation record."""
         hook = getattr(self.model, "parity_instrumented", None)
-        if callable(hook):
-            hook(active)
+        return hook(active) if callable(hook) else None
 
     def flush(self, keep_bytes: int = 0, ready_only: bool = False) -> None:
         """Hand recorded taps to the sink as host storage, oldest first, until at most
@@ -166,6 +171,7 @@ class Recorder:
         blamed = next((h for h in hits if h.rule.on == ON_OUTPUT), hits[0])
 
         def pre(module, args):
+            self.ran.add(module_name)
             calls = self.calls.get(module_name, 0)
             self.calls[module_name] = calls + 1
             self.running.append((module, self._info(blamed, calls), calls))
@@ -270,6 +276,7 @@ def capture(backend, sink=None, select: TapFilter | None = None, max_staged_byte
     for name, layout in backend.layouts().items():
         sink.add_layout(name, layout)
     with Recorder(backend.model, backend.probe, sink, select, max_staged_bytes) as rec:
+        observation = Observation()
         try:
             backend.run()
         except (SinkFailed, StopRun):
@@ -285,4 +292,7 @@ def capture(backend, sink=None, select: TapFilter | None = None, max_staged_byte
                     pass  # raised below
         if rec.sink_error is not None:
             raise rec.sink_error
+        observed = observation.finish(rec.model_note, rec.installed, rec.ran)
+        if observed and not rec.stopped and callable(getattr(sink, "set_observation", None)):
+            sink.set_observation(observed)
     return sink

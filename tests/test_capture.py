@@ -592,3 +592,46 @@ def test_a_failing_device_sink_propagates_its_error_not_a_model_error():
         capture(make_backend(), sink)
     assert sink.error is None
     assert [k for k, *_ in sink.seen] == EXPECTED_KEYS[:3]
+
+
+# --------------------------------------------------------------------------- what observing changed
+
+def test_graph_breaks_forced_by_the_taps_are_recorded_with_the_capture():
+    torch._dynamo.reset()
+    backend, model, x = fused_backend()
+    compiled = torch.compile(model, backend="eager")
+    c = capture(Backend("toy", model, backend.probe, run=lambda: compiled(x), layouts=dict))
+    obs = c.meta["observation"]
+    assert obs["graph_breaks"] >= 1 and obs["graph_break_reasons"]
+    assert obs["graphs_compiled"] >= 2  # the model's code, cut at the taps
+    assert "observation" not in capture(fused_backend()[0]).meta  # eager: observing changed nothing
+
+
+class Noted(Instrumentable):
+    def parity_instrumented(self, active: bool):
+        super().parity_instrumented(active)
+        return "graph re-captured with taps" if active else None
+
+
+def test_the_models_own_note_and_modules_that_never_ran_are_recorded():
+    model = Noted()
+    model.steps = 0  # the stepped denoise tap point never runs
+    c = capture(make_backend(model))
+    obs = c.meta["observation"]
+    assert obs["model"] == "graph re-captured with taps"
+    assert obs["tapped_modules_not_run"] == 1 and obs["tapped_modules_not_run_first"] == ["denoise"]
+
+
+def test_the_observation_survives_a_dump_and_is_shown_in_the_diff_header(tmp_path):
+    from parity.dump import DumpWriter, read_dump
+    from parity.render import run_header
+
+    model = Noted()
+    backend = make_backend(model)
+    with DumpWriter(tmp_path / "c.h5", dict(backend.meta)) as w:
+        capture(backend, w)
+    meta = read_dump(tmp_path / "c.h5").meta
+    assert meta["arch"] == "toy" and meta["observation"] == {"model": "graph re-captured with taps"}
+    text = run_header({"backend": "ref"}, meta).plain
+    assert "cand observed differently: graph re-captured with taps" in text
+    assert "observed differently" not in run_header({"backend": "ref"}, {"backend": "c"}).plain
