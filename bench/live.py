@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python bench/live.py --config full --device cuda
 
-One process, backends built once, median wall time of `--runs` runs after a warm-up, each
-ended by a device sync:
+One process, backends built once, median wall time of `--runs` rounds after a warm-up round
+(each round runs every variant once, in turn, so passing load weighs on all alike), each
+run ended by a device sync:
   plain       reference forward + candidate forward, no taps (the floor; goal: live <= 1.3x)
   host        the host path (`--host-compare`): both runs captured to host memory, numpy diff
   live        the on-device compare (`parity diff --ref --cand`, isolation off)
@@ -36,17 +37,21 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, runs: int) -> tuple[float, object]:
-    """(median ms, last result) of `runs` calls after one warm-up."""
-    out = fn()
-    sync()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples), out
+def timed(fns: dict, runs: int) -> tuple[dict, dict]:
+    """({name: median ms}, {name: last result}) of `runs` rounds after one warm-up round.
+    Each round runs every function once, in turn, so load that comes and goes (a shared
+    machine) weighs on all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    last = {}
+    for i in range(runs + 1):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            last[name] = fn()
+            sync()
+            if i:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}, last
 
 
 def host_diff(ref, cand, thresholds):
@@ -92,15 +97,15 @@ def main() -> None:
     ref, cand = resolve(args.ref, opts), resolve(args.cand, opts)
     faulty = resolve(args.cand, replace(opts, faults=(args.fault,)))
     thresholds = Thresholds(args.min_cos)
-    rows: dict[str, float] = {}
-    rows["ref_plain_ms"], _ = timed(ref.run, args.runs)
-    rows["cand_plain_ms"], _ = timed(cand.run, args.runs)
-    rows["plain_ms"] = rows["ref_plain_ms"] + rows["cand_plain_ms"]
-    rows["host_ms"], host = timed(lambda: host_diff(ref, cand, thresholds), args.runs)
-    rows["live_ms"], live = timed(lambda: live_diff(ref, cand, thresholds), args.runs)
-    rows["faulty_plain_ms"], _ = timed(faulty.run, args.runs)
-    rows["live_fault_ms"], live_fault = timed(lambda: live_diff(ref, faulty, thresholds), args.runs)
-    rows["stop_first_ms"], stopped = timed(lambda: live_diff(ref, faulty, thresholds, stop_at_first=True), args.runs)
+    ms, last = timed({
+        "ref_plain_ms": ref.run, "cand_plain_ms": cand.run, "faulty_plain_ms": faulty.run,
+        "host_ms": lambda: host_diff(ref, cand, thresholds),
+        "live_ms": lambda: live_diff(ref, cand, thresholds),
+        "live_fault_ms": lambda: live_diff(ref, faulty, thresholds),
+        "stop_first_ms": lambda: live_diff(ref, faulty, thresholds, stop_at_first=True),
+    }, args.runs)
+    rows = dict(ms, plain_ms=ms["ref_plain_ms"] + ms["cand_plain_ms"])
+    host, live, live_fault, stopped = (last[k] for k in ("host_ms", "live_ms", "live_fault_ms", "stop_first_ms"))
     host_fault = host_diff(ref, faulty, thresholds)
     taps = len(host.rows)
     tap_bytes = sum(math.prod(r.ref_shape) * torch.empty(0, dtype=getattr(torch, r.ref_dtype)).element_size()

@@ -54,6 +54,7 @@ class Plan:
     places a unit in its group's flat order, so a group's first NaN and largest
     difference are reported at the index the host computes on the group's own array."""
 
+    shape: tuple[int, ...]  # compared (gathered) shape of one tap
     units: int
     unit_len: int
     scaled: bool
@@ -116,7 +117,7 @@ class Plan:
         def on_device(x, dtype):
             return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
-        return cls(units=units, unit_len=unit_len, scaled=_scaled_dtype(ref_dtype) or _scaled_dtype(cand_dtype),
+        return cls(shape=tuple(shape), units=units, unit_len=unit_len, scaled=_scaled_dtype(ref_dtype) or _scaled_dtype(cand_dtype),
                    names=names, sizes=member.sum(axis=0) * unit_len,
                    member=on_device(member, torch.float64), src=on_device(src, torch.int64),
                    dst=on_device(dst, torch.int64), offset=on_device(offset, torch.float64),
@@ -125,22 +126,28 @@ class Plan:
                    max_taps=max(1, min(max_taps, max_elements // max(1, units * unit_len))))
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 @dataclass
 class Batch:
-    """Up to `plan.max_taps` tap pairs of one plan, as float64: [3 (ref, cand, diff), K, U, L]."""
+    """Up to `plan.max_taps` tap pairs of one plan, gathered, each side as its own dtype's
+    raw bits (a copy is one kernel, whatever the dtype): [K, *compared shape] per side."""
 
-    data: torch.Tensor
+    ref: torch.Tensor
+    cand: torch.Tensor
+    dtypes: tuple[torch.dtype, torch.dtype]
     tokens: list = field(default_factory=list)
 
 
 def _put(slot: torch.Tensor, value: torch.Tensor, order: torch.Tensor | None) -> None:
-    """Copy one side of a tap into its batch slot (converting to float64 on the way);
-    a laid-out tap is gathered to its valid tokens in canonical order first."""
+    """Copy one side of a tap into its batch slot, bits unchanged (one kernel); a laid-out
+    tap is gathered to its valid tokens in canonical order on the way."""
+    bits = value.view(slot.dtype)
     if order is None:
-        slot.view(value.shape).copy_(value)
+        slot.copy_(bits)
     else:
-        rows = value.reshape(-1, *value.shape[2:]).index_select(0, order)
-        slot.view(rows.shape).copy_(rows)
+        torch.index_select(bits.reshape(-1, *bits.shape[2:]), 0, order, out=slot)
 
 
 class Reducer:
@@ -173,15 +180,16 @@ class Reducer:
         if plan.batch is None:
             if self.open_elements + plan.capacity > 4 * self.max_elements:
                 self.flush_all()  # many part-filled batches: bound the memory they hold
-            data = torch.empty((3, plan.max_taps, plan.units, plan.unit_len), dtype=torch.float64,
-                               device=cand.device)
-            plan.batch = Batch(data)
+            plan.batch = Batch(*(torch.empty((plan.max_taps, *plan.shape), dtype=_BITS[t.element_size()],
+                                             device=cand.device) for t in (ref, cand)), (ref.dtype, cand.dtype))
             self.open.append(plan)
             self.open_elements += plan.capacity
         batch = plan.batch
         k = len(batch.tokens)
-        _put(batch.data[0, k], ref.to(cand.device, non_blocking=True), plan.ref_order)
-        _put(batch.data[1, k], cand, plan.cand_order)
+        if ref.device != cand.device:  # waited in pinned host memory
+            ref = ref.to(cand.device, non_blocking=True)
+        _put(batch.ref[k], ref, plan.ref_order)
+        _put(batch.cand[k], cand, plan.cand_order)
         batch.tokens.append(token)
         if len(batch.tokens) == plan.max_taps:
             self.flush(plan)
@@ -191,7 +199,10 @@ class Reducer:
         self.open.remove(plan)
         k = len(batch.tokens)
         self.open_elements -= plan.capacity
-        rows = reduce_batch(batch.data[:, :k], plan)
+        x = torch.empty((3, k, plan.units, plan.unit_len), dtype=torch.float64, device=batch.ref.device)
+        for i, (side, dtype) in enumerate(zip((batch.ref, batch.cand), batch.dtypes)):
+            x[i].copy_(side[:k].view(dtype).reshape(k, plan.units, plan.unit_len))  # decoded exactly to float64
+        rows = reduce_batch(x, plan)
         if self.eager:
             self.in_flight.append((batch.tokens, plan, *_to_host(rows)))
         else:
@@ -297,23 +308,23 @@ def reduce_batch(x: torch.Tensor, plan: Plan) -> torch.Tensor:
 def group_metrics(rows: np.ndarray, plan: Plan) -> tuple[Metrics, dict, dict, list]:
     """(total, regions, chunks, heads) Metrics of one tap from its rows [G, WIDTH]."""
     out: dict[str, list] = {"total": [], "region": [], "chunk": [], "head": []}
-    for (kind, name), row, n in zip(plan.names, rows, plan.sizes):
-        out[kind].append((name, row_metrics(row, int(n))))
+    for (kind, name), row, n in zip(plan.names, rows.tolist(), plan.sizes.tolist()):
+        out[kind].append((name, row_metrics(row, n)))
     return (out["total"][0][1], dict(out["region"]), dict(out["chunk"]), [m for _, m in out["head"]])
 
 
-def row_metrics(row: np.ndarray, n: int) -> Metrics:
-    """Metrics of one group row, finished by the host accumulator's own code."""
-    n_valid = int(row[N_VALID])
-    dot, rr, cc, dd, sad = (float(v) for v in row[DOT:SAD + 1])
+def row_metrics(row, n: int) -> Metrics:
+    """Metrics of one group row (a sequence of WIDTH floats), finished by the host
+    accumulator's own code."""
+    (n_valid, nan_r, inf_r, nan_c, inf_c, dot, rr, cc, dd, sad, max_abs, max_at, any_bad, first_bad,
+     er, ec, ed) = row
     if dd == 0.0 and sad == 0.0:
         # Every valid c - r is zero, so c == r there and the three products are the same
         # sum; summed by different kernels they may differ in the last bit: make identical
         # tensors give cos exactly 1.0, as on the host.
         dot = cc = rr
-    first = int(row[FIRST_NONFINITE]) if row[ANY_NONFINITE] > 0 else None
-    max_at = int(row[MAX_AT]) if n_valid else None
-    acc = MetricAccumulator.from_sums(n, n_valid, tuple(int(v) for v in row[NAN_REF:INF_CAND + 1]), first,
-                                      float(row[MAX_ABS]), max_at, dot, rr, cc, dd, sad,
-                                      (int(row[ER]), int(row[EC]), int(row[ED])))
+    acc = MetricAccumulator.from_sums(n, int(n_valid), (int(nan_r), int(inf_r), int(nan_c), int(inf_c)),
+                                      int(first_bad) if any_bad > 0 else None, max_abs,
+                                      int(max_at) if n_valid else None, dot, rr, cc, dd, sad,
+                                      (int(er), int(ec), int(ed)))
     return acc.result()
