@@ -14,6 +14,7 @@ replays).
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 import torch
@@ -21,35 +22,42 @@ import torch
 from .observation import Observation
 from .probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
 from .records import Capture, CaptureError, Tap, TapInfo
-from .staging import Staged, Stager, graph_capturing
+from .staging import Staged, Stager, to_storage  # noqa: F401 - to_storage: part of this module's interface
 
-_BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
-    torch.bfloat16: (torch.int16, np.uint16),
-    torch.float8_e4m3fn: (torch.int8, np.uint8),
-    torch.float8_e5m2: (torch.int8, np.uint8),
-}
-
-
-def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]:
-    """A detached host copy of `t` in the dump's storage representation, and its dtype name.
-
-    `private`: `t` is already a copy nobody else holds, so a host tensor need not be copied again."""
-    t = t.detach()
-    name = str(t.dtype).removeprefix("torch.")
-    src_is_host = t.device.type == "cpu" and not private
-    if t.dtype in _BIT_VIEWS:
-        view, np_dtype = _BIT_VIEWS[t.dtype]
-        arr = t.contiguous().view(view).cpu().numpy().view(np_dtype)
-    else:
-        arr = t.cpu().numpy()
-    return (arr.copy() if src_is_host else arr), name
+def _pre_hook(rec: "Recorder", spec: "_ModuleTaps", module, args):
+    if torch.compiler.is_compiling():
+        return _pre_opaque(rec, spec, module, args)
+    return rec.pre(spec, module, args)
 
 
-def _eager(hook):
-    """Hooks observe; they are never traced.  Under torch.compile each hook is a graph
-    break, so the compiled pieces are the code between taps (and the bookkeeping here
-    stays plain Python)."""
-    return torch.compiler.disable(hook, recursive=True)
+def _post_hook(rec: "Recorder", spec: "_ModuleTaps", module, args, output):
+    if torch.compiler.is_compiling():
+        return _post_opaque(rec, spec, module, args, output)
+    return rec.post(spec, module, output)
+
+
+# Hooks observe; they are never traced.  Under torch.compile the hooks above see
+# is_compiling() and call these instead, which torch.compile does not trace: a graph
+# break per tap, so the compiled pieces are the code between taps (and the bookkeeping
+# stays plain Python).  Eagerly the hooks skip the wrapper, which costs more than the
+# bookkeeping itself; one wrapper for all modules, not one per hook installed.
+_pre_opaque = torch.compiler.disable(lambda rec, spec, module, args: rec.pre(spec, module, args), recursive=True)
+_post_opaque = torch.compiler.disable(lambda rec, spec, module, args, output: rec.post(spec, module, output),
+                                      recursive=True)
+
+
+class _ModuleTaps:
+    """What one tapped module yields, worked out once per capture, not per call."""
+
+    __slots__ = ("name", "inputs", "outputs", "blamed", "once")
+
+    def __init__(self, name: str, hits: list[ProbeHit]) -> None:
+        self.name = name
+        self.inputs = [h for h in hits if h.rule.on == ON_INPUT]
+        self.outputs = [h for h in hits if h.rule.on == ON_OUTPUT]
+        # The tap an exception inside this module is blamed on: its output, else its input.
+        self.blamed = self.outputs[0] if self.outputs else hits[0]
+        self.once = next((h for h in hits if not h.rule.stepped), None)
 
 
 class ProbeError(Exception):
@@ -109,8 +117,9 @@ class Recorder:
                 hits = self.probe.taps_for(module_name)
                 if not hits:
                     continue
-                self.handles.append(module.register_forward_pre_hook(_eager(self._enter_hook(module_name, hits))))
-                self.handles.append(module.register_forward_hook(_eager(self._exit_hook(hits))))
+                spec = _ModuleTaps(module_name, hits)
+                self.handles.append(module.register_forward_pre_hook(functools.partial(_pre_hook, self, spec)))
+                self.handles.append(module.register_forward_hook(functools.partial(_post_hook, self, spec)))
                 self.installed.add(module_name)
             self.model_note = self._notify(True)
         except BaseException:
@@ -150,7 +159,7 @@ class Recorder:
                 break
             if ready_only and not staged.done():
                 break
-            array, dtype = to_storage(staged.ready(), private=True)
+            array, dtype = staged.storage()
             try:
                 self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
             except Exception as exc:  # noqa: BLE001 - re-raised by `capture` after the run
@@ -165,45 +174,33 @@ class Recorder:
     def _info(hit: ProbeHit, calls: int) -> TapInfo:
         return TapInfo(hit.name, hit.rule.stack, hit.layer, hit.component, calls if hit.rule.stepped else None)
 
-    def _enter_hook(self, module_name: str, hits: list[ProbeHit]):
-        inputs = [h for h in hits if h.rule.on == ON_INPUT]
-        # The tap an exception inside this module is blamed on: its output, else its input.
-        blamed = next((h for h in hits if h.rule.on == ON_OUTPUT), hits[0])
+    def pre(self, spec: _ModuleTaps, module, args) -> None:
+        name = spec.name
+        self.ran.add(name)
+        calls = self.calls.get(name, 0)
+        self.calls[name] = calls + 1
+        self.running.append((module, self._info(spec.blamed, calls), calls))
+        if calls and spec.once is not None:
+            raise ProbeError(f"tap {spec.once.name} ran {calls + 1} times in one run: its probe rule must be stepped")
+        for hit in spec.inputs:
+            self._record(hit, self._info(hit, calls), args[0] if args else None, "input")
 
-        def pre(module, args):
-            self.ran.add(module_name)
-            calls = self.calls.get(module_name, 0)
-            self.calls[module_name] = calls + 1
-            self.running.append((module, self._info(blamed, calls), calls))
-            once = next((h for h in hits if not h.rule.stepped), None)
-            if calls and once is not None:
-                raise ProbeError(f"tap {once.name} ran {calls + 1} times in one run: its probe rule must be stepped")
-            for hit in inputs:
-                self._record(hit, self._info(hit, calls), args[0] if args else None, "input")
-
-        return pre
-
-    def _exit_hook(self, hits: list[ProbeHit]):
-        outputs = [h for h in hits if h.rule.on == ON_OUTPUT]
-
-        def post(module, args, output):
-            # Entries above ours belong to tapped modules that raised and were caught
-            # inside the model: they never finished, so they are dropped here.
-            while self.running and self.running[-1][0] is not module:
-                self.running.pop()
-            if self.sink_error is not None:
-                raise SinkFailed(str(self.sink_error))
-            if self.stopped:
-                raise StopRun()
-            calls = self.running[-1][2]
-            for hit in outputs:
-                value = output
-                if hit.rule.select is not None and isinstance(output, (tuple, list)):
-                    value = output[hit.rule.select]
-                self._record(hit, self._info(hit, calls), value, "output")
-            self.running.pop()  # only once recorded: a failure above is located at this tap
-
-        return post
+    def post(self, spec: _ModuleTaps, module, output) -> None:
+        # Entries above ours belong to tapped modules that raised and were caught
+        # inside the model: they never finished, so they are dropped here.
+        while self.running and self.running[-1][0] is not module:
+            self.running.pop()
+        if self.sink_error is not None:
+            raise SinkFailed(str(self.sink_error))
+        if self.stopped:
+            raise StopRun()
+        _, blamed, calls = self.running[-1]
+        for hit in spec.outputs:
+            value = output
+            if hit.rule.select is not None and isinstance(output, (tuple, list)):
+                value = output[hit.rule.select]
+            self._record(hit, blamed if hit is spec.blamed else self._info(hit, calls), value, "output")
+        self.running.pop()  # only once recorded: a failure above is located at this tap
 
     def _record(self, hit: ProbeHit, info: TapInfo, value, side: str) -> None:
         if not self.select(info.name, info.key):
@@ -225,7 +222,7 @@ class Recorder:
         self.pending.append((info, self.order, staged, hit.rule.layout))
         self.staged_bytes += staged.nbytes
         self.order += 1
-        if graph_capturing():
+        if self.stager.capturing:
             self.defer = True  # the copy holds real values only after the graph replays
         if not self.defer:
             if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes:
