@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 import torch
 
+from .diff import token_order
 from .records import CaptureError, Layout, TapInfo
 from .stats import FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
 
@@ -229,10 +230,8 @@ class StatsSink:
         (on the host, pinned where CUDA is available: copied to a device later without a sync,
         even inside a CUDA graph capture, where no host memory may be allocated)."""
         self.layouts[name] = layout
-        idx = layout.slots.reshape(-1)
-        keep = np.flatnonzero(idx >= 0)
-        order = keep[np.argsort(idx[keep], kind="stable")]
-        canonical = np.ascontiguousarray(idx[order], dtype=np.int64)
+        order, canonical = token_order(layout.slots.shape, layout)  # as the tensor diff gathers
+        canonical = np.ascontiguousarray(canonical, dtype=np.int64)
         host = torch.as_tensor(order, dtype=torch.int64)
         if torch.cuda.is_available():
             host = host.pin_memory()

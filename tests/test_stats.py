@@ -435,6 +435,7 @@ def test_live_stats_diff_of_flash_passes():
     (("diff", "--ref", "pytorch", "--cand", "flash", "--stats", "--min-cos", "0.9"), "--min-cos applies to tensor"),
     (("diff", "--ref", "pytorch", "--cand", "flash", "--stats", "--stats-tol", "2"), "outside (0, 1]"),
     (("diff", "--ref", "pytorch", "--stats"), "needs both --ref and --cand"),
+    (("diff", "--ref", "pytorch", "--cand", "flash", "--stats", "--stop-at-first"), "--stop-at-first applies to"),
     (("diff", "a.h5", "b.h5", "--stats-tol", "abc"), "expected VALUE or GLOB=VALUE"),
     (("capture", "--backend", "pytorch", "--stats", "--compression", "gzip"), "--compression applies to tensor"),
     (("capture", "--backend", "pytorch", "--taps-from", "pyproject.toml"), "is not JSON"),
