@@ -54,13 +54,14 @@ import io
 import json
 import os
 import traceback
-import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
+from parity import rawread as _raw
+from parity.checksum import crc32
 from parity.codec import STORAGE_DTYPES, check_storage
 from parity.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
 
@@ -167,7 +168,7 @@ def _set_attrs(obj: Any, attrs: dict[str, Any]) -> None:
 
 def _crc32(array: np.ndarray, crc: int = 0) -> int:
     """CRC-32 of an array's bytes in C order (continuing `crc`, for chunked reads)."""
-    return zlib.crc32(np.ascontiguousarray(array).view(np.uint8) if array.ndim else array.tobytes(), crc)
+    return crc32(np.ascontiguousarray(array).view(np.uint8) if array.ndim else array.tobytes(), crc)
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = CHUNK_BYTES) -> tuple[int, ...]:
@@ -255,6 +256,9 @@ class _DiscardableFile(io.RawIOBase):
             self._raw.flush()
 
     def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
         try:
             super().close()  # flushes first
         finally:
@@ -690,6 +694,12 @@ class DumpReader:
         # order; a tap whose rows were all read that way is checked without a second read
         self._row_crc: dict[int, tuple[int, int]] = {}
         self._verified: set[int] = set()
+        # the same for read_flat, per tap: (next element, crc so far); its byte runs; the
+        # file descriptor it reads them through (opened on first use)
+        self._flat_crc: dict[int, tuple[int, int]] = {}
+        self._bytes: dict[int, _raw.TapBytes | None] = {}
+        self._fd: int | None = None
+        self._buffers = _raw.Buffers()
         try:
             self._parse()
         except _Bad as e:
@@ -866,6 +876,49 @@ class DumpReader:
                 self._verified.add(i)
         return chunk
 
+    def read_flat(self, key_or_index: str | int, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of a tap's C-order flat array, in its storage dtype.
+
+        Uncompressed taps are read with os.preadv at the offsets HDF5 gives (GIL released,
+        see `rawread`), others through h5py.  The checksum is continued over reads that
+        go forward: a read starting past the checked prefix also reads the gap (the caller
+        gets only what it asked for), so reading a tap's tokens in order checks it without a
+        second pass, padding included; a read going back is checked later by `verify`."""
+        i = self._resolve(key_or_index)
+        header = self.headers[i]
+        at, crc = self._flat_crc.get(i, (0, 0))
+        tracking = i not in self._verified and at <= start
+        lo = at if tracking else start
+        try:
+            if not header.shape:
+                raise _Bad("a 0-d tap has no flat range")
+            ds = self._dataset(i)
+            if i not in self._bytes:
+                self._bytes[i] = _raw.TapBytes.of(ds)
+            raw = self._bytes[i]
+            if raw is not None:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                data = raw.read(self._fd, lo, stop, self._buffers).view(ds.dtype)
+            else:
+                per_row = int(np.prod(header.shape[1:], dtype=np.int64))
+                r0, r1 = lo // per_row, -(-stop // per_row)
+                data = np.asarray(ds[r0:r1]).reshape(-1)[lo - r0 * per_row:stop - r0 * per_row]
+        except Exception as e:
+            raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
+        if tracking:
+            crc = _crc32(data, crc)
+            if stop >= int(np.prod(header.shape, dtype=np.int64)):
+                self._flat_crc.pop(i, None)
+                want = _stored_crc(ds)
+                if want is not None and crc != want:
+                    raise DumpError(self.path, f"cannot read tap {header.key!r}: its data does not match its "
+                                               "checksum (corrupt)")
+                self._verified.add(i)
+            else:
+                self._flat_crc[i] = (stop, crc)
+        return data[start - lo:]
+
     def verify(self, key_or_index: str | int) -> None:
         """Check a tap's checksum (DumpError if its data is corrupt), reading it again in
         slices unless `read_rows` or `load` already read and checked all of it in order."""
@@ -873,10 +926,17 @@ class DumpReader:
         if i in self._verified:
             return
         header = self.headers[i]
+        size = int(np.prod(header.shape, dtype=np.int64))
+        at = self._flat_crc.get(i, (0, 0))[0]
+        if at > 0:  # read_flat checked a prefix: check the rest (a padded tail, typically)
+            for start in range(at, size, 1 << 22):
+                self.read_flat(i, start, min(size, start + (1 << 22)))
+            return
         per_row = int(np.prod(header.shape[1:], dtype=np.int64)) if header.shape else 1
         for _ in self._chunks(i, max(1, (1 << 20) // max(1, per_row))):
             pass
         self._row_crc.pop(i, None)
+        self._flat_crc.pop(i, None)
         self._verified.add(i)
 
     def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:
