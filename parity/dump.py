@@ -81,6 +81,8 @@ _RAW_KINDS = "biufc"
 # streaming diff.  Compressed chunks are smaller, so gzip/lzf work on cache-sized pieces.
 CHUNK_BYTES = 4 << 20
 COMPRESSED_CHUNK_BYTES = 1 << 20
+# Bytes DumpReader.read_flat asks the OS to read ahead of the reader (posix_fadvise).
+READ_AHEAD = 32 << 20
 
 
 class DumpError(Exception):
@@ -900,6 +902,7 @@ class DumpReader:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)
                 data = raw.read(self._fd, lo, stop, self._buffers).view(ds.dtype)
+                self._read_ahead(i, raw, stop)
             else:
                 per_row = int(np.prod(header.shape[1:], dtype=np.int64))
                 r0, r1 = lo // per_row, -(-stop // per_row)
@@ -918,6 +921,28 @@ class DumpReader:
             else:
                 self._flat_crc[i] = (stop, crc)
         return data[start - lo:]
+
+    def _read_ahead(self, i: int, raw: _raw.TapBytes, stop: int) -> None:
+        """Ask the OS to fetch the next READ_AHEAD bytes after element `stop` of tap i (on
+        into the next tap) while the caller computes, so the disk never idles."""
+        budget = READ_AHEAD
+        while budget > 0 and self._fd is not None:
+            if stop >= raw.size:
+                i, stop = i + 1, 0
+                if i >= len(self.headers):
+                    return
+                if i not in self._bytes:
+                    try:
+                        self._bytes[i] = _raw.TapBytes.of(self._dataset(i))
+                    except Exception:  # reading it will report the problem
+                        self._bytes[i] = None
+                raw = self._bytes[i]
+                if raw is None:
+                    return
+            end = min(raw.size, stop + budget // raw.itemsize)
+            raw.advise(self._fd, stop, end)
+            budget -= (end - stop) * raw.itemsize
+            stop = end
 
     def verify(self, key_or_index: str | int) -> None:
         """Check a tap's checksum (DumpError if its data is corrupt), reading it again in

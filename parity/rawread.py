@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,14 @@ class TapBytes:
                 dst, pos = dst[got:], pos + got
         return out
 
+    def advise(self, fd: int, start: int, stop: int) -> None:
+        """Tell the OS elements [start, stop) will be read soon (it reads them ahead)."""
+        for first, count, offset in self.runs:
+            lo, hi = max(start, first), min(stop, first + count)
+            if lo < hi:
+                os.posix_fadvise(fd, offset + (lo - first) * self.itemsize, (hi - lo) * self.itemsize,
+                                 os.POSIX_FADV_WILLNEED)
+
 
 class Buffers:
     """Read buffers used again once nothing refers to them any more.
@@ -95,12 +104,17 @@ class Buffers:
     def __init__(self, keep: int = 8) -> None:
         self.keep = keep
         self.pool: list[np.ndarray] = []
+        self._lock = threading.Lock()
 
     def _free(self, i: int) -> bool:
         return sys.getrefcount(self.pool[i]) <= 2  # the pool's list and getrefcount's argument
 
     def take(self, nbytes: int) -> np.ndarray:
         """A uint8 array of nbytes (a view of a free pooled buffer, or of a new one)."""
+        with self._lock:
+            return self._take(nbytes)
+
+    def _take(self, nbytes: int) -> np.ndarray:
         fits = [i for i in range(len(self.pool)) if self.pool[i].nbytes >= nbytes and self._free(i)]
         if fits:
             return self.pool[min(fits, key=lambda i: self.pool[i].nbytes)][:nbytes]

@@ -26,6 +26,7 @@ from .codec import STORAGE_DTYPES, to_float64
 from .diff import AlignmentError, Thresholds, _both, _layout_of, _locate, diff, judge, token_mismatch
 from .dump import DumpReader, TapHeader
 from .metrics import MetricAccumulator
+from .pipeline import Pipeline
 from .records import Capture, Layout
 from .report import Report, TapResult
 
@@ -244,46 +245,74 @@ def _fused_chunks(ref: _Side, cand: _Side, canon: np.ndarray | None) -> Iterator
         yield ra, rb, a_off, b_off, lens, canon[k:k + tokens], r_slots - windows[0].lo, c_slots - windows[1].lo
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one tap pair is read and compared, once it passed the layout/shape/dtype checks."""
+
+    sides: tuple[_Side, _Side]
+    canon: np.ndarray | None  # canonical index of each valid token, None without a token layout
+    features: tuple[int, ...]  # per token (or per row, without a token layout)
+
+    def fused(self, kernel) -> bool:
+        """Whether the kernel computes this pair (float dtypes, not a scalar, not empty)."""
+        ref, cand = self.sides[0].header, self.sides[1].header
+        return kernel is not None and _engine.decodable(ref.dtype) and _engine.decodable(cand.dtype) \
+            and bool(ref.shape) and 0 not in ref.shape
+
+
 class StreamingComparer:
     """`diff.compare_taps` for taps left on disk: headers in, TapResult out.
 
-    `kernel`: the fused kernel module (`_engine.load_kernel`), or None for numpy only."""
+    `kernel`: the fused kernel module (`_engine.load_kernel`), or None for numpy only.
+    `pairs`: the (ref, cand) header pairs the diff will compare, in its order: their
+    chunks are then read by one reader thread running ahead across taps (`close()` it)."""
 
-    def __init__(self, ref: DumpReader, cand: DumpReader, kernel=None) -> None:
+    def __init__(self, ref: DumpReader, cand: DumpReader, kernel=None, pairs=()) -> None:
         self.ref, self.cand, self.kernel = ref, cand, kernel
+        self._seq = {r.key: i for i, (r, _) in enumerate(pairs)}
+        self._pipeline = Pipeline(self._jobs(list(pairs))) if kernel is not None and pairs else None
 
-    def __call__(self, ref: TapHeader, cand: TapHeader, ref_layouts: dict, cand_layouts: dict, threshold: float,
-                 exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
-        base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
-                    ref_dtype=ref.dtype, cand_dtype=cand.dtype)
+    def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
+
+    def _plan(self, ref: TapHeader, cand: TapHeader, ref_layouts: dict, cand_layouts: dict) -> _Plan | dict:
+        """The plan of a pair, or the status and reason of a pair that cannot be compared."""
         try:
             r_layout = _layout_of(ref, ref_layouts, "reference")
             c_layout = _layout_of(cand, cand_layouts, "candidate")
             r_order, r_idx = _token_order(ref, r_layout)
             c_order, c_idx = _token_order(cand, c_layout)
         except AlignmentError as exc:
-            return TapResult(status="layout", reason=f"{exc} ({_both(ref, cand)})", **base)
+            return dict(status="layout", reason=f"{exc} ({_both(ref, cand)})")
         mismatch = token_mismatch(r_idx, c_idx, ref, cand)
         if mismatch:
-            return TapResult(status="layout", reason=mismatch, **base)
+            return dict(status="layout", reason=mismatch)
         feat_r = ref.shape[2:] if r_layout else ref.shape
         feat_c = cand.shape[2:] if c_layout else cand.shape
         if feat_r != feat_c:
-            return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})", **base)
+            return dict(status="shape", reason=f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})")
         for dtype in (ref.dtype, cand.dtype):
             if dtype not in STORAGE_DTYPES:
-                return TapResult(status="dtype", reason=f"cannot decode: unknown dtype {dtype!r} ({_both(ref, cand)})",
-                                 **base)
-        tokens = r_layout is not None and r_idx is not None
+                return dict(status="dtype", reason=f"cannot decode: unknown dtype {dtype!r} ({_both(ref, cand)})")
+        return _Plan((_Side(self.ref, ref, r_layout, r_order), _Side(self.cand, cand, c_layout, c_order)),
+                     r_idx if r_layout is not None else None, tuple(feat_r))
+
+    def __call__(self, ref: TapHeader, cand: TapHeader, ref_layouts: dict, cand_layouts: dict, threshold: float,
+                 exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
+        base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
+                    ref_dtype=ref.dtype, cand_dtype=cand.dtype)
+        plan = self._plan(ref, cand, ref_layouts, cand_layouts)
+        if isinstance(plan, dict):
+            return TapResult(**plan, **base)
+        r_layout, canon, feat_r = plan.sides[0].layout, plan.canon, plan.features
+        tokens = canon is not None
         accs = _TapAccumulators(r_layout if tokens else None, feat_r, chunk)
-        sides = (_Side(self.ref, ref, r_layout, r_order), _Side(self.cand, cand, c_layout, c_order))
-        fused = self.kernel
-        if fused is None or not (_engine.decodable(ref.dtype) and _engine.decodable(cand.dtype)) \
-                or not ref.shape or 0 in ref.shape:
-            for r, c, idx in _prefetched(_chunks(*sides, r_idx)):
-                accs.update(to_float64(r, ref.dtype), to_float64(c, cand.dtype), idx)
+        if plan.fused(self.kernel):
+            self._fused(accs, plan)
         else:
-            self._fused(accs, fused, sides, r_idx if tokens else None, feat_r)
+            for r, c, idx in _prefetched(_chunks(*plan.sides, canon)):
+                accs.update(to_float64(r, ref.dtype), to_float64(c, cand.dtype), idx)
         # A tap's checksum covers its whole array, so it is checked once all of it was
         # read (for free when it was read in order; else by one more pass): a corrupt
         # tap raises DumpError, as reading it whole does.
@@ -296,27 +325,45 @@ class StreamingComparer:
             f"{k * chunk}-{min((k + 1) * chunk, r_layout.length) - 1}": m for k, m in accs.chunks.results()}
         verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
         if verdict["status"] == "nonfinite":
-            shape = ((r_idx.size, *feat_r) if tokens else tuple(ref.shape))
-            verdict["reason"] += _locate(metrics.first_nonfinite, shape, r_idx if tokens else None)
+            shape = ((canon.size, *feat_r) if tokens else tuple(ref.shape))
+            verdict["reason"] += _locate(metrics.first_nonfinite, shape, canon)
         elif verdict["status"] == "dtype":
             verdict["reason"] += f" ({_both(ref, cand)})"
         return TapResult(metrics=metrics, regions=region_metrics, chunks=chunk_metrics,
                          heads=[h.result() for h in accs.heads], **verdict, **base)
 
-    def _fused(self, accs: _TapAccumulators, fused, sides: tuple[_Side, _Side], canon: np.ndarray | None,
-               features: tuple[int, ...]) -> None:
+    @staticmethod
+    def _prepared(plan: _Plan, verify: bool) -> Iterator[tuple]:
+        """A fused pair's chunks, read and made kernel-ready (in a reader thread); with
+        `verify`, both taps' checksums are then completed there too."""
+        ref, cand = plan.sides
+        for ra, rb, a_off, b_off, lens, idx, r_slots, c_slots in _fused_chunks(ref, cand, plan.canon):
+            ka, ta = _engine.kernel_input(ra, ref.header.dtype)
+            kb, tb = _engine.kernel_input(rb, cand.header.dtype)
+            yield ra, rb, ka, ta, kb, tb, a_off, b_off, lens, idx, r_slots, c_slots
+        if verify:
+            ref.reader.verify(ref.header.key)
+            cand.reader.verify(cand.header.key)
+
+    def _jobs(self, pairs: list) -> Iterator[tuple[int, Iterator]]:
+        """The pipeline's jobs: every pair the kernel will compare, in the diff's order."""
+        for seq, (ref, cand) in enumerate(pairs):
+            plan = self._plan(ref, cand, self.ref.layouts, self.cand.layouts)
+            if isinstance(plan, _Plan) and plan.fused(self.kernel):
+                yield seq, self._prepared(plan, verify=True)
+
+    def _fused(self, accs: _TapAccumulators, plan: _Plan) -> None:
         """The fused path over one tap pair; a chunk whose raw sums are not exact (float64
         data beyond 2**+-450) is recomputed through numpy."""
-        ref, cand = sides[0].header, sides[1].header
-
-        def prepared() -> Iterator[tuple]:  # runs in the reader thread
-            for ra, rb, a_off, b_off, lens, idx, r_slots, c_slots in _fused_chunks(*sides, canon):
-                ka, ta = _engine.kernel_input(ra, ref.dtype)
-                kb, tb = _engine.kernel_input(rb, cand.dtype)
-                yield ra, rb, ka, ta, kb, tb, a_off, b_off, lens, idx, r_slots, c_slots
-
+        fused = self.kernel
+        ref, cand = plan.sides[0].header, plan.sides[1].header
+        seq = self._seq.get(ref.key, -1)
+        if self._pipeline is not None and self._pipeline.has(seq):
+            chunks = self._pipeline.items(seq)
+        else:  # not planned ahead (a pair the diff was not expected to compare)
+            chunks = _prefetched(self._prepared(plan, verify=False))
         heads = len(accs.heads) or 1
-        for ra, rb, ka, ta, kb, tb, a_off, b_off, lens, idx, r_slots, c_slots in _prefetched(prepared()):
+        for ra, rb, ka, ta, kb, tb, a_off, b_off, lens, idx, r_slots, c_slots in chunks:
             fsum, isum = fused.new_sums(accs.slots)
             fused.fused_sums(ka, ta, a_off, kb, tb, b_off, lens, heads, accs.token_slots(idx, a_off.size),
                              accs.head0, fsum, isum)
@@ -326,8 +373,8 @@ class StreamingComparer:
             if idx is None:
                 r, c = ra, rb
             else:
-                r = ra.reshape(-1, *features)[r_slots]
-                c = rb.reshape(-1, *features)[c_slots]
+                r = ra.reshape(-1, *plan.features)[r_slots]
+                c = rb.reshape(-1, *plan.features)[c_slots]
             accs.update(to_float64(r, ref.dtype), to_float64(c, cand.dtype), idx)
 
 
@@ -346,8 +393,14 @@ def diff_readers(ref: DumpReader, cand: DumpReader, thresholds: Thresholds | Non
     ref_cap, cand_cap = header_capture(ref, keep), header_capture(cand, keep)
     data = sum(_stored_bytes(h) for h in (*ref_cap.taps, *cand_cap.taps))
     kernel = _engine.load_kernel(engine, data)
-    return diff(ref_cap, cand_cap, thresholds, progress=progress,
-                compare=StreamingComparer(ref, cand, kernel), chunk=chunk, labels=labels)
+    # the pairs diff() compares, in its order (the reference's execution order)
+    cand_by_key = {h.key: h for h in cand_cap.taps}
+    pairs = [(h, cand_by_key[h.key]) for h in sorted(ref_cap.taps, key=lambda h: h.order) if h.key in cand_by_key]
+    comparer = StreamingComparer(ref, cand, kernel, pairs)
+    try:
+        return diff(ref_cap, cand_cap, thresholds, progress=progress, compare=comparer, chunk=chunk, labels=labels)
+    finally:
+        comparer.close()
 
 
 def _stored_bytes(header: TapHeader) -> int:
