@@ -192,8 +192,8 @@ def diff_cmd(
 
     Example (checkpoint): parity diff --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
     """
-    from .api import InputError, diff_dumps, diff_live
     from .diff import Thresholds
+    from .offline import InputError, diff_dumps  # the offline diff alone: no backend registry to import
     from .render import render_report
 
     settings = _settings()
@@ -211,6 +211,8 @@ def diff_cmd(
             if live:
                 if ref is None or cand is None:
                     _fail_input("a live diff needs both --ref and --cand")
+                from .api import diff_live
+
                 options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
                                    padding=padding, seq_len=seq_len)
                 report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress,

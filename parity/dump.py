@@ -702,6 +702,7 @@ class DumpReader:
         self._bytes: dict[int, _raw.TapBytes | None] = {}
         self._fd: int | None = None
         self._buffers = _raw.Buffers()
+        self._ahead = (-1, 0)  # (tap, element) the OS was asked to read ahead up to
         try:
             self._parse()
         except _Bad as e:
@@ -926,6 +927,7 @@ class DumpReader:
         """Ask the OS to fetch the next READ_AHEAD bytes after element `stop` of tap i (on
         into the next tap) while the caller computes, so the disk never idles."""
         budget = READ_AHEAD
+        ahead_i, ahead_at = self._ahead
         while budget > 0 and self._fd is not None:
             if stop >= raw.size:
                 i, stop = i + 1, 0
@@ -940,7 +942,9 @@ class DumpReader:
                 if raw is None:
                     return
             end = min(raw.size, stop + budget // raw.itemsize)
-            raw.advise(self._fd, stop, end)
+            if (i, end) > (ahead_i, ahead_at):  # not asked for already
+                raw.advise(self._fd, max(stop, ahead_at) if i == ahead_i else stop, end)
+                self._ahead = ahead_i, ahead_at = i, end
             budget -= (end - stop) * raw.itemsize
             stop = end
 
