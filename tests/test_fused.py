@@ -6,6 +6,7 @@ float64 data beyond the kernel's exact range (recomputed through numpy)."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -269,3 +270,10 @@ def test_kernel_compiles_uncached_where_no_cache_directory_is_writable(monkeypat
            fsum, isum)
     assert isum[0, fused.N] == 3 and isum[0, fused.N_VALID] == 2 and isum[0, fused.NAN_R] == 1
     assert fsum[0, fused.MAX_D] == 2.0 and isum[0, fused.MAX_INDEX] == 1 and isum[0, fused.FIRST_NONFINITE] == 2
+
+
+def test_reading_with_preadv_leaves_no_file_descriptor_open(dumps):
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        _diff(dumps, "fused")
+    assert len(os.listdir("/proc/self/fd")) == before
