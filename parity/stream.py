@@ -1,16 +1,18 @@
 """The offline diff of two dumps, streamed: taps are read in slabs, never whole.
 
-Peak memory does not grow with the dump: a tap is compared chunk by chunk through the
-float64 `MetricAccumulator`, in canonical token order, so the numbers are the ones the
-in-memory diff computes (up to the order of float64 sums).  A reader thread fetches the
-next chunks from both files while the main thread decodes and accumulates the current
-ones (h5py reads and numpy arithmetic both release the GIL for their heavy parts).
+Peak memory does not grow with the dump: a tap is compared chunk by chunk in canonical
+token order, so the numbers are the ones the in-memory diff computes (up to the order of
+float64 sums).  Two arithmetic paths (`engine`): for large dumps the fused kernel
+(`fused`: one pass per chunk pair, every accumulator at once, GIL released) fed by one
+reader thread that runs ahead across taps (`pipeline`, `DumpReader.read_flat`: preadv at
+HDF5's offsets); otherwise `MetricAccumulator.update` in numpy, with a reader thread per
+tap.  Both judge the same pairs the same way (`StreamingComparer._plan`).
 
-Token layouts: chunks are runs of canonical positions.  Each side reads the rows its
-slots for that run live in (a window of rows kept until the run leaves it), so a padded
+Token layouts: chunks are runs of canonical positions.  Each side reads the slots its
+tokens for that run live in (a window kept until the run leaves it), so a padded
 reference and a packed candidate are aligned exactly as `diff.gather_tokens` does.  A
 layout whose canonical order jumps between rows costs re-reads, not memory beyond one
-row window per side (at most the tap itself).
+window per side (at most the tap itself).
 """
 from __future__ import annotations
 

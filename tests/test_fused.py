@@ -277,3 +277,22 @@ def test_reading_with_preadv_leaves_no_file_descriptor_open(dumps):
     for _ in range(3):
         _diff(dumps, "fused")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("member", ["000000", "000008"])  # a padded token layout; a tap without one
+def test_fused_path_catches_a_flipped_data_byte(dumps, tmp_path, member):
+    import h5py
+
+    from parity.dump import DumpError
+
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(dumps[0].read_bytes())
+    with h5py.File(bad, "r") as f:
+        ds = f["taps"][member]
+        info = ds.id.get_chunk_info(ds.id.get_num_chunks() - 1)
+        where = info.byte_offset + 3
+    data = bytearray(bad.read_bytes())
+    data[where] ^= 0x10
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DumpError, match="checksum"):
+        _diff((bad, dumps[1]), "fused")
