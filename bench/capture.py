@@ -76,6 +76,23 @@ class Nothing:
     def set_error(self, *a): pass
 
 
+class HooksOnly(Nothing):
+    """Takes each tap as the live tensor and drops it: the cost of the hooks themselves."""
+    def add_device_tap(self, info, order, value, layout): pass
+
+
+class DeviceStash(Nothing):
+    """Keeps a device-side clone of each tap: the floor of any exact capture (one copy per tap)."""
+    def __init__(self): self.kept = []
+    def add_device_tap(self, info, order, value, layout): self.kept.append(value.clone())
+
+
+def breakdown(backend, runs: int) -> dict:
+    """Where an eager capture's time goes: hooks alone, a device-side copy per tap, then the host."""
+    return {"hooks_only_ms": timed(lambda: capture(backend, HooksOnly()), runs),
+            "device_stash_ms": timed(lambda: capture(backend, DeviceStash()), runs)}
+
+
 def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict:
     backend = resolve(name, opts)
     row = {"plain_ms": timed(backend.run, runs)}
@@ -83,6 +100,8 @@ def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict
     if not graphed:  # hooks do not fire on graph replays: the naive path cannot observe a graph
         row["naive_ms"] = timed(lambda: naive_run(backend), runs)
     row["capture_host_ms"] = timed(lambda: capture(backend, Capture()), runs)
+    if not graphed:
+        row.update(breakdown(backend, runs))
     path = tmp / f"{name}.h5"
 
     def to_dump():
@@ -101,6 +120,11 @@ def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict
 
     row["capture_dump_streamed_ms"] = timed(to_dump_streamed, max(3, runs // 3))
     if graphed:  # steady state: replays of the graph with the tap copies inside it
+        # the graph the taps force (layers compiled leaf by leaf), captured without taps:
+        # separates the cost of the different execution from the cost of the copies
+        backend.model.parity_instrumented(True)
+        row["uninstrumented_leaf_graph_ms"] = timed(backend.run, runs)
+        backend.model.parity_instrumented(False)
         with Recorder(backend.model, backend.probe, Nothing()) as rec:
             backend.run()
             rec.pending.clear()

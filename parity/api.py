@@ -144,6 +144,10 @@ class _Counting:
         self.error = error
         self.sink.set_error(error)
 
+    def set_observation(self, observation):
+        if callable(getattr(self.sink, "set_observation", None)):
+            self.sink.set_observation(observation)
+
 
 def load_dump(path: str | Path, allow_incomplete: bool = False) -> Capture:
     """Read a whole dump; InputError if it is unreadable, or incomplete and not allowed."""

@@ -14,10 +14,12 @@ replays).
 from __future__ import annotations
 
 import collections
+import functools
 
 import numpy as np
 import torch
 
+from .observation import Observation
 from .probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
 from .records import Capture, CaptureError, Tap, TapInfo
 from .staging import Staged, Stager, graph_capturing
@@ -44,11 +46,40 @@ def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]
     return (arr.copy() if src_is_host else arr), name
 
 
-def _eager(hook):
-    """Hooks observe; they are never traced.  Under torch.compile each hook is a graph
-    break, so the compiled pieces are the code between taps (and the bookkeeping here
-    stays plain Python)."""
-    return torch.compiler.disable(hook, recursive=True)
+def _pre_hook(rec: "Recorder", spec: "_ModuleTaps", module, args):
+    if torch.compiler.is_compiling():
+        return _pre_opaque(rec, spec, module, args)
+    return rec.pre(spec, module, args)
+
+
+def _post_hook(rec: "Recorder", spec: "_ModuleTaps", module, args, output):
+    if torch.compiler.is_compiling():
+        return _post_opaque(rec, spec, module, args, output)
+    return rec.post(spec, module, output)
+
+
+# Hooks observe; they are never traced.  Under torch.compile the hooks above see
+# is_compiling() and call these instead, which torch.compile does not trace: a graph
+# break per tap, so the compiled pieces are the code between taps (and the bookkeeping
+# stays plain Python).  Eagerly the hooks skip the wrapper, which costs more than the
+# bookkeeping itself; one wrapper for all modules, not one per hook installed.
+_pre_opaque = torch.compiler.disable(lambda rec, spec, module, args: rec.pre(spec, module, args), recursive=True)
+_post_opaque = torch.compiler.disable(lambda rec, spec, module, args, output: rec.post(spec, module, output),
+                                      recursive=True)
+
+
+class _ModuleTaps:
+    """What one tapped module yields, worked out once per capture, not per call."""
+
+    __slots__ = ("name", "inputs", "outputs", "blamed", "once")
+
+    def __init__(self, name: str, hits: list[ProbeHit]) -> None:
+        self.name = name
+        self.inputs = [h for h in hits if h.rule.on == ON_INPUT]
+        self.outputs = [h for h in hits if h.rule.on == ON_OUTPUT]
+        # The tap an exception inside this module is blamed on: its output, else its input.
+        self.blamed = self.outputs[0] if self.outputs else hits[0]
+        self.once = next((h for h in hits if not h.rule.stepped), None)
 
 
 class ProbeError(Exception):
@@ -62,6 +93,12 @@ class SinkFailed(BaseException):
     model that catches it anyway gets it again at its next tap); the recorder remembers the real failure
     and `capture` re-raises it after the run, so a failed write is never mistaken for
     the model raising."""
+
+
+class StopRun(BaseException):
+    """Raised by a sink's `add_device_tap` to end the run early, not as a failure (e.g. a
+    live compare told to stop at the first divergence).  A BaseException for the same
+    reason as SinkFailed; `capture` returns normally after it."""
 
 
 class Recorder:
@@ -86,6 +123,13 @@ class Recorder:
         # optional sink method, called as each tap is taken (progress displays): the sink
         # itself gets the taps only at flush()
         self.on_record = getattr(sink, "tap_recorded", None)
+        # optional sink method taking each tap as the live device tensor (on-device
+        # compare, stats): then nothing is staged for the host at all
+        self.on_device = getattr(sink, "add_device_tap", None)
+        self.stopped = False  # the sink raised StopRun: the run ends here
+        self.installed: set[str] = set()  # module names with taps
+        self.ran: set[str] = set()  # ... and those whose hooks fired
+        self.model_note = None  # what the model says instrumenting changed
         self.order = 0
         self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
 
@@ -95,9 +139,11 @@ class Recorder:
                 hits = self.probe.taps_for(module_name)
                 if not hits:
                     continue
-                self.handles.append(module.register_forward_pre_hook(_eager(self._enter_hook(module_name, hits))))
-                self.handles.append(module.register_forward_hook(_eager(self._exit_hook(hits))))
-            self._notify(True)
+                spec = _ModuleTaps(module_name, hits)
+                self.handles.append(module.register_forward_pre_hook(functools.partial(_pre_hook, self, spec)))
+                self.handles.append(module.register_forward_hook(functools.partial(_post_hook, self, spec)))
+                self.installed.add(module_name)
+            self.model_note = self._notify(True)
         except BaseException:
             self.remove()
             raise
@@ -114,12 +160,12 @@ class Recorder:
         self.staged_bytes = 0
         self._notify(False)
 
-    def _notify(self, active: bool) -> None:
+    def _notify(self, active: bool):
         """Models that cache captured execution (CUDA graphs, compiled code) may define
-        `parity_instrumented(active)` to re-capture with the taps in place."""
+        `parity_instrumented(active)` to re-capture with the taps in place; what it returns
+        (a note on how the instrumented run differs) goes into the observation record."""
         hook = getattr(self.model, "parity_instrumented", None)
-        if callable(hook):
-            hook(active)
+        return hook(active) if callable(hook) else None
 
     def flush(self, keep_bytes: int = 0, ready_only: bool = False) -> None:
         """Hand recorded taps to the sink as host storage, oldest first, until at most
@@ -150,42 +196,33 @@ class Recorder:
     def _info(hit: ProbeHit, calls: int) -> TapInfo:
         return TapInfo(hit.name, hit.rule.stack, hit.layer, hit.component, calls if hit.rule.stepped else None)
 
-    def _enter_hook(self, module_name: str, hits: list[ProbeHit]):
-        inputs = [h for h in hits if h.rule.on == ON_INPUT]
-        # The tap an exception inside this module is blamed on: its output, else its input.
-        blamed = next((h for h in hits if h.rule.on == ON_OUTPUT), hits[0])
+    def pre(self, spec: _ModuleTaps, module, args) -> None:
+        name = spec.name
+        self.ran.add(name)
+        calls = self.calls.get(name, 0)
+        self.calls[name] = calls + 1
+        self.running.append((module, self._info(spec.blamed, calls), calls))
+        if calls and spec.once is not None:
+            raise ProbeError(f"tap {spec.once.name} ran {calls + 1} times in one run: its probe rule must be stepped")
+        for hit in spec.inputs:
+            self._record(hit, self._info(hit, calls), args[0] if args else None, "input")
 
-        def pre(module, args):
-            calls = self.calls.get(module_name, 0)
-            self.calls[module_name] = calls + 1
-            self.running.append((module, self._info(blamed, calls), calls))
-            once = next((h for h in hits if not h.rule.stepped), None)
-            if calls and once is not None:
-                raise ProbeError(f"tap {once.name} ran {calls + 1} times in one run: its probe rule must be stepped")
-            for hit in inputs:
-                self._record(hit, self._info(hit, calls), args[0] if args else None, "input")
-
-        return pre
-
-    def _exit_hook(self, hits: list[ProbeHit]):
-        outputs = [h for h in hits if h.rule.on == ON_OUTPUT]
-
-        def post(module, args, output):
-            # Entries above ours belong to tapped modules that raised and were caught
-            # inside the model: they never finished, so they are dropped here.
-            while self.running and self.running[-1][0] is not module:
-                self.running.pop()
-            if self.sink_error is not None:
-                raise SinkFailed(str(self.sink_error))
-            calls = self.running[-1][2]
-            for hit in outputs:
-                value = output
-                if hit.rule.select is not None and isinstance(output, (tuple, list)):
-                    value = output[hit.rule.select]
-                self._record(hit, self._info(hit, calls), value, "output")
-            self.running.pop()  # only once recorded: a failure above is located at this tap
-
-        return post
+    def post(self, spec: _ModuleTaps, module, output) -> None:
+        # Entries above ours belong to tapped modules that raised and were caught
+        # inside the model: they never finished, so they are dropped here.
+        while self.running and self.running[-1][0] is not module:
+            self.running.pop()
+        if self.sink_error is not None:
+            raise SinkFailed(str(self.sink_error))
+        if self.stopped:
+            raise StopRun()
+        calls = self.running[-1][2]
+        for hit in spec.outputs:
+            value = output
+            if hit.rule.select is not None and isinstance(output, (tuple, list)):
+                value = output[hit.rule.select]
+            self._record(hit, self._info(hit, calls), value, "output")
+        self.running.pop()  # only once recorded: a failure above is located at this tap
 
     def _record(self, hit: ProbeHit, info: TapInfo, value, side: str) -> None:
         if not self.select(info.name, info.key):
@@ -198,6 +235,9 @@ class Recorder:
                 raise ProbeError(f"tap {info.key}: last dimension {value.shape[-1]} does not match its split "
                                  f"({total})")
             value = value[..., hit.chunk[0]:hit.chunk[1]]
+        if self.on_device is not None:
+            self._hand_over(info, value.detach(), hit.rule.layout)
+            return
         # A device-side copy now (later in-place kernels cannot touch it; inside a CUDA
         # graph capture the copy is recorded into the graph), on its way to the host.
         staged = self.stager.stage(value)
@@ -218,6 +258,21 @@ class Recorder:
             # CPU, this one), so a killed capture has handed over all it could.
             self.flush(ready_only=True)
 
+    def _hand_over(self, info: TapInfo, value: torch.Tensor, layout: str | None) -> None:
+        """The device-tensor path: the sink sees the tap as it is now (it copies what it keeps)."""
+        try:
+            self.on_device(info, self.order, value, layout)
+        except StopRun:
+            self.stopped = True
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised by `capture` after the run
+            self.sink_error = exc
+            raise SinkFailed(str(exc)) from exc
+        finally:
+            self.order += 1
+        if self.on_record is not None:
+            self.on_record(info)
+
     def error_from(self, exc: BaseException) -> CaptureError:
         info = self.running[-1][1] if self.running else None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -233,14 +288,17 @@ def capture(backend, sink=None, select: TapFilter | None = None, max_staged_byte
     with the tap component that was running (and the sink then reads as incomplete).
     KeyboardInterrupt and friends propagate, after every tap recorded so far reached the
     sink.  If the sink itself fails (a DumpError: disk full), that error propagates,
-    whatever the model did with it on the way."""
+    whatever the model did with it on the way.  A sink with `add_device_tap` gets each tap
+    as the live device tensor instead (nothing is copied to the host), and may end the run
+    early by raising StopRun."""
     sink = sink if sink is not None else Capture(meta=dict(backend.meta))
     for name, layout in backend.layouts().items():
         sink.add_layout(name, layout)
     with Recorder(backend.model, backend.probe, sink, select, max_staged_bytes) as rec:
+        observation = Observation()
         try:
             backend.run()
-        except SinkFailed:
+        except (SinkFailed, StopRun):
             pass
         except Exception as exc:  # noqa: BLE001 - the candidate's crash is what we report
             if rec.sink_error is None:
@@ -253,4 +311,7 @@ def capture(backend, sink=None, select: TapFilter | None = None, max_staged_byte
                     pass  # raised below
         if rec.sink_error is not None:
             raise rec.sink_error
+        observed = observation.finish(rec.model_note, rec.installed, rec.ran)
+        if observed and not rec.stopped and callable(getattr(sink, "set_observation", None)):
+            sink.set_observation(observed)
     return sink

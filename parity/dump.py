@@ -306,6 +306,7 @@ class DumpWriter:
             raise ValueError(f"meta is not JSON-serializable: {e}") from None
         self.path = os.fspath(path)
         self.partial_path = self.path + PARTIAL_SUFFIX
+        self._meta = dict(meta)
         self._compression = compression
         self._layouts: dict[str, Layout] = {}
         self._keys: set[str] = set()
@@ -465,6 +466,22 @@ class DumpWriter:
             f.flush()
         except _IO_ERRORS as e:
             self._fail(e)
+
+    def set_observation(self, observation: dict) -> None:
+        """How observing changed the run (graph breaks, a re-captured graph), known only
+        after it: kept in meta under "observation", beside the backend's own metadata."""
+        f = self._live()
+        meta = {**self._meta, "observation": observation}
+        try:
+            meta_json = json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"observation is not JSON-serializable: {e}") from None
+        try:
+            del f.attrs["meta"]
+            _set_attrs(f, {"meta": meta_json})
+        except _IO_ERRORS as e:
+            self._fail(e)
+        self._meta = meta
 
     def set_error(self, err: CaptureError) -> None:
         """Record where and how the candidate raised (replaces an earlier record).

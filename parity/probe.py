@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 ON_OUTPUT, ON_INPUT = "output", "input"
@@ -80,6 +80,8 @@ class Probe:
     arch: str
     rules: tuple[TapRule, ...]
     components: object | None = None
+    # module name -> its hits: a capture walks every module of the model, every time
+    _hits: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def tap_for(self, module_name: str):
         """(rule, layer, component, canonical name) of a module's first output rule, or None."""
@@ -91,6 +93,12 @@ class Probe:
     def taps_for(self, module_name: str) -> list[ProbeHit]:
         """Every tap a module yields: the first matching rule per side (input, output),
         expanded into one hit per chunk for split rules."""
+        hits = self._hits.get(module_name)
+        if hits is None:
+            hits = self._hits[module_name] = self._match(module_name)
+        return list(hits)
+
+    def _match(self, module_name: str) -> list[ProbeHit]:
         hits: list[ProbeHit] = []
         seen: set[str] = set()
         for rule in self.rules:

@@ -131,6 +131,10 @@ class Capture:
     def add_layout(self, name: str, layout: Layout) -> None:
         self.layouts[name] = layout
 
+    def set_observation(self, observation: dict) -> None:
+        """How observing changed the run (see capture.observation); kept in meta."""
+        self.meta["observation"] = observation
+
     def add_tap(self, tap: Tap) -> None:
         self.taps.append(tap)
 

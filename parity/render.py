@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .observation import describe
 from .report import Report, TapResult
 from .text import shown  # noqa: F401 - part of this module's interface (render.shown)
 from .series import worst as _worst
@@ -150,6 +151,11 @@ def run_header(r: dict, c: dict) -> Text:
     if isinstance(weights, dict):
         text.append("\n")
         text.append(shown(f"weights {weights.get('path', '?')} ({weights.get('layout', '?')} layout)"), style="dim")
+    for side, meta in (("ref", r), ("cand", c)):
+        note = describe(meta.get("observation"))
+        if note:
+            text.append("\n")
+            text.append(shown(f"{side} observed differently: {note}"), style="yellow")
     return text
 
 

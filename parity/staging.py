@@ -1,20 +1,28 @@
 """Getting a tap off the device without stalling the forward.
 
-On CUDA each tap is cloned on the compute stream (an exact snapshot: later in-place
-kernels cannot touch it), then copied to a pinned host buffer on a side stream, so the
-device-to-host copy overlaps the rest of the forward and no tap costs a host sync.  The
-clone is handed to the side stream (`record_stream`), so its memory returns to the
-allocator only after the copy.  Pinned buffers come from torch's caching host
-allocator: after the first capture they are reused, not allocated again.
+On CUDA each tap is copied, on the compute stream, into the open slot of a small device
+ring (one kernel: an exact snapshot, later in-place kernels cannot touch it; no
+allocation, no event, no stream switch per tap).  A full slot travels to pinned host
+memory in one copy on a side stream, so the device-to-host traffic overlaps the rest of
+the forward and no tap costs a host sync.  A slot is written again only after its
+previous copy has left: the compute stream waits for that copy's event, on the device.
+Host tensors are views into the slot's pinned buffer, which comes from torch's caching
+host allocator: after the first capture they are reused, not allocated again.
 
-Elsewhere (CPU), and while a CUDA graph is being captured (no host work may be
-recorded into it), the clone itself is the staged copy, as before.
+Taps larger than a slot are cloned and copied on their own (the earlier per-tap path).
+While a CUDA graph is being captured, taps go into slots allocated inside the graph's
+memory pool and are shipped when the run is flushed, after the graph has replayed (no
+host work may be recorded into a graph).  On CPU the clone is the staged copy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+SLOT_BYTES = 32 << 20  # one device-to-host copy per this many bytes of taps
+SLOTS = 4  # device ring: SLOTS x SLOT_BYTES held while a capture runs
+_ALIGN = 256  # every tap starts on this boundary (any dtype may view it)
 
 
 def graph_capturing() -> bool:
@@ -24,7 +32,7 @@ def graph_capturing() -> bool:
 
 @dataclass
 class Staged:
-    """A tap copy on its way to the host; `ready()` is the host tensor, once it is there."""
+    """A tap copy of its own on its way to the host; `ready()` is the host tensor, once there."""
 
     tensor: torch.Tensor  # pinned host buffer (CUDA path) or the device-side clone
     event: "torch.cuda.Event | None" = None  # completes when the host buffer holds the tap
@@ -44,23 +52,144 @@ class Staged:
         return self.tensor
 
 
-class Stager:
-    """Takes snapshots of taps; one per capture (it owns the side stream)."""
+class _Batch:
+    """The taps written into one slot, until they leave for the host together."""
+
+    __slots__ = ("device", "used", "slot", "host", "event", "ship")
+
+    def __init__(self, device: torch.Tensor, slot: int | None, ship) -> None:
+        self.device, self.slot, self.ship = device, slot, ship  # slot None: a graph's own buffer
+        self.used = 0
+        self.host: torch.Tensor | None = None
+        self.event = None
+
+
+class SlotStaged:
+    """A tap inside a batch: `ready()` ships the batch if it has not left yet, waits for
+    it, and returns the tap's view of the batch's host buffer."""
+
+    __slots__ = ("batch", "offset", "nbytes", "dtype", "shape")
+
+    def __init__(self, batch: _Batch, offset: int, nbytes: int, dtype: torch.dtype, shape: torch.Size) -> None:
+        self.batch, self.offset, self.nbytes, self.dtype, self.shape = batch, offset, nbytes, dtype, shape
+
+    def done(self) -> bool:
+        b = self.batch
+        return b.host is not None and (b.event is None or b.event.query())
+
+    def ready(self) -> torch.Tensor:
+        b = self.batch
+        if b.host is None:
+            b.ship(b)
+        if b.event is not None:
+            b.event.synchronize()
+            b.event = None
+        return b.host[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+class _Ring:
+    """One device's slots: the open batch, and for each slot the event its last copy
+    to the host records (the slot may be written again once that has happened)."""
 
     def __init__(self) -> None:
-        self._side: dict[torch.device, torch.cuda.Stream] = {}
+        self.buffers: list[torch.Tensor | None] = [None] * SLOTS
+        self.left: list = [None] * SLOTS
+        self.next = 0
+        self.open: _Batch | None = None  # filled between graph captures
+        self.graph_open: _Batch | None = None  # filled inside a graph capture
 
-    def stage(self, value: torch.Tensor) -> Staged:
+
+class Stager:
+    """Takes snapshots of taps; one per capture (it owns the side stream and the ring).
+
+    `slot_bytes`/`slots` size the ring; `ring_on_cpu` runs the ring on CPU too (the
+    tests' way to exercise the same bookkeeping without a GPU)."""
+
+    def __init__(self, slot_bytes: int = SLOT_BYTES, ring_on_cpu: bool = False) -> None:
+        self.slot_bytes, self.ring_on_cpu = slot_bytes, ring_on_cpu
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
+        self._rings: dict[torch.device, _Ring] = {}
+
+    def stage(self, value: torch.Tensor):
         value = value.detach()
-        clone = value.clone()
-        if value.device.type != "cuda" or graph_capturing():
-            return Staged(clone)
-        main = torch.cuda.current_stream(value.device)
-        side = self._side.get(value.device)
+        nbytes = value.numel() * value.element_size()
+        cuda = value.device.type == "cuda"
+        if (cuda or self.ring_on_cpu) and 0 < nbytes <= self.slot_bytes:
+            return self._into_slot(value, nbytes, cuda)
+        return self._alone(value, cuda)
+
+    # ------------------------------------------------------------------ taps in slots
+
+    def _into_slot(self, value: torch.Tensor, nbytes: int, cuda: bool) -> SlotStaged:
+        ring = self._rings.get(value.device)
+        if ring is None:
+            ring = self._rings[value.device] = _Ring()
+        capturing = cuda and graph_capturing()
+        batch = ring.graph_open if capturing else ring.open
+        offset = 0 if batch is None else -(-batch.used // _ALIGN) * _ALIGN
+        if batch is None or offset + nbytes > self.slot_bytes:
+            if batch is not None and not capturing:
+                self._ship(batch)  # full: on its way while the next slot fills
+            batch = self._graph_batch(value.device, ring) if capturing else self._next_batch(value.device, ring, cuda)
+            offset = 0
+        batch.device[offset:offset + nbytes].view(value.dtype).view(value.shape).copy_(value)
+        batch.used = offset + nbytes
+        return SlotStaged(batch, offset, nbytes, value.dtype, value.shape)
+
+    def _next_batch(self, device: torch.device, ring: _Ring, cuda: bool) -> _Batch:
+        i = ring.next
+        ring.next = (i + 1) % SLOTS
+        if ring.buffers[i] is None:
+            ring.buffers[i] = torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
+        if ring.left[i] is not None:  # the slot's previous copy must have left before it is overwritten
+            torch.cuda.current_stream(device).wait_event(ring.left[i])
+            ring.left[i] = None
+        ring.open = _Batch(ring.buffers[i], i, self._ship)
+        return ring.open
+
+    def _graph_batch(self, device: torch.device, ring: _Ring) -> _Batch:
+        """A buffer from the graph's own pool: replays write it, the flush ships it."""
+        ring.graph_open = _Batch(torch.empty(self.slot_bytes, dtype=torch.uint8, device=device), None, self._ship)
+        return ring.graph_open
+
+    def _ship(self, batch: _Batch) -> None:
+        ring = self._rings[batch.device.device]
+        if ring.open is batch:
+            ring.open = None
+        if ring.graph_open is batch:
+            ring.graph_open = None
+        src = batch.device[:batch.used]
+        if src.device.type != "cuda":
+            batch.host = src.clone()
+        else:
+            host = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+            side = self._side_stream(src.device)
+            side.wait_stream(torch.cuda.current_stream(src.device))
+            with torch.cuda.stream(side):
+                host[:batch.used].copy_(src, non_blocking=True)
+                batch.event = torch.cuda.Event()
+                batch.event.record(side)
+            batch.device.record_stream(side)
+            if batch.slot is not None:
+                ring.left[batch.slot] = batch.event
+            batch.host = host
+        batch.device = None
+
+    # ------------------------------------------------------------------ taps on their own
+
+    def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+        side = self._side.get(device)
         if side is None:
-            side = self._side[value.device] = torch.cuda.Stream(value.device)
+            side = self._side[device] = torch.cuda.Stream(device)
+        return side
+
+    def _alone(self, value: torch.Tensor, cuda: bool) -> Staged:
+        clone = value.clone()
+        if not cuda or graph_capturing():
+            return Staged(clone)
+        side = self._side_stream(value.device)
         host = torch.empty(clone.shape, dtype=clone.dtype, pin_memory=True)
-        side.wait_stream(main)  # the clone is written on the main stream
+        side.wait_stream(torch.cuda.current_stream(value.device))  # the clone is written on the main stream
         with torch.cuda.stream(side):
             host.copy_(clone, non_blocking=True)
             event = torch.cuda.Event()

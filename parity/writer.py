@@ -83,6 +83,10 @@ class BackgroundWriter:
     def set_error(self, error) -> None:
         self._put("set_error", (error,), 0)
 
+    def set_observation(self, observation) -> None:
+        if callable(getattr(self.sink, "set_observation", None)):
+            self._put("set_observation", (observation,), 0)
+
     def _put(self, method: str, args: tuple, nbytes: int) -> None:
         self._raise_pending()
         self._queue.put((method, args, nbytes))

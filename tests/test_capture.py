@@ -527,3 +527,111 @@ def test_progress_advances_as_taps_are_produced_and_stored():
     assert keys(cap) == EXPECTED_KEYS
     assert calls == ([c for i in range(1, n + 1) for c in (("capture toy", i, None), ("capture toy (store)", i, i))]
                      + [("run ended", 0, None)])
+
+
+# --------------------------------------------------------------------------- device sinks
+
+class DeviceSink:
+    """Takes taps as live tensors (what an on-device compare or stats sink does); stops the
+    run once it has seen `stop_after` taps."""
+
+    def __init__(self, stop_after: int | None = None, fail_at: str | None = None):
+        self.seen, self.layouts, self.error = [], {}, None
+        self.stop_after, self.fail_at = stop_after, fail_at
+
+    def add_layout(self, name, layout):
+        self.layouts[name] = layout
+
+    def add_tap(self, tap):
+        raise AssertionError("a device sink never gets host copies")
+
+    def set_error(self, error):
+        self.error = error
+
+    def add_device_tap(self, info, order, value, layout):
+        from parity.capture import StopRun
+
+        if info.key == self.fail_at:
+            raise OSError("device sink broke")
+        self.seen.append((info.key, order, value.clone(), layout))
+        if self.stop_after is not None and len(self.seen) >= self.stop_after:
+            raise StopRun()
+
+
+def test_device_sink_gets_every_tap_as_a_tensor_in_order_and_equal_to_the_host_path():
+    host = capture(make_backend())
+    sink = capture(make_backend(), DeviceSink())
+    assert [k for k, *_ in sink.seen] == EXPECTED_KEYS
+    assert [o for _, o, *_ in sink.seen] == list(range(len(EXPECTED_KEYS)))
+    for (key, _, value, _), tap in zip(sink.seen, host.taps):
+        assert isinstance(value, torch.Tensor) and not value.requires_grad
+        assert np.array_equal(value.numpy(), tap.array), key
+
+
+def test_device_sink_can_stop_the_run_early_without_an_error():
+    model = Toy()
+    backend = make_backend(model)
+    sink = capture(backend, DeviceSink(stop_after=3))
+    assert [k for k, *_ in sink.seen] == EXPECTED_KEYS[:3]
+    assert sink.error is None and backend.outputs == []  # the model never finished
+    assert_no_hooks(model)
+
+
+def test_stop_survives_a_model_that_catches_exceptions():
+    model = nn.Sequential(Fallback())
+    probe = Probe("toy", (TapRule(r"0", stack="attn", component="out"),
+                          TapRule(r"0\.(?P<component>fast|slow)", stack="attn")))
+    backend = Backend("toy", model, probe, run=lambda: model(torch.ones(2, F)), layouts=dict)
+    sink = capture(backend, DeviceSink(stop_after=1))
+    assert [k for k, *_ in sink.seen] == ["attn.slow"] and sink.error is None
+
+
+def test_a_failing_device_sink_propagates_its_error_not_a_model_error():
+    sink = DeviceSink(fail_at="blk.0.out")
+    with pytest.raises(OSError, match="device sink broke"):
+        capture(make_backend(), sink)
+    assert sink.error is None
+    assert [k for k, *_ in sink.seen] == EXPECTED_KEYS[:3]
+
+
+# --------------------------------------------------------------------------- what observing changed
+
+def test_graph_breaks_forced_by_the_taps_are_recorded_with_the_capture():
+    torch._dynamo.reset()
+    backend, model, x = fused_backend()
+    compiled = torch.compile(model, backend="eager")
+    c = capture(Backend("toy", model, backend.probe, run=lambda: compiled(x), layouts=dict))
+    obs = c.meta["observation"]
+    assert obs["graph_breaks"] >= 1 and obs["graph_break_reasons"]
+    assert obs["graphs_compiled"] >= 2  # the model's code, cut at the taps
+    assert "observation" not in capture(fused_backend()[0]).meta  # eager: observing changed nothing
+
+
+class Noted(Instrumentable):
+    def parity_instrumented(self, active: bool):
+        super().parity_instrumented(active)
+        return "graph re-captured with taps" if active else None
+
+
+def test_the_models_own_note_and_modules_that_never_ran_are_recorded():
+    model = Noted()
+    model.steps = 0  # the stepped denoise tap point never runs
+    c = capture(make_backend(model))
+    obs = c.meta["observation"]
+    assert obs["model"] == "graph re-captured with taps"
+    assert obs["tapped_modules_not_run"] == 1 and obs["tapped_modules_not_run_first"] == ["denoise"]
+
+
+def test_the_observation_survives_a_dump_and_is_shown_in_the_diff_header(tmp_path):
+    from parity.dump import DumpWriter, read_dump
+    from parity.render import run_header
+
+    model = Noted()
+    backend = make_backend(model)
+    with DumpWriter(tmp_path / "c.h5", dict(backend.meta)) as w:
+        capture(backend, w)
+    meta = read_dump(tmp_path / "c.h5").meta
+    assert meta["arch"] == "toy" and meta["observation"] == {"model": "graph re-captured with taps"}
+    text = run_header({"backend": "ref"}, meta).plain
+    assert "cand observed differently: graph re-captured with taps" in text
+    assert "observed differently" not in run_header({"backend": "ref"}, {"backend": "c"}).plain

@@ -389,8 +389,14 @@ class Pi05Policy(nn.Module):
         static buffers, so it records them in a run of its own."""
         return self.graphed is not None
 
-    def parity_instrumented(self, active: bool) -> None:
+    def parity_instrumented(self, active: bool) -> str | None:
         """Called by parity's Recorder as taps are installed and removed: a captured CUDA
-        graph is dropped so that the next call re-captures it with the tap copies inside."""
-        if self.graphed is not None:
-            self.graphed.reset(instrumented=active)
+        graph is dropped so that the next call re-captures it with the tap copies inside.
+        Returns how the instrumented run differs (parity records it with the capture)."""
+        if self.graphed is None:
+            return None
+        self.graphed.reset(instrumented=active)
+        if active and self.graphed.compiled_layers:
+            return ("CUDA graph re-captured with the tap copies inside; layers compiled leaf by leaf "
+                    "instead of whole (taps sit on module boundaries)")
+        return "CUDA graph re-captured with the tap copies inside" if active else None
