@@ -223,7 +223,8 @@ def main() -> None:
                        "parity_vs_plain_read": plain / parity,
                        "parity_cpu_s": min(timings["parity_cpu"]), "parity_diff_s": parity, "plain_read_s": plain,
                        "cli_fresh_process_MBps": both / 1e6 / cli, "cli_vs_plain_read": plain / cli,
-                       "numpy_engine_MBps": both / 1e6 / numpy_engine, "numpy_engine_vs_plain_read": plain / numpy_engine,
+                       "numpy_engine_MBps": both / 1e6 / numpy_engine,
+                       "numpy_engine_vs_plain_read": plain / numpy_engine,
                        "naive_diff_MBps": both / 1e6 / naive, "naive_vs_plain_read": plain / naive}
         # peak RSS on a multi-GB dump
         big = tmp / "big"

@@ -15,7 +15,6 @@ from .offline import InputError, _incomplete, check_comparable, diff_dumps, open
 from .offline import select_taps as _select
 from .diff import Thresholds, diff
 from .dump import DumpError, DumpWriter, read_dump
-from .probe import tap_filter
 from .records import Capture
 from .report import Report
 from .writer import DEFAULT_MAX_INFLIGHT_MB, BackgroundWriter, InflightBudget

@@ -50,6 +50,7 @@ Notes on the format:
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -81,8 +82,6 @@ _RAW_KINDS = "biufc"
 # streaming diff.  Compressed chunks are smaller, so gzip/lzf work on cache-sized pieces.
 CHUNK_BYTES = 4 << 20
 COMPRESSED_CHUNK_BYTES = 1 << 20
-# Bytes DumpReader.read_flat asks the OS to read ahead of the reader (posix_fadvise).
-READ_AHEAD = 32 << 20
 
 
 class DumpError(Exception):
@@ -731,13 +730,16 @@ class DumpReader:
         # order; a tap whose rows were all read that way is checked without a second read
         self._row_crc: dict[int, tuple[int, int]] = {}
         self._verified: set[int] = set()
-        # the same for read_flat, per tap: (next element, crc so far); its byte runs; the
-        # file descriptor it reads them through (opened on first use)
-        self._flat_crc: dict[int, tuple[int, int]] = {}
+        # the same for read_flat, per tap: the next element its forward reads reached, and
+        # the crc of what `settle` checked so far (the reading and the checksum may run
+        # in different threads: read pieces wait in _unchecked, in order); the taps' byte
+        # runs; the file descriptor they are read through (opened on first use)
+        self._flat_at: dict[int, int] = {}
+        self._flat_crc: dict[int, int] = {}
+        self._unchecked: collections.deque = collections.deque()
         self._bytes: dict[int, _raw.TapBytes | None] = {}
         self._fd: int | None = None
         self._buffers = _raw.Buffers()
-        self._ahead = (-1, 0)  # (tap, element) the OS was asked to read ahead up to
         try:
             self._parse()
         except _Bad as e:
@@ -914,93 +916,88 @@ class DumpReader:
                 self._verified.add(i)
         return chunk
 
-    def read_flat(self, key_or_index: str | int, start: int, stop: int) -> np.ndarray:
+    def read_flat(self, key_or_index: str | int, start: int, stop: int, check: bool = True) -> np.ndarray:
         """Elements [start, stop) of a tap's C-order flat array, in its storage dtype.
 
         Uncompressed taps are read with os.preadv at the offsets HDF5 gives (GIL released,
         see `rawread`), others through h5py.  The checksum is continued over reads that
-        go forward: a read starting past the checked prefix also reads the gap (the caller
+        go forward: a read starting past the read prefix also reads the gap (the caller
         gets only what it asked for), so reading a tap's tokens in order checks it without a
-        second pass, padding included; a read going back is checked later by `verify`."""
+        second pass, padding included; a read going back is checked later by `verify`.
+        `check=False` leaves the checksum of what was read to the next `settle()` (so a
+        reader thread can leave it to the thread that computes); DumpError there."""
         i = self._resolve(key_or_index)
         header = self.headers[i]
-        at, crc = self._flat_crc.get(i, (0, 0))
+        size = int(np.prod(header.shape, dtype=np.int64))
+        at = self._flat_at.get(i, 0)
         tracking = i not in self._verified and at <= start
         lo = at if tracking else start
         try:
             if not header.shape:
                 raise _Bad("a 0-d tap has no flat range")
-            ds = self._dataset(i)
             if i not in self._bytes:
-                self._bytes[i] = _raw.TapBytes.of(ds)
+                self._bytes[i] = _raw.TapBytes.of(self._dataset(i))
             raw = self._bytes[i]
-            if raw is not None:
+            if raw is not None:  # h5py is not asked again: a dataset lookup costs ~0.5 ms
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)
-                data = raw.read(self._fd, lo, stop, self._buffers).view(ds.dtype)
-                self._read_ahead(i, raw, stop)
+                data = raw.read(self._fd, lo, stop, self._buffers).view(raw.dtype)
             else:
+                ds = self._dataset(i)
                 per_row = int(np.prod(header.shape[1:], dtype=np.int64))
                 r0, r1 = lo // per_row, -(-stop // per_row)
                 data = np.asarray(ds[r0:r1]).reshape(-1)[lo - r0 * per_row:stop - r0 * per_row]
+            want = _stored_crc(self._dataset(i)) if tracking and stop >= size else None
         except Exception as e:
             raise DumpError(self.path, f"cannot read tap {header.key!r}: {_describe(e)}") from None
         if tracking:
-            crc = _crc32(data, crc)
-            if stop >= int(np.prod(header.shape, dtype=np.int64)):
-                self._flat_crc.pop(i, None)
-                want = _stored_crc(ds)
-                if want is not None and crc != want:
-                    raise DumpError(self.path, f"cannot read tap {header.key!r}: its data does not match its "
-                                               "checksum (corrupt)")
-                self._verified.add(i)
-            else:
-                self._flat_crc[i] = (stop, crc)
+            self._flat_at[i] = stop
+            self._unchecked.append((i, data, stop >= size, want))
+        if check:
+            self.settle()
         return data[start - lo:]
 
-    def _read_ahead(self, i: int, raw: _raw.TapBytes, stop: int) -> None:
-        """Ask the OS to fetch the next READ_AHEAD bytes after element `stop` of tap i (on
-        into the next tap) while the caller computes, so the disk never idles."""
-        budget = READ_AHEAD
-        ahead_i, ahead_at = self._ahead
-        while budget > 0 and self._fd is not None:
-            if stop >= raw.size:
-                i, stop = i + 1, 0
-                if i >= len(self.headers):
-                    return
-                if i not in self._bytes:
-                    try:
-                        self._bytes[i] = _raw.TapBytes.of(self._dataset(i))
-                    except Exception:  # reading it will report the problem
-                        self._bytes[i] = None
-                raw = self._bytes[i]
-                if raw is None:
-                    return
-            end = min(raw.size, stop + budget // raw.itemsize)
-            if (i, end) > (ahead_i, ahead_at):  # not asked for already
-                raw.advise(self._fd, max(stop, ahead_at) if i == ahead_i else stop, end)
-                self._ahead = ahead_i, ahead_at = i, end
-            budget -= (end - stop) * raw.itemsize
-            stop = end
+    def read_rest(self, key_or_index: str | int, check: bool = True) -> None:
+        """Read what forward `read_flat` calls left of a tap (a padded tail, typically),
+        so its checksum is complete once settled."""
+        i = self._resolve(key_or_index)
+        at = self._flat_at.get(i, 0)
+        size = int(np.prod(self.headers[i].shape, dtype=np.int64))
+        if at > 0 and i not in self._verified:
+            for start in range(at, size, 1 << 22):
+                self.read_flat(i, start, min(size, start + (1 << 22)), check=check)
+
+    def settle(self) -> None:
+        """Checksum the pieces `read_flat` read so far, in order; DumpError for a tap whose
+        last piece shows its data does not match its checksum."""
+        while self._unchecked:
+            i, data, last, want = self._unchecked.popleft()
+            crc = _crc32(data, self._flat_crc.get(i, 0))
+            if not last:
+                self._flat_crc[i] = crc
+                continue
+            self._flat_crc.pop(i, None)
+            if want is not None and crc != want:
+                self._unchecked.clear()
+                raise DumpError(self.path, f"cannot read tap {self.headers[i].key!r}: its data does not match its "
+                                           "checksum (corrupt)")
+            self._verified.add(i)
 
     def verify(self, key_or_index: str | int) -> None:
         """Check a tap's checksum (DumpError if its data is corrupt), reading it again in
         slices unless `read_rows` or `load` already read and checked all of it in order."""
         i = self._resolve(key_or_index)
+        self.settle()
         if i in self._verified:
             return
         header = self.headers[i]
-        size = int(np.prod(header.shape, dtype=np.int64))
-        at = self._flat_crc.get(i, (0, 0))[0]
-        if at > 0:  # read_flat checked a prefix: check the rest (a padded tail, typically)
-            for start in range(at, size, 1 << 22):
-                self.read_flat(i, start, min(size, start + (1 << 22)))
+        if self._flat_at.get(i, 0) > 0:  # read_flat read a prefix: check the rest
+            self.read_rest(i)
             return
         per_row = int(np.prod(header.shape[1:], dtype=np.int64)) if header.shape else 1
         for _ in self._chunks(i, max(1, (1 << 20) // max(1, per_row))):
             pass
         self._row_crc.pop(i, None)
-        self._flat_crc.pop(i, None)
         self._verified.add(i)
 
     def read_chunks(self, key_or_index: str | int, rows: int) -> Iterator[np.ndarray]:

@@ -25,7 +25,7 @@ import numpy as np
 class TapBytes:
     """Runs of one tap's C-order elements in the file: (first element, count, byte offset)."""
 
-    itemsize: int
+    dtype: np.dtype  # as stored
     size: int  # elements in the tap
     runs: tuple[tuple[int, int, int], ...]  # sorted by first element, covering [0, size) without gaps
 
@@ -35,11 +35,12 @@ class TapBytes:
         shape = tuple(int(s) for s in ds.shape or ())
         size = int(np.prod(shape, dtype=np.int64))
         itemsize = ds.dtype.itemsize
+        dtype = ds.dtype
         if not shape or size == 0 or ds.id.get_create_plist().get_nfilters():
             return None
         if ds.chunks is None:
             offset = ds.id.get_offset()
-            return None if offset is None else cls(itemsize, size, ((0, size, int(offset)),))
+            return None if offset is None else cls(dtype, size, ((0, size, int(offset)),))
         chunk = tuple(int(c) for c in ds.chunks)
         # A chunk is a run of the C order iff it is 1 along the leading axes, any length
         # along one axis q, and whole along every axis after q.
@@ -63,7 +64,11 @@ class TapBytes:
             if start != at:
                 return None  # a chunk never written: let HDF5 (fill value) and the CRC judge
             at += count
-        return cls(itemsize, size, tuple(runs)) if at == size else None
+        return cls(dtype, size, tuple(runs)) if at == size else None
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
 
     def read(self, fd: int, start: int, stop: int, buffers: Buffers | None = None) -> np.ndarray:
         """Elements [start, stop) as raw bytes (uint8); OSError if the file is short."""
@@ -82,14 +87,6 @@ class TapBytes:
                     raise OSError("file ends inside tap data (truncated)")
                 dst, pos = dst[got:], pos + got
         return out
-
-    def advise(self, fd: int, start: int, stop: int) -> None:
-        """Tell the OS elements [start, stop) will be read soon (it reads them ahead)."""
-        for first, count, offset in self.runs:
-            lo, hi = max(start, first), min(stop, first + count)
-            if lo < hi:
-                os.posix_fadvise(fd, offset + (lo - first) * self.itemsize, (hi - lo) * self.itemsize,
-                                 os.POSIX_FADV_WILLNEED)
 
 
 class Buffers:

@@ -219,7 +219,7 @@ class _SlotWindow:
         lo, hi = int(slots.min()), int(slots.max()) + 1
         if self.data is None or lo < self.lo or hi > self.hi:
             self.data = None  # free the old window before reading the new one
-            self.data = self.side.reader.read_flat(self.side.header.key, lo * self.F, hi * self.F)
+            self.data = self.side.reader.read_flat(self.side.header.key, lo * self.F, hi * self.F, check=False)
             self.lo, self.hi = lo, hi
         return self.data, (slots - self.lo) * self.F
 
@@ -234,8 +234,8 @@ def _fused_chunks(ref: _Side, cand: _Side, canon: np.ndarray | None) -> Iterator
             e1 = min(size, e0 + FUSED_CHUNK_ELEMENTS)
             off = np.arange(0, e1 - e0, _PSEUDO_TOKEN, dtype=np.int64)
             lens = np.minimum(_PSEUDO_TOKEN, (e1 - e0) - off)
-            yield (ref.reader.read_flat(ref.header.key, e0, e1), cand.reader.read_flat(cand.header.key, e0, e1),
-                   off, off, lens, None, None, None)
+            yield (ref.reader.read_flat(ref.header.key, e0, e1, check=False),
+                   cand.reader.read_flat(cand.header.key, e0, e1, check=False), off, off, lens, None, None, None)
         return
     tokens = max(1, FUSED_CHUNK_ELEMENTS // max(1, ref.features))
     windows = _SlotWindow(ref), _SlotWindow(cand)
@@ -337,15 +337,15 @@ class StreamingComparer:
     @staticmethod
     def _prepared(plan: _Plan, verify: bool) -> Iterator[tuple]:
         """A fused pair's chunks, read and made kernel-ready (in a reader thread); with
-        `verify`, both taps' checksums are then completed there too."""
+        `verify`, the rest of both taps is read there too, for their checksums."""
         ref, cand = plan.sides
         for ra, rb, a_off, b_off, lens, idx, r_slots, c_slots in _fused_chunks(ref, cand, plan.canon):
             ka, ta = _engine.kernel_input(ra, ref.header.dtype)
             kb, tb = _engine.kernel_input(rb, cand.header.dtype)
             yield ra, rb, ka, ta, kb, tb, a_off, b_off, lens, idx, r_slots, c_slots
-        if verify:
-            ref.reader.verify(ref.header.key)
-            cand.reader.verify(cand.header.key)
+        if verify:  # the rest of both taps, for their checksums (`settle`d by the consumer)
+            ref.reader.read_rest(ref.header.key, check=False)
+            cand.reader.read_rest(cand.header.key, check=False)
 
     def _jobs(self, pairs: list) -> Iterator[tuple[int, Iterator]]:
         """The pipeline's jobs: every pair the kernel will compare, in the diff's order."""
@@ -369,6 +369,9 @@ class StreamingComparer:
             fsum, isum = fused.new_sums(accs.slots)
             fused.fused_sums(ka, ta, a_off, kb, tb, b_off, lens, heads, accs.token_slots(idx, a_off.size),
                              accs.head0, fsum, isum)
+            # the checksums of what the reader thread read, here: that thread does the I/O
+            self.ref.settle()
+            self.cand.settle()
             if _engine.sums_are_exact(fsum, fused):
                 accs.add_sums(fsum, isum, fused)
                 continue
