@@ -22,29 +22,7 @@ import torch
 from .observation import Observation
 from .probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
 from .records import Capture, CaptureError, Tap, TapInfo
-from .staging import Staged, Stager, graph_capturing
-
-_BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
-    torch.bfloat16: (torch.int16, np.uint16),
-    torch.float8_e4m3fn: (torch.int8, np.uint8),
-    torch.float8_e5m2: (torch.int8, np.uint8),
-}
-
-
-def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]:
-    """A detached host copy of `t` in the dump's storage representation, and its dtype name.
-
-    `private`: `t` is already a copy nobody else holds, so a host tensor need not be copied again."""
-    t = t.detach()
-    name = str(t.dtype).removeprefix("torch.")
-    src_is_host = t.device.type == "cpu" and not private
-    if t.dtype in _BIT_VIEWS:
-        view, np_dtype = _BIT_VIEWS[t.dtype]
-        arr = t.contiguous().view(view).cpu().numpy().view(np_dtype)
-    else:
-        arr = t.cpu().numpy()
-    return (arr.copy() if src_is_host else arr), name
-
+from .staging import Staged, Stager, to_storage  # noqa: F401 - to_storage: part of this module's interface
 
 def _pre_hook(rec: "Recorder", spec: "_ModuleTaps", module, args):
     if torch.compiler.is_compiling():
@@ -181,7 +159,7 @@ class Recorder:
                 break
             if ready_only and not staged.done():
                 break
-            array, dtype = to_storage(staged.ready(), private=True)
+            array, dtype = staged.storage()
             try:
                 self.sink.add_tap(Tap(info=info, order=order, array=array, dtype=dtype, layout=layout))
             except Exception as exc:  # noqa: BLE001 - re-raised by `capture` after the run
@@ -244,7 +222,7 @@ class Recorder:
         self.pending.append((info, self.order, staged, hit.rule.layout))
         self.staged_bytes += staged.nbytes
         self.order += 1
-        if graph_capturing():
+        if self.stager.capturing:
             self.defer = True  # the copy holds real values only after the graph replays
         if not self.defer:
             if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes:

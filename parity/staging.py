@@ -18,11 +18,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SLOT_BYTES = 32 << 20  # one device-to-host copy per this many bytes of taps
 SLOTS = 4  # device ring: SLOTS x SLOT_BYTES held while a capture runs
 _ALIGN = 256  # every tap starts on this boundary (any dtype may view it)
+
+
+_BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
+    torch.bfloat16: (torch.int16, np.uint16),
+    torch.float8_e4m3fn: (torch.int8, np.uint8),
+    torch.float8_e5m2: (torch.int8, np.uint8),
+}
+_NUMPY = {t: n for t, n in ((torch.float64, np.float64), (torch.float32, np.float32), (torch.float16, np.float16),
+                            (torch.int64, np.int64), (torch.int32, np.int32), (torch.int16, np.int16),
+                            (torch.int8, np.int8), (torch.uint8, np.uint8), (torch.bool, np.bool_))}
+_NUMPY.update({t: n for t, (_, n) in _BIT_VIEWS.items()})
+
+
+def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]:
+    """A detached host copy of `t` in the dump's storage representation, and its dtype name.
+
+    `private`: `t` is already a copy nobody else holds, so a host tensor need not be copied again."""
+    t = t.detach()
+    name = str(t.dtype).removeprefix("torch.")
+    src_is_host = t.device.type == "cpu" and not private
+    if t.dtype in _BIT_VIEWS:
+        view, np_dtype = _BIT_VIEWS[t.dtype]
+        arr = t.contiguous().view(view).cpu().numpy().view(np_dtype)
+    else:
+        arr = t.cpu().numpy()
+    return (arr.copy() if src_is_host else arr), name
 
 
 def graph_capturing() -> bool:
@@ -51,40 +78,75 @@ class Staged:
             self.event = None
         return self.tensor
 
+    def storage(self) -> tuple[np.ndarray, str]:
+        """The host copy in the dump's storage representation (see to_storage)."""
+        return to_storage(self.ready(), private=True)
+
 
 class _Batch:
     """The taps written into one slot, until they leave for the host together."""
 
-    __slots__ = ("device", "used", "slot", "host", "event", "ship")
+    __slots__ = ("device", "typed", "used", "slot", "host", "host_np", "event")
 
-    def __init__(self, device: torch.Tensor, slot: int | None, ship) -> None:
-        self.device, self.slot, self.ship = device, slot, ship  # slot None: a graph's own buffer
+    def __init__(self, device: torch.Tensor, slot: int | None) -> None:
+        self.device, self.slot = device, slot  # slot None: a buffer of a graph's own
+        self.typed: dict[torch.dtype, torch.Tensor] = {}  # the slot viewed as each dtype written so far
         self.used = 0
         self.host: torch.Tensor | None = None
+        self.host_np: np.ndarray | None = None  # the same bytes, for numpy-side views
         self.event = None
+
+    def arrived(self) -> bool:
+        """Whether the host buffer holds the batch (never waits)."""
+        if self.host is None:
+            return False
+        if self.event is not None and self.event.query():
+            self.event = None
+        return self.event is None
 
 
 class SlotStaged:
     """A tap inside a batch: `ready()` ships the batch if it has not left yet, waits for
-    it, and returns the tap's view of the batch's host buffer."""
+    it, and returns the tap's view of the batch's host buffer.
 
-    __slots__ = ("batch", "offset", "nbytes", "dtype", "shape")
+    It holds the stager, not the batch: a batch pointing back at its stager would make a
+    reference cycle, and the pinned buffers in it would wait for the garbage collector
+    instead of going back to the caching allocator for the next capture."""
 
-    def __init__(self, batch: _Batch, offset: int, nbytes: int, dtype: torch.dtype, shape: torch.Size) -> None:
-        self.batch, self.offset, self.nbytes, self.dtype, self.shape = batch, offset, nbytes, dtype, shape
+    __slots__ = ("stager", "batch", "offset", "nbytes", "dtype", "shape")
+
+    def __init__(self, stager: "Stager", batch: _Batch, offset: int, nbytes: int, dtype: torch.dtype,
+                 shape: torch.Size) -> None:
+        self.stager, self.batch, self.offset, self.nbytes = stager, batch, offset, nbytes
+        self.dtype, self.shape = dtype, shape
 
     def done(self) -> bool:
-        b = self.batch
-        return b.host is not None and (b.event is None or b.event.query())
+        return self.batch.arrived()
 
-    def ready(self) -> torch.Tensor:
+    def _arrive(self) -> _Batch:
         b = self.batch
         if b.host is None:
-            b.ship(b)
+            self.stager.ship(b)
         if b.event is not None:
             b.event.synchronize()
             b.event = None
+        return b
+
+    def ready(self) -> torch.Tensor:
+        b = self._arrive()
         return b.host[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+    def storage(self) -> tuple[np.ndarray, str]:
+        """The host copy in the dump's storage representation, viewed through numpy (a
+        few numpy slices per tap instead of a chain of torch calls)."""
+        np_dtype = _NUMPY.get(self.dtype)
+        if np_dtype is None:
+            return to_storage(self.ready(), private=True)
+        b = self._arrive()
+        if b.host_np is None:
+            b.host_np = b.host.numpy()
+        array = b.host_np[self.offset:self.offset + self.nbytes].view(np_dtype).reshape(self.shape)
+        return array, str(self.dtype).removeprefix("torch.")
 
 
 class _Ring:
@@ -107,6 +169,8 @@ class Stager:
 
     def __init__(self, slot_bytes: int = SLOT_BYTES, ring_on_cpu: bool = False) -> None:
         self.slot_bytes, self.ring_on_cpu = slot_bytes, ring_on_cpu
+        self.capturing = False  # the last tap was staged inside a CUDA graph capture
+        self._cuda = torch.cuda.is_available()
         self._side: dict[torch.device, torch.cuda.Stream] = {}
         self._rings: dict[torch.device, _Ring] = {}
 
@@ -114,29 +178,34 @@ class Stager:
         value = value.detach()
         nbytes = value.numel() * value.element_size()
         cuda = value.device.type == "cuda"
+        self.capturing = cuda and self._cuda and torch.cuda.is_current_stream_capturing()
         if (cuda or self.ring_on_cpu) and 0 < nbytes <= self.slot_bytes:
-            return self._into_slot(value, nbytes, cuda)
+            return self._into_slot(value, nbytes)
         return self._alone(value, cuda)
 
     # ------------------------------------------------------------------ taps in slots
 
-    def _into_slot(self, value: torch.Tensor, nbytes: int, cuda: bool) -> SlotStaged:
+    def _into_slot(self, value: torch.Tensor, nbytes: int) -> SlotStaged:
         ring = self._rings.get(value.device)
         if ring is None:
             ring = self._rings[value.device] = _Ring()
-        capturing = cuda and graph_capturing()
+        capturing = self.capturing
         batch = ring.graph_open if capturing else ring.open
         offset = 0 if batch is None else -(-batch.used // _ALIGN) * _ALIGN
         if batch is None or offset + nbytes > self.slot_bytes:
             if batch is not None and not capturing:
-                self._ship(batch)  # full: on its way while the next slot fills
-            batch = self._graph_batch(value.device, ring) if capturing else self._next_batch(value.device, ring, cuda)
+                self.ship(batch)  # full: on its way while the next slot fills
+            batch = self._graph_batch(value.device, ring) if capturing else self._next_batch(value.device, ring)
             offset = 0
-        batch.device[offset:offset + nbytes].view(value.dtype).view(value.shape).copy_(value)
+        typed = batch.typed.get(value.dtype)
+        if typed is None:
+            typed = batch.typed[value.dtype] = batch.device.view(value.dtype)
+        # offsets are aligned, so the tap starts on an element of its own dtype
+        typed.as_strided(value.shape, _contiguous(value.shape), offset // value.element_size()).copy_(value)
         batch.used = offset + nbytes
-        return SlotStaged(batch, offset, nbytes, value.dtype, value.shape)
+        return SlotStaged(self, batch, offset, nbytes, value.dtype, value.shape)
 
-    def _next_batch(self, device: torch.device, ring: _Ring, cuda: bool) -> _Batch:
+    def _next_batch(self, device: torch.device, ring: _Ring) -> _Batch:
         i = ring.next
         ring.next = (i + 1) % SLOTS
         if ring.buffers[i] is None:
@@ -144,15 +213,16 @@ class Stager:
         if ring.left[i] is not None:  # the slot's previous copy must have left before it is overwritten
             torch.cuda.current_stream(device).wait_event(ring.left[i])
             ring.left[i] = None
-        ring.open = _Batch(ring.buffers[i], i, self._ship)
+        ring.open = _Batch(ring.buffers[i], i)
         return ring.open
 
     def _graph_batch(self, device: torch.device, ring: _Ring) -> _Batch:
         """A buffer from the graph's own pool: replays write it, the flush ships it."""
-        ring.graph_open = _Batch(torch.empty(self.slot_bytes, dtype=torch.uint8, device=device), None, self._ship)
+        ring.graph_open = _Batch(torch.empty(self.slot_bytes, dtype=torch.uint8, device=device), None)
         return ring.graph_open
 
-    def _ship(self, batch: _Batch) -> None:
+    def ship(self, batch: _Batch) -> None:
+        """Start the batch's copy to the host (on CPU: make it)."""
         ring = self._rings[batch.device.device]
         if ring.open is batch:
             ring.open = None
@@ -174,6 +244,7 @@ class Stager:
                 ring.left[batch.slot] = batch.event
             batch.host = host
         batch.device = None
+        batch.typed = {}
 
     # ------------------------------------------------------------------ taps on their own
 
@@ -185,7 +256,7 @@ class Stager:
 
     def _alone(self, value: torch.Tensor, cuda: bool) -> Staged:
         clone = value.clone()
-        if not cuda or graph_capturing():
+        if not cuda or self.capturing:
             return Staged(clone)
         side = self._side_stream(value.device)
         host = torch.empty(clone.shape, dtype=clone.dtype, pin_memory=True)
@@ -196,3 +267,11 @@ class Stager:
             event.record(side)
         clone.record_stream(side)  # keep the clone's memory until the copy has run
         return Staged(host, event)
+
+
+def _contiguous(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
