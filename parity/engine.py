@@ -36,7 +36,7 @@ def load_kernel(engine: str, data_bytes: int) -> Any:
         return None
     try:
         from . import fused
-    except ImportError:
+    except Exception:  # no numba, or one that does not load here: the numpy path
         if engine == "fused":
             raise
         return None
