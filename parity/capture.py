@@ -194,12 +194,12 @@ class Recorder:
             raise SinkFailed(str(self.sink_error))
         if self.stopped:
             raise StopRun()
-        calls = self.running[-1][2]
+        _, blamed, calls = self.running[-1]
         for hit in spec.outputs:
             value = output
             if hit.rule.select is not None and isinstance(output, (tuple, list)):
                 value = output[hit.rule.select]
-            self._record(hit, self._info(hit, calls), value, "output")
+            self._record(hit, blamed if hit is spec.blamed else self._info(hit, calls), value, "output")
         self.running.pop()  # only once recorded: a failure above is located at this tap
 
     def _record(self, hit: ProbeHit, info: TapInfo, value, side: str) -> None:
