@@ -172,36 +172,73 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
 
 def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
               thresholds: Thresholds | None = None, taps: str | None = None,
-              progress: ProgressFn | None = None, isolate: bool = True, chunk: int | None = None) -> Report:
+              progress: ProgressFn | None = None, isolate: bool = True, chunk: int | None = None,
+              on_device: bool = True, stop_at_first: bool = False, ref_device_mb: float | None = None) -> Report:
     """Build both backends from the same options (same weights, inputs and noise), inject
     `faults` into the candidate only, run both and compare.  With `isolate`, a failing
     diff re-runs the first failing component on the reference's inputs and walks
-    upstream to the component that introduces the error (`report.localisation`)."""
+    upstream to the component that introduces the error (`report.localisation`).
+
+    `on_device` (default): compare on the device as the candidate produces each tap
+    (parity.live; no tap is copied to the host), the reference's taps kept on the device
+    up to `ref_device_mb` (None: half the free device memory) and in pinned host memory
+    past it.  Otherwise
+    both runs are captured to host memory and diffed there.  `stop_at_first` (on-device
+    only) ends the candidate run at the first failing tap."""
     from dataclasses import replace
 
+    if stop_at_first and not on_device:
+        raise InputError("--stop-at-first needs the on-device compare (drop --host-compare)")
+    if ref_device_mb is not None and not ref_device_mb >= 0:
+        raise InputError(f"--ref-device-mb must be 0 or more, got {ref_device_mb}")
     ref_backend = _build(ref, replace(options, faults=()))
     cand_backend = _build(cand, replace(options, faults=tuple(faults)))
-    ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
-    cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
-    report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
+    logs: list = []  # the layer calls of each run (reference, candidate), for isolation
+    if on_device:
+        from .live import diff_on_device
+
+        ref_meta, cand_meta = _meta(ref_backend, taps), _meta(cand_backend, taps)
+        check_comparable(Capture(meta=ref_meta), Capture(meta=cand_meta))
+        select = _select(taps)
+
+        def around(backend, run):
+            sink, log = _recording(backend, isolate, run)
+            logs.append(log)
+            return sink
+
+        budget = None if ref_device_mb is None else int(ref_device_mb * (1 << 20))
+        report = diff_on_device(ref_backend, cand_backend, ref_meta, cand_meta, thresholds, select, chunk,
+                                stop_at_first, progress, budget, around)
+    else:
+        ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
+        cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
+        logs = [ref_log, cand_log]
+        report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
     if isolate and report.first_divergence is not None:
-        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds, (ref_log, cand_log))
+        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds,
+                                            tuple(logs))
     return report
 
 
 def _capture_recording(backend: Backend, options: BackendOptions, taps, progress, record: bool):
     """A capture, and (when asked and the model allows) the layer calls of the same run,
     so isolating needs no second run."""
+    return _recording(backend, record, lambda: capture_live(backend, options, taps, progress))
+
+
+def _recording(backend: Backend, record: bool, run: Callable[[], Any]):
+    """(run(), the layer calls it made or None): `run` is one tapped run of `backend`
+    returning its sink; the calls are recorded when asked and the model allows."""
     if not record or getattr(backend.probe, "components", None) is None:
-        return capture_live(backend, options, taps, progress), None
+        return run(), None
     from .isolate import CallRecorder
 
     if not CallRecorder.reusable(backend):
-        return capture_live(backend, options, taps, progress), None
+        return run(), None
     with CallRecorder(backend) as rec:
-        cap = capture_live(backend, options, taps, progress)
-    error = None if cap.error is None else f"{cap.error.exc_type}: {cap.error.message}"
-    return cap, rec.log(error)
+        sink = run()
+    error = None if sink.error is None else f"{sink.error.exc_type}: {sink.error.message}"
+    return sink, rec.log(error)
 
 
 def localise_live(report: Report, ref_backend: Backend, cand_backend: Backend,
@@ -265,7 +302,8 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
             device: str = "auto", dtype: str | None = None, padding: str | None = None, seq_len: int | None = None,
             min_cos: float = 0.999, thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None,
             taps: str | None = None, faults: Iterable[str] = (), config: str | None = None,
-            weights: str | None = None, progress: ProgressFn | None = None) -> Report:
+            weights: str | None = None, progress: ProgressFn | None = None, stop_at_first: bool = False,
+            on_device: bool = True) -> Report:
     """Run a reference and a candidate on the same inputs and compare them tap by tap.
 
     `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
@@ -274,7 +312,9 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     from `seed`.  `config` and `weights` (a checkpoint path) are for backends that build
     their own model, like the bundled pi0.5 ones; None = the backend's default.  The
     returned Report is truthy when every tap passed; its `first_divergence` names the
-    earliest failing tap.  Bad requests raise InputError.
+    earliest failing tap.  The two runs are compared on the device as the candidate runs
+    (`on_device=False`: both captured to host memory and diffed there); `stop_at_first`
+    ends the candidate run at the first failing tap.  Bad requests raise InputError.
 
         report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
         assert report, report.first_divergence
@@ -284,7 +324,8 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
                                  weights=weights, inputs=inputs, padding=padding, seq_len=seq_len)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress)
+    return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress,
+                     on_device=on_device, stop_at_first=stop_at_first)
 
 
 def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),

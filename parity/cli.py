@@ -180,6 +180,15 @@ def diff_cmd(
                                                                     "CHUNK canonical token positions.", min=1),
     no_isolate: bool = typer.Option(False, "--no-isolate", help="Live diffs: do not re-run the first failing "
                                                                 "component on the reference's inputs."),
+    stop_at_first: bool = typer.Option(False, "--stop-at-first", help="Live diffs: end the candidate run at the "
+                                                                      "first failing tap (later taps: not reached)."),
+    host_compare: bool = typer.Option(False, "--host-compare", help="Live diffs: copy every tap of both runs to "
+                                                                    "host memory and diff there, instead of "
+                                                                    "comparing on the device as the candidate runs."),
+    ref_device_mb: Optional[float] = typer.Option(None, "--ref-device-mb",
+                                                  help="Live diffs: most MB of reference taps kept on the device; "
+                                                       "the rest wait in pinned host memory (default: half the "
+                                                       "free device memory)."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
@@ -187,6 +196,8 @@ def diff_cmd(
     Example (live):    parity diff --ref pytorch --cand flash_fp8 --inject nomask
 
     Example (hf):      parity diff --ref 'hf:./m@attn=eager' --cand 'hf:./m@attn=sdpa' --batch 4 --padding left
+
+    Example (stop early): parity diff --ref pytorch --cand flash --inject silu --stop-at-first
 
     Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
 
@@ -216,12 +227,17 @@ def diff_cmd(
                 options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
                                    padding=padding, seq_len=seq_len)
                 report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress,
-                                   isolate=not no_isolate, chunk=by_token)
+                                   isolate=not no_isolate, chunk=by_token, on_device=not host_compare,
+                                   stop_at_first=stop_at_first, ref_device_mb=ref_device_mb)
             else:
                 if not dumps or len(dumps) != 2:
                     _fail_input("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
                 if inject:
                     _fail_input("--inject applies to a live candidate; capture it with `parity capture --inject`")
+                for flag, given in (("--stop-at-first", stop_at_first), ("--host-compare", host_compare),
+                                    ("--ref-device-mb", ref_device_mb is not None)):
+                    if given:
+                        _fail_input(f"{flag} applies to a live diff (--ref/--cand), not to two dumps")
                 if weights is not None:
                     _fail_input("--weights applies to live backends; capture each dump with `parity capture --weights`")
                 report = diff_dumps(dumps[0], dumps[1], thresholds, taps, allow_incomplete, progress, by_token)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import to_float64
+from .codec import storage_dtype, to_float64
 from .metrics import Metrics, compare
 from .records import Capture, Layout, Tap
 from .report import Report, TapResult
@@ -57,13 +57,22 @@ def gather_tokens(array: np.ndarray, layout: Layout | None) -> tuple[np.ndarray,
     """Valid token slots in canonical order: ([N, features...], canonical indices [N])."""
     if layout is None:
         return array, None
+    order, canonical = token_order(array.shape, layout)
     R, T = layout.slots.shape
-    if array.ndim < 2 or array.shape[:2] != (R, T):
-        raise AlignmentError(f"tensor {array.shape} does not fit its token layout [{R}, {T}]")
+    return array.reshape(R * T, *array.shape[2:])[order], canonical
+
+
+def token_order(shape: tuple[int, ...], layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """(flat slot of each valid token in canonical order [N], their canonical indices [N])
+    for a tensor of `shape` laid out by `layout`: what gathering needs, without the data
+    (the on-device compare gathers with it on the device)."""
+    R, T = layout.slots.shape
+    if len(shape) < 2 or tuple(shape[:2]) != (R, T):
+        raise AlignmentError(f"tensor {tuple(shape)} does not fit its token layout [{R}, {T}]")
     idx = layout.slots.reshape(-1)
     keep = np.flatnonzero(idx >= 0)
     order = keep[np.argsort(idx[keep], kind="stable")]
-    return array.reshape(R * T, *array.shape[2:])[order], idx[order]
+    return order, idx[order]
 
 
 def _layout_of(tap: Tap, layouts: dict, side: str) -> Layout | None:
@@ -97,37 +106,90 @@ def token_mismatch(r_idx: np.ndarray | None, c_idx: np.ndarray | None, ref: Tap,
     return f"valid token positions differ (ref {nr}, cand {nc}; {_both(ref, cand)})"
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """How two taps lie over each other, known from their headers and layouts alone: the
+    slots each side gathers (canonical order; None = the whole tensor) and the shape
+    compared."""
+
+    ref_order: np.ndarray | None
+    cand_order: np.ndarray | None
+    canonical: np.ndarray | None  # canonical token index of each compared token, None without a layout
+    layout: Layout | None  # the reference's
+    shape: tuple[int, ...]  # of the gathered array, the same on both sides
+
+
+def align(ref, cand, ref_layouts: dict, cand_layouts: dict, threshold: float) -> "Alignment | TapResult":
+    """The pair's Alignment, or the failed TapResult of a pair that cannot be compared
+    (layout, shape, or a dtype that cannot be decoded), with both shapes in the reason.
+    Works on taps and on headers: every comparer checks a pair this one way."""
+    def failed(status: str, reason: str) -> TapResult:
+        return TapResult(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape,
+                         cand_shape=cand.shape, ref_dtype=ref.dtype, cand_dtype=cand.dtype, status=status,
+                         reason=reason)
+
+    try:
+        r_layout = _layout_of(ref, ref_layouts, "reference")
+        c_layout = _layout_of(cand, cand_layouts, "candidate")
+        r_order, r_idx = token_order(ref.shape, r_layout) if r_layout else (None, None)
+        c_order, c_idx = token_order(cand.shape, c_layout) if c_layout else (None, None)
+    except AlignmentError as exc:
+        return failed("layout", f"{exc} ({_both(ref, cand)})")
+    mismatch = token_mismatch(r_idx, c_idx, ref, cand)
+    if mismatch:
+        return failed("layout", mismatch)
+    r_shape = (r_order.size, *ref.shape[2:]) if r_layout else tuple(ref.shape)
+    c_shape = (c_order.size, *cand.shape[2:]) if c_layout else tuple(cand.shape)
+    if r_shape != c_shape:
+        return failed("shape", f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})")
+    for dtype in (ref.dtype, cand.dtype):
+        try:
+            storage_dtype(dtype)
+        except ValueError as exc:
+            return failed("dtype", f"cannot decode: {exc} ({_both(ref, cand)})")
+    return Alignment(r_order, c_order, r_idx, r_layout, r_shape)
+
+
+def gathered(array: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """The valid tokens of a laid-out tensor in canonical order (`order` from align), or the
+    tensor itself."""
+    return array if order is None else array.reshape(-1, *array.shape[2:])[order]
+
+
 def compare_taps(ref: Tap, cand: Tap, ref_layouts: dict, cand_layouts: dict, threshold: float,
                  exact_dtypes: bool = True, chunk: int | None = None) -> TapResult:
     """One tap pair.  Never raises: whatever cannot be compared fails this tap only,
     with both shapes in the reason."""
+    a = align(ref, cand, ref_layouts, cand_layouts, threshold)
+    if isinstance(a, TapResult):
+        return a
+    try:
+        r64 = to_float64(gathered(ref.array, a.ref_order), ref.dtype)
+        c64 = to_float64(gathered(cand.array, a.cand_order), cand.dtype)
+    except ValueError as exc:
+        return TapResult(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape,
+                         cand_shape=cand.shape, ref_dtype=ref.dtype, cand_dtype=cand.dtype, status="dtype",
+                         reason=f"cannot decode: {exc} ({_both(ref, cand)})")
+    metrics = compare(r64, c64)
+    regions = region_metrics(r64, c64, a.canonical, a.layout)
+    chunks = chunk_metrics(r64, c64, a.canonical, a.layout, chunk) if chunk else {}
+    return judged(ref, cand, threshold, exact_dtypes, metrics, regions, chunks,
+                  head_metrics(r64, c64, a.canonical), a.shape, a.canonical)
+
+
+def judged(ref, cand, threshold: float, exact_dtypes: bool, metrics: Metrics, regions: dict, chunks: dict,
+           heads: list, shape: tuple[int, ...], canonical: np.ndarray | None) -> TapResult:
+    """The TapResult of a compared pair, from its metrics: the verdict and where its reason
+    points (`shape`: of the compared, gathered array).  Shared by every comparer (host
+    numpy, on-device torch), so a tap is judged the same whichever computed its numbers."""
     base = dict(info=ref.info, order=ref.order, threshold=threshold, ref_shape=ref.shape, cand_shape=cand.shape,
                 ref_dtype=ref.dtype, cand_dtype=cand.dtype)
-    try:
-        r, r_idx = gather_tokens(ref.array, _layout_of(ref, ref_layouts, "reference"))
-        c, c_idx = gather_tokens(cand.array, _layout_of(cand, cand_layouts, "candidate"))
-    except AlignmentError as exc:
-        return TapResult(status="layout", reason=f"{exc} ({_both(ref, cand)})", **base)
-    mismatch = token_mismatch(r_idx, c_idx, ref, cand)
-    if mismatch:
-        return TapResult(status="layout", reason=mismatch, **base)
-    if r.shape != c.shape:
-        return TapResult(status="shape", reason=f"shape {ref.shape} vs {cand.shape} ({_both(ref, cand)})", **base)
-    try:
-        r64, c64 = to_float64(r, ref.dtype), to_float64(c, cand.dtype)
-    except ValueError as exc:
-        return TapResult(status="dtype", reason=f"cannot decode: {exc} ({_both(ref, cand)})", **base)
-    metrics = compare(r64, c64)
-    layout = _layout_of(ref, ref_layouts, "reference")
-    regions = region_metrics(r64, c64, r_idx, layout)
-    chunks = chunk_metrics(r64, c64, r_idx, layout, chunk) if chunk else {}
     verdict = judge(metrics, ref.dtype, cand.dtype, threshold, exact_dtypes)
     if verdict["status"] == "nonfinite":
-        verdict["reason"] += _locate(metrics.first_nonfinite, r.shape, r_idx)
+        verdict["reason"] += _locate(metrics.first_nonfinite, shape, canonical)
     elif verdict["status"] == "dtype":
         verdict["reason"] += f" ({_both(ref, cand)})"
-    return TapResult(metrics=metrics, regions=regions, chunks=chunks, heads=head_metrics(r64, c64, r_idx),
-                     **verdict, **base)
+    return TapResult(metrics=metrics, regions=regions, chunks=chunks, heads=heads, **verdict, **base)
 
 
 def chunk_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None,
@@ -183,7 +245,7 @@ def _listed(rows: list[TapResult], limit: int = 5) -> str:
 
 def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exact_dtypes: bool | None = None,
          progress=None, compare=compare_taps, chunk: int | None = None,
-         labels: tuple[str, str] = ("reference", "candidate")) -> Report:
+         labels: tuple[str, str] = ("reference", "candidate"), stopped: str | None = None) -> Report:
     """Compare every tap of `cand` against `ref`, in the reference's execution order.
 
     Fails closed: the report passes only if at least one tap was compared, every tap of
@@ -195,7 +257,9 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
     judges values only.  `progress(done, total)` is called after each tap.  `compare`
     judges one pair (same signature as `compare_taps`): the streaming diff of two dumps
     passes its own, over taps that are headers whose data stays on disk.  `chunk`: also
-    break each tap down by chunks of that many canonical token positions."""
+    break each tap down by chunks of that many canonical token positions.  `stopped`: why
+    the candidate run was ended early on purpose (a stop at the first divergence): the
+    reference taps it never produced are `not_reached`, and the report says so."""
     if exact_dtypes is None:
         exact_dtypes = ref.meta.get("dtype") == cand.meta.get("dtype")
     thresholds = thresholds or Thresholds()
@@ -215,6 +279,9 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
         if cand.error and tap.key == raised_at:
             rows.append(TapResult(status="raised", reason=f"{cand.error.exc_type}: {cand.error.message}", **common))
             reached = False
+        elif stopped and not cand.error:
+            rows.append(TapResult(status="not_reached", reason=f"not reached: the candidate stopped {stopped}",
+                                  **common))
         elif cand.error and (not reached or raised_at is None):
             rows.append(TapResult(status="not_reached", reason=f"not reached: candidate raised earlier "
                                   f"({cand.error.exc_type}: {cand.error.message})", **common))
@@ -237,6 +304,10 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
         only = [r for r in rows if r.status == status]
         if only:
             problems.append(f"{len(only)} tap{'s' if len(only) > 1 else ''} only in the {where}: {_listed(only)}")
+    if stopped:
+        skipped = sum(r.status == "not_reached" for r in rows)
+        problems.append(f"{cand_label} stopped early {stopped}: {skipped} reference "
+                        f"tap{'s' if skipped != 1 else ''} never compared")
     for label, c in ((ref_label, ref), (cand_label, cand)):
         if not c.complete and c.error is None:
             problems.append(f"{label} capture is incomplete (interrupted): taps after the stop were never compared")

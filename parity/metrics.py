@@ -189,6 +189,24 @@ class MetricAccumulator:
         self._dd += _ldexp_inf(dd, -2 * self._ed)
         self._sad += _ldexp_inf(sad, -self._ed)
 
+    @classmethod
+    def from_sums(cls, n: int, n_valid: int, counts: tuple[int, int, int, int], first_nonfinite: int | None,
+                  max_abs: float, max_abs_index: int | None, dot: float, rr: float, cc: float, dd: float,
+                  sad: float, exponents: tuple[int, int, int] = (0, 0, 0)) -> "MetricAccumulator":
+        """An accumulator holding sums computed elsewhere (the on-device compare reduces a
+        tensor to exactly these quantities), so `result()` finishes them into Metrics the
+        same way for every path.  `exponents` (er, ec, ed): the sums are scaled as in the
+        module docstring (dot by 2**-(er+ec), rr by 2**-2er, cc by 2**-2ec, dd by 2**-2ed,
+        sad by 2**-ed); (0, 0, 0) for unscaled sums."""
+        acc = cls()
+        acc._n, acc._n_valid, acc._counts = n, n_valid, list(counts)
+        acc._first_nonfinite = first_nonfinite
+        if n_valid:
+            acc._max_abs, acc._max_abs_index = max_abs, max_abs_index
+        acc._er, acc._ec, acc._ed = exponents
+        acc._dot, acc._rr, acc._cc, acc._dd, acc._sad = dot, rr, cc, dd, sad
+        return acc
+
     def _rescale(self, er: int, ec: int, ed: int) -> None:
         """Raise the running scale exponents to cover a new chunk, rescaling the sums."""
         if er > self._er:

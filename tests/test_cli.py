@@ -18,6 +18,23 @@ def run(*args):
     return result.exit_code, result.output
 
 
+def assert_close(a, b, path="") -> None:
+    """JSON results equal, numbers to float64 rounding (the live diff sums on the device,
+    in another order than numpy)."""
+    if isinstance(a, float) and isinstance(b, float):
+        assert a == b or abs(a - b) <= 1e-12 * max(1.0, abs(a)), f"{path}: {a} vs {b}"
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
 def test_main_job_names_first_divergence_and_exits_1(tmp_path):
     out_json = tmp_path / "r.json"
     code, out = run("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "nomask", "--json", str(out_json))
@@ -60,10 +77,13 @@ def test_streamed_offline_breakdowns_equal_live_ones(tmp_path):
     assert run("capture", "--backend", "pytorch", "--taps", "prefix.*", "-o", str(ref))[0] == 0
     assert run("capture", "--backend", "flash", "--inject", "nomask", "--taps", "prefix.*", "-o", str(cand))[0] == 0
     run("diff", str(ref), str(cand), "--by-token", "16", "--json", str(tmp_path / "off.json"))
-    run("diff", "--ref", "pytorch", "--cand", "flash", "--inject", "nomask", "--taps", "prefix.*", "--by-token", "16",
-        "--no-isolate", "--json", str(tmp_path / "live.json"))
-    off, live = (json.loads((tmp_path / f).read_text())["taps"] for f in ("off.json", "live.json"))
-    assert off == live and any(t.get("chunks") for t in off) and any(t.get("heads") for t in off)
+    live_args = ("diff", "--ref", "pytorch", "--cand", "flash", "--inject", "nomask", "--taps", "prefix.*",
+                 "--by-token", "16", "--no-isolate")
+    run(*live_args, "--json", str(tmp_path / "live.json"))
+    run(*live_args, "--host-compare", "--json", str(tmp_path / "host.json"))
+    off, live, host = (json.loads((tmp_path / f).read_text())["taps"] for f in ("off.json", "live.json", "host.json"))
+    assert off == host and any(t.get("chunks") for t in off) and any(t.get("heads") for t in off)
+    assert_close(off, live)  # the on-device compare: the same, to float64 rounding
 
 
 def test_offline_diff_equals_live_diff(tmp_path):
@@ -73,9 +93,13 @@ def test_offline_diff_equals_live_diff(tmp_path):
     code_off, _ = run("diff", str(ref), str(cand), "--json", str(tmp_path / "off.json"))
     code_live, _ = run("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "nomask",
                        "--json", str(tmp_path / "live.json"))
-    off, live = (json.loads((tmp_path / f).read_text()) for f in ("off.json", "live.json"))
-    assert code_off == code_live == 1
-    assert off["taps"] == live["taps"] and off["first_divergence"] == live["first_divergence"]
+    code_host, _ = run("diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "nomask", "--host-compare",
+                       "--json", str(tmp_path / "host.json"))
+    off, live, host = (json.loads((tmp_path / f).read_text()) for f in ("off.json", "live.json", "host.json"))
+    assert code_off == code_live == code_host == 1
+    assert off["taps"] == host["taps"] and off["first_divergence"] == host["first_divergence"]
+    assert_close(off["taps"], live["taps"])  # the on-device compare: the same, to float64 rounding
+    assert off["first_divergence"] == live["first_divergence"]
 
 
 def test_capture_of_raising_candidate_keeps_taps_and_exits_1(tmp_path):

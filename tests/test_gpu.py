@@ -96,3 +96,44 @@ def test_eager_capture_through_the_ring_equals_the_per_tap_path_bit_for_bit(monk
     assert [t.key for t in ring.taps] == [t.key for t in alone.taps] and len(ring.taps) > 100
     for a, b in zip(ring.taps, alone.taps):
         assert a.dtype == b.dtype and a.array.shape == b.array.shape and (a.array == b.array).all(), a.key
+
+
+# --------------------------------------------------------------------------- live compare on the device
+
+def test_live_compare_on_gpu_equals_the_host_diff():
+    from parity.api import diff_live
+    from test_live import assert_same_report
+
+    for cand, faults in (("flash_fp8", ()), ("flash", ("nomask",))):
+        host = diff_live("pytorch", cand, CUDA, faults, on_device=False, chunk=16)
+        live = diff_live("pytorch", cand, CUDA, faults, chunk=16)
+        assert_same_report(host, live)
+
+
+def test_live_compare_spills_the_reference_to_pinned_memory_past_its_budget():
+    from parity.api import diff_live
+    from test_live import assert_same_report
+
+    host = diff_live("pytorch", "flash", CUDA, ("silu",), on_device=False, isolate=False)
+    spilled = diff_live("pytorch", "flash", CUDA, ("silu",), ref_device_mb=0, isolate=False)
+    assert_same_report(host, spilled)
+
+
+def test_live_stop_at_first_on_gpu_stops_within_a_few_taps_and_localises():
+    from parity.api import diff_live
+
+    report = diff_live("pytorch", "flash", CUDA, ("nomask",), stop_at_first=True)
+    assert report.first_divergence.key == "prefix.0.attn" and not report
+    assert report.counts()["not_reached"] > 300
+    assert report.localisation.introduced == "prefix.0.attn"
+
+
+def test_live_compare_of_a_cuda_graph_candidate():
+    """`fast` records its taps inside CUDA graph captures: those are compared after the run."""
+    from parity.api import diff_live
+
+    report = diff_live("pytorch", "fast", CUDA, thresholds=Thresholds.parse(0.995, ["*.mlp=0.99"]), isolate=False)
+    host = diff_live("pytorch", "fast", CUDA, thresholds=Thresholds.parse(0.995, ["*.mlp=0.99"]), isolate=False,
+                     on_device=False)
+    assert [(r.key, r.status) for r in report.rows] == [(r.key, r.status) for r in host.rows]
+    assert report, report.first_divergence

@@ -1,0 +1,153 @@
+"""What a live diff costs: the on-device compare next to the two plain forwards, side by side.
+
+    PYTHONPATH=. python bench/live.py --config full --device cuda
+
+One process, backends built once, median wall time of `--runs` rounds after a warm-up round
+(each round runs every variant once, in turn, so passing load weighs on all alike), each
+run ended by a device sync:
+  plain       reference forward + candidate forward, no taps (the floor; goal: live <= 1.3x)
+  host        the host path (`--host-compare`): both runs captured to host memory, numpy diff
+  live        the on-device compare (`parity diff --ref --cand`, isolation off)
+  live_fault  the same with a planted fault in the candidate (`--fault`), run to the end
+  stop_first  the planted fault with --stop-at-first
+and whether the live report equals the host report (verdicts, first divergence, largest
+relative metric difference).  Writes bench/results/live_<card>.json (the config is inside).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from parity.backends import BackendOptions, resolve
+from parity.capture import capture
+from parity.diff import Thresholds, diff
+from parity.live import diff_on_device
+from parity.records import Capture
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fns: dict, runs: int) -> tuple[dict, dict]:
+    """({name: median ms}, {name: last result}) of `runs` rounds after one warm-up round.
+    Each round runs every function once, in turn, so load that comes and goes (a shared
+    machine) weighs on all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    last = {}
+    for i in range(runs + 1):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            last[name] = fn()
+            sync()
+            if i:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}, last
+
+
+def host_diff(ref, cand, thresholds):
+    ref_cap = capture(ref, Capture(meta=dict(ref.meta)))
+    cand_cap = capture(cand, Capture(meta=dict(cand.meta)))
+    return diff(ref_cap, cand_cap, thresholds)
+
+
+def live_diff(ref, cand, thresholds, stop_at_first=False):
+    return diff_on_device(ref, cand, dict(ref.meta), dict(cand.meta), thresholds, stop_at_first=stop_at_first)
+
+
+def largest_relative_difference(a, b) -> float:
+    """Largest |x - y| / max(1, |x|) over every metric of every tap of two reports."""
+    worst = 0.0
+    for ra, rb in zip(a.rows, b.rows):
+        if ra.metrics is None or rb.metrics is None:
+            continue
+        for name in ("cos", "max_abs", "mean_abs", "rel_l2"):
+            x, y = getattr(ra.metrics, name), getattr(rb.metrics, name)
+            if math.isfinite(x) and math.isfinite(y):
+                worst = max(worst, abs(x - y) / max(1.0, abs(x)))
+    return worst
+
+
+def same_verdicts(a, b) -> bool:
+    return ([(r.key, r.status) for r in a.rows] == [(r.key, r.status) for r in b.rows]
+            and a.problems == b.problems)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--ref", default="pytorch")
+    ap.add_argument("--cand", default="flash")
+    ap.add_argument("--fault", default="nomask", help="planted in the candidate for live_fault and stop_first")
+    ap.add_argument("--min-cos", type=float, default=0.999)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    opts = BackendOptions(config=args.config, device=args.device)
+    ref, cand = resolve(args.ref, opts), resolve(args.cand, opts)
+    faulty = resolve(args.cand, replace(opts, faults=(args.fault,)))
+    thresholds = Thresholds(args.min_cos)
+    ms, last = timed({
+        "ref_plain_ms": ref.run, "cand_plain_ms": cand.run, "faulty_plain_ms": faulty.run,
+        "host_ms": lambda: host_diff(ref, cand, thresholds),
+        "live_ms": lambda: live_diff(ref, cand, thresholds),
+        "live_fault_ms": lambda: live_diff(ref, faulty, thresholds),
+        "stop_first_ms": lambda: live_diff(ref, faulty, thresholds, stop_at_first=True),
+    }, args.runs)
+    rows = dict(ms, plain_ms=ms["ref_plain_ms"] + ms["cand_plain_ms"])
+    host, live, live_fault, stopped = (last[k] for k in ("host_ms", "live_ms", "live_fault_ms", "stop_first_ms"))
+    host_fault = host_diff(ref, faulty, thresholds)
+    taps = len(host.rows)
+    tap_bytes = sum(math.prod(r.ref_shape) * torch.empty(0, dtype=getattr(torch, r.ref_dtype)).element_size()
+                    for r in host.rows if r.ref_shape is not None)
+    plain_fault = rows["ref_plain_ms"] + rows["faulty_plain_ms"]
+    ratios = {"host": rows["host_ms"] / rows["plain_ms"], "live": rows["live_ms"] / rows["plain_ms"],
+              "live_fault": rows["live_fault_ms"] / plain_fault, "stop_first": rows["stop_first_ms"] / plain_fault}
+    checks = {
+        "same_verdicts": same_verdicts(host, live), "same_verdicts_fault": same_verdicts(host_fault, live_fault),
+        "max_rel_metric_diff": max(largest_relative_difference(host, live),
+                                   largest_relative_difference(host_fault, live_fault)),
+        "passed": bool(live), "first_divergence_fault": live_fault.first_divergence.key
+        if live_fault.first_divergence else None,
+        "stop_first_divergence": stopped.first_divergence.key if stopped.first_divergence else None,
+        "stop_first_compared": sum(r.metrics is not None for r in stopped.rows),
+    }
+    device = ref.meta.get("device", args.device)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() and "cuda" in str(device) else "cpu"
+    result = {"card": card, "torch": torch.__version__, "config": args.config, "runs": args.runs,
+              "ref": args.ref, "cand": args.cand, "fault": args.fault, "taps": taps, "tap_bytes": tap_bytes,
+              "ms": rows, "ratios": ratios, "checks": checks}
+    print(f"card {card}, torch {torch.__version__}, config {args.config}, {args.ref} vs {args.cand}, "
+          f"{taps} taps ({tap_bytes / 1e6:.1f} MB per forward), median of {args.runs}")
+    print(f"{'what':42} {'ms':>10} {'ratio':>7}   (fault rows: ratio to ref + faulty cand, {plain_fault:.1f} ms)")
+    table = [("plain ref + cand forward", rows["plain_ms"], 1.0),
+             ("host path (capture to host, diff)", rows["host_ms"], ratios["host"]),
+             ("live on-device compare", rows["live_ms"], ratios["live"]),
+             (f"live, --inject {args.fault}", rows["live_fault_ms"], ratios["live_fault"]),
+             (f"live, --inject {args.fault} --stop-at-first", rows["stop_first_ms"], ratios["stop_first"])]
+    for what, ms, ratio in table:
+        print(f"{what:42} {ms:10.2f} {ratio:6.2f}x")
+    print(f"live report == host report: verdicts {checks['same_verdicts']} / {checks['same_verdicts_fault']} "
+          f"(fault), largest relative metric difference {checks['max_rel_metric_diff']:.2e}; "
+          f"stop-at-first: first divergence {checks['stop_first_divergence']}, "
+          f"{checks['stop_first_compared']} taps compared")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in card).strip("_").lower()
+    path = out / f"live_{slug}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
