@@ -10,17 +10,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .backends import Backend, BackendError, BackendOptions
+# the offline diff lives in its own module, light to import; these are part of this API too
+from .offline import InputError, _incomplete, check_comparable, diff_dumps, open_checked  # noqa: F401
+from .offline import select_taps as _select
 from .diff import Thresholds, diff
 from .dump import DumpError, DumpWriter, read_dump
-from .probe import tap_filter
 from .records import Capture
 from .report import Report
 from .writer import DEFAULT_MAX_INFLIGHT_MB, BackgroundWriter, InflightBudget
 from .weights_report import WeightsReport
-
-
-class InputError(Exception):
-    """The request cannot be carried out as given (exit code 2)."""
 
 
 class CaptureInterrupted(KeyboardInterrupt):
@@ -35,13 +33,6 @@ class CaptureInterrupted(KeyboardInterrupt):
         kept = f"{path} holds the {taps} taps written before the stop, marked incomplete" if written \
             else "nothing was written"
         super().__init__(f"capture interrupted: {kept}")
-
-
-def _select(taps: str | None):
-    try:
-        return tap_filter(taps)
-    except ValueError as exc:
-        raise InputError(f"--taps {taps!r}: {exc}") from None
 
 
 def _now() -> str:
@@ -168,22 +159,6 @@ def load_dump(path: str | Path, allow_incomplete: bool = False) -> Capture:
     return cap
 
 
-def _incomplete(path, error, n_taps: int) -> InputError:
-    """The refusal of an incomplete dump, saying why it is incomplete."""
-    if error is not None:
-        why = f"the backend raised at {error.key or 'an untapped place'}: {error.exc_type}: {error.message}"
-    else:
-        why = f"interrupted after {n_taps} taps"
-    return InputError(f"{path}: capture is incomplete ({why}); pass --allow-incomplete to diff it anyway")
-
-
-def check_comparable(ref: Capture, cand: Capture) -> None:
-    a, b = ref.meta.get("input_fingerprint"), cand.meta.get("input_fingerprint")
-    if a is not None and b is not None and a != b:
-        raise InputError(f"the two runs saw different inputs (fingerprint {a} vs {b}): "
-                         "capture both with the same config, seed and batch")
-
-
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
                      taps: str | None = None, progress: ProgressFn | None = None, chunk: int | None = None,
                      labels: tuple[str, str] = ("reference", "candidate")) -> Report:
@@ -193,43 +168,6 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
         ref, cand = ref.only(keep), cand.only(keep)
     tick = None if progress is None else (lambda done, total: progress("diff", done, total))
     return diff(ref, cand, thresholds, progress=tick, chunk=chunk, labels=labels)
-
-
-def open_checked(path, allow_incomplete: bool = False):
-    """An open DumpReader (headers only), or InputError for a bad or incomplete dump."""
-    from .dump import open_dump
-
-    try:
-        reader = open_dump(path)
-    except DumpError as exc:
-        raise InputError(str(exc)) from None
-    if not reader.complete and not allow_incomplete:
-        reader.close()
-        raise _incomplete(path, reader.error, len(reader.headers))
-    return reader
-
-
-def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
-               allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
-    """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps.
-    With allow_incomplete an interrupted dump is compared as far as it goes, but the
-    report never passes.  Dumps hold taps, not the models that made them, so the first
-    divergence cannot be re-run in isolation: the report says so."""
-    from .localise import OFFLINE_NOTE, Localisation
-    from .stream import diff_readers
-
-    keep = _select(taps) if taps else None
-    with open_checked(ref_path, allow_incomplete) as ref, open_checked(cand_path, allow_incomplete) as cand:
-        check_comparable(ref, cand)
-        tick = None if progress is None else (lambda done, total: progress("diff", done, total))
-        try:
-            report = diff_readers(ref, cand, thresholds, keep, tick, chunk,
-                                  labels=(f"reference {ref_path}", f"candidate {cand_path}"))
-        except DumpError as exc:
-            raise InputError(str(exc)) from None
-    if report.first_divergence is not None:
-        report.localisation = Localisation(note=OFFLINE_NOTE)
-    return report
 
 
 def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),

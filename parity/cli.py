@@ -297,8 +297,8 @@ def diff_cmd(
 
     Example (stats):   parity diff reports/pytorch_stats.h5 reports/flash_stats.h5   (or --ref/--cand --stats)
     """
-    from .api import InputError, diff_dumps, diff_live
     from .diff import Thresholds
+    from .offline import InputError, diff_dumps  # the offline diff alone: no backend registry to import
     from .render import render_report
 
     taps = _taps_from(taps_from, taps)
@@ -324,6 +324,8 @@ def diff_cmd(
             if live:
                 if ref is None or cand is None:
                     _fail_input("a live diff needs both --ref and --cand")
+                from .api import diff_live
+
                 options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
                                    padding=padding, seq_len=seq_len)
                 report = diff_live(ref, cand, options, _faults(inject), thresholds, taps, progress,

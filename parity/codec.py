@@ -70,6 +70,11 @@ _E4M3FN = _fp8_table(exp_bits=4, man_bits=3, bias=7, ieee_specials=False)
 _E5M2 = _fp8_table(exp_bits=5, man_bits=2, bias=15, ieee_specials=True)
 
 
+def fp8_table(dtype: str) -> np.ndarray:
+    """The read-only float64 value of each of the 256 bit patterns of a float8 dtype."""
+    return {"float8_e4m3fn": _E4M3FN, "float8_e5m2": _E5M2}[dtype]
+
+
 def storage_dtype(dtype: str) -> np.dtype:
     """The numpy storage dtype of an original dtype name; ValueError if unknown."""
     try:

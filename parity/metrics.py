@@ -161,6 +161,34 @@ class MetricAccumulator:
         self._dd += float(np.dot(ds, ds))
         self._sad += float(np.sum(np.abs(ds)))
 
+    def add_sums(self, n: int, n_valid: int, counts: tuple[int, int, int, int], first_nonfinite: int,
+                 max_abs: float, max_abs_index: int, max_ref: float, max_cand: float,
+                 dot: float, rr: float, cc: float, dd: float, sad: float) -> None:
+        """Add one chunk given as its raw (unscaled) float64 sums, as `parity.fused` makes them.
+
+        Indices are relative to the chunk (-1: none); sums are over the pairs finite on both
+        sides, maxima of |ref|, |cand|, |cand - ref| over them.  The caller guarantees the
+        raw sums are exact (`engine.sums_are_exact`): then scaling them by powers of two
+        here gives what `update` accumulates, up to the order of the float64 sums."""
+        base = self._n
+        self._n += n
+        for k in range(4):
+            self._counts[k] += counts[k]
+        if self._first_nonfinite is None and first_nonfinite >= 0:
+            self._first_nonfinite = base + first_nonfinite
+        if n_valid == 0:
+            return
+        self._n_valid += n_valid
+        if max_abs > self._max_abs:
+            self._max_abs = max_abs
+            self._max_abs_index = base + max_abs_index
+        self._rescale(_exponent(max_ref), _exponent(max_cand), _exponent(max_abs))
+        self._dot += _ldexp_inf(dot, -self._er - self._ec)
+        self._rr += _ldexp_inf(rr, -2 * self._er)
+        self._cc += _ldexp_inf(cc, -2 * self._ec)
+        self._dd += _ldexp_inf(dd, -2 * self._ed)
+        self._sad += _ldexp_inf(sad, -self._ed)
+
     @classmethod
     def from_sums(cls, n: int, n_valid: int, counts: tuple[int, int, int, int], first_nonfinite: int | None,
                   max_abs: float, max_abs_index: int | None, dot: float, rr: float, cc: float, dd: float,

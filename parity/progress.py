@@ -4,9 +4,11 @@ diff has taken more than a second, and never when output is not a terminal or wi
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
 
 class DelayedProgress:
@@ -34,6 +36,10 @@ class DelayedProgress:
         if self.display is None:
             if self.clock() - self.started < self.delay_s:
                 return
+            # imported only now: most runs end before a bar is due (CLI start-up time)
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn)
+
             self.display = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                     MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=True)
             self.display.start()
