@@ -60,8 +60,12 @@ def host_diff(ref, cand, thresholds):
     return diff(ref_cap, cand_cap, thresholds)
 
 
-def live_diff(ref, cand, thresholds, stop_at_first=False):
-    return diff_on_device(ref, cand, dict(ref.meta), dict(cand.meta), thresholds, stop_at_first=stop_at_first)
+PHASES: dict = {}  # seconds per phase of the plain live diff, summed over every round
+
+
+def live_diff(ref, cand, thresholds, stop_at_first=False, phases=None):
+    return diff_on_device(ref, cand, dict(ref.meta), dict(cand.meta), thresholds, stop_at_first=stop_at_first,
+                          phases=phases)
 
 
 def largest_relative_difference(a, b) -> float:
@@ -100,7 +104,7 @@ def main() -> None:
     ms, last = timed({
         "ref_plain_ms": ref.run, "cand_plain_ms": cand.run, "faulty_plain_ms": faulty.run,
         "host_ms": lambda: host_diff(ref, cand, thresholds),
-        "live_ms": lambda: live_diff(ref, cand, thresholds),
+        "live_ms": lambda: live_diff(ref, cand, thresholds, phases=PHASES),
         "live_fault_ms": lambda: live_diff(ref, faulty, thresholds),
         "stop_first_ms": lambda: live_diff(ref, faulty, thresholds, stop_at_first=True),
     }, args.runs)
@@ -122,11 +126,13 @@ def main() -> None:
         "stop_first_divergence": stopped.first_divergence.key if stopped.first_divergence else None,
         "stop_first_compared": sum(r.metrics is not None for r in stopped.rows),
     }
-    device = ref.meta.get("device", args.device)
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() and "cuda" in str(device) else "cpu"
+    on_cuda = torch.cuda.is_available() and (args.device == "auto" or args.device.startswith("cuda"))
+    card = torch.cuda.get_device_name() if on_cuda else "cpu"
+    # where the live diff's time goes (the phase split syncs between phases: a little slower)
+    phases_ms = {k: v * 1e3 / (args.runs + 1) for k, v in PHASES.items()}
     result = {"card": card, "torch": torch.__version__, "config": args.config, "runs": args.runs,
               "ref": args.ref, "cand": args.cand, "fault": args.fault, "taps": taps, "tap_bytes": tap_bytes,
-              "ms": rows, "ratios": ratios, "checks": checks}
+              "ms": rows, "ratios": ratios, "checks": checks, "live_phases_ms": phases_ms}
     print(f"card {card}, torch {torch.__version__}, config {args.config}, {args.ref} vs {args.cand}, "
           f"{taps} taps ({tap_bytes / 1e6:.1f} MB per forward), median of {args.runs}")
     print(f"{'what':42} {'ms':>10} {'ratio':>7}   (fault rows: ratio to ref + faulty cand, {plain_fault:.1f} ms)")
@@ -137,6 +143,8 @@ def main() -> None:
              (f"live, --inject {args.fault} --stop-at-first", rows["stop_first_ms"], ratios["stop_first"])]
     for what, ms, ratio in table:
         print(f"{what:42} {ms:10.2f} {ratio:6.2f}x")
+    print("live diff phases (mean ms per round, device synced between phases): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in phases_ms.items()))
     print(f"live report == host report: verdicts {checks['same_verdicts']} / {checks['same_verdicts_fault']} "
           f"(fault), largest relative metric difference {checks['max_rel_metric_diff']:.2e}; "
           f"stop-at-first: first divergence {checks['stop_first_divergence']}, "

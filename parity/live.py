@@ -20,6 +20,7 @@ on a GPU, at it on the CPU.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,25 +215,49 @@ class LiveComparer(_Sink):
 
 def diff_on_device(ref_backend, cand_backend, ref_meta: dict, cand_meta: dict, thresholds: Thresholds | None = None,
                    select=None, chunk: int | None = None, stop_at_first: bool = False, progress=None,
-                   device_budget: int | None = None, around=None) -> Report:
+                   device_budget: int | None = None, around=None, phases: dict | None = None) -> Report:
     """Run the reference, stashing its taps on the device, then the candidate, comparing
     each tap as it comes; the Report of the pair.  `around(backend, run)` wraps each run
-    (the caller records layer calls for isolation with it)."""
+    (the caller records layer calls for isolation with it).  `phases`, if given, gets the
+    seconds each phase took (device synced between phases: for benchmarks only)."""
     thresholds = thresholds or Thresholds()
     around = around or (lambda backend, run: run())
+    clock = _Phases(phases)
 
     def name(backend, meta):
         return meta.get("backend", backend.name)
 
     stash = ReferenceStash(ref_meta, device_budget, progress, f"reference {name(ref_backend, ref_meta)}")
     around(ref_backend, lambda: capture(ref_backend, stash, select))
+    clock("reference_run")
     exact = ref_meta.get("dtype") == cand_meta.get("dtype")
     comparer = LiveComparer(stash, cand_meta, thresholds, exact, chunk, stop_at_first, progress,
                             f"compare {name(cand_backend, cand_meta)}")
     around(cand_backend, lambda: capture(cand_backend, comparer, select))
+    clock("candidate_run")
     comparer.finish()
+    clock("finish")
     stopped = None
     if comparer.stopped_at is not None:
         stopped = f"at the first divergence, {comparer.stopped_at} (--stop-at-first)"
-    return diff(stash.capture(), comparer.capture(), thresholds, exact_dtypes=exact, compare=comparer.compare,
-                chunk=chunk, stopped=stopped)
+    report = diff(stash.capture(), comparer.capture(), thresholds, exact_dtypes=exact, compare=comparer.compare,
+                  chunk=chunk, stopped=stopped)
+    clock("report")
+    return report
+
+
+class _Phases:
+    """Adds each phase's seconds to a dict, syncing the device first (or does nothing)."""
+
+    def __init__(self, into: dict | None) -> None:
+        self.into = into
+        self.t0 = time.perf_counter() if into is not None else 0.0
+
+    def __call__(self, phase: str) -> None:
+        if self.into is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.into[phase] = self.into.get(phase, 0.0) + now - self.t0
+        self.t0 = now

@@ -70,7 +70,10 @@ def test_dump_through_writer_thread_equals_in_memory_capture(tmp_path):
     opts = BackendOptions(seed=2)
     mem = capture(resolve("flash", opts), Capture())
     summary = capture_to_dump("flash", opts, tmp_path / "x.h5", max_inflight_mb=0.05)
-    assert summary["budget_waits"] > 0  # the tiny budget was hit, and waited on
+    # the queue never held more than its half of the budget, or one tap alone when a
+    # single tap is bigger (whether the capture had to wait depends on the writer's pace)
+    half = int(0.05 * (1 << 20)) // 2
+    assert 0 < summary["peak_queued_bytes"] <= max(half, max(t.array.nbytes for t in mem.taps))
     got = read_dump(tmp_path / "x.h5")
     assert got.complete and [t.key for t in got.taps] == [t.key for t in mem.taps]
     for a, b in zip(got.taps, mem.taps):
