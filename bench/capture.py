@@ -13,7 +13,6 @@ Writes bench/results/capture_<config>_<card>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import write_result
 
 from parity.backends import BackendOptions, resolve
 from parity.capture import Recorder, capture
@@ -187,12 +187,7 @@ def main() -> None:
         print(f"{name:10} plain {r['plain_ms']:8.2f} ms | {extras} | dump {r['dump_bytes'] / 1e6:.0f} MB"
               + (f" | bit mismatches vs naive {r['bit_mismatches_vs_naive']}/{r['taps']}" if "taps" in r else ""))
     print(f"raw sequential write {raw:.0f} MB/s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in card).strip("_").lower()
-    path = out / f"capture_{args.config}_{slug}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, f"capture_{args.config}", card, result)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ Writes bench/results/latency_<config>_<card>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from record import write_result
 
 from parity.api import compare_captures
 from parity.backends import BackendOptions, resolve
@@ -115,12 +114,7 @@ def main() -> None:
         stages = " ".join(f"{lat[s]:8.2f}" for s in STAGES)
         print(f"{name:12} {lat['total']:9.2f} {stages} "
               f"{r['speedup']:7.2f}x {par['min_cos']:9.6f} {par['action_cos']:10.6f} {par['action_max_abs']:9.4g}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in card).strip("_").lower()
-    path = out / f"latency_{args.config}_{slug}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, f"latency_{args.config}", card, result)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ relative metric difference).  Writes bench/results/live_<card>.json (the config 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from record import write_result
 
 from parity.backends import BackendOptions, resolve
 from parity.capture import capture
@@ -149,12 +148,7 @@ def main() -> None:
           f"(fault), largest relative metric difference {checks['max_rel_metric_diff']:.2e}; "
           f"stop-at-first: first divergence {checks['stop_first_divergence']}, "
           f"{checks['stop_first_compared']} taps compared")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in card).strip("_").lower()
-    path = out / f"live_{slug}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, "live", card, result)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from record import write_result
 
 from parity.offline import diff_dumps
 from parity.codec import to_float64
@@ -247,11 +248,7 @@ def main() -> None:
             str(_tiny(tmp, "a")), str(_tiny(tmp, "b"))])}
     res["load_after"] = os.getloadavg()
     print(json.dumps(res, indent=2))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "offline_cpu.json"
-    path.write_text(json.dumps(res, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, "offline", "cpu", res)
 
 
 def _diff_engine(ref: Path, cand: Path, engine: str) -> None:

@@ -14,7 +14,6 @@ Writes bench/results/stats_<card>.json (card, torch version, config, numbers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import write_result
 
 from parity.backends import BackendOptions, resolve
 from parity.capture import capture
@@ -116,12 +116,7 @@ def main() -> None:
               f"{r['stats_host_bytes']:>12,} / {r['full_host_bytes']:,}")
         print(f"{'':10} checksums device vs host: {r['checksum_mismatches_device_vs_host']} of "
               f"{r['checksums_checked']} whole-tensor taps differ")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in card).strip("_").lower()
-    path = out / f"stats_{slug}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, "stats", card, result)
 
 
 if __name__ == "__main__":
