@@ -105,8 +105,7 @@ class Recorder:
         # compare, stats): then nothing is staged for the host at all
         self.on_device = getattr(sink, "add_device_tap", None)
         self.stopped = False  # the sink raised StopRun: the run ends here
-        self.installed: set[str] = set()  # module names with taps
-        self.ran: set[str] = set()  # ... and those whose hooks fired
+        self.installed: set[str] = set()  # module names with taps (those that ran: `calls`)
         self.model_note = None  # what the model says instrumenting changed
         self.order = 0
         self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
@@ -176,7 +175,6 @@ class Recorder:
 
     def pre(self, spec: _ModuleTaps, module, args) -> None:
         name = spec.name
-        self.ran.add(name)
         calls = self.calls.get(name, 0)
         self.calls[name] = calls + 1
         self.running.append((module, self._info(spec.blamed, calls), calls))
@@ -289,7 +287,7 @@ def capture(backend, sink=None, select: TapFilter | None = None, max_staged_byte
                     pass  # raised below
         if rec.sink_error is not None:
             raise rec.sink_error
-        observed = observation.finish(rec.model_note, rec.installed, rec.ran)
+        observed = observation.finish(rec.model_note, rec.installed, set(rec.calls))
         if observed and not rec.stopped and callable(getattr(sink, "set_observation", None)):
             sink.set_observation(observed)
     return sink

@@ -109,9 +109,9 @@ class SlotStaged:
     """A tap inside a batch: `ready()` ships the batch if it has not left yet, waits for
     it, and returns the tap's view of the batch's host buffer.
 
-    It holds the stager, not the batch: a batch pointing back at its stager would make a
-    reference cycle, and the pinned buffers in it would wait for the garbage collector
-    instead of going back to the caching allocator for the next capture."""
+    It holds the stager, and batches hold no reference back to it: no reference cycle
+    can keep a shipped batch alive, so its pinned buffer goes back to the caching
+    allocator as soon as the last array viewing it is dropped, not at a GC pass."""
 
     __slots__ = ("stager", "batch", "offset", "nbytes", "dtype", "shape")
 
@@ -164,8 +164,8 @@ class _Ring:
 class Stager:
     """Takes snapshots of taps; one per capture (it owns the side stream and the ring).
 
-    `slot_bytes`/`slots` size the ring; `ring_on_cpu` runs the ring on CPU too (the
-    tests' way to exercise the same bookkeeping without a GPU)."""
+    `slot_bytes` sizes the ring's slots (SLOTS of them); `ring_on_cpu` runs the ring on
+    CPU too (the tests' way to exercise the same bookkeeping without a GPU)."""
 
     def __init__(self, slot_bytes: int = SLOT_BYTES, ring_on_cpu: bool = False) -> None:
         self.slot_bytes, self.ring_on_cpu = slot_bytes, ring_on_cpu

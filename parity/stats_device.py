@@ -25,6 +25,7 @@ import torch
 
 from .diff import token_order
 from .records import CaptureError, Layout, TapInfo
+from .staging import graph_capturing
 from .stats import FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
 
 BATCH_ELEMENTS = 1 << 22  # elements summarised together (~128 MB of buffers); a bigger tap goes alone
@@ -270,7 +271,7 @@ class StatsSink:
         self._ids.append((info, order, dtype, layout, shape, tuple(int(s) for s in picked.shape), tokens, positions))
         flat = _flat(picked)
         n = flat.numel()
-        capturing = _graph_capturing()
+        capturing = graph_capturing()
         if capturing or n == 0 or n > self.batch_elements:
             values, checks = summarise(flat, self.batch_elements)  # on its own
             self._results.append(([index], values[None], checks[None]))
@@ -301,7 +302,7 @@ class StatsSink:
         index = self._gather.get(key)
         if index is None:
             index = host.to(value.device, non_blocking=True)
-            if _graph_capturing():  # valid only once the graph replays: used by this tap alone
+            if graph_capturing():  # valid only once the graph replays: used by this tap alone
                 self._keep.append(index)
             else:
                 self._gather[key] = index
@@ -356,9 +357,3 @@ class StatsSink:
                          np.array(all_v[i], dtype=np.float64), int(all_c[i]))
                 for i, (info, order, dtype, layout, shape, summarised, tokens, positions) in enumerate(self._ids)]
         return StatsCapture(taps=taps, meta=self.meta, error=self.error, complete=complete and self.error is None)
-
-
-def _graph_capturing() -> bool:
-    from .staging import graph_capturing
-
-    return graph_capturing()
