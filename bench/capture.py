@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from disk import raw_write_seconds
 from record import write_result
 
 from parity.backends import BackendOptions, resolve
@@ -147,20 +148,6 @@ def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict
     return row
 
 
-def raw_write_rate(path: Path, nbytes: int) -> float:
-    """MB/s of a plain sequential write + fsync of nbytes, the disk's own pace."""
-    block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(block[: min(left, len(block))])
-            left -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
-    return nbytes / 1e6 / (time.perf_counter() - t0)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="tiny")
@@ -175,7 +162,7 @@ def main() -> None:
         for name in args.backends.split(","):
             rows[name] = bench_backend(name, opts, args.runs, Path(tmp))
         nbytes = max(r["dump_bytes"] for r in rows.values())
-        raw = raw_write_rate(Path(tmp) / "raw.bin", nbytes)
+        raw = nbytes / 1e6 / raw_write_seconds(Path(tmp) / "raw.bin", nbytes)
     for r in rows.values():
         p = r["plain_ms"]
         r["ratios"] = {k.removesuffix("_ms"): r[k] / p for k in r if k.endswith("_ms") and k != "plain_ms"}

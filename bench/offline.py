@@ -30,6 +30,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from disk import raw_write_seconds
 from record import write_result
 
 from parity.offline import diff_dumps
@@ -98,19 +99,6 @@ def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-
-
-def raw_write(path: Path, nbytes: int) -> float:
-    block = np.random.default_rng(1).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(block[: min(left, len(block))])
-            left -= len(block)
-        f.flush()
-        os.fsync(f.fileno())
-    return time.perf_counter() - t0
 
 
 def plain_read(paths) -> float:
@@ -201,7 +189,7 @@ def main() -> None:
                 p.unlink()
             ref, cand, wsec, nbytes = write_pair(small, int(args.naive_gb * 1e9))
             wsecs.append(wsec)
-            rsecs.append(raw_write(small / "raw.bin", nbytes))
+            rsecs.append(raw_write_seconds(small / "raw.bin", nbytes))
         wsec, rsec = min(wsecs), min(rsecs)
         res["write"] = {"bytes": nbytes, "dump_MBps": nbytes / 1e6 / wsec, "raw_MBps": nbytes / 1e6 / rsec,
                         "ratio": rsec / wsec, "taps": len(tap_specs(int(args.naive_gb * 1e9))),
