@@ -1,22 +1,23 @@
 """Recording taps from a live model: hooks that exist only inside a `with` block.
 
-Each tap is cloned on its own device as it is produced (later in-place kernels cannot
+Each tap is copied on its own device as it is produced (later in-place kernels cannot
 change what was recorded; no host sync inside the forward, so taps can be recorded inside
-a CUDA graph); on CUDA the clone then travels to pinned host memory on a side stream
-(`staging.py`).  A tap reaches the sink (an in-memory `Capture`, a `DumpWriter`, or a
-`BackgroundWriter` in front of one) as soon as its host copy exists, without waiting for
-it: on CPU at once, on CUDA once its side-stream copy has completed (checked at each later
-tap, and forced whenever the staged bytes exceed `max_staged_bytes`).  So a capture killed
-half-way has already handed over every tap whose copy was done; only taps recorded inside
-a CUDA graph capture wait for the end of the run (their values exist only once the graph
-replays).
+a CUDA graph); on CUDA the copy goes into a slot of a device ring that travels to pinned
+host memory on a side stream (`staging.py`).  A tap reaches the sink (an in-memory
+`Capture`, a `DumpWriter`, or a `BackgroundWriter` in front of one) as soon as its host
+copy exists, without waiting for it: on CPU at once, on CUDA once its slot's side-stream
+copy has completed (checked at each later tap, and forced whenever the staged bytes
+exceed `max_staged_bytes`).  So a capture killed half-way has already handed over every
+tap whose copy was done; only taps recorded inside a CUDA graph capture wait for the end
+of the run (their values exist only once the graph replays).  A sink that takes live
+device tensors (`add_device_tap`: on-device compare, stats) gets each tap as it is, with
+nothing staged.
 """
 from __future__ import annotations
 
 import collections
 import functools
 
-import numpy as np
 import torch
 
 from .observation import Observation
