@@ -24,12 +24,12 @@ import torch
 from disk import raw_write_seconds
 from record import write_result
 
-from parity.backends import BackendOptions, resolve
-from parity.capture import Recorder, capture
-from parity.codec import to_float64
-from parity.dump import DumpWriter
-from parity.records import Capture
-from parity.writer import BackgroundWriter, InflightBudget
+from parity.capture.background import BackgroundWriter, InflightBudget
+from parity.capture.recorder import Recorder, capture
+from parity.dump.writer import DumpWriter
+from parity.taps.backends import BackendOptions, resolve
+from parity.taps.codec import to_float64
+from parity.taps.records import Capture
 
 
 def sync():

@@ -16,20 +16,20 @@ import torch
 from record import write_result
 
 from parity.api import compare_captures
-from parity.backends import BackendOptions, resolve
-from parity.capture import capture
-from parity.records import Capture
-from parity.codec import to_float64
-from parity.diff import Thresholds
-from parity.metrics import compare
+from parity.capture.recorder import capture
+from parity.comparison.metrics import compare
+from parity.comparison.rules import Thresholds
+from parity.taps.backends import BackendOptions, resolve
+from parity.taps.codec import to_float64
+from parity.taps.records import Capture
 
 STAGES = ("vision", "prefix", "denoise")
 
 
 def _graph_only(opts):
     """`fast` without torch.compile: how much the graph alone buys."""
-    from probes.pi05.backends import build
-    from probes.pi05.model import Variant
+    from parity.probes.pi05.backends import build
+    from parity.probes.pi05.model import Variant
 
     return build("fast", opts, Variant(packed=True, fp8_mlp=True, cuda_graph=True, compiled=False))
 

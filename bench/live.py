@@ -24,11 +24,12 @@ from dataclasses import replace
 import torch
 from record import write_result
 
-from parity.backends import BackendOptions, resolve
-from parity.capture import capture
-from parity.diff import Thresholds, diff
-from parity.live import diff_on_device
-from parity.records import Capture
+from parity.capture.recorder import capture
+from parity.comparison.loop import diff
+from parity.comparison.on_device import diff_on_device
+from parity.comparison.rules import Thresholds
+from parity.taps.backends import BackendOptions, resolve
+from parity.taps.records import Capture
 
 
 def sync():

@@ -33,11 +33,12 @@ import numpy as np
 from disk import raw_write_seconds
 from record import write_result
 
-from parity.offline import diff_dumps
-from parity.codec import to_float64
-from parity.dump import DumpWriter, read_dump
-from parity.metrics import compare
-from parity.records import Layout, Region, Tap, TapInfo
+from parity.comparison.dumps import diff_dumps
+from parity.comparison.metrics import compare
+from parity.dump.reader import read_dump
+from parity.dump.writer import DumpWriter
+from parity.taps.codec import to_float64
+from parity.taps.records import Layout, Region, Tap, TapInfo
 
 ROWS, TOKENS = 2, 968  # batch 2, 3 cameras x 256 + 200 text tokens
 ROUNDS = 3  # alternating rounds per side-by-side figure; the best of each side is kept
@@ -231,7 +232,7 @@ def main() -> None:
         rss = child_peak_rss_mb(f"from parity.api import diff_dumps; diff_dumps({str(bref)!r}, {str(bcand)!r})")
         res["rss"] = {"dump_bytes_each": os.path.getsize(bref), "largest_tap_MB": largest / 1e6,
                       "peak_rss_MB": rss, "goal_MB": 300 + 2 * largest / 1e6, "seconds": time.perf_counter() - t0,
-                      "baseline_import_rss_MB": child_peak_rss_mb("import parity.api, parity.stream")}
+                      "baseline_import_rss_MB": child_peak_rss_mb("import parity.api, parity.comparison.stream")}
         res["startup"] = {"help": startup(["--help"]), "diff": startup(["diff", str(bref), str(bcand)][:1] + [
             str(_tiny(tmp, "a")), str(_tiny(tmp, "b"))])}
     res["load_after"] = os.getloadavg()
@@ -240,15 +241,15 @@ def main() -> None:
 
 
 def _diff_engine(ref: Path, cand: Path, engine: str) -> None:
-    from parity.dump import open_dump
-    from parity.stream import diff_readers
+    from parity.comparison.stream import diff_readers
+    from parity.dump.reader import open_dump
 
     with open_dump(ref) as a, open_dump(cand) as b:
         diff_readers(a, b, engine=engine)
 
 
 def _engine_used(data_bytes: int) -> str:
-    from parity import engine
+    from parity.comparison import engine
 
     kernel = engine.load_kernel("auto", data_bytes)
     if kernel is None:
@@ -259,7 +260,7 @@ def _engine_used(data_bytes: int) -> str:
 
 
 def _checksum_impl() -> str:
-    from parity import checksum
+    from parity.dump import checksum
 
     return checksum.crc32.__module__
 

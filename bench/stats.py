@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from record import write_result
 
-from parity.backends import BackendOptions, resolve
-from parity.capture import capture
-from parity.records import Capture
-from parity.stats_device import StatsSink, checksum
-from parity.stats_dump import write_stats
+from parity.capture.recorder import capture
+from parity.capture.stats import StatsSink, checksum
+from parity.dump.stats import write_stats
+from parity.taps.backends import BackendOptions, resolve
+from parity.taps.records import Capture
 
 
 def sync():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 def mlp_offset(options, arg: str):
     """the hf backend with layer 1's MLP output scaled by 1.05 and shifted by 0.01"""
-    from probes.hf.backend import factory
+    from parity.probes.hf.backend import factory
 
     backend = factory(options, arg)
     backend.model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: out * 1.05 + 0.01)

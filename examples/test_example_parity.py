@@ -38,7 +38,7 @@ def test_bf16_within_a_looser_gate(parity_check, model_dir):
 
 
 def test_a_planted_bug_is_named(parity_check, model_dir):
-    from parity.backends import BackendOptions
+    from parity.taps.backends import BackendOptions
 
     candidate = mlp_offset(BackendOptions(batch=2), f"{model_dir}@attn=sdpa")  # a ready Backend object works too
     with pytest.raises(AssertionError) as failure:

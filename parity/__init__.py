@@ -6,12 +6,15 @@ is a thin shell over them, `parity.testing` / the pytest plugin turn a Report in
 assertion.  Importing parity never
 imports torch: only live capture does.
 """
+
 import importlib
 
 __version__ = "0.1.0"
-_EXPORTS = {"InputError": "api", "capture_live": "api", "capture_to_dump": "api", "compare": "api",
-            "diff_dumps": "api", "diff_live": "api", "weights_live": "api", "Thresholds": "diff",
-            "Report": "report", "TapResult": "report"}
+
+
+_EXPORTS = {"InputError": "errors", "capture_live": "api", "capture_to_dump": "api", "compare": "api",
+            "diff_dumps": "api", "diff_live": "api", "weights_live": "api", "Thresholds": "compare.rules",
+            "Report": "report.results", "TapResult": "report.results"}
 
 
 def __getattr__(name: str):
@@ -20,5 +23,7 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'parity' has no attribute {name!r}")
+
+
 __all__ = ["InputError", "Report", "TapResult", "Thresholds", "capture_live", "capture_to_dump", "compare",
            "diff_dumps", "diff_live", "weights_live", "__version__"]

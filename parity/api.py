@@ -3,22 +3,31 @@
 The CLI is a thin shell over these; a user's own test suite can call them directly.
 Input problems (unknown backend, bad dump, incomparable runs, an output that cannot be
 written) raise `InputError`; an interrupted capture raises `CaptureInterrupted`."""
+
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .backends import Backend, BackendError, BackendOptions
+from parity.capture.background import DEFAULT_MAX_INFLIGHT_MB, BackgroundWriter, InflightBudget
+from parity.comparison.dumps import check_comparable, diff_dumps, incomplete_error, open_checked, select_taps  # noqa: F401
+from parity.comparison.dumps import select_taps as _select
+from parity.comparison.loop import diff
+from parity.comparison.rules import Thresholds
+from parity.comparison.stats import diff_stats
+from parity.dump.format import DumpError
+from parity.dump.reader import read_dump
+from parity.dump.writer import DumpWriter
+
 # the offline diff lives in its own module, light to import; these are part of this API too
-from .offline import InputError, _incomplete, check_comparable, diff_dumps, open_checked  # noqa: F401
-from .offline import select_taps as _select
-from .diff import Thresholds, diff
-from .dump import DumpError, DumpWriter, read_dump
-from .records import Capture
-from .report import Report
-from .writer import DEFAULT_MAX_INFLIGHT_MB, BackgroundWriter, InflightBudget
-from .weights_report import WeightsReport
+from parity.errors import InputError
+from parity.report.results import FramesResult, Report, StatsReport, WeightsReport
+from parity.taps.backends import Backend, BackendError, BackendOptions
+from parity.taps.probe import tap_filter
+from parity.taps.records import Capture
+from parity.taps.stats import StatsCapture
 
 
 class CaptureInterrupted(KeyboardInterrupt):
@@ -54,7 +63,7 @@ ProgressFn = Callable[[str, int, "int | None"], None]  # (what, done, total or N
 def _build(spec: str | Backend, options: BackendOptions) -> Backend:
     if isinstance(spec, Backend):
         return spec
-    from .backends import resolve  # the factories import torch; keep it off the offline path
+    from parity.taps.backends import resolve  # the factories import torch; keep it off the offline path
 
     try:
         return resolve(spec, options)
@@ -65,7 +74,7 @@ def _build(spec: str | Backend, options: BackendOptions) -> Backend:
 def capture_live(spec: str | Backend, options: BackendOptions, taps: str | None = None,
                  progress: ProgressFn | None = None) -> Capture:
     """Run a backend (a spec, or a ready Backend) once and keep every selected tap in memory."""
-    from .capture import capture
+    from parity.capture.recorder import capture
 
     select = _select(taps)
     backend = _build(spec, options)
@@ -86,7 +95,7 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
     The dump is written as `<path>.partial` and renamed when closed: a disk that fills
     up raises InputError and leaves no file; Ctrl-C raises CaptureInterrupted and leaves
     `path` readable, marked incomplete; a killed process leaves `<path>.partial`."""
-    from .capture import capture
+    from parity.capture.recorder import capture
 
     if not max_inflight_mb > 0:
         raise InputError(f"--max-inflight-mb must be positive, got {max_inflight_mb}")
@@ -155,7 +164,7 @@ def load_dump(path: str | Path, allow_incomplete: bool = False) -> Capture:
     except DumpError as exc:
         raise InputError(str(exc)) from None
     if not cap.complete and not allow_incomplete:
-        raise _incomplete(path, cap.error, len(cap.taps))
+        raise incomplete_error(path, cap.error, len(cap.taps))
     return cap
 
 
@@ -195,7 +204,7 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     cand_backend = _build(cand, replace(options, faults=tuple(faults)))
     logs: list = []  # the layer calls of each run (reference, candidate), for isolation
     if on_device:
-        from .live import diff_on_device
+        from parity.comparison.on_device import diff_on_device
 
         ref_meta, cand_meta = _meta(ref_backend, taps), _meta(cand_backend, taps)
         check_comparable(Capture(meta=ref_meta), Capture(meta=cand_meta))
@@ -231,7 +240,7 @@ def _recording(backend: Backend, record: bool, run: Callable[[], Any]):
     returning its sink; the calls are recorded when asked and the model allows."""
     if not record or getattr(backend.probe, "components", None) is None:
         return run(), None
-    from .isolate import CallRecorder
+    from parity.comparison.isolate import CallRecorder
 
     if not CallRecorder.reusable(backend):
         return run(), None
@@ -244,8 +253,9 @@ def _recording(backend: Backend, record: bool, run: Callable[[], Any]):
 def localise_live(report: Report, ref_backend: Backend, cand_backend: Backend,
                   thresholds: Thresholds | None = None, logs=(None, None)):
     """Which component introduces the report's first divergence (a Localisation)."""
-    from .isolate import IsolationError, Isolator
-    from .localise import Localisation, localise
+    from parity.comparison.isolate import IsolationError, Isolator
+    from parity.comparison.localise import localise
+    from parity.report.results import Localisation
 
     try:
         return localise(report, Isolator(ref_backend, cand_backend, thresholds,
@@ -262,7 +272,7 @@ def isolate_component(ref: str | Backend, cand: str | Backend, options: BackendO
     (a PartResult, truthy via `.passed`).  Bad requests raise InputError."""
     from dataclasses import replace
 
-    from .isolate import IsolationError, Isolator, Unit
+    from parity.comparison.isolate import IsolationError, Isolator, Unit
 
     ref_backend = _build(ref, replace(options, faults=()))
     cand_backend = _build(cand, replace(options, faults=tuple(faults)))
@@ -334,7 +344,7 @@ def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOption
     inject `faults` into the candidate only, and compare the parameters each computes with."""
     from dataclasses import replace
 
-    from .weights import DEFAULT_QUANTIZED_MIN_COS, compare_weights, model_parameters
+    from parity.comparison.weights import DEFAULT_QUANTIZED_MIN_COS, compare_weights, model_parameters
 
     sides = []
     for spec, side_faults in ((ref, ()), (cand, tuple(faults))):
@@ -350,3 +360,111 @@ def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOption
         return compare_weights(ref_params, cand_params, thresholds, q, ref_meta, cand_meta)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def compare_frames(ref: str, cand: str, options: BackendOptions, n_frames: int, faults: tuple[str, ...] = (),
+                   thresholds: Thresholds | None = None, taps: str | None = None,
+                   drift_taps: str | None = "prefix.*.k") -> FramesResult:
+    """Frame f of both backends sees observation f (same prompt, new images and state);
+    faults go to the candidate only.  Drift compares the reference's consecutive frames."""
+    if n_frames < 1:
+        raise ValueError("need at least one frame")
+    reports, drift, previous = [], [], None
+    for frame in range(n_frames):
+        opts = replace(options, frame=frame)
+        ref_cap = capture_live(ref, replace(opts, faults=()), taps)
+        cand_cap = capture_live(cand, replace(opts, faults=tuple(faults)), taps)
+        reports.append(compare_captures(ref_cap, cand_cap, thresholds))
+        current = ref_cap.only(tap_filter(drift_taps)) if drift_taps else ref_cap
+        if previous is not None:  # different inputs by design: no fingerprint check here
+            drift.append(diff(previous, current, Thresholds(1.0)))
+        previous = current
+    return FramesResult(reports, drift)
+
+
+def stats_live(spec: str | Backend, options: BackendOptions, taps: str | None = None,
+               progress: ProgressFn | None = None) -> StatsCapture:
+    """Run a backend once and summarise every selected tap on its device (nothing but
+    the summaries reaches the host)."""
+    stats, interrupted = _run(spec, options, taps, progress)
+    if interrupted:
+        raise KeyboardInterrupt
+    return stats
+
+
+def _run(spec, options, taps, progress) -> tuple[StatsCapture, bool]:
+    """(summaries, interrupted): Ctrl-C ends the run early, keeping what was summarised."""
+    from parity.capture.recorder import capture
+    from parity.capture.stats import StatsSink
+
+    select = select_taps(taps)
+    backend = _build(spec, options)
+    what = f"stats {backend.meta.get('backend', backend.name)}"
+    tick = None if progress is None else (lambda done: progress(what, done, None))
+    sink = StatsSink(meta={**_meta(backend, taps), "stats": True}, progress=tick)
+    try:
+        capture(backend, sink, select)
+    except KeyboardInterrupt:
+        return sink.finish(complete=False), True
+    return sink.finish(), False
+
+
+def capture_stats(spec: str | Backend, options: BackendOptions, path: str | Path, taps: str | None = None,
+                  progress: ProgressFn | None = None) -> dict:
+    """Run a backend once, summarising each tap on the device, and write a stats dump
+    (via `<path>.partial`, renamed when written); returns a short summary."""
+    from parity.dump.stats import write_stats
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create its directory: {exc.strerror or exc}") from None
+    stats, interrupted = _run(spec, options, taps, progress)
+    try:
+        write_stats(path, stats)
+    except DumpError as exc:
+        raise InputError(str(exc)) from None
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if interrupted:
+        raise CaptureInterrupted(str(path), len(stats.taps), True)
+    return {"path": str(path), "taps": len(stats.taps), "error": stats.error}
+
+
+def load_stats(path: str | Path, allow_incomplete: bool = False) -> StatsCapture:
+    """A stats dump's summaries; InputError if unreadable, or incomplete and not allowed."""
+    from parity.dump.stats import read_stats
+
+    try:
+        stats = read_stats(path)
+    except DumpError as exc:
+        raise InputError(str(exc)) from None
+    if not stats.complete and not allow_incomplete:
+        raise incomplete_error(path, stats.error, len(stats.taps))
+    return stats
+
+
+def compare_stats_runs(ref: StatsCapture, cand: StatsCapture, tol: Thresholds | None = None,
+                       taps: str | None = None, labels: tuple[str, str] = ("reference", "candidate")) -> StatsReport:
+    check_comparable(ref, cand)
+    if taps:
+        keep = select_taps(taps)
+        ref, cand = ref.only(keep), cand.only(keep)
+    return diff_stats(ref, cand, tol, labels)
+
+
+def diff_stats_dumps(ref_path, cand_path, tol: Thresholds | None = None, taps: str | None = None,
+                     allow_incomplete: bool = False) -> StatsReport:
+    """Offline diff of two stats dumps (no torch)."""
+    ref, cand = load_stats(ref_path, allow_incomplete), load_stats(cand_path, allow_incomplete)
+    return compare_stats_runs(ref, cand, tol, taps, (f"reference {ref_path}", f"candidate {cand_path}"))
+
+
+def diff_stats_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
+                    tol: Thresholds | None = None, taps: str | None = None,
+                    progress: ProgressFn | None = None) -> StatsReport:
+    """Both backends from the same options (faults in the candidate only), each run once
+    and summarised on its device, then compared."""
+    ref_stats = stats_live(_build(ref, replace(options, faults=())), options, taps, progress)
+    cand_stats = stats_live(_build(cand, replace(options, faults=tuple(faults))), options, taps, progress)
+    return compare_stats_runs(ref_stats, cand_stats, tol)

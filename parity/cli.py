@@ -4,6 +4,7 @@ Exit codes: 0 parity holds, 1 parity failure (a finding), 2 usage or input error
 130 interrupted (Ctrl-C or SIGTERM).  Everything a dump says (tap names, paths, messages)
 is printed as data: consoles have markup off and control characters are escaped.
 Defaults come from `[tool.parity]` in ./pyproject.toml (parity.settings); flags win."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,19 +13,26 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
+from parity.report.text import shown
+
 # The library (numpy, h5py, the backend registry) is imported by each command, not here:
 # `parity --help` stays fast.
-from .settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
-from .text import shown
+from parity.settings import DEFAULT_MIN_COS, Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from parity.taps.backends import BackendOptions
 
 EXIT_PASS, EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
 REPORT_FORMATS = {"html": ".html", "md": ".md", "junit": ".xml", "model-explorer": ".me.json"}
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer-by-layer numerical parity debugger: capture taps, diff them, find the first "
@@ -84,7 +92,7 @@ def _settings() -> Settings:
 
 def _progress(quiet: bool):
     """A progress callback that shows a bar on stderr after 1 s, only on a terminal."""
-    from .progress import DelayedProgress
+    from parity.report.progress import DelayedProgress
 
     console = Console(stderr=True)
     return DelayedProgress(console, enabled=console.is_terminal and not quiet)
@@ -96,7 +104,7 @@ def _faults(inject: Optional[List[str]]) -> tuple[str, ...]:
 
 def _options(config, seed, device, dtype, batch, faults=(), weights=None, inputs=None, padding=None,
              seq_len=None) -> BackendOptions:
-    from .backends import BackendOptions
+    from parity.taps.backends import BackendOptions
 
     try:
         return BackendOptions(config=config, seed=seed, device=device, dtype=dtype, faults=faults, batch=batch,
@@ -133,28 +141,52 @@ def _write_json(path: Optional[Path], data: dict) -> None:
 
 ConfigOpt = typer.Option(None, "--config", help="pi0.5 model size: tiny (CPU tests) or full (real pi0.5 sizes). "
                                                  "Default: tiny, or the sizes --weights holds.")
+
+
 SeedOpt = typer.Option(0, "--seed", help="Seed for weights (unless --weights or an hf checkpoint), inputs and "
                                          "flow-matching noise.")
+
+
 WeightsOpt = typer.Option(None, "--weights", help="pi0.5 checkpoint every backend loads: a .safetensors file or a "
                                                   "directory with model.safetensors [+ config.json] (openpi or "
                                                   "lerobot layout). hf backends load theirs from hf:PATH.")
+
+
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda if available).")
+
+
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype (default: the backend's, bfloat16 for pi0.5, the "
                                               "checkpoint's for hf).")
+
+
 BatchOpt = typer.Option(1, "--batch", help="Batch size of generated inputs.")
+
+
 InputOpt = typer.Option(None, "--input", help="hf backends: token ids from a .json (list of lists, or "
                                               "{input_ids, attention_mask}) or .npy file (negative = padding).")
+
+
 PaddingOpt = typer.Option(None, "--padding", help="hf backends: left or right padding (a spec's @padding= wins).")
+
+
 SeqLenOpt = typer.Option(None, "--seq-len", help="hf backends: tokens per generated prompt (default 16).")
+
+
 InjectOpt = typer.Option(None, "--inject", help="Fault(s) to inject into the candidate, NAME[,NAME]. "
                                                 "See `parity backends`.")
+
+
 TapsOpt = typer.Option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k' "
                                             "(default: [tool.parity] taps, else all).")
+
+
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
 StatsOpt = typer.Option(False, "--stats", help="Per-tap summaries (norms, moments, min/max, NaN/Inf counts, a bit "
                                                  "checksum) computed on the device instead of whole tensors.")
+
+
 StatsTolOpt = typer.Option(None, "--stats-tol", help="Stats diffs: relative tolerance of norm, std, max |x| and mean "
                                                      "shift (in ref std), VALUE (default 0.05) or GLOB=VALUE "
                                                      "(repeatable; last match wins).")
@@ -188,7 +220,7 @@ def _stats_dumps(dumps: Optional[List[Path]]) -> bool:
     """Whether any of the given dumps is a stats dump (then both must be)."""
     if not dumps:
         return False
-    from .stats_dump import is_stats_dump
+    from parity.dump.stats import is_stats_dump
 
     kinds = [is_stats_dump(d) for d in dumps]
     if any(kinds) and not all(kinds) and len(dumps) == 2:
@@ -201,10 +233,10 @@ def _stats_dumps(dumps: Optional[List[Path]]) -> bool:
 def _diff_stats(dumps, ref, cand, inject, options, taps, stats_tol, json_out, show_all, allow_incomplete, quiet,
                 tensor_only: dict) -> None:
     """`parity diff --stats` / `parity diff A_stats.h5 B_stats.h5`: compare summaries."""
-    from .api import InputError
-    from .render_stats import render_stats_report
-    from .stats_api import diff_stats_dumps, diff_stats_live
-    from .stats_diff import DEFAULT_TOLERANCE, tolerances
+    from parity.api import diff_stats_dumps, diff_stats_live
+    from parity.comparison.stats import DEFAULT_TOLERANCE, tolerances
+    from parity.errors import InputError
+    from parity.report.terminal.stats import render_stats_report
 
     given = [flag for flag, value in tensor_only.items() if value]
     if given:
@@ -297,9 +329,10 @@ def diff_cmd(
 
     Example (stats):   parity diff reports/pytorch_stats.h5 reports/flash_stats.h5   (or --ref/--cand --stats)
     """
-    from .diff import Thresholds
-    from .offline import InputError, diff_dumps  # the offline diff alone: no backend registry to import
-    from .render import render_report
+    from parity.comparison.dumps import diff_dumps  # the offline diff alone: no backend registry to import
+    from parity.comparison.rules import Thresholds
+    from parity.errors import InputError
+    from parity.report.terminal.diff import render_report
 
     taps = _taps_from(taps_from, taps)
     if stats or stats_tol or _stats_dumps(dumps):
@@ -324,7 +357,7 @@ def diff_cmd(
             if live:
                 if ref is None or cand is None:
                     _fail_input("a live diff needs both --ref and --cand")
-                from .api import diff_live
+                from parity.api import diff_live
 
                 options = _options(config, seed, device, dtype, batch, weights=weights, inputs=inputs,
                                    padding=padding, seq_len=seq_len)
@@ -378,9 +411,10 @@ def component_cmd(
 
     Example: parity component --ref pytorch --cand flash --stack expert --step 3 --layer 1 --part attn
     """
-    from .api import InputError, isolate_component
-    from .diff import Thresholds
-    from .render import render_component
+    from parity.api import isolate_component
+    from parity.comparison.rules import Thresholds
+    from parity.errors import InputError
+    from parity.report.terminal.diff import render_component
 
     try:
         thresholds = Thresholds.parse(min_cos, threshold or [])
@@ -399,6 +433,8 @@ def component_cmd(
 
 ThresholdOpt = typer.Option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; last "
                                                       "match wins), e.g. 'expert.*.mlp=0.995'.")
+
+
 JsonOpt = typer.Option(None, "--json", help="Also write the machine-readable result here.")
 
 
@@ -421,9 +457,10 @@ def weights_cmd(
 
     Example: parity weights --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
     """
-    from .api import InputError, weights_live
-    from .diff import Thresholds
-    from .render_weights import render_weights
+    from parity.api import weights_live
+    from parity.comparison.rules import Thresholds
+    from parity.errors import InputError
+    from parity.report.terminal.weights import render_weights
 
     try:
         thresholds = Thresholds.parse(min_cos, threshold or [])
@@ -461,7 +498,8 @@ def capture_cmd(
 
     Example: parity capture --backend flash --stats -o reports/flash_stats.h5   (summaries only)
     """
-    from .api import CaptureInterrupted, InputError, capture_to_dump
+    from parity.api import CaptureInterrupted, capture_to_dump
+    from parity.errors import InputError
     settings = _settings()
     taps = _taps_from(taps_from, taps)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in backend).strip("_.") or "capture"
@@ -472,7 +510,7 @@ def capture_cmd(
             if stats:
                 if compression:
                     _fail_input("--compression applies to tensor dumps; a stats dump is a few KB")
-                from .stats_api import capture_stats
+                from parity.api import capture_stats
                 summary = capture_stats(backend, options, output, taps or settings.taps, progress)
             else:
                 summary = capture_to_dump(backend, options, output, taps or settings.taps, compression, progress,
@@ -514,7 +552,7 @@ def report_cmd(
 
     Example: parity report reports/r.json --format md -o - >> comment.md
     """
-    from .report import Report
+    from parity.report.results import Report
 
     if fmt not in REPORT_FORMATS:
         _fail_input(f"unknown format {fmt!r}; known: {', '.join(REPORT_FORMATS)}")
@@ -525,7 +563,7 @@ def report_cmd(
     except OSError as exc:
         _fail_input(f"cannot read {result}: {exc.strerror or exc}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        from .stats_dump import is_stats_dump
+        from parity.dump.stats import is_stats_dump
         if is_stats_dump(result):
             _fail_input(f"{result} is a stats dump (per-tap summaries), not a diff result: compare two with "
                         "`parity diff A_stats.h5 B_stats.h5`; `parity report` renders `parity diff --json` results")
@@ -536,13 +574,13 @@ def report_cmd(
     output = output or _settings().output_dir / (stem + REPORT_FORMATS[fmt])
     extra: dict[Path, str] = {}
     if fmt == "html":
-        from .html import render_html
+        from parity.report.html import render_html
         text = render_html(report)
     elif fmt == "md":
-        from .markdown import render_markdown
+        from parity.report.markdown import render_markdown
         text = render_markdown(report)
     elif fmt == "junit":
-        from .junit import render_junit
+        from parity.report.junit import render_junit
         text = render_junit(report)
     else:
         text, extra = _model_explorer(report, exported_program, output)
@@ -558,7 +596,7 @@ def report_cmd(
 
 
 def _model_explorer(report, exported_program: Optional[Path], output: Path) -> tuple[str, dict[Path, str]]:
-    from . import model_explorer as me
+    from parity.report import model_explorer as me
 
     if exported_program is None:
         graph = output.with_name(output.name.removesuffix(".json").removesuffix(".me") + ".graph.json")
@@ -586,14 +624,15 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
 
     Example: parity inspect reports/pytorch.h5
     """
-    from .api import InputError, load_dump
     from rich.table import Table
 
-    from .stats_dump import is_stats_dump
+    from parity.api import load_dump
+    from parity.dump.stats import is_stats_dump
+    from parity.errors import InputError
     stats = is_stats_dump(dump)
     try:
         if stats:
-            from .stats_api import load_stats
+            from parity.api import load_stats
             cap = load_stats(dump, allow_incomplete=True)
         else:
             cap = load_dump(dump, allow_incomplete=True)
@@ -609,7 +648,7 @@ def inspect_cmd(dump: Path = typer.Argument(..., help="A dump written by `parity
         console.print(Text(shown(f"  raised at {cap.error.key}: {cap.error.exc_type}: {cap.error.message}"),
                            style="red"))
     if stats:
-        from .render_stats import render_stats_capture
+        from parity.report.terminal.stats import render_stats_capture
         console.print(render_stats_capture(cap))
         return
     table = Table(pad_edge=False)
@@ -627,7 +666,7 @@ def backends_cmd() -> None:
 
     Example: parity backends
     """
-    from .backends import registered
+    from parity.taps.backends import registered
 
     console = _console()
     faults: dict[str, str] = {}
@@ -671,10 +710,10 @@ def frames_cmd(
 
     Example: parity frames --ref pytorch --cand flash --inject kv_reuse --frames 3
     """
-    from .api import InputError
-    from .diff import Thresholds
-    from .frames import compare_frames
-    from .render import render_frames
+    from parity.api import compare_frames
+    from parity.comparison.rules import Thresholds
+    from parity.errors import InputError
+    from parity.report.terminal.diff import render_frames
 
     try:
         thresholds = Thresholds.parse(min_cos, threshold or [])

@@ -8,6 +8,7 @@
 arguments win), asserts, and returns the Report.  `parity_check.compare(...)` returns
 the Report without asserting.  With `--parity-html DIR`, each failing check also writes
 a self-contained HTML report to DIR/<test>.html and names it in the failure."""
+
 from __future__ import annotations
 
 import re
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from .report import Report
-from .settings import DEFAULT_MIN_COS, Settings, load_settings
-from .testing import ParityAssertionError, assert_parity
+from parity.report.results import Report
+from parity.settings import DEFAULT_MIN_COS, Settings, load_settings
+from parity.testing import ParityAssertionError, assert_parity
 
 
 def pytest_addoption(parser) -> None:
@@ -43,7 +44,7 @@ class ParityCheck:
         return kwargs
 
     def compare(self, ref, cand, inputs=None, **kwargs) -> Report:
-        from .api import compare
+        from parity.api import compare
 
         return compare(ref, cand, inputs, **self._kwargs(kwargs))
 
@@ -55,7 +56,7 @@ class ParityCheck:
         except ParityAssertionError as exc:
             if self.html_dir is None:
                 raise
-            from .html import render_html
+            from parity.report.html import render_html
 
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.test_name) + (f"_{self.calls}" if self.calls > 1 else "")
             path = self.html_dir / f"{name}.html"

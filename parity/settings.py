@@ -12,6 +12,7 @@
 Command-line flags win: `--min-cos` replaces min_cos, `--threshold` patterns are applied
 after these, `--taps` replaces taps, `-o` replaces output_dir.
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,7 +25,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+
 KEYS = ("min_cos", "thresholds", "taps", "output_dir")
+
+
 DEFAULT_MIN_COS = 0.999
 
 

@@ -6,13 +6,14 @@
 On failure the AssertionError's message is the first-divergence banner plus the table of
 the failing layer, rendered to fixed-width text (no colour), so it reads the same in a
 terminal, a CI log and a pytest report.  No pytest import: the plugin builds on this."""
+
 from __future__ import annotations
 
 from io import StringIO
 
 from rich.console import Console, Group
 
-from .report import Report
+from parity.report.results import Report
 
 
 class ParityAssertionError(AssertionError):
@@ -25,7 +26,7 @@ class ParityAssertionError(AssertionError):
 
 def failure_message(report: Report, width: int = 120) -> str:
     """Banner of the first divergence + the table of its layer (or its stack-level tap)."""
-    from .render import banner, header, layer_table
+    from parity.report.terminal.diff import banner, header, layer_table
 
     parts = [header(report)]
     first = report.first_divergence
@@ -53,7 +54,7 @@ def assert_parity(ref, cand=None, inputs=None, *, width: int = 120, **compare_kw
     else:
         if cand is None:
             raise TypeError("assert_parity needs a candidate: assert_parity(ref, cand, ...)")
-        from .api import compare
+        from parity.api import compare
 
         report = compare(ref, cand, inputs, **compare_kwargs)
     if not report:

@@ -57,7 +57,7 @@ def save_tiny(kind: str, folder: Path) -> Path:
 
 def perturbed_mlp(opts, arg: str):
     """the hf backend with a planted bug: layer 1's MLP output scaled by 1.05 plus an offset"""
-    from probes.hf.backend import factory
+    from parity.probes.hf.backend import factory
 
     backend = factory(opts, arg)
     mlp = backend.model.model.layers[1].mlp

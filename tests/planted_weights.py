@@ -6,10 +6,10 @@ sys.path), like any user's `package.module:factory` backend."""
 from __future__ import annotations
 
 import torch
+from parity.probes.pi05.backends import pytorch
+from parity.probes.pi05.layers import AdaRMSNorm, RMSNorm
 
-from parity.backends import Backend, BackendOptions
-from probes.pi05.backends import pytorch
-from probes.pi05.layers import AdaRMSNorm, RMSNorm
+from parity.taps.backends import Backend, BackendOptions
 
 
 def _planted(opts: BackendOptions, name: str) -> Backend:

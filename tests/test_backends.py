@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity.backends import BackendError, BackendOptions, BackendSpec, load_factory, registered, resolve
+from parity.taps.backends import BackendError, BackendOptions, BackendSpec, load_factory, registered, resolve
 
 NAMES = {"pytorch", "hf"}
 
@@ -50,8 +50,8 @@ def test_argument_must_fit_the_factory():
 
 
 def echo_factory(options, arg=None):
-    from parity.backends import Backend
-    from parity.probe import Probe
+    from parity.taps.backends import Backend
+    from parity.taps.probe import Probe
 
     return Backend("echo", model=None, probe=Probe("none", ()), run=lambda: None, layouts=dict,
                    meta={"arg": arg, "seed": options.seed})
@@ -71,7 +71,7 @@ def test_missing_module_or_attribute_is_one_line():
 
 
 def raising_factory(options, arg):
-    from parity.backends import DetailedError
+    from parity.taps.backends import DetailedError
 
     raise (DetailedError if arg == "detailed" else ValueError)("title line\n  first detail\n  second detail")
 

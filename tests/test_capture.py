@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from parity.backends import Backend
-from parity.capture import Recorder, capture, to_storage
-from parity.probe import Probe, TapRule, tap_filter
-from parity.records import Capture, Layout
+from parity.capture.recorder import Recorder, capture
+from parity.capture.staging import to_storage
+from parity.taps.backends import Backend
+from parity.taps.probe import Probe, TapRule, tap_filter
+from parity.taps.records import Capture, Layout
 
 F = 4  # feature width
 
@@ -511,7 +512,7 @@ def test_progress_advances_as_taps_are_produced_and_stored():
     it): a progress callback advances once as the model produces a tap, then once as it
     is stored, both while the model runs."""
     from parity.api import capture_live
-    from parity.backends import BackendOptions
+    from parity.taps.backends import BackendOptions
 
     calls: list[tuple[str, int, int | None]] = []
     backend = make_backend()
@@ -549,7 +550,7 @@ class DeviceSink:
         self.error = error
 
     def add_device_tap(self, info, order, value, layout):
-        from parity.capture import StopRun
+        from parity.capture.recorder import StopRun
 
         if info.key == self.fail_at:
             raise OSError("device sink broke")
@@ -623,8 +624,9 @@ def test_the_models_own_note_and_modules_that_never_ran_are_recorded():
 
 
 def test_the_observation_survives_a_dump_and_is_shown_in_the_diff_header(tmp_path):
-    from parity.dump import DumpWriter, read_dump
-    from parity.render import run_header
+    from parity.dump.reader import read_dump
+    from parity.dump.writer import DumpWriter
+    from parity.report.terminal.diff import run_header
 
     model = Noted()
     backend = make_backend(model)

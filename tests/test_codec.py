@@ -6,7 +6,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from parity.codec import STORAGE_DTYPES, check_storage, storage_dtype, to_float64
+from parity.taps.codec import STORAGE_DTYPES, check_storage, storage_dtype, to_float64
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -137,7 +137,7 @@ def test_bf16_matches_torch_for_all_65536_patterns():
 def test_signalling_nans_decode_to_nan_without_a_warning(bits, dtype, view):
     """Found by the long fuzz run: a float32 signalling NaN warned on the cast to float64
     (an error wherever warnings are errors)."""
-    from parity.codec import storage_dtype
+    from parity.taps.codec import storage_dtype
 
     raw = np.array([bits], dtype=np.uint64).astype(storage_dtype(dtype) if view is None else
                                                    np.dtype(f"u{np.dtype(view).itemsize}"))

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from parity.diff import Thresholds, diff
-from parity.records import Capture, CaptureError, Layout, Tap, TapInfo
-
+from parity.comparison.loop import diff
+from parity.comparison.rules import Thresholds
+from parity.taps.records import Capture, CaptureError, Layout, Tap, TapInfo
 
 # --------------------------------------------------------------------------- helpers
 

@@ -13,11 +13,13 @@ import h5py
 import numpy as np
 import pytest
 
-import parity.dump
-from parity.dump import DumpError, DumpWriter, TapHeader, open_dump, read_dump, write_dump
-from parity.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
+import parity.dump.writer
+from parity.dump.format import DumpError
+from parity.dump.reader import TapHeader, open_dump, read_dump
+from parity.dump.writer import DumpWriter, write_dump
+from parity.taps.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
 
-REPO_ROOT = str(Path(parity.dump.__file__).resolve().parent.parent)
+REPO_ROOT = str(Path(parity.dump.writer.__file__).resolve().parents[2])
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -232,8 +234,8 @@ def test_killed_writer_leaves_readable_partial(tmp_path):
         import os, sys
         import numpy as np
         sys.path.insert(0, {REPO_ROOT!r})
-        from parity.dump import DumpWriter
-        from parity.records import Tap, TapInfo
+        from parity.dump.writer import DumpWriter
+        from parity.taps.records import Tap, TapInfo
         w = DumpWriter({str(path)!r}, {{"run": 1}})
         for i in range(3):
             w.add_tap(Tap(TapInfo(f"t{{i}}", "s", i, "c"), i, np.full((4, 5), i, np.float32), "float32"))
@@ -340,8 +342,9 @@ def test_disk_full_raises_dump_error_and_removes_partial(tmp_path):
         import os, resource, signal, sys
         import numpy as np
         sys.path.insert(0, {REPO_ROOT!r})
-        from parity.dump import DumpError, DumpWriter
-        from parity.records import Tap, TapInfo
+        from parity.dump.format import DumpError
+        from parity.dump.writer import DumpWriter
+        from parity.taps.records import Tap, TapInfo
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
         try:
@@ -510,14 +513,14 @@ def test_random_byte_flips_give_dump_error_or_a_read(tmp_path, compression):
 
 def test_interrupted_add_tap_leaves_consistent_incomplete_file(tmp_path, monkeypatch):
     path = tmp_path / "x.h5"
-    real = parity.dump._set_attrs
+    real = parity.dump.writer.set_attrs
 
     def interrupt_on_second_tap(obj, attrs):
         if attrs.get("key") == "t1":
             raise KeyboardInterrupt
         real(obj, attrs)
 
-    monkeypatch.setattr(parity.dump, "_set_attrs", interrupt_on_second_tap)
+    monkeypatch.setattr(parity.dump.writer, "set_attrs", interrupt_on_second_tap)
     with pytest.raises(KeyboardInterrupt):
         with DumpWriter(path, {}) as w:
             for i in range(3):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from parity.backends import BackendOptions
+from parity.api import compare_frames
 from parity.cli import app
-from parity.frames import compare_frames
+from parity.taps.backends import BackendOptions
 
 OPTS = BackendOptions(device="cpu")
 

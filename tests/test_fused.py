@@ -11,13 +11,14 @@ import subprocess
 import sys
 
 import numpy as np
+import parity.comparison.stream
 import pytest
 import torch
 
-import parity.stream
-from parity.dump import open_dump, write_dump
-from parity.records import Capture, Layout, Region, Tap, TapInfo
-from parity.stream import diff_readers
+from parity.comparison.stream import diff_readers
+from parity.dump.reader import open_dump
+from parity.dump.writer import write_dump
+from parity.taps.records import Capture, Layout, Region, Tap, TapInfo
 
 numba = pytest.importorskip("numba")
 fused = pytest.importorskip("parity.fused")
@@ -141,8 +142,8 @@ def _assert_same(m1, m2, where, rel=1e-12):
 
 @pytest.mark.parametrize("chunk_elements", [53, 1 << 22])
 def test_fused_equals_numpy_everywhere(dumps, monkeypatch, chunk_elements):
-    monkeypatch.setattr(parity.stream, "FUSED_CHUNK_ELEMENTS", chunk_elements)
-    monkeypatch.setattr(parity.stream, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(parity.comparison.stream, "FUSED_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(parity.comparison.stream, "CHUNK_ELEMENTS", chunk_elements)
     want, got = _diff(dumps, "numpy"), _diff(dumps, "fused")
     assert [r.key for r in got.rows] == [r.key for r in want.rows]
     for a, b in zip(want.rows, got.rows):
@@ -233,7 +234,7 @@ def test_fused_agrees_with_a_float64_reference(dumps):
 
 
 def test_auto_engine_picks_numpy_for_small_data_and_the_kernel_for_large(dumps, monkeypatch):
-    from parity import engine
+    from parity.comparison import engine
 
     assert engine.load_kernel("auto", engine.FUSED_MIN_BYTES - 1) is None
     assert engine.load_kernel("auto", engine.FUSED_MIN_BYTES) is fused
@@ -283,7 +284,7 @@ def test_reading_with_preadv_leaves_no_file_descriptor_open(dumps):
 def test_fused_path_catches_a_flipped_data_byte(dumps, tmp_path, member):
     import h5py
 
-    from parity.dump import DumpError
+    from parity.dump.format import DumpError
 
     bad = tmp_path / "bad.h5"
     bad.write_bytes(dumps[0].read_bytes())

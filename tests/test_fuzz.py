@@ -22,11 +22,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from parity.codec import STORAGE_DTYPES
-from parity.diff import Thresholds, diff
-from parity.dump import DumpError, open_dump, read_dump, write_dump
-from parity.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
-from parity.render import render_report
+from parity.comparison.loop import diff
+from parity.comparison.rules import Thresholds
+from parity.dump.format import DumpError
+from parity.dump.reader import open_dump, read_dump
+from parity.dump.writer import write_dump
+from parity.report.terminal.diff import render_report
+from parity.taps.codec import STORAGE_DTYPES
+from parity.taps.records import Capture, CaptureError, Layout, Region, Tap, TapInfo
 
 # A warning from the library (numpy's "invalid value" on a NaN pattern, ...) fails the run too.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from parity.api import capture_live, compare_captures
-from parity.backends import BackendOptions
-from parity.diff import Thresholds
+from parity.comparison.rules import Thresholds
+from parity.taps.backends import BackendOptions
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -16,7 +16,7 @@ CUDA = BackendOptions(device="cuda")
 
 
 def test_scaled_mm_matches_emulation():
-    from probes.pi05.fp8 import Fp8Weight, fp8_linear, has_fp8_units
+    from parity.probes.pi05.fp8 import Fp8Weight, fp8_linear, has_fp8_units
 
     if not has_fp8_units(torch.device("cuda")):
         pytest.skip("GPU has no FP8 units (sm89+)")
@@ -44,8 +44,8 @@ def test_fast_graph_taps_are_all_there_and_pass_the_fp8_gate():
 
 
 def test_fast_after_instrumentation_still_replays_plain_graph():
-    from parity.backends import resolve
-    from parity.capture import capture
+    from parity.capture.recorder import capture
+    from parity.taps.backends import resolve
 
     backend = resolve("fast", CUDA)
     before = backend.run().clone()
@@ -62,7 +62,7 @@ def test_fault_localised_on_gpu():
 def test_ring_staging_on_cuda_is_bit_exact_across_wraps_and_in_place_changes():
     """Small slots force many slot changes and ring wraps: the compute stream must wait
     for a slot's previous copy before writing it again, or these reads would be wrong."""
-    from parity.staging import SLOTS, Stager
+    from parity.capture.staging import SLOTS, Stager
 
     stager = Stager(slot_bytes=1 << 16)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -85,10 +85,10 @@ def test_ring_staging_on_cuda_is_bit_exact_across_wraps_and_in_place_changes():
 
 
 def test_eager_capture_through_the_ring_equals_the_per_tap_path_bit_for_bit(monkeypatch):
-    from parity import capture as capture_mod
-    from parity.backends import resolve
-    from parity.records import Capture
-    from parity.staging import Stager
+    from parity.capture import recorder as capture_mod
+    from parity.capture.staging import Stager
+    from parity.taps.backends import resolve
+    from parity.taps.records import Capture
 
     ring = capture_mod.capture(resolve("pytorch", CUDA), Capture())
     monkeypatch.setattr(capture_mod, "Stager", lambda: Stager(slot_bytes=0))  # every tap on its own
@@ -101,8 +101,9 @@ def test_eager_capture_through_the_ring_equals_the_per_tap_path_bit_for_bit(monk
 # --------------------------------------------------------------------------- live compare on the device
 
 def test_live_compare_on_gpu_equals_the_host_diff():
-    from parity.api import diff_live
     from test_live import assert_same_report
+
+    from parity.api import diff_live
 
     for cand, faults in (("flash_fp8", ()), ("flash", ("nomask",))):
         host = diff_live("pytorch", cand, CUDA, faults, on_device=False, chunk=16)
@@ -111,8 +112,9 @@ def test_live_compare_on_gpu_equals_the_host_diff():
 
 
 def test_live_compare_spills_the_reference_to_pinned_memory_past_its_budget():
-    from parity.api import diff_live
     from test_live import assert_same_report
+
+    from parity.api import diff_live
 
     host = diff_live("pytorch", "flash", CUDA, ("silu",), on_device=False, isolate=False)
     spilled = diff_live("pytorch", "flash", CUDA, ("silu",), ref_device_mb=0, isolate=False)
@@ -141,7 +143,7 @@ def _host_stats(cap):
     """The CPU summaries of a capture's host copies (the reference for GPU-side summaries)."""
     import numpy as np
 
-    from parity.stats_device import StatsSink
+    from parity.capture.stats import StatsSink
 
     views = {"bfloat16": (np.int16, torch.bfloat16), "float8_e4m3fn": (np.int8, torch.float8_e4m3fn),
              "float8_e5m2": (np.int8, torch.float8_e5m2)}
@@ -164,10 +166,10 @@ def test_stats_on_the_gpu_equal_the_host_copies_summarised_on_the_cpu(backend):
     float64 summaries to rounding (the GPU sums with atomics)."""
     import numpy as np
 
-    from parity.backends import resolve
-    from parity.capture import capture
-    from parity.records import Capture
-    from parity.stats_device import StatsSink
+    from parity.capture.recorder import capture
+    from parity.capture.stats import StatsSink
+    from parity.taps.backends import resolve
+    from parity.taps.records import Capture
 
     b = resolve(backend, CUDA)
     full = capture(b, Capture())
@@ -183,7 +185,7 @@ def test_stats_on_the_gpu_equal_the_host_copies_summarised_on_the_cpu(backend):
 
 
 def test_stats_diff_on_the_gpu_flags_nomask_at_prefix_0_attn():
-    from parity.stats_api import diff_stats_live
+    from parity.api import diff_stats_live
 
     report = diff_stats_live("pytorch", "flash_fp8", CUDA, ("nomask",))
     assert report.first_divergence.key == "prefix.0.attn"

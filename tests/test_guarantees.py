@@ -25,9 +25,11 @@ import pytest
 from typer.testing import CliRunner
 
 from parity.cli import app
-from parity.diff import diff
-from parity.dump import PARTIAL_SUFFIX, open_dump, read_dump, write_dump
-from parity.records import Capture, Layout, Region, Tap, TapInfo
+from parity.comparison.loop import diff
+from parity.dump.format import PARTIAL_SUFFIX
+from parity.dump.reader import open_dump, read_dump
+from parity.dump.writer import write_dump
+from parity.taps.records import Capture, Layout, Region, Tap, TapInfo
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -441,7 +443,7 @@ NONFINITE = [  # (dtype, storage array with the special value at flat index 5 of
 @pytest.mark.parametrize("side", ["ref", "cand"])
 @pytest.mark.parametrize("dtype, special, counts", NONFINITE, ids=lambda v: str(v))
 def test_nan_or_inf_on_either_side_fails_with_counts_and_first_index(side, dtype, special, counts):
-    from parity.codec import storage_dtype
+    from parity.taps.codec import storage_dtype
 
     clean = np.ones((3, 4), storage_dtype(dtype)) if dtype in ("float32", "float16", "float64") else \
         np.full((3, 4), {"bfloat16": 0x3F80, "float8_e4m3fn": 0x38, "float8_e5m2": 0x3C}[dtype], storage_dtype(dtype))

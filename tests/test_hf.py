@@ -11,9 +11,10 @@ import pytest
 pytest.importorskip("transformers")
 
 import parity  # noqa: E402
-from parity.api import InputError, capture_live  # noqa: E402
-from parity.backends import BackendOptions  # noqa: E402
-from parity.diff import gather_tokens  # noqa: E402
+from parity.api import capture_live  # noqa: E402
+from parity.comparison.align import gather_tokens  # noqa: E402
+from parity.errors import InputError
+from parity.taps.backends import BackendOptions  # noqa: E402
 
 
 def spec(path, **opts) -> str:
@@ -182,8 +183,8 @@ def test_hf_refuses_pi05_faults_and_pi05_refuses_inputs(tiny_models):
 
 
 def test_no_hook_is_left_on_the_model(tiny_models):
-    from parity.backends import resolve
-    from parity.capture import capture
+    from parity.capture.recorder import capture
+    from parity.taps.backends import resolve
 
     backend = resolve(spec(tiny_models("llama")), BackendOptions())
     capture(backend)

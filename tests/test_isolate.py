@@ -15,11 +15,11 @@ import torch
 from typer.testing import CliRunner
 
 from parity.api import diff_live
-from parity.backends import BackendOptions, resolve
 from parity.cli import app
-from parity.diff import Thresholds
-from parity.isolate import Isolator, Unit, record_calls, relayout
-from parity.records import Layout
+from parity.comparison.isolate import Isolator, Unit, record_calls, relayout
+from parity.comparison.rules import Thresholds
+from parity.taps.backends import BackendOptions, resolve
+from parity.taps.records import Layout
 
 OPTS = BackendOptions(device="cpu")
 FP8_GATE = Thresholds.parse(0.995, ["*.mlp=0.99"])
@@ -39,7 +39,7 @@ INTRODUCED = {
 
 
 def test_every_catalogued_fault_has_an_expected_introducer():
-    from probes.pi05.faults import CATALOGUE
+    from parity.probes.pi05.faults import CATALOGUE
 
     # frame faults (stale state across frames) have no effect within one frame: tests/test_frames.py
     assert set(CATALOGUE) == set(INTRODUCED) | {"kv_reuse", "stale_vision"}

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from parity import device_metrics
 from parity.api import diff_live
-from parity.backends import Backend, BackendOptions
 from parity.cli import app
-from parity.diff import Thresholds
-from parity.probe import Probe, TapRule
-from parity.records import Layout, Region
+from parity.comparison import device_sums
+from parity.comparison.rules import Thresholds
+from parity.taps.backends import Backend, BackendOptions
+from parity.taps.probe import Probe, TapRule
+from parity.taps.records import Layout, Region
 
 CPU = BackendOptions(config="tiny", device="cpu")
 
@@ -198,7 +198,7 @@ def test_toy_report_equals_the_host_paths_for_every_dtype_edge_and_layout():
 def test_batches_of_many_taps_of_one_shape_give_the_same_numbers(monkeypatch, seed):
     """Taps of one signature are reduced together, in batches (here of 3, so full and part
     batches both occur); each tap still gets its own numbers."""
-    monkeypatch.setattr(device_metrics, "DEFAULT_MAX_TAPS", 3)
+    monkeypatch.setattr(device_sums, "DEFAULT_MAX_TAPS", 3)
     gen = torch.Generator().manual_seed(seed)
     base = {f"t{i}": (torch.randn(2, 6, 3, 4, generator=gen), "tok") for i in range(8)}
     cand = {k: (_repack(v + 0.05 * i * torch.randn(v.shape, generator=gen)), "tok")
@@ -230,8 +230,8 @@ def test_no_tap_is_copied_to_the_host(monkeypatch):
     """The live compare never stages a tap for the host: the host path's only ways there
     (`to_storage`, the Stager) are booby-trapped, and the diff still runs (the host path
     with the same traps fails, so the traps are the real way out)."""
-    import parity.capture as capture_mod
-    from parity.staging import Stager
+    import parity.capture.recorder as capture_mod
+    from parity.capture.staging import Stager
 
     class Staged(BaseException):  # not an Exception: a model's failure must not absorb it
         pass
@@ -308,10 +308,10 @@ def test_cli_host_compare_is_still_there():
 def test_identical_tensors_give_cos_exactly_one_whatever_the_kernels_summed():
     """A GPU may sum r*c and r*r in different orders; when every difference is zero the
     finishing step knows they are the same sum (the host gives exactly 1.0 there)."""
-    row = np.zeros(device_metrics.WIDTH)
-    row[device_metrics.N_VALID] = 3
-    row[device_metrics.DOT], row[device_metrics.RR], row[device_metrics.CC] = 1.9999999999999998, 2.0, 2.0
-    m = device_metrics.row_metrics(row, 3)
+    row = np.zeros(device_sums.WIDTH)
+    row[device_sums.N_VALID] = 3
+    row[device_sums.DOT], row[device_sums.RR], row[device_sums.CC] = 1.9999999999999998, 2.0, 2.0
+    m = device_sums.row_metrics(row, 3)
     assert m.cos == 1.0 and m.rel_l2 == 0.0 and m.max_abs == 0.0 and m.max_abs_index == 0
-    row[device_metrics.DD], row[device_metrics.SAD] = 1e-30, 1e-15  # not identical: no such shortcut
-    assert device_metrics.row_metrics(row, 3).cos == 0.9999999999999999
+    row[device_sums.DD], row[device_sums.SAD] = 1e-30, 1e-15  # not identical: no such shortcut
+    assert device_sums.row_metrics(row, 3).cos == 0.9999999999999999

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity.metrics import MetricAccumulator, Metrics, compare
+from parity.comparison.metrics import MetricAccumulator, Metrics, compare
 
 
 def reference_metrics(ref: np.ndarray, cand: np.ndarray) -> dict:

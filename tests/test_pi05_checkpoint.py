@@ -9,19 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ckpt_writers import (E, EXPERT_LM_HEAD, L, PALIGEMMA_LM_HEAD, lerobot_config, lerobot_state, openpi_config,
-                          openpi_state, write)
+from ckpt_writers import (
+    EXPERT_LM_HEAD,
+    PALIGEMMA_LM_HEAD,
+    E,
+    L,
+    lerobot_config,
+    lerobot_state,
+    openpi_config,
+    openpi_state,
+    write,
+)
+from parity.probes.pi05.checkpoint import MAX_LINES, expected_shapes, infer_config
+from parity.probes.pi05.ckpt_layout import LEROBOT, OPENPI, file_key, map_keys
+from parity.probes.pi05.config import FULL, TINY, GemmaConfig
+from parity.probes.pi05.fp8 import Fp8Weight
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from parity.backends import BackendOptions, resolve
-from parity.capture import capture
+from parity.capture.recorder import capture
 from parity.cli import app
-from parity.dump import read_dump
-from probes.pi05.checkpoint import MAX_LINES, expected_shapes, infer_config
-from probes.pi05.ckpt_layout import LEROBOT, OPENPI, file_key, map_keys
-from probes.pi05.config import FULL, TINY, GemmaConfig
-from probes.pi05.fp8 import Fp8Weight
+from parity.dump.reader import read_dump
+from parity.taps.backends import BackendOptions, resolve
 
 CPU = BackendOptions(device="cpu")
 GATE = L + "layers.0.mlp.gate_proj.weight"  # [128, 64] in tiny: not square, so a transpose changes its shape

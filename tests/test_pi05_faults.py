@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from parity.api import diff_live
-from parity.backends import BackendOptions
-from parity.diff import Thresholds
+from parity.comparison.rules import Thresholds
+from parity.taps.backends import BackendOptions
 
 OPTS = BackendOptions(device="cpu")
 FP8_GATE = Thresholds.parse(0.995, ["*.mlp=0.99"])  # the gate documented in the README
@@ -43,7 +43,7 @@ def test_fault_is_localised(cand, fault):
 
 
 def test_fault_catalogue_is_fully_tested():
-    from probes.pi05.faults import CATALOGUE
+    from parity.probes.pi05.faults import CATALOGUE
 
     # faults of state kept across frames show only in a sequence: tests/test_frames.py
     assert set(CATALOGUE) == set(EXPECTED) | {"kv_reuse", "stale_vision"}
@@ -102,7 +102,7 @@ def test_flash_packs_prefix_tokens_yet_compares_position_by_position():
 
 
 def test_unknown_fault_is_an_input_error():
-    from parity.api import InputError
+    from parity.errors import InputError
 
     with pytest.raises(InputError, match="unknown fault"):
         diff_live("pytorch", "flash", OPTS, faults=("nosuchbug",))

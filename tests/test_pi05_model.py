@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
-
-from probes.pi05.config import FULL, TINY, get_config
-from probes.pi05.faults import Faults
-from probes.pi05.fp8 import Fp8Weight, fp8_linear
-from probes.pi05.inputs import make_noise, make_observation
-from probes.pi05.layers import AttnContext, MaskedCore, PackedCore, RMSNorm, apply_rope, rope_tables
-from probes.pi05.model import Pi05Policy, Variant, sincos_time_embedding
+from parity.probes.pi05.config import FULL, TINY, get_config
+from parity.probes.pi05.faults import Faults
+from parity.probes.pi05.fp8 import Fp8Weight, fp8_linear
+from parity.probes.pi05.inputs import make_noise, make_observation
+from parity.probes.pi05.layers import AttnContext, MaskedCore, PackedCore, RMSNorm, apply_rope, rope_tables
+from parity.probes.pi05.model import Pi05Policy, Variant, sincos_time_embedding
 
 NONE = Faults()
 

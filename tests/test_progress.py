@@ -7,7 +7,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from parity.cli import app
-from parity.progress import DelayedProgress
+from parity.report.progress import DelayedProgress
 
 
 class Clock:

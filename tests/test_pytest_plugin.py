@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity.report import Report
+from parity.report.results import Report
 from parity.testing import ParityAssertionError, assert_parity, failure_message
 
 pytest_plugins = ["pytester"]

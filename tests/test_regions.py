@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from rich.console import Console
 
-from parity.diff import diff
-from parity.records import Capture, Layout, Region, Tap, TapInfo
-from parity.render import render_report
-from parity.summary import concentration
+from parity.comparison.loop import diff
+from parity.report.summary import concentration
+from parity.report.terminal.diff import render_report
+from parity.taps.records import Capture, Layout, Region, Tap, TapInfo
 
 REGIONS = (Region("camera:a", 0, 8), Region("camera:b", 8, 16), Region("text", 16, 24))
 

@@ -12,12 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from parity.cli import app
-from parity.html import render_html
-from parity.junit import render_junit
-from parity.markdown import render_markdown
-from parity.model_explorer import node_data, tap_graph
-from parity.report import Report
-from parity.svg import Mark, line_chart
+from parity.report.html import render_html
+from parity.report.junit import render_junit
+from parity.report.markdown import render_markdown
+from parity.report.model_explorer import node_data, tap_graph
+from parity.report.results import Report
+from parity.report.svg import Mark, line_chart
 
 runner = CliRunner()
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from parity import capture as capture_mod
-from parity.records import Capture
-from parity.staging import SLOTS, Stager
-
 from test_capture import EXPECTED_KEYS, make_backend
+
+from parity.capture import recorder as capture_mod
+from parity.capture.staging import SLOTS, Stager
+from parity.taps.records import Capture
 
 
 def tensors():

@@ -13,15 +13,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from parity.capture import capture, to_storage
+from parity.capture.recorder import capture
+from parity.capture.staging import to_storage
+from parity.capture.stats import StatsSink, checksum, summarise
 from parity.cli import app
-from parity.codec import to_float64
-from parity.dump import DumpError
-from parity.records import CaptureError, Layout, TapInfo
-from parity.stats import FIELDS, StatsCapture
-from parity.stats_device import StatsSink, checksum, summarise
-from parity.stats_diff import diff_stats, tolerances
-from parity.stats_dump import is_stats_dump, read_stats, write_stats
+from parity.comparison.stats import diff_stats, tolerances
+from parity.dump.format import DumpError
+from parity.dump.stats import is_stats_dump, read_stats, write_stats
+from parity.taps.codec import to_float64
+from parity.taps.records import CaptureError, Layout, TapInfo
+from parity.taps.stats import FIELDS, StatsCapture
 
 MASK64 = (1 << 64) - 1
 
@@ -192,8 +193,8 @@ class ToyBackend:
     """Two 'layers' whose taps use a token layout: padded (reference) or packed (candidate)."""
 
     def __init__(self, packed: bool, scale_layer1: float = 1.0, nan_at: int | None = None):
-        from parity.backends import Backend
-        from parity.probe import Probe, TapRule
+        from parity.taps.backends import Backend
+        from parity.taps.probe import Probe, TapRule
 
         self.packed = packed
         values = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))  # [rows, valid tokens, features]
@@ -360,7 +361,9 @@ def test_unknown_stats_version_is_refused(tmp_path):
 
 
 def test_tensor_readers_refuse_a_stats_dump_and_say_what_to_do(tmp_path):
-    from parity.api import InputError, diff_dumps, load_dump
+    from parity.api import load_dump
+    from parity.comparison.dumps import diff_dumps
+    from parity.errors import InputError
 
     stats_path, tensor_path = tmp_path / "s.h5", tmp_path / "t.h5"
     write_stats(stats_path, stats_of(ToyBackend(packed=False)))
@@ -413,10 +416,9 @@ def test_stats_diff_flags_nomask_where_the_tensor_diff_does(tmp_path):
 def test_the_tensor_diffs_first_divergence_lies_between_the_stats_bounds(fault):
     """first bit difference <= the tensor diff's first divergence <= the stats diff's, in
     execution order, and the suggested taps cover the tensor diff's first divergence."""
-    from parity.api import diff_live
-    from parity.backends import BackendOptions
-    from parity.probe import tap_filter
-    from parity.stats_api import diff_stats_live
+    from parity.api import diff_live, diff_stats_live
+    from parity.taps.backends import BackendOptions
+    from parity.taps.probe import tap_filter
 
     stats = diff_stats_live("pytorch", "flash", BackendOptions(), (fault,))
     full = diff_live("pytorch", "flash", BackendOptions(), (fault,), isolate=False)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 
+import parity.comparison.stream
 import pytest
 
-import parity.stream
-from parity.api import capture_live, compare_captures, diff_dumps
-from parity.backends import BackendOptions
-from parity.dump import write_dump
+from parity.api import capture_live, compare_captures
+from parity.comparison.dumps import diff_dumps
+from parity.dump.writer import write_dump
+from parity.taps.backends import BackendOptions
 
 
 @pytest.mark.parametrize("chunk", [7, 1000, 1 << 20])
 def test_streamed_diff_equals_in_memory_diff(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(parity.stream, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(parity.comparison.stream, "CHUNK_ELEMENTS", chunk)
     opts = BackendOptions(seed=3, batch=2)
     ref = capture_live("pytorch", opts)
     cand = capture_live("flash", BackendOptions(seed=3, batch=2, faults=("nomask",)))  # packed layout, a bug
@@ -37,7 +38,7 @@ def test_streamed_diff_equals_in_memory_diff(tmp_path, monkeypatch, chunk):
 
 
 def test_streamed_diff_of_identical_dumps_is_exactly_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(parity.stream, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(parity.comparison.stream, "CHUNK_ELEMENTS", 100)
     cap = capture_live("flash", BackendOptions(seed=4))
     write_dump(tmp_path / "a.h5", cap)
     report = diff_dumps(tmp_path / "a.h5", tmp_path / "a.h5")

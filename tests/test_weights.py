@@ -11,11 +11,12 @@ import torch
 from ckpt_writers import openpi_state, write
 from typer.testing import CliRunner
 
-from parity.api import InputError, weights_live
-from parity.backends import BackendOptions, ParamView, resolve
+from parity.api import weights_live
 from parity.cli import app
-from parity.diff import Thresholds
-from parity.weights import DEFAULT_QUANTIZED_MIN_COS, compare_params, compare_weights
+from parity.comparison.rules import Thresholds
+from parity.comparison.weights import DEFAULT_QUANTIZED_MIN_COS, compare_params, compare_weights
+from parity.errors import InputError
+from parity.taps.backends import BackendOptions, ParamView, resolve
 
 CPU = BackendOptions(device="cpu")
 RMS_NORMS = [f"prefix.layers.{i}.{n}.weight" for i in range(4) for n in ("input_norm", "post_attn_norm")] + [
@@ -160,7 +161,7 @@ def test_library_raises_input_error():
 
 def test_block_streaming_gives_the_single_block_numbers(monkeypatch):
     """Full-size parameters are decoded a block of rows at a time: same metrics either way."""
-    import parity.weights as w
+    import parity.comparison.weights as w
 
     gen = np.random.default_rng(1)
     ref = gen.standard_normal((37, 11))

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from parity.api import capture_to_dump
-from parity.backends import BackendOptions, resolve
-from parity.capture import capture
-from parity.dump import DumpError, DumpWriter, read_dump
-from parity.records import Capture, Tap, TapInfo
-from parity.writer import BackgroundWriter, InflightBudget
+from parity.capture.background import BackgroundWriter, InflightBudget
+from parity.capture.recorder import capture
+from parity.dump.format import DumpError
+from parity.dump.reader import read_dump
+from parity.dump.writer import DumpWriter
+from parity.taps.backends import BackendOptions, resolve
+from parity.taps.records import Capture, Tap, TapInfo
 
 
 def naive_taps(backend) -> dict[str, list[torch.Tensor]]:

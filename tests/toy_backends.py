@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from parity.backends import Backend, BackendOptions
-from parity.probe import Probe, TapRule
+from parity.taps.backends import Backend, BackendOptions
+from parity.taps.probe import Probe, TapRule
 
 RAISE_AT = 3
 WEIRD_NAMES = (  # (stack, component): become tap names "<stack>.<layer>.<component>"

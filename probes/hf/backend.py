@@ -12,12 +12,21 @@ import contextlib
 import platform
 from typing import Any
 
-from parity.backends import Backend, BackendOptions
-from parity.records import Region
+from parity.probes.hf.families import TOKENS, Family, probe_for
+from parity.probes.hf.inputs import (
+    DEFAULT_SEQ_LEN,
+    Prompts,
+    check_rows,
+    generate_pixels,
+    generate_rows,
+    pad,
+    read_inputs,
+    token_layout,
+)
+from parity.probes.hf.spec import USAGE, HFSpec
 
-from .families import TOKENS, Family, probe_for
-from .inputs import DEFAULT_SEQ_LEN, Prompts, check_rows, generate_pixels, generate_rows, pad, read_inputs, token_layout
-from .spec import USAGE, HFSpec
+from parity.taps.backends import Backend, BackendOptions
+from parity.taps.records import Region
 
 DEFAULT_PADDING = "right"
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from parity.probe import ON_INPUT, ON_OUTPUT, Probe, TapRule
+from parity.taps.probe import ON_INPUT, ON_OUTPUT, Probe, TapRule
 
 TOKENS = "tokens"  # the token layout every decoder tap uses (padding = don't care)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.records import Layout, Region
+from parity.taps.records import Layout, Region
 
 DEFAULT_SEQ_LEN = 16
 FORMATS = ("a .json list of token ids, list of lists, or {input_ids, attention_mask}; "

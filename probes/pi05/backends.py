@@ -8,16 +8,15 @@ from __future__ import annotations
 import platform
 
 import torch
+from parity.probes.pi05.checkpoint import Checkpoint
+from parity.probes.pi05.config import get_config
+from parity.probes.pi05.faults import CATALOGUE, Faults
+from parity.probes.pi05.inputs import fingerprint, make_noise, make_observation
+from parity.probes.pi05.model import Pi05Policy, Variant
+from parity.probes.pi05.params import effective_parameters
+from parity.probes.pi05.probe import PROBE, layouts
 
-from parity.backends import Backend, BackendOptions
-
-from .checkpoint import Checkpoint
-from .config import get_config
-from .faults import CATALOGUE, Faults
-from .inputs import fingerprint, make_noise, make_observation
-from .model import Pi05Policy, Variant
-from .params import effective_parameters
-from .probe import PROBE, layouts
+from parity.taps.backends import Backend, BackendOptions
 
 VARIANTS = {
     "pytorch": (Variant(), "reference: eager attention with the explicit padding/camera mask, dense GeGLU"),

@@ -22,12 +22,11 @@ from types import MappingProxyType
 from typing import Mapping
 
 import torch
+from parity.probes.pi05.ckpt_layout import KeyMap, file_key, map_keys, natural
+from parity.probes.pi05.config import CONFIGS, TINY, GemmaConfig, Pi05Config, VisionConfig
 from safetensors import SafetensorError, safe_open
 
-from parity.backends import DetailedError
-
-from .ckpt_layout import KeyMap, file_key, map_keys, natural
-from .config import CONFIGS, TINY, GemmaConfig, Pi05Config, VisionConfig
+from parity.taps.backends import DetailedError
 
 MAX_LINES = 20
 FILE_NAME = "model.safetensors"
@@ -193,8 +192,8 @@ class Checkpoint:
 def expected_shapes(cfg: Pi05Config) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes for a config, from a model built on the meta device
     (no memory, whatever the size)."""
-    from .faults import Faults
-    from .model import Pi05Policy, Variant
+    from parity.probes.pi05.faults import Faults
+    from parity.probes.pi05.model import Pi05Policy, Variant
 
     with torch.device("meta"):
         model = Pi05Policy(cfg, Variant(), Faults())

@@ -20,8 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from .layers import AdaRMSNorm, AttnContext, GatedMLP, RMSNorm
+from parity.probes.pi05.layers import AdaRMSNorm, AttnContext, GatedMLP, RMSNorm
 
 
 @dataclass(frozen=True)

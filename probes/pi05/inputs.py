@@ -7,9 +7,8 @@ from __future__ import annotations
 import hashlib
 
 import torch
-
-from .config import Pi05Config
-from .model import Observation
+from parity.probes.pi05.config import Pi05Config
+from parity.probes.pi05.model import Observation
 
 BOS = 2
 

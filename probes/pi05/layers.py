@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from parity.probes.pi05.faults import Faults
+from parity.probes.pi05.fp8 import Fp8Weight, fp8_linear
 from torch import nn
-
-from .faults import Faults
-from .fp8 import Fp8Weight, fp8_linear
 
 MASK_VALUE = -2.3819763e38  # openpi's additive mask value
 

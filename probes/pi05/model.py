@@ -8,20 +8,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
+from parity.probes.pi05.config import GemmaConfig, Pi05Config, VisionConfig
+from parity.probes.pi05.faults import Faults
+from parity.probes.pi05.graph import CudaGraphSampler, compile_layers, compile_leaves
+from parity.probes.pi05.layers import (
+    AdaRMSNorm,
+    Attention,
+    AttnContext,
+    Fp8GatedMLP,
+    GatedMLP,
+    LayerNorm,
+    MaskedCore,
+    PackedCore,
+    RMSNorm,
+    SiglipMLP,
+    TapPoint,
+    init_weights,
+    rope_tables,
+)
 from torch import nn
 
-from .config import GemmaConfig, Pi05Config, VisionConfig
-from .faults import Faults
-from .graph import CudaGraphSampler, compile_layers, compile_leaves
-from .layers import (AdaRMSNorm, Attention, AttnContext, Fp8GatedMLP, GatedMLP, LayerNorm, MaskedCore,
-                     PackedCore, RMSNorm, SiglipMLP, TapPoint, init_weights, rope_tables)
 
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+class WeightSource(Protocol):
+    """Where `Pi05Policy.build` takes every weight from (a checked checkpoint)."""
+
+    def load_into(self, model: nn.Module) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -213,7 +228,7 @@ class Pi05Policy(nn.Module):
     # ---- building ---------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Pi05Config, seed: int, variant: Variant, faults: Faults, dtype: torch.dtype,
-              device: torch.device, weights: "Checkpoint | None" = None) -> "Pi05Policy":
+              device: torch.device, weights: WeightSource | None = None) -> "Pi05Policy":
         """Seeded random weights, or every weight from a checkpoint (checked already):
         the model is allocated empty (no memory, no default init) and every parameter is
         filled from the seed or the file, so no other value can survive.  FP8 MLPs

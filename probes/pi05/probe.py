@@ -7,11 +7,10 @@ expert, once per denoise step), stack-level taps like `vision.embed`, and `actio
 from __future__ import annotations
 
 import numpy as np
+from parity.probes.pi05.components import Pi05Components
 
-from parity.probe import Probe, TapRule
-from parity.records import Layout, Region
-
-from .components import Pi05Components
+from parity.taps.probe import Probe, TapRule
+from parity.taps.records import Layout, Region
 
 LAYER = r"(?P<layer>\d+)\."
 ATTN_PARTS = r"self_attn\.(?P<component>q|k|v|attn|o_proj)"

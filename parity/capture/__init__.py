@@ -1,0 +1,1 @@
+"""Observing a live model: scoped hooks, the staging ring, writer thread, device summaries (torch)."""

@@ -1,0 +1,366 @@
+"""Per-tap summaries computed on the device where the tap lives (torch).
+
+Why on the device: a stats scan exists to avoid moving tensors.  Each tap is reduced where
+it was produced to a float64 vector (`parity.stats.FIELDS`) and an int64 checksum of its
+exact bits.  Taps are laid end to end in a device batch (four copies per tap) and a batch
+is reduced by a fixed number of kernels, however many taps it holds: a model of
+thousands of small taps would otherwise spend its time launching ~75 kernels per tap.
+The small results stay on the device and are copied to the host every few hundred taps
+(asynchronously, into pinned memory on CUDA), so a run has no per-tap host sync and no
+full tensor ever leaves the device.
+
+The checksum: the tap's raw bits read as a signed integer of its element width (bf16 ->
+int16, fp8 -> int8, fp32 -> int32, ...), sign-extended to int64, times an odd
+position weight `w_i = (i * 0x9E3779B97F4A7C15) | 1` (mod 2**64), summed mod 2**64.
+Equal bits give equal checksums; a change confined to one element always changes it
+(the element's change d is non-zero and below 2**64 in size, and d * w_i with w_i odd is
+never 0 mod 2**64); moving values between positions almost always changes it.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+from parity.capture.staging import graph_capturing
+from parity.comparison.align import token_order
+from parity.taps.records import CaptureError, Layout, TapInfo
+from parity.taps.stats import FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
+
+BATCH_ELEMENTS = 1 << 22  # elements summarised together (~128 MB of buffers); a bigger tap goes alone
+
+
+FETCH_EVERY = 256  # taps whose results are copied to the host at once
+
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+
+
+_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.contiguous().reshape(-1)
+
+
+def _raw_bits(flat: torch.Tensor) -> torch.Tensor:
+    """The elements' raw bits as a signed integer of their width (uint8/bool: unsigned),
+    a view: no copy."""
+    if flat.dtype == torch.bool:
+        return flat.view(torch.uint8)
+    if flat.dtype == torch.uint8:
+        return flat
+    return flat.view(_INT_VIEWS[flat.element_size()])
+
+
+BLOCK = 1024  # elements per block: every tap starts on a block, so a block belongs to one tap
+
+
+class _Batch:
+    """Taps laid end to end on one device, each starting on a block of BLOCK elements:
+    values as float64, raw bits as int64, and for each element its tap (segment) and its
+    position within the tap (-1: padding up to the next block).  Filling it costs a few
+    device copies per tap; reducing it costs a fixed number of kernels per batch, however
+    many taps it holds (a run of thousands of small taps is launch-bound otherwise).
+
+    Why blocks: summed element by element into their segment (index_add_), every element
+    of a tap is an atomic add to the same address, serialised on a GPU (~4 ms per tap at
+    pi0.5's full size).  Here each block is reduced densely (one row of a [blocks, BLOCK]
+    view) and only the few per-block partials are added into their segments."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device = device
+        self.capacity = -(-capacity // BLOCK) * BLOCK
+        self.x = torch.empty(self.capacity, dtype=torch.float64, device=device)
+        self.bits = torch.empty(self.capacity, dtype=torch.int64, device=device)
+        self.seg = torch.empty(self.capacity, dtype=torch.int64, device=device)
+        self.pos = torch.empty(self.capacity, dtype=torch.int64, device=device)
+        self.used = 0  # always a whole number of blocks
+        self.taps: list[int] = []  # the sink's tap indices, one per segment
+
+    def fits(self, n: int) -> bool:
+        return self.used + -(-n // BLOCK) * BLOCK <= self.capacity
+
+    def add(self, flat: torch.Tensor, tap: int, offset: int = 0) -> None:
+        """Append a tap (or, from `offset`, a piece of one) as the next segment."""
+        a, b = self.used, self.used + flat.numel()
+        end = -(-b // BLOCK) * BLOCK
+        self.x[a:b].copy_(flat)  # exact: every float format widens to float64 exactly
+        self.bits[a:b].copy_(_raw_bits(flat))
+        self.seg[a:end].fill_(len(self.taps))
+        torch.arange(offset, offset + b - a, out=self.pos[a:b])
+        if end > b:  # padding: neutral for sums and checksums, masked for the rest
+            self.x[b:end].zero_()
+            self.bits[b:end].zero_()
+            self.pos[b:end].fill_(-1)
+        self.used = end
+        self.taps.append(tap)
+
+    def clear(self) -> None:
+        self.used, self.taps = 0, []
+
+    def reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summaries [segments, len(FIELDS)] and checksums [segments] of what the batch holds."""
+        partial, checks = self.first_pass()
+        return _assemble(partial, self.second_pass(partial)), checks
+
+    def _blocks(self):
+        """x, valid mask, element segments (flat), the blocks' segments, segment count."""
+        end = self.used
+        seg = self.seg[:end]
+        return self.x[:end], self.pos[:end] >= 0, seg, seg[::BLOCK], len(self.taps)
+
+    def first_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per segment: float64 [n, 10] (count, finite, nan, +inf, -inf, zeros, sum, sum |x|,
+        min, max over finite x) and the int64 checksum; partials of pieces of one tap add
+        up (min/max: take the extremes) to the tap's."""
+        x, valid, _, block_seg, n = self._blocks()
+        f64 = dict(dtype=torch.float64, device=x.device)
+        finite = torch.isfinite(x) & valid
+
+        def rows(v: torch.Tensor) -> torch.Tensor:  # per-block sums
+            return v.reshape(-1, BLOCK).sum(1, dtype=torch.float64)
+
+        xf = torch.where(finite, x, 0.0)
+        sums = torch.stack([rows(valid), rows(finite), rows(torch.isnan(x)), rows(torch.isposinf(x)),
+                            rows(torch.isneginf(x)), rows((x == 0) & valid), rows(xf), rows(xf.abs())], dim=1)
+        lo = torch.where(finite, x, float("inf")).reshape(-1, BLOCK).amin(1)
+        hi = torch.where(finite, x, float("-inf")).reshape(-1, BLOCK).amax(1)
+        partial = torch.cat([
+            torch.zeros(n, 8, **f64).index_add_(0, block_seg, sums),
+            torch.full((n,), float("inf"), **f64).scatter_reduce_(0, block_seg, lo, "amin")[:, None],
+            torch.full((n,), float("-inf"), **f64).scatter_reduce_(0, block_seg, hi, "amax")[:, None],
+        ], dim=1)
+        weights = torch.bitwise_or(self.pos[:self.used] * _GOLDEN, 1)  # wraps mod 2**64: odd weights
+        block_checks = (self.bits[:self.used] * weights).reshape(-1, BLOCK).sum(1)  # padding: bits 0
+        checks = torch.zeros(n, dtype=torch.int64, device=x.device).index_add_(0, block_seg, block_checks)
+        return partial, checks
+
+    def second_pass(self, partial: torch.Tensor) -> torch.Tensor:
+        """Per segment: float64 [n, 4] sums of (x/s)^2 and ((x - mean)/s)^2, ^3, ^4 over finite
+        x, s = the tap's max |x| (so fourth powers of huge values do not overflow); `partial`
+        holds each segment's tap's whole first pass."""
+        x, valid, seg, block_seg, n = self._blocks()
+        mean, scale = _centre(partial)
+        finite = torch.isfinite(x) & valid
+        xs = torch.where(finite, x, 0.0) / scale[seg]
+        d = torch.where(finite, xs - (mean / scale)[seg], 0.0)
+        d2 = d * d
+        per_block = torch.stack([xs * xs, d2, d2 * d, d2 * d2], dim=1).reshape(-1, BLOCK, 4).sum(1)
+        return torch.zeros(n, 4, dtype=torch.float64, device=x.device).index_add_(0, block_seg, per_block)
+
+
+def _centre(partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 0 where no finite element) and the scale (max |x|, 1 where that is 0 or undefined)."""
+    n_finite, lo, hi = partial[:, 1], partial[:, 8], partial[:, 9]
+    none = n_finite == 0
+    max_abs = torch.maximum(lo.abs(), hi.abs())
+    return (torch.where(none, 0.0, partial[:, 6] / torch.clamp(n_finite, min=1)),
+            torch.where(none | (max_abs == 0), 1.0, max_abs))
+
+
+def _assemble(partial: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
+    """The FIELDS vector of each segment from its first-pass partial and second-pass powers."""
+    n_finite, total, abs_total, lo, hi = partial[:, 1], partial[:, 6], partial[:, 7], partial[:, 8], partial[:, 9]
+    _, scale = _centre(partial)
+    none = n_finite == 0
+    nan = torch.full_like(n_finite, float("nan"))
+    m2, m3, m4 = (powers[:, k] / n_finite for k in (1, 2, 3))  # scaled central moments (NaN if none finite)
+    spread = m2 > 0
+    safe_m2 = torch.where(spread, m2, 1.0)
+    max_abs = torch.maximum(lo.abs(), hi.abs())
+    return torch.stack([
+        partial[:, 0], n_finite, partial[:, 2], partial[:, 3], partial[:, 4], partial[:, 5],
+        total, total / n_finite, scale * torch.sqrt(powers[:, 0]),
+        torch.where(none, 0.0, abs_total / torch.clamp(n_finite, min=1)),
+        m2 * scale * scale, torch.sqrt(m2) * scale,
+        torch.where(spread, m3 / safe_m2 ** 1.5, nan), torch.where(spread, m4 / safe_m2 ** 2 - 3.0, nan),
+        torch.where(none, nan, lo), torch.where(none, nan, hi), torch.where(none, nan, max_abs),
+    ], dim=1)
+
+
+def summarise(t: torch.Tensor, batch_elements: int = BATCH_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 [len(FIELDS)], int64 checksum) of one tensor, on its device, no host sync.
+
+    A tensor above `batch_elements` is taken in pieces of that size (device memory stays
+    bounded): first passes of all pieces, added up; then second passes about the tap's mean."""
+    flat = _flat(t)
+    total = flat.numel()
+    size = max(BLOCK, min(-(-total // BLOCK) * BLOCK, -(-batch_elements // BLOCK) * BLOCK))
+    batch = _Batch(flat.device, size)
+    pieces = range(0, total, size)
+    partial = torch.zeros(1, 10, dtype=torch.float64, device=flat.device)
+    partial[:, 8], partial[:, 9] = float("inf"), float("-inf")
+    checks = torch.zeros(1, dtype=torch.int64, device=flat.device)
+    for start in pieces:
+        batch.clear()
+        batch.add(flat[start:start + size], 0, offset=start)
+        p, c = batch.first_pass()
+        partial = torch.cat([partial[:, :8] + p[:, :8], torch.minimum(partial[:, 8:9], p[:, 8:9]),
+                             torch.maximum(partial[:, 9:], p[:, 9:])], dim=1)
+        checks = checks + c
+    powers = torch.zeros(1, 4, dtype=torch.float64, device=flat.device)
+    for start in pieces:
+        if len(pieces) > 1:  # a single piece is still in the batch
+            batch.clear()
+            batch.add(flat[start:start + size], 0, offset=start)
+        powers = powers + batch.second_pass(partial)
+    return _assemble(partial, powers)[0], checks[0]
+
+
+def checksum(t: torch.Tensor) -> torch.Tensor:
+    """0-d int64 checksum of `t`'s bits in C order, on its device (see the module doc)."""
+    return summarise(t)[1]
+
+
+class StatsSink:
+    """A capture sink that keeps per-tap summaries instead of tensors.
+
+    The Recorder hands it each tap as the live device tensor (`add_device_tap`); it
+    gathers the valid token positions of a tap whose layout fits (on the device, index
+    tensors cached per layout and device) and copies the values into a batch on the device;
+    a batch is summarised when full (`batch_elements`), and the small results are copied to
+    the host every `fetch_every` taps (asynchronously into pinned memory on CUDA) and at
+    `finish`.  A tap recorded inside a CUDA graph capture is summarised on its own by
+    kernels recorded into the graph (its values exist only when the graph replays)."""
+
+    def __init__(self, meta: dict | None = None, fetch_every: int = FETCH_EVERY,
+                 batch_elements: int = BATCH_ELEMENTS, progress=None) -> None:
+        if fetch_every < 1 or batch_elements < 1:
+            raise ValueError(f"fetch_every and batch_elements must be >= 1, got {fetch_every}, {batch_elements}")
+        self.meta = dict(meta or {})
+        self.fetch_every, self.batch_elements, self.progress = fetch_every, batch_elements, progress
+        self.layouts: dict[str, Layout] = {}
+        self.error: CaptureError | None = None
+        self.fetches = 0  # host copies started (a run of N taps makes about N / fetch_every)
+        self._gather: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._keep: list = []  # index tensors made inside a CUDA graph capture, kept while it may replay
+        self._positions: dict[str, tuple[torch.Tensor, str]] = {}  # per layout: valid slots, their CRC
+        self._ids: list[tuple] = []  # per tap, host-side identity
+        self._batch: _Batch | None = None  # being filled
+        self._results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # on the device, not fetched
+        self._fetched: list[tuple[list[int], torch.Tensor, torch.Tensor, object]] = []  # (taps, values, checks, event)
+
+    # -- sink protocol
+
+    def add_layout(self, name: str, layout: Layout) -> None:
+        """Also works out, before the run, which slots hold valid tokens in canonical order
+        (on the host, pinned where CUDA is available: copied to a device later without a sync,
+        even inside a CUDA graph capture, where no host memory may be allocated)."""
+        self.layouts[name] = layout
+        order, canonical = token_order(layout.slots.shape, layout)  # as the tensor diff gathers
+        canonical = np.ascontiguousarray(canonical, dtype=np.int64)
+        host = torch.as_tensor(order, dtype=torch.int64)
+        if torch.cuda.is_available():
+            host = host.pin_memory()
+        self._positions[name] = (host, f"{zlib.crc32(canonical.tobytes()):08x}")
+
+    def add_tap(self, tap) -> None:
+        raise TypeError("StatsSink takes taps as device tensors (add_device_tap), never host copies")
+
+    def set_error(self, error: CaptureError) -> None:
+        self.error = error
+
+    def set_observation(self, observation: dict) -> None:
+        """How observing changed the run (capture.observation): kept in meta, as a dump does."""
+        self.meta["observation"] = observation
+
+    def add_device_tap(self, info: TapInfo, order: int, value: torch.Tensor, layout: str | None) -> None:
+        shape = tuple(int(s) for s in value.shape)
+        picked, tokens, positions = self._valid_tokens(value, layout)
+        dtype = str(value.dtype).removeprefix("torch.")
+        index = len(self._ids)
+        self._ids.append((info, order, dtype, layout, shape, tuple(int(s) for s in picked.shape), tokens, positions))
+        flat = _flat(picked)
+        n = flat.numel()
+        capturing = graph_capturing()
+        if capturing or n == 0 or n > self.batch_elements:
+            values, checks = summarise(flat, self.batch_elements)  # on its own
+            self._results.append(([index], values[None], checks[None]))
+        else:
+            if self._batch is not None and (self._batch.device != flat.device or not self._batch.fits(n)):
+                self._close_batch()
+            if self._batch is None:
+                self._batch = _Batch(flat.device, self.batch_elements)
+            self._batch.add(flat, index)
+        if not capturing and self._unfetched() >= self.fetch_every:
+            self._close_batch()
+            self._fetch()
+        if self.progress is not None:
+            self.progress(len(self._ids))
+
+    # -- internals
+
+    def _unfetched(self) -> int:
+        return sum(len(taps) for taps, _, _ in self._results) + (len(self._batch.taps) if self._batch else 0)
+
+    def _valid_tokens(self, value: torch.Tensor, layout: str | None) -> tuple[torch.Tensor, str, str]:
+        """[valid tokens, *features] in canonical order under a fitting layout, else the tensor."""
+        spec = self.layouts.get(layout) if layout else None
+        if spec is None or value.dim() < 2 or tuple(value.shape[:2]) != spec.slots.shape:
+            return value, TOKENS_ALL, ""
+        host, positions = self._positions[layout]
+        key = (layout, value.device)
+        index = self._gather.get(key)
+        if index is None:
+            index = host.to(value.device, non_blocking=True)
+            if graph_capturing():  # valid only once the graph replays: used by this tap alone
+                self._keep.append(index)
+            else:
+                self._gather[key] = index
+        rows = value.reshape(-1, *value.shape[2:])
+        return rows.index_select(0, index), TOKENS_VALID, positions
+
+    def _close_batch(self) -> None:
+        """Summarise the batch being filled; its buffers are reused (in stream order)."""
+        batch = self._batch
+        if batch is None or not batch.taps:
+            return
+        values, checks = batch.reduce()
+        self._results.append((list(batch.taps), values, checks))
+        batch.clear()
+
+    def _fetch(self) -> None:
+        """Start copying the summarised results to the host (no wait on CUDA)."""
+        by_device: dict[torch.device, list] = {}
+        for entry in self._results:
+            by_device.setdefault(entry[1].device, []).append(entry)
+        self._results = []
+        for device, entries in by_device.items():
+            taps = [i for t, _, _ in entries for i in t]
+            values = torch.cat([v for _, v, _ in entries])
+            checks = torch.cat([c for _, _, c in entries])
+            event = None
+            if device.type == "cuda":
+                host_v = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                host_c = torch.empty(checks.shape, dtype=checks.dtype, pin_memory=True)
+                host_v.copy_(values, non_blocking=True)
+                host_c.copy_(checks, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                values, checks = host_v, host_c
+            elif device.type != "cpu":
+                values, checks = values.cpu(), checks.cpu()
+            self._fetched.append((taps, values, checks, event))
+            self.fetches += 1
+
+    def finish(self, complete: bool = True) -> StatsCapture:
+        """Summarise and fetch what is left, wait for the copies, return the run's summaries."""
+        self._close_batch()
+        self._fetch()
+        all_v = np.full((len(self._ids), len(FIELDS)), np.nan)
+        all_c = np.zeros(len(self._ids), dtype=np.int64)
+        for taps, values, checks, event in self._fetched:
+            if event is not None:
+                event.synchronize()
+            all_v[taps] = values.numpy()
+            all_c[taps] = checks.numpy()
+        taps = [TapStats(info, order, dtype, layout, shape, summarised, tokens, positions,
+                         np.array(all_v[i], dtype=np.float64), int(all_c[i]))
+                for i, (info, order, dtype, layout, shape, summarised, tokens, positions) in enumerate(self._ids)]
+        return StatsCapture(taps=taps, meta=self.meta, error=self.error, complete=complete and self.error is None)

@@ -1,0 +1,410 @@
+"""Re-running one component on the reference's inputs: is an error introduced there, or
+inherited from upstream?
+
+A diff says where two runs first disagree; it cannot say whether the component there is
+wrong or merely fed wrong inputs.  Here each backend's layer calls are recorded once
+(their inputs and context: masks, RoPE tables, cached K/V as each backend really had
+them), the reference's intermediate values are moved into the candidate's token layout
+through the two runs' `Layout`s, and one part of the candidate's layer runs on them.  Its
+output is compared with the reference's like any tap.  The architecture knowledge (which
+modules are layers, how to run one part of a layer, what a plausible bug would compute)
+is the probe's `ComponentAdapter`; this module knows no model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from parity.capture.staging import to_storage
+from parity.comparison.host import compare_taps
+from parity.comparison.rules import Thresholds
+from parity.report.results import TapResult
+from parity.taps.records import Layout, Tap, TapInfo
+
+CallKey = tuple[str, int, "int | None"]  # (stack, layer, step)
+
+
+HINT_MIN_COS = 0.99  # a hint's alternative must be at least this close to the candidate ...
+
+
+HINT_RATIO = 5.0  # ... and this many times closer (in 1 - cos) than the reference is
+
+
+class IsolationError(Exception):
+    """The component cannot be isolated as asked (no such layer, part or adapter)."""
+
+
+class ComponentAdapter(Protocol):
+    """What a probe declares so that parity can run one part of one layer on its own.
+
+    layer_pattern: regex over qualified module names with groups `stack` and `layer`:
+        the modules whose calls are recorded (a transformer layer each).
+    stepped: stacks whose layers run once per step (the call index is the tap's step).
+    walk_parts(stack): the parts of a layer in execution order (walked upstream).
+    parts_for(stack): every part that can be isolated in that stack.
+    part_of(component): the part that produces a tap component (q -> qkv), or None.
+    inputs(part) / outputs(part): value names a part consumes / {value: tap component}
+        it produces.  layout(stack, value): the token layout a value uses.
+    run(module, args, kwargs, feed, part, until): the layer's named values, running only
+        `part`'s steps (on `feed`), or every step before `until`'s, or the whole layer.
+    alternatives(part, stack): [(hint text, fn(module, args, kwargs, values) -> outputs)],
+        what a known bug would compute on the reference side (the hints' evidence).
+    subparts(part): smaller parts inside a part, isolated to narrow an introduced error.
+    """
+
+    layer_pattern: str
+    stepped: frozenset
+
+    def walk_parts(self, stack: str) -> tuple[str, ...]: ...
+    def parts_for(self, stack: str) -> tuple[str, ...]: ...
+    def part_of(self, component: str) -> str | None: ...
+    def inputs(self, part: str) -> tuple[str, ...]: ...
+    def outputs(self, part: str) -> dict[str, str]: ...
+    def layout(self, stack: str, value: str) -> str: ...
+    def run(self, module, args, kwargs, feed=None, part=None, until=None) -> dict[str, Any]: ...
+    def alternatives(self, part: str, stack: str) -> list[tuple[str, Callable]]: ...
+    def subparts(self, part: str) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One isolatable component: a part of one layer call."""
+
+    stack: str
+    layer: int
+    step: int | None
+    part: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.stack}.{self.layer}.{self.part}" + (f"@{self.step}" if self.step is not None else "")
+
+    @property
+    def call(self) -> CallKey:
+        return (self.stack, self.layer, self.step)
+
+
+@dataclass
+class LayerCall:
+    module: Any
+    args: tuple
+    kwargs: dict
+    index: int  # execution order among recorded calls
+
+
+@dataclass
+class CallLog:
+    """One backend's recorded layer calls and token layouts (and whether it raised)."""
+
+    calls: dict[CallKey, LayerCall]
+    layouts: dict[str, Layout]
+    meta: dict
+    error: str | None = None
+
+    def ordered(self) -> list[CallKey]:
+        return sorted(self.calls, key=lambda k: self.calls[k].index)
+
+
+def adapter_of(backend) -> ComponentAdapter:
+    adapter = getattr(backend.probe, "components", None)
+    if adapter is None:
+        raise IsolationError(f"the {backend.probe.arch} probe declares no component adapters: "
+                             "components cannot be re-run on their own")
+    return adapter
+
+
+class CallRecorder:
+    """Pre-hooks on every layer module keeping each call's arguments, only inside a
+    `with` block (removed in `finally`).  Nothing is copied: under inference mode no
+    layer input is changed in place afterwards.  Can wrap a tap capture, so the same run
+    serves the diff and the isolation, except for a model whose `parity_static_buffers`
+    is true (it replays captured execution, e.g. CUDA graphs: the arguments seen while
+    capturing are buffers overwritten later): it is recorded in a run of its own."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.adapter = adapter_of(backend)
+        self.calls: dict[CallKey, LayerCall] = {}
+        self.handles: list = []
+
+    @staticmethod
+    def reusable(backend) -> bool:
+        return not getattr(backend.model, "parity_static_buffers", False)
+
+    def __enter__(self) -> "CallRecorder":
+        pattern = re.compile(self.adapter.layer_pattern)
+        counts: dict[str, int] = {}
+
+        def hook_for(qualified: str, stack: str, layer: int):
+            def pre(module, args, kwargs):
+                n = counts.get(qualified, 0)
+                counts[qualified] = n + 1
+                step = n if stack in self.adapter.stepped else None
+                self.calls[(stack, layer, step)] = LayerCall(module, args, dict(kwargs), len(self.calls))
+            return pre
+
+        try:
+            for qualified, module in self.backend.model.named_modules():
+                m = pattern.fullmatch(qualified)
+                if m is not None:
+                    self.handles.append(module.register_forward_pre_hook(
+                        hook_for(qualified, m.group("stack"), int(m.group("layer"))), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def log(self, error: str | None = None) -> CallLog:
+        return CallLog(dict(self.calls), dict(self.backend.layouts()), dict(self.backend.meta), error)
+
+
+def record_calls(backend) -> CallLog:
+    """Run the backend once, keeping every layer call's arguments.  A candidate that
+    raises keeps the calls made before."""
+    error = None
+    with CallRecorder(backend) as rec:
+        try:
+            backend.run()
+        except Exception as exc:  # noqa: BLE001 - a candidate that raises is a finding
+            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return rec.log(error)
+
+
+def relayout(src: torch.Tensor, src_layout: Layout, dst_layout: Layout, fill: torch.Tensor) -> torch.Tensor:
+    """`src` [R1, T1, ...] in `src_layout`, written into a copy of `fill` [R2, >=T2, ...]
+    at every valid slot of `dst_layout` (same canonical position).  Don't-care slots (and
+    any slots past the layout, e.g. keys appended to a cache) keep `fill`'s values: what
+    the candidate itself had there."""
+    R1, T1 = src_layout.slots.shape
+    R2, T2 = dst_layout.slots.shape
+    if tuple(src.shape[:2]) != (R1, T1) or fill.shape[0] != R2 or fill.shape[1] < T2:
+        raise IsolationError(f"value {tuple(src.shape)} / {tuple(fill.shape)} does not fit its layouts "
+                             f"[{R1}, {T1}] / [{R2}, {T2}]")
+    if tuple(src.shape[2:]) != tuple(fill.shape[2:]):
+        raise IsolationError(f"feature shapes differ: reference {tuple(src.shape)}, candidate {tuple(fill.shape)}")
+    s = src_layout.slots.reshape(-1)
+    d = dst_layout.slots.reshape(-1)
+    size = int(max(s.max(initial=-1), d.max(initial=-1))) + 1
+    lookup = np.full(size, -1, dtype=np.int64)
+    lookup[s[s >= 0]] = np.flatnonzero(s >= 0)
+    dst_flat = np.flatnonzero(d >= 0)
+    src_flat = lookup[d[dst_flat]]
+    if (src_flat < 0).any():
+        raise IsolationError("the candidate computes token positions the reference does not")
+    out = fill.clone()
+    dr, dc = np.divmod(dst_flat, T2)
+    sr, sc = np.divmod(src_flat, T1)
+    def idx(a, device):
+        return torch.as_tensor(a, device=device)
+
+    out[idx(dr, out.device), idx(dc, out.device)] = src[idx(sr, src.device), idx(sc, src.device)].to(out.device,
+                                                                                                    out.dtype)
+    return out
+
+
+@dataclass
+class PartResult:
+    """A part re-run on the reference's inputs: one row per compared output (q, k and v
+    for `qkv`); `error` when the candidate raised; `hint` when a rule's evidence holds."""
+
+    unit: Unit
+    rows: list[TapResult] = field(default_factory=list)
+    error: str | None = None
+    hint: str | None = None
+    narrowed: str | None = None  # the failing sub-part, e.g. rope inside qkv
+    ref_meta: dict = field(default_factory=dict)
+    cand_meta: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.rows) and all(r.passed for r in self.rows)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def worst(self) -> TapResult | None:
+        failing = [r for r in self.rows if not r.passed]
+        pool = failing or self.rows
+        return min(pool, key=lambda r: r.cos if r.cos is not None and r.cos == r.cos else -2.0) if pool else None
+
+    def summary(self) -> str:
+        if self.error:
+            return f"raised: {self.error}"
+        w = self.worst
+        if w is None:
+            return "nothing compared"
+        parts = ", ".join(f"{r.info.component} cos={r.cos:.6f}" if r.metrics else f"{r.info.component} {r.status}"
+                          for r in self.rows)
+        return ("pass: " if self.passed else "fail: ") + parts
+
+    def to_dict(self) -> dict:
+        return {"component": self.unit.name, "stack": self.unit.stack, "layer": self.unit.layer,
+                "step": self.unit.step, "part": self.unit.part, "passed": self.passed, "error": self.error,
+                "hint": self.hint, "narrowed": self.narrowed, "outputs": [r.to_dict() for r in self.rows]}
+
+
+class Isolator:
+    """Both runs' recorded layer calls, and the part re-runs done on them.  The
+    reference's layer values are computed once per layer call and reused."""
+
+    def __init__(self, ref_backend, cand_backend, thresholds: Thresholds | None = None,
+                 exact_dtypes: bool | None = None, logs: tuple[CallLog | None, CallLog | None] = (None, None)):
+        """`logs`: calls already recorded (during the diff's own runs); None = run now."""
+        self.ref_adapter, self.cand_adapter = adapter_of(ref_backend), adapter_of(cand_backend)
+        self.ref = logs[0] if logs[0] is not None else record_calls(ref_backend)
+        self.cand = logs[1] if logs[1] is not None else record_calls(cand_backend)
+        if self.ref.error:
+            raise IsolationError(f"the reference raised: {self.ref.error}")
+        self.thresholds = thresholds or Thresholds()
+        if exact_dtypes is None:
+            exact_dtypes = self.ref.meta.get("dtype") == self.cand.meta.get("dtype")
+        self.exact_dtypes = exact_dtypes
+        self._ref_values: dict[CallKey, dict] = {}
+
+    def units(self) -> list[Unit]:
+        """Every isolatable unit of the reference, in execution order."""
+        return [Unit(s, layer, step, part) for (s, layer, step) in self.ref.ordered()
+                for part in self.ref_adapter.walk_parts(s)]
+
+    def ref_values(self, key: CallKey) -> dict:
+        if key not in self._ref_values:
+            call = self.ref.calls[key]
+            self._ref_values[key] = self.ref_adapter.run(call.module, call.args, call.kwargs)
+        return self._ref_values[key]
+
+    def _tap(self, unit: Unit, component: str, value: torch.Tensor, layout: str) -> Tap:
+        array, dtype = to_storage(value)
+        info = TapInfo(f"{unit.stack}.{unit.layer}.{component}", unit.stack, unit.layer, component, unit.step)
+        return Tap(info=info, order=0, array=array, dtype=dtype, layout=layout)
+
+    def _compare(self, unit: Unit, outputs: dict[str, str], ref_vals: dict, cand_vals: dict) -> list[TapResult]:
+        rows = []
+        for value, component in outputs.items():
+            layout = self.ref_adapter.layout(unit.stack, value)
+            ref_tap = self._tap(unit, component, ref_vals[value], layout)
+            cand_tap = self._tap(unit, component, cand_vals[value], layout)
+            threshold = self.thresholds.for_tap(ref_tap.info.name, ref_tap.key)
+            rows.append(compare_taps(ref_tap, cand_tap, self.ref.layouts, self.cand.layouts, threshold,
+                                     self.exact_dtypes))
+        return rows
+
+    def _check(self, unit: Unit) -> None:
+        if unit.part not in self.ref_adapter.parts_for(unit.stack):
+            known = ", ".join(self.ref_adapter.parts_for(unit.stack))
+            raise IsolationError(f"no part {unit.part!r} in stack {unit.stack}; known: {known}")
+        if unit.call not in self.ref.calls:
+            have = sorted({(s, step) for s, _, step in self.ref.calls}, key=str)
+            layers = sorted({layer for s, layer, _ in self.ref.calls if s == unit.stack})
+            if not layers:
+                raise IsolationError(f"no stack {unit.stack!r}; known: {', '.join(sorted({s for s, _ in have}))}")
+            steps = sorted({st for s, _, st in self.ref.calls if s == unit.stack}, key=lambda x: -1 if x is None else x)
+            raise IsolationError(f"{unit.stack} has no layer {unit.layer}"
+                                 + (f" at step {unit.step}" if unit.step is not None or steps != [None] else "")
+                                 + f" (layers {layers[0]}-{layers[-1]}"
+                                 + (f", steps {steps[0]}-{steps[-1]})" if steps != [None] else ")"))
+
+    def isolate(self, unit: Unit, explain: bool = True) -> PartResult:
+        """Run `unit` of the candidate (and of the reference) on the reference's inputs."""
+        self._check(unit)
+        result = PartResult(unit)
+        if unit.call not in self.cand.calls:
+            result.error = f"the candidate never ran {unit.stack} layer {unit.layer}" + (
+                f" ({self.cand.error})" if self.cand.error else "")
+            return result
+        ref_vals = self.ref_values(unit.call)
+        call = self.cand.calls[unit.call]
+        adapter = self.cand_adapter
+        try:
+            own = adapter.run(call.module, call.args, call.kwargs, until=unit.part)
+            feed = {}
+            for name in adapter.inputs(unit.part):
+                if not isinstance(ref_vals.get(name), torch.Tensor) or not isinstance(own.get(name), torch.Tensor):
+                    continue  # e.g. no cached prefix K/V in this stack
+                layout = adapter.layout(unit.stack, name)
+                feed[name] = relayout(ref_vals[name], self.ref.layouts[layout], self.cand.layouts[layout], own[name])
+            cand_vals = adapter.run(call.module, call.args, call.kwargs, feed=feed, part=unit.part)
+        except IsolationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the candidate's own crash is the finding
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            result.error = f"{type(exc).__name__}: {msg}"
+            return result
+        result.rows = self._compare(unit, adapter.outputs(unit.part), ref_vals, cand_vals)
+        if explain and not result.passed:
+            result.hint = self._hint(unit, result, cand_vals)
+            result.narrowed = self._narrow(unit)
+        return result
+
+    def _narrow(self, unit: Unit) -> str | None:
+        """The smallest sub-part that still fails on its own, if the part has any."""
+        for sub in self.ref_adapter.subparts(unit.part):
+            if sub in self.ref_adapter.parts_for(unit.stack):
+                res = self.isolate(Unit(unit.stack, unit.layer, unit.step, sub), explain=False)
+                if not res.passed:
+                    return sub
+        return None
+
+    def _hint(self, unit: Unit, result: PartResult, cand_vals: dict) -> str | None:
+        """A diagnosis only when earned: the candidate's isolated output is close to what
+        a known bug computes on the reference's inputs (cos >= HINT_MIN_COS) and at least
+        HINT_RATIO times closer to it than to the reference (a lossy candidate, e.g. FP8,
+        matches neither exactly), and that bug is distinguishable from the reference."""
+        call = self.ref.calls[unit.call]
+        ref_vals = self.ref_values(unit.call)
+        outputs = self.ref_adapter.outputs(unit.part)
+        cand_err = 1.0 - min((r.cos for r in result.rows if r.cos is not None and r.cos == r.cos), default=-1.0)
+        best: tuple[float, str] | None = None
+        for text, fn in self.ref_adapter.alternatives(unit.part, unit.stack):
+            try:
+                alt = fn(call.module, call.args, call.kwargs, ref_vals)
+            except Exception:  # noqa: BLE001 - an alternative that does not apply gives no hint
+                continue
+            compared = {k: c for k, c in outputs.items() if k in alt}
+            if not compared:
+                continue
+            vs_alt = self._compare(unit, compared, {**ref_vals, **alt}, cand_vals)
+            ref_vs_alt = [compare_taps(self._tap(unit, c, ref_vals[k], self.ref_adapter.layout(unit.stack, k)),
+                                       self._tap(unit, c, alt[k], self.ref_adapter.layout(unit.stack, k)),
+                                       self.ref.layouts, self.ref.layouts, row.threshold, False)
+                          for (k, c), row in zip(compared.items(), vs_alt)]
+            if all(r.passed for r in ref_vs_alt):
+                continue  # the bug would not be visible: no evidence either way
+            alt_cos = min((r.cos for r in vs_alt if r.cos is not None), default=float("nan"))
+            if not alt_cos >= HINT_MIN_COS or (1.0 - alt_cos) * HINT_RATIO > cand_err:
+                continue
+            if best is None or alt_cos > best[0]:
+                best = (alt_cos, f"{text} (cos {alt_cos:.6f} to it, {1.0 - cand_err:.6f} to the reference)")
+        return None if best is None else best[1]
+
+
+def unit_for(first_row: TapResult, rows: list[TapResult], adapter: ComponentAdapter) -> Unit | None:
+    """The unit to isolate first for a failing tap: the part that produces it, or, for a
+    tap outside any layer (an embedding, the final norm, the actions), the last part of
+    the nearest earlier tap that is inside a layer."""
+    candidates = [first_row] + [r for r in reversed(rows) if r.order is not None and first_row.order is not None
+                                and r.order < first_row.order]
+    for i, row in enumerate(candidates):
+        info = row.info
+        if info.layer is None:
+            continue
+        part = adapter.part_of(info.component)
+        if part is None:
+            continue
+        if i > 0:  # a stack-level tap: start from the last part of the preceding layer
+            part = adapter.walk_parts(info.stack)[-1]
+        return Unit(info.stack, info.layer, info.step, part)
+    return None

@@ -1,0 +1,1 @@
+"""Result objects and their renderings: terminal, HTML, Markdown, JUnit, Model Explorer."""

@@ -1,0 +1,43 @@
+"""A report as JUnit XML for CI systems: one test case per tap, failures carry the reason.
+
+Taps are grouped into one test suite per stack (classname `parity.<stack>`), so a CI view
+lists `decoder.1.mlp` under `decoder`."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from parity.report.results import Report
+from parity.report.summary import fmt, fmt_g, side_label
+
+
+def render_junit(report: Report, name: str = "parity") -> str:
+    suites = ET.Element("testsuites", name=name, tests=str(len(report.rows)),
+                        failures=str(sum(not r.passed for r in report.rows)))
+    by_stack: dict[str, list] = {}
+    for r in report.rows:
+        by_stack.setdefault(r.info.stack, []).append(r)
+    first = report.first_divergence
+    for stack, rows in by_stack.items():
+        suite = ET.SubElement(suites, "testsuite", name=f"{name}.{stack}", tests=str(len(rows)),
+                              failures=str(sum(not r.passed for r in rows)), errors="0", skipped="0")
+        props = ET.SubElement(suite, "properties")
+        ET.SubElement(props, "property", name="ref", value=side_label(report.ref_meta))
+        ET.SubElement(props, "property", name="cand", value=side_label(report.cand_meta))
+        for r in rows:
+            case = ET.SubElement(suite, "testcase", classname=f"{name}.{stack}", name=r.key, time="0")
+            m = r.metrics
+            detail = (f"cos={fmt(r.cos)} max_abs={fmt_g(m.max_abs)} rel_l2={fmt_g(m.rel_l2)} "
+                      f"threshold={r.threshold:g}") if m else f"threshold={r.threshold:g}"
+            if r.passed:
+                ET.SubElement(case, "system-out").text = detail
+                continue
+            message = f"{r.status}: {r.reason}" + (" (first divergence)" if r is first else "")
+            ET.SubElement(case, "failure", message=message, type=r.status).text = detail
+    if report.problems:
+        suite = ET.SubElement(suites, "testsuite", name=f"{name}.run", tests="1", failures="1", errors="0",
+                              skipped="0")
+        case = ET.SubElement(suite, "testcase", classname=f"{name}.run", name="run", time="0")
+        ET.SubElement(case, "failure", message="; ".join(report.problems), type="problem")
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

@@ -1,0 +1,113 @@
+"""Errors overlaid on a model graph in Google's Model Explorer.
+
+Model Explorer colours graph nodes from a "node data" JSON file
+(`{"results": {node_id: {"value": v, "bgColor": c}}, "thresholds": [...]}`).  Which
+node ids exist depends on how the graph was loaded:
+
+* a PyTorch ExportedProgram (`.pt2`): node ids are FX node names (`linear_13`).  Give
+  `node_ids_from_exported_program(ep, report.ref_meta["modules"])` (CLI:
+  `--exported-program model.pt2`) to map each tap's module to the FX node that
+  produces its value;
+* otherwise parity writes its own graph (`tap_graph`): one node per tap, namespaced
+  `stack/layer_N`, chained in execution order, which Model Explorer's JSON adapter
+  loads; its node ids are the tap names.
+
+Value = cosine similarity (worst step); colour = the verdict (green pass, red fail,
+orange anything else), so the per-tap thresholds are honoured exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from parity.report.results import Report, TapResult
+from parity.report.series import worst
+
+PASS_COLOR, FAIL_COLOR, OTHER_COLOR = "#b7e4c7", "#f4a3a3", "#fcd5a5"
+
+
+def _by_name(report: Report) -> dict[str, TapResult]:
+    groups: dict[str, list[TapResult]] = {}
+    for r in report.rows:
+        groups.setdefault(r.info.name, []).append(r)
+    return {name: worst(rows) for name, rows in groups.items()}
+
+
+def _color(row: TapResult) -> str:
+    return PASS_COLOR if row.passed else FAIL_COLOR if row.status == "fail" else OTHER_COLOR
+
+
+def node_data(report: Report, node_ids: Mapping[str, str] | None = None) -> dict:
+    """GraphNodeData JSON; `node_ids` maps tap names to graph node ids (default: the tap
+    names themselves, the ids of `tap_graph`).  Taps with no node are left out."""
+    results = {}
+    for name, row in _by_name(report).items():
+        node = name if node_ids is None else node_ids.get(name)
+        if node is None:
+            continue
+        cos = row.cos
+        value = cos if cos is not None and math.isfinite(cos) else -1.0
+        results[node] = {"value": round(value, 9), "bgColor": _color(row)}
+    min_cos = float(report.thresholds.get("min_cos", 0.999))
+    return {"results": results,
+            "thresholds": [{"value": min_cos - 1e-12, "bgColor": FAIL_COLOR}, {"value": 1.0, "bgColor": PASS_COLOR}]}
+
+
+def tap_graph(report: Report, label: str = "parity taps") -> list[dict]:
+    """A Model Explorer graph collection of the taps themselves: nodes in execution
+    order, grouped by stack and layer, each fed by the previous tap of its stack."""
+    nodes = []
+    last_in_stack: dict[str, str] = {}
+    for name, row in _by_name(report).items():
+        i = row.info
+        namespace = i.stack + (f"/layer_{i.layer}" if i.layer is not None else "")
+        m = row.metrics
+        attrs = [{"key": "status", "value": row.status}, {"key": "reason", "value": row.reason},
+                 {"key": "cos", "value": "" if m is None else f"{m.cos:.6f}"},
+                 {"key": "max_abs", "value": "" if m is None else f"{m.max_abs:.4g}"},
+                 {"key": "rel_l2", "value": "" if m is None else f"{m.rel_l2:.4g}"},
+                 {"key": "module", "value": str(report.ref_meta.get("modules", {}).get(name, ""))}]
+        edges = [{"sourceNodeId": last_in_stack[i.stack], "sourceNodeOutputId": "0", "targetNodeInputId": "0"}] \
+            if i.stack in last_in_stack else []
+        nodes.append({"id": name, "label": i.component, "namespace": namespace, "attrs": attrs,
+                      "incomingEdges": edges, "outputsMetadata": [], "inputsMetadata": [], "subgraphIds": []})
+        last_in_stack[i.stack] = name
+    return [{"label": label, "graphs": [{"id": "parity", "nodes": nodes}]}]
+
+
+def node_ids_from_exported_program(ep, modules: Mapping[str, str]) -> dict[str, str]:
+    """Tap name -> FX node name of a torch.export ExportedProgram.
+
+    `modules` maps tap names to qualified module names (a report's `ref.modules`;
+    `name:input` for input taps).  A module's value is the last FX node recorded inside
+    that module; a module's input is the first non-placeholder argument of its first
+    node.  Split taps (q/k/v of a fused projection) share their projection's node."""
+    nodes = list(ep.graph_module.graph.nodes)
+    inside: dict[str, list] = {}
+    for node in nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        for path, _type in stack.values():
+            inside.setdefault(_normalise(path), []).append(node)
+    out: dict[str, str] = {}
+    for tap, module in modules.items():
+        path, _, side = module.partition(":")
+        found = inside.get(path)
+        if not found:
+            continue
+        if side == "input":
+            first = found[0]
+            args = [a for a in first.all_input_nodes if a.op != "placeholder" and a not in found]
+            if args:
+                out[tap] = args[0].name
+        else:
+            out[tap] = found[-1].name
+    return out
+
+
+def _normalise(path: str) -> str:
+    """FX module paths come as `model.layers.0` or, from older torch, `L['self'].model.layers.0`."""
+    for prefix in ("L['self'].", "L__self___"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path

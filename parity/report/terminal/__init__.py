@@ -1,0 +1,1 @@
+"""Terminal rendering (rich) of each result type."""

@@ -1,0 +1,101 @@
+"""Terminal rendering of a WeightsReport: one row per kind of parameter (layers folded
+into `*`), the findings one line each, and the verdict banner."""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Mapping
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from parity.report.results import ParamResult, WeightsReport
+from parity.report.terminal.diff import BAD, OK, run_header
+
+MAX_FINDINGS = 20
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None or math.isnan(x) else format(x, spec)
+
+
+SHORT: Mapping[str, str] = MappingProxyType({"float64": "f64", "float32": "f32", "bfloat16": "bf16", "float16": "f16",
+                                             "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"})
+
+
+def _dtypes(rows: list[ParamResult]) -> str:
+    """Short dtype names, `ref -> cand` where they differ, `(q)` for declared quantisation."""
+    pairs = {(SHORT.get(r.ref_dtype, r.ref_dtype or "-"), SHORT.get(r.cand_dtype, r.cand_dtype or "-"))
+             for r in rows}
+    text = ", ".join(a if a == b else f"{a} -> {b}" for a, b in sorted(pairs))
+    return text + (" (q)" if any(r.quantized for r in rows) else "")
+
+
+def group_table(report: WeightsReport) -> Table:
+    groups: dict[str, list[ParamResult]] = {}
+    for r in report.rows:
+        groups.setdefault(r.group, []).append(r)
+    table = Table(title="parameters (layers folded into *; (q) = declared quantised)", title_justify="left",
+                  pad_edge=False)
+    for col, justify in (("parameter", "left"), ("n", "right"), ("dtype", "left"), ("min cos", "right"),
+                         ("max |Δ|", "right"), ("max rel", "right"), ("status", "left")):
+        table.add_column(col, justify=justify)
+    for name, rows in groups.items():
+        measured = [r.metrics for r in rows if r.metrics is not None and r.metrics.n]
+        cos = min((m.cos for m in measured), default=None)
+        max_abs = max((m.max_abs for m in measured), default=None)
+        rel = max((m.rel_l2 for m in measured), default=None)
+        failing = [r for r in rows if not r.passed]
+        if failing:
+            status = Text(f"{failing[0].status} {BAD}" + (f" ({len(failing)})" if len(rows) > 1 else ""),
+                          style="bold red")
+        else:
+            status = Text(f"pass {OK}", style="green")
+        table.add_row(name, str(len(rows)), _dtypes(rows), _fmt(cos, ".6f"), _fmt(max_abs, ".4g"), _fmt(rel, ".3g"),
+                      status)
+    return table
+
+
+def all_params_table(report: WeightsReport) -> Table:
+    table = Table(title="all parameters", title_justify="left", pad_edge=False)
+    for col in ("parameter", "dtype", "cos", "max |Δ|", "rel", "status"):
+        table.add_column(col)
+    for r in report.rows:
+        m = r.metrics
+        table.add_row(r.name, _dtypes([r]), _fmt(m.cos if m else None, ".6f"), _fmt(m.max_abs if m else None, ".4g"),
+                      _fmt(m.rel_l2 if m else None, ".3g"),
+                      Text(r.status if r.passed else r.reason, style="green" if r.passed else "red"))
+    return table
+
+
+def banner(report: WeightsReport) -> Panel:
+    n = len(report.rows)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
+    if report.passed:
+        t = report.thresholds
+        return Panel(Text(f"PASS: all {n} parameters within thresholds (min cos {t.get('min_cos')}, quantised "
+                          f"{t.get('quantized_min_cos')})", style="bold green"), border_style="green")
+    lines = Text()
+    findings = report.findings
+    if findings:
+        lines.append(f"{len(findings)} FINDING(S)\n", style="bold red")
+        for r in findings[:MAX_FINDINGS]:
+            lines.append(f"  {r.name}: ", style="bold")
+            lines.append(f"{r.reason}\n")
+        if len(findings) > MAX_FINDINGS:
+            lines.append(f"  ... and {len(findings) - MAX_FINDINGS} more\n")
+    for p in report.problems:
+        lines.append(f"FAIL: {p}\n", style="bold red")
+    lines.append(f"{n} parameters: {counts}", style="dim")
+    return Panel(lines, border_style="red")
+
+
+def render_weights(report: WeightsReport, show_all: bool = False) -> Group:
+    parts = [run_header(report.ref_meta, report.cand_meta), group_table(report)]
+    if show_all:
+        parts.append(all_params_table(report))
+    parts.append(banner(report))
+    return Group(*parts)

@@ -1,0 +1,1 @@
+"""What flows between the roles: taps, token layouts, probes, the backend interface, storage codec."""
