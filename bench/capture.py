@@ -142,7 +142,7 @@ def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict
             ref = naive[t.info.name][i].numpy().astype(np.float64)
             mismatches += int(not np.array_equal(to_float64(t.array, t.dtype), ref))
         row["taps"], row["bit_mismatches_vs_naive"] = len(cap.taps), mismatches
-    del backend
+    backend = None  # the model goes before the next one is built (the closures above are done with it)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row

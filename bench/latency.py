@@ -45,7 +45,7 @@ def time_backend(backend, runs: int, warmup: int) -> dict:
     for i in range(warmup + runs):
         marks: list[tuple[str, object]] = []
 
-        def mark(stage):
+        def mark(stage, marks=marks):
             if cuda:
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()

@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/stats.py --config full --device cuda
 
 Per backend (default `pytorch,fast`), median wall time per inference (the modes take turns within
-each run, after a warm-up round; CUDA synchronised) of: the plain run; parity's stats capture (every tap summarised on its
+each run, after a warm-up round; CUDA synchronised) of: the plain run; parity's stats capture (every tap summarised
+on its
 device, results fetched in batches: `StatsSink`); the same plus writing the stats dump;
 and parity's full capture to host memory (every tap copied to the host: `Capture`).
 Ratios are to the plain run of the same backend in the same process.  Also the bytes
@@ -77,7 +78,7 @@ def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict
         host = torch.from_numpy(tap.array)
         mismatches += int(int(checksum(host)) != s.checksum)
     row["checksums_checked"], row["checksum_mismatches_device_vs_host"] = len(whole), mismatches
-    del backend
+    backend = None  # the model goes before the next one is built (the closures above are done with it)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 
 _EXPORTS = {"InputError": "errors", "capture_live": "api", "capture_to_dump": "api", "compare": "api",
-            "diff_dumps": "api", "diff_live": "api", "weights_live": "api", "Thresholds": "compare.rules",
+            "diff_dumps": "api", "diff_live": "api", "weights_live": "api", "Thresholds": "comparison.rules",
             "Report": "report.results", "TapResult": "report.results"}
 
 

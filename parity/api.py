@@ -1,32 +1,50 @@
 """The library's front door: capture, diff and gate as functions returning result objects.
 
-The CLI is a thin shell over these; a user's own test suite can call them directly.
-Input problems (unknown backend, bad dump, incomparable runs, an output that cannot be
-written) raise `InputError`; an interrupted capture raises `CaptureInterrupted`."""
+The CLI is a thin shell over these; a user's own test suite can call them directly, and
+is refused exactly what the CLI refuses.  Every rule of a request lives here: which of
+the five diffs runs (`run_diff`), which flags go together, the ranges of the numbers,
+the files a request reads and writes.  Input problems (unknown backend, bad dump,
+incomparable runs, flags that do not go together, an output that cannot be written)
+raise `InputError` with a one-line message naming the flag as the CLI spells it; an
+interrupted capture raises `CaptureInterrupted`."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-from dataclasses import replace
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from parity.capture.background import DEFAULT_MAX_INFLIGHT_MB, BackgroundWriter, InflightBudget
-from parity.comparison.dumps import check_comparable, diff_dumps, incomplete_error, open_checked, select_taps  # noqa: F401
+
+# the offline diff lives in its own module, light to import; these are part of this API too
+from parity.comparison.dumps import check_comparable, incomplete_error, open_checked, select_taps  # noqa: F401
+from parity.comparison.dumps import diff_dumps as _diff_dumps
 from parity.comparison.dumps import select_taps as _select
 from parity.comparison.loop import diff
 from parity.comparison.rules import Thresholds
-from parity.comparison.stats import diff_stats
+from parity.comparison.stats import DEFAULT_TOLERANCE, diff_stats, tolerances
 from parity.dump.format import DumpError
 from parity.dump.reader import read_dump
 from parity.dump.writer import DumpWriter
-
-# the offline diff lives in its own module, light to import; these are part of this API too
 from parity.errors import InputError
-from parity.report.results import FramesResult, Report, StatsReport, WeightsReport
+from parity.report.results import (
+    REPORT_FORMAT,
+    STATS_REPORT_FORMAT,
+    FramesResult,
+    Report,
+    StatsReport,
+    WeightsReport,
+    load_result,
+)
+from parity.settings import DEFAULT_OUTPUT_DIR, Settings, ThresholdsArg, merge
 from parity.taps.backends import Backend, BackendError, BackendOptions
-from parity.taps.probe import tap_filter
-from parity.taps.records import Capture
+from parity.taps.probe import Probe, tap_filter
+from parity.taps.records import Capture, CaptureError
 from parity.taps.stats import StatsCapture
 
 
@@ -71,6 +89,36 @@ def _build(spec: str | Backend, options: BackendOptions) -> Backend:
         raise InputError(str(exc)) from None
 
 
+def backend_options(**given: Any) -> BackendOptions:
+    """BackendOptions from what a user gave (None = the default; a path is kept as its
+    string; faults may be "a,b" strings); InputError if one is out of range."""
+    if "faults" in given:
+        given["faults"] = fault_names(given["faults"])
+    try:
+        return BackendOptions.given(**given)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def fault_names(faults: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Fault names from NAME[,NAME] items (`--inject a,b --inject c`)."""
+    if isinstance(faults, str):
+        faults = [faults]
+    return tuple(n.strip() for item in faults or () for n in str(item).split(",") if n.strip())
+
+
+def _check_chunk(chunk: int | None) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise InputError(f"--by-token must be 1 or more, got {chunk}")
+
+
+def _check_live_flags(on_device: bool, stop_at_first: bool, ref_device_mb: float | None) -> None:
+    if stop_at_first and not on_device:
+        raise InputError("--stop-at-first needs the on-device compare (drop --host-compare)")
+    if ref_device_mb is not None and not ref_device_mb >= 0:
+        raise InputError(f"--ref-device-mb must be 0 or more, got {ref_device_mb}")
+
+
 def capture_live(spec: str | Backend, options: BackendOptions, taps: str | None = None,
                  progress: ProgressFn | None = None) -> Capture:
     """Run a backend (a spec, or a ready Backend) once and keep every selected tap in memory."""
@@ -110,10 +158,9 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"{path}: cannot create its directory: {exc.strerror or exc}") from None
-        with DumpWriter(path, meta, compression=compression) as writer:
-            with BackgroundWriter(writer, budget) as queued:
-                counter = _Counting(queued, progress, f"capture {backend.meta.get('backend', backend.name)}")
-                capture(backend, counter, select, max_staged_bytes=half)
+        with DumpWriter(path, meta, compression=compression) as writer, BackgroundWriter(writer, budget) as queued:
+            counter = _Counting(queued, progress, f"capture {backend.meta.get('backend', backend.name)}")
+            capture(backend, counter, select, max_staged_bytes=half)
     except KeyboardInterrupt:
         taps_written = writer.tap_count if writer is not None else 0
         raise CaptureInterrupted(str(path), taps_written, writer is not None and writer.written) from None
@@ -168,9 +215,18 @@ def load_dump(path: str | Path, allow_incomplete: bool = False) -> Capture:
     return cap
 
 
+def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
+               allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
+    """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps
+    (parity.comparison.dumps.diff_dumps, with the request checked first)."""
+    _check_chunk(chunk)
+    return _diff_dumps(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
+
+
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
                      taps: str | None = None, progress: ProgressFn | None = None, chunk: int | None = None,
                      labels: tuple[str, str] = ("reference", "candidate")) -> Report:
+    _check_chunk(chunk)
     check_comparable(ref, cand)
     if taps:
         keep = _select(taps)
@@ -194,12 +250,9 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     past it.  Otherwise
     both runs are captured to host memory and diffed there.  `stop_at_first` (on-device
     only) ends the candidate run at the first failing tap."""
-    from dataclasses import replace
-
-    if stop_at_first and not on_device:
-        raise InputError("--stop-at-first needs the on-device compare (drop --host-compare)")
-    if ref_device_mb is not None and not ref_device_mb >= 0:
-        raise InputError(f"--ref-device-mb must be 0 or more, got {ref_device_mb}")
+    _check_chunk(chunk)
+    _check_live_flags(on_device, stop_at_first, ref_device_mb)
+    faults = fault_names(faults)
     ref_backend = _build(ref, replace(options, faults=()))
     cand_backend = _build(cand, replace(options, faults=tuple(faults)))
     logs: list = []  # the layer calls of each run (reference, candidate), for isolation
@@ -264,20 +317,25 @@ def localise_live(report: Report, ref_backend: Backend, cand_backend: Backend,
         return Localisation(note=str(exc))
 
 
-def isolate_component(ref: str | Backend, cand: str | Backend, options: BackendOptions, stack: str, layer: int,
-                      part: str, step: int | None = None, faults: tuple[str, ...] = (),
-                      thresholds: Thresholds | None = None):
+def isolate_component(ref: str | Backend, cand: str | Backend, options: BackendOptions, stack: str | None,
+                      layer: int, part: str, step: int | None = None, faults: tuple[str, ...] = (),
+                      thresholds: ThresholdsArg = None, min_cos: float | None = None):
     """Run one component (`part` of `stack` layer `layer`, at denoise `step`) of the
     reference and of the candidate on the reference's own inputs and compare the outputs
-    (a PartResult, truthy via `.passed`).  Bad requests raise InputError."""
-    from dataclasses import replace
-
+    (a PartResult, truthy via `.passed`).  `stack` None: the one the reference's probe
+    names (`Probe.default_stack`).  `thresholds` as for `make_thresholds`, `min_cos` its
+    default.  Bad requests raise InputError."""
     from parity.comparison.isolate import IsolationError, Isolator, Unit
 
+    gate = make_thresholds(min_cos, thresholds)
     ref_backend = _build(ref, replace(options, faults=()))
-    cand_backend = _build(cand, replace(options, faults=tuple(faults)))
+    cand_backend = _build(cand, replace(options, faults=fault_names(faults)))
+    if stack is None:
+        stack = ref_backend.probe.default_stack
+        if stack is None:
+            raise InputError(f"give --stack: the {ref_backend.probe.arch} probe names no default stack")
     try:
-        isolator = Isolator(ref_backend, cand_backend, thresholds)
+        isolator = Isolator(ref_backend, cand_backend, gate)
         if step is None and stack in isolator.ref_adapter.stepped:
             step = 0
         if step is not None and stack not in isolator.ref_adapter.stepped:
@@ -290,30 +348,20 @@ def isolate_component(ref: str | Backend, cand: str | Backend, options: BackendO
     return result
 
 
-def make_thresholds(min_cos: float = 0.999,
-                    thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None) -> Thresholds:
+def make_thresholds(min_cos: float | None = None, thresholds: ThresholdsArg = None,
+                    settings: Settings | None = None) -> Thresholds:
     """Thresholds from the forms a caller naturally has: a Thresholds, {glob: min_cos},
-    or ["glob=min_cos", ...] (later patterns win)."""
-    if isinstance(thresholds, Thresholds):
-        return thresholds
-    try:
-        if thresholds is None:
-            return Thresholds(min_cos)
-        if isinstance(thresholds, Mapping):
-            return Thresholds(min_cos, tuple((str(g), float(v)) for g, v in thresholds.items()))
-        if isinstance(thresholds, str):
-            thresholds = [thresholds]
-        return Thresholds.parse(min_cos, list(thresholds))
-    except (TypeError, ValueError) as exc:
-        raise InputError(str(exc)) from None
+    or ["glob=min_cos", ...] (later patterns win); `min_cos` None: DEFAULT_MIN_COS (or
+    the settings' min_cos, their patterns applied first).  InputError if malformed."""
+    return merge(settings, min_cos=min_cos, thresholds=thresholds).thresholds
 
 
-def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed: int = 0, batch: int = 1,
-            device: str = "auto", dtype: str | None = None, padding: str | None = None, seq_len: int | None = None,
-            min_cos: float = 0.999, thresholds: Thresholds | Mapping[str, float] | Iterable[str] | None = None,
-            taps: str | None = None, faults: Iterable[str] = (), config: str | None = None,
-            weights: str | None = None, progress: ProgressFn | None = None, stop_at_first: bool = False,
-            on_device: bool = True) -> Report:
+def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed: int | None = None,
+            batch: int | None = None, device: str | None = None, dtype: str | None = None,
+            padding: str | None = None, seq_len: int | None = None, min_cos: float | None = None,
+            thresholds: ThresholdsArg = None, taps: str | None = None, faults: Iterable[str] = (),
+            config: str | None = None, weights: str | None = None, progress: ProgressFn | None = None,
+            stop_at_first: bool = False, on_device: bool = True, settings: Settings | None = None) -> Report:
     """Run a reference and a candidate on the same inputs and compare them tap by tap.
 
     `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
@@ -324,30 +372,35 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     returned Report is truthy when every tap passed; its `first_divergence` names the
     earliest failing tap.  The two runs are compared on the device as the candidate runs
     (`on_device=False`: both captured to host memory and diffed there); `stop_at_first`
-    ends the candidate run at the first failing tap.  Bad requests raise InputError.
+    ends the candidate run at the first failing tap.  None: the default (BackendOptions'
+    for the run, DEFAULT_MIN_COS for min_cos).  `settings` ([tool.parity], e.g. from
+    `parity.settings.load_settings()`) fill in min_cos, thresholds and taps not given
+    here, the way the CLI and the pytest plugin do (`parity.settings.merge`).  Bad
+    requests raise InputError.
 
         report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
         assert report, report.first_divergence
     """
-    try:
-        options = BackendOptions(config=config, seed=seed, device=device, dtype=dtype, batch=batch,
-                                 weights=weights, inputs=inputs, padding=padding, seq_len=seq_len)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    return diff_live(ref, cand, options, tuple(faults), make_thresholds(min_cos, thresholds), taps, progress,
+    merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps)
+    options = backend_options(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights,
+                              inputs=inputs, padding=padding, seq_len=seq_len)
+    return diff_live(ref, cand, options, fault_names(faults), merged.thresholds, merged.taps, progress,
                      on_device=on_device, stop_at_first=stop_at_first)
 
 
 def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
-                 thresholds: Thresholds | None = None, quantized_min_cos: float | None = None) -> WeightsReport:
+                 thresholds: ThresholdsArg = None, quantized_min_cos: float | None = None, *,
+                 min_cos: float | None = None) -> WeightsReport:
     """Build both backends from the same options (the same `--weights` file or seed),
-    inject `faults` into the candidate only, and compare the parameters each computes with."""
-    from dataclasses import replace
-
+    inject `faults` into the candidate only, and compare the parameters each computes with.
+    `thresholds` as for `make_thresholds`; `min_cos` (the default per parameter) and
+    `quantized_min_cos` None: parity.comparison.weights' defaults."""
+    from parity.comparison.weights import DEFAULT_MIN_COS as PARAM_MIN_COS
     from parity.comparison.weights import DEFAULT_QUANTIZED_MIN_COS, compare_weights, model_parameters
 
+    gate = make_thresholds(PARAM_MIN_COS if min_cos is None else min_cos, thresholds)
     sides = []
-    for spec, side_faults in ((ref, ()), (cand, tuple(faults))):
+    for spec, side_faults in ((ref, ()), (cand, fault_names(faults))):
         backend = _build(spec, replace(options, faults=side_faults))
         try:
             params = backend.parameters() if backend.parameters is not None else model_parameters(backend.model)
@@ -357,25 +410,37 @@ def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOption
     (ref_params, ref_meta), (cand_params, cand_meta) = sides
     q = DEFAULT_QUANTIZED_MIN_COS if quantized_min_cos is None else quantized_min_cos
     try:
-        return compare_weights(ref_params, cand_params, thresholds, q, ref_meta, cand_meta)
+        return compare_weights(ref_params, cand_params, gate, q, ref_meta, cand_meta)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
 
 def compare_frames(ref: str, cand: str, options: BackendOptions, n_frames: int, faults: tuple[str, ...] = (),
-                   thresholds: Thresholds | None = None, taps: str | None = None,
-                   drift_taps: str | None = "prefix.*.k") -> FramesResult:
+                   thresholds: ThresholdsArg = None, taps: str | None = None, drift_taps: str | None = None,
+                   min_cos: float | None = None) -> FramesResult:
     """Frame f of both backends sees observation f (same prompt, new images and state);
-    faults go to the candidate only.  Drift compares the reference's consecutive frames."""
-    if n_frames < 1:
-        raise ValueError("need at least one frame")
-    reports, drift, previous = [], [], None
+    faults go to the candidate only.  Drift compares the reference's consecutive frames,
+    over `drift_taps` (None: the taps the reference's probe names, `Probe.drift_taps`,
+    else every tap; "*" for every tap).  `thresholds` as for `make_thresholds`, `min_cos`
+    its default.  Bad requests raise InputError."""
+    if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 1:
+        raise InputError("need at least one frame")
+    gate = make_thresholds(min_cos, thresholds)
+    faults = fault_names(faults)
+    reports, drift, previous, keep = [], [], None, None
     for frame in range(n_frames):
         opts = replace(options, frame=frame)
-        ref_cap = capture_live(ref, replace(opts, faults=()), taps)
-        cand_cap = capture_live(cand, replace(opts, faults=tuple(faults)), taps)
-        reports.append(compare_captures(ref_cap, cand_cap, thresholds))
-        current = ref_cap.only(tap_filter(drift_taps)) if drift_taps else ref_cap
+        ref_backend = _build(ref, replace(opts, faults=()))
+        if keep is None:
+            chosen = drift_taps if drift_taps is not None else ref_backend.probe.drift_taps
+            try:
+                keep = tap_filter(chosen) if chosen else (lambda name, key: True)
+            except ValueError as exc:
+                raise InputError(f"--drift-taps {chosen!r}: {exc}") from None
+        ref_cap = capture_live(ref_backend, opts, taps)
+        cand_cap = capture_live(cand, replace(opts, faults=faults), taps)
+        reports.append(compare_captures(ref_cap, cand_cap, gate))
+        current = ref_cap.only(keep)
         if previous is not None:  # different inputs by design: no fingerprint check here
             drift.append(diff(previous, current, Thresholds(1.0)))
         previous = current
@@ -468,3 +533,520 @@ def diff_stats_live(ref: str | Backend, cand: str | Backend, options: BackendOpt
     ref_stats = stats_live(_build(ref, replace(options, faults=())), options, taps, progress)
     cand_stats = stats_live(_build(cand, replace(options, faults=tuple(faults))), options, taps, progress)
     return compare_stats_runs(ref_stats, cand_stats, tol)
+
+
+# --------------------------------------------------------------------------- requests
+# What a user asked for, checked here (so the CLI and the Python API refuse the same
+# things, with the same one-line messages), then run.
+
+
+def suggested_taps(path: str | Path) -> str:
+    """The taps a stats diff's JSON result (`parity diff A_stats.h5 B_stats.h5 --json`)
+    suggests capturing in full; InputError if it is not one, or suggests none."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != STATS_REPORT_FORMAT:
+        raise InputError(f"{path} is not a stats diff result (write one with "
+                         "`parity diff A_stats.h5 B_stats.h5 --json`)")
+    suggested = data.get("suggested")
+    if not isinstance(suggested, dict) or not isinstance(suggested.get("taps"), str) or not suggested["taps"]:
+        raise InputError(f"{path}: the stats diff passed, so it suggests no taps to capture")
+    return suggested["taps"]
+
+
+def tap_selection(taps: str | None = None, taps_from: str | Path | None = None) -> str | None:
+    """`taps` (globs), or the selection the stats diff result `taps_from` suggests."""
+    if taps_from is None:
+        return taps
+    if taps:
+        raise InputError("give --taps or --taps-from, not both")
+    return suggested_taps(taps_from)
+
+
+def stats_tolerances(specs: Iterable[str] | str | None = ()) -> Thresholds:
+    """A stats diff's tolerances from VALUE / GLOB=VALUE specs (the last bare VALUE is the
+    default, DEFAULT_TOLERANCE without one; the last matching pattern wins)."""
+    specs = [specs] if isinstance(specs, str) else [str(s) for s in specs or ()]
+    patterns = [s for s in specs if "=" in s]
+    bare = [s for s in specs if "=" not in s]
+    try:
+        default = float(bare[-1]) if bare else DEFAULT_TOLERANCE
+    except ValueError:
+        raise InputError(f"--stats-tol: bad value {bare[-1]!r}: expected VALUE or GLOB=VALUE, "
+                         "e.g. 0.05 or 'expert.*=0.1'") from None
+    try:
+        return tolerances(default, patterns)
+    except ValueError as exc:
+        raise InputError(f"--stats-tol: {exc}") from None
+
+
+def _any_stats_dump(dumps: tuple) -> bool:
+    """Whether any of the given dumps is a stats dump (then both must be)."""
+    if not dumps:
+        return False
+    from parity.dump.stats import is_stats_dump
+
+    kinds = [is_stats_dump(d) for d in dumps]
+    if any(kinds) and not all(kinds) and len(dumps) == 2:
+        stats_one, tensor_one = (dumps[0], dumps[1]) if kinds[0] else (dumps[1], dumps[0])
+        raise InputError(f"{stats_one} is a stats dump and {tensor_one} a tensor dump: diff stats against stats "
+                         "(capture both with --stats) or tensors against tensors")
+    return any(kinds)
+
+
+# the five diffs `parity diff` can run
+LIVE = "live"  # two backends, compared on the device as the candidate runs
+HOST = "host"  # two backends, both captured to host memory and diffed there (--host-compare)
+DUMPS = "dumps"  # two tensor dumps, offline
+STATS_DUMPS = "stats dumps"  # two stats dumps, offline
+STATS_LIVE = "stats live"  # two backends, each summarised on its device (--stats)
+DIFF_MODES = (LIVE, HOST, DUMPS, STATS_DUMPS, STATS_LIVE)
+
+
+@dataclass
+class DiffResult:
+    """What `run_diff` did (`mode`, one of DIFF_MODES) and its report: a Report, or a
+    StatsReport for the stats modes.  Truthy when parity holds."""
+
+    mode: str
+    report: Report
+
+    @property
+    def stats(self) -> bool:
+        return self.mode in (STATS_DUMPS, STATS_LIVE)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        return self.report.to_dict()
+
+
+@dataclass(frozen=True)
+class DiffPlan:
+    """A checked diff request (`diff_request`): which diff runs, on what, judged how.
+    `thresholds` are minimum cosines, or a stats diff's tolerances."""
+
+    mode: str
+    thresholds: Thresholds
+    dumps: tuple = ()
+    ref: Any = None  # spec or Backend
+    cand: Any = None
+    options: BackendOptions | None = None
+    faults: tuple[str, ...] = ()
+    taps: str | None = None
+    allow_incomplete: bool = False
+    isolate: bool = True
+    chunk: int | None = None
+    stop_at_first: bool = False
+    ref_device_mb: float | None = None
+
+    @property
+    def stats(self) -> bool:
+        return self.mode in (STATS_DUMPS, STATS_LIVE)
+
+    def run(self, progress: ProgressFn | None = None) -> DiffResult:
+        if self.mode == STATS_LIVE:
+            report = diff_stats_live(self.ref, self.cand, self.options, self.faults, self.thresholds, self.taps,
+                                     progress)
+        elif self.mode == STATS_DUMPS:
+            report = diff_stats_dumps(self.dumps[0], self.dumps[1], self.thresholds, self.taps,
+                                      self.allow_incomplete)
+        elif self.mode == DUMPS:
+            report = diff_dumps(self.dumps[0], self.dumps[1], self.thresholds, self.taps, self.allow_incomplete,
+                                progress, self.chunk)
+        else:
+            report = diff_live(self.ref, self.cand, self.options, self.faults, self.thresholds, self.taps, progress,
+                               isolate=self.isolate, chunk=self.chunk, on_device=self.mode == LIVE,
+                               stop_at_first=self.stop_at_first, ref_device_mb=self.ref_device_mb)
+        return DiffResult(self.mode, report)
+
+
+def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | None = None,
+                 cand: str | Backend | None = None, *, faults: Iterable[str] | str | None = (),
+                 config: str | None = None, seed: int | None = None, device: str | None = None,
+                 dtype: str | None = None, batch: int | None = None, weights: str | Path | None = None,
+                 inputs: Any = None, padding: str | None = None, seq_len: int | None = None,
+                 min_cos: float | None = None, thresholds: ThresholdsArg = None, taps: str | None = None,
+                 taps_from: str | Path | None = None, stats: bool = False,
+                 stats_tol: Iterable[str] | str | None = (), allow_incomplete: bool = False, isolate: bool = True,
+                 chunk: int | None = None, by_region: bool = False, on_device: bool = True,
+                 stop_at_first: bool = False, ref_device_mb: float | None = None,
+                 settings: Settings | None = None) -> DiffPlan:
+    """Check what a user gave `parity diff` and choose the diff it asks for (`DiffPlan.mode`):
+
+    two dumps, or `ref` and `cand` (live); stats dumps, `stats` or `stats_tol` make it a
+    stats diff.  The backend options (config ... seq_len; None = the default) apply to
+    live runs.  `min_cos`, `thresholds` and `taps` are merged over `settings` (the
+    project's [tool.parity]; None = none) as `parity.settings.merge` does; `taps_from`
+    is a stats diff's JSON result whose suggested taps to diff.  `chunk` (--by-token) also
+    breaks each tap down by token chunks; `by_region` asks for the per-region breakdown
+    (rendered from any tensor report, refused by a stats diff).  InputError says what is
+    wrong, naming the CLI flag."""
+    dumps = tuple(dumps or ())
+    faults = fault_names(faults)
+    stats_tol = (stats_tol,) if isinstance(stats_tol, str) else tuple(stats_tol or ())
+    option_fields = dict(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights,
+                         inputs=inputs, padding=padding, seq_len=seq_len)
+    taps = tap_selection(taps, taps_from)
+    live = ref is not None or cand is not None
+    if stats or stats_tol or _any_stats_dump(dumps):
+        tensor_only = [flag for flag, given in (
+            ("--min-cos", min_cos is not None), ("--threshold", bool(thresholds)), ("--by-region", by_region),
+            ("--by-token", chunk is not None), ("--no-isolate", not isolate), ("--stop-at-first", stop_at_first),
+            ("--host-compare", not on_device), ("--ref-device-mb", ref_device_mb is not None)) if given]
+        if tensor_only:
+            raise InputError(f"{', '.join(tensor_only)} appl{'y' if len(tensor_only) > 1 else 'ies'} to tensor "
+                             "diffs; a stats diff takes --stats-tol")
+        tol = stats_tolerances(stats_tol)
+        taps = merge(settings, taps=taps).taps
+        if live:
+            if dumps:
+                raise InputError("give either two dumps or --ref/--cand, not both")
+            if ref is None or cand is None:
+                raise InputError("a live diff needs both --ref and --cand")
+            return DiffPlan(STATS_LIVE, tol, ref=ref, cand=cand, options=backend_options(**option_fields),
+                            faults=faults, taps=taps)
+        if len(dumps) != 2:
+            raise InputError("give two stats dumps (REF_stats.h5 CAND_stats.h5) or --ref and --cand with --stats")
+        if faults:
+            raise InputError("--inject applies to a live candidate; capture it with "
+                             "`parity capture --stats --inject`")
+        return DiffPlan(STATS_DUMPS, tol, dumps=dumps, taps=taps, allow_incomplete=allow_incomplete)
+    _check_chunk(chunk)
+    merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps)
+    gate = merged.thresholds
+    if live and dumps:
+        raise InputError("give either two dumps or --ref/--cand, not both")
+    if live:
+        if ref is None or cand is None:
+            raise InputError("a live diff needs both --ref and --cand")
+        options = backend_options(**option_fields)
+        _check_live_flags(on_device, stop_at_first, ref_device_mb)
+        return DiffPlan(LIVE if on_device else HOST, gate, ref=ref, cand=cand, options=options, faults=faults,
+                        taps=merged.taps, isolate=isolate, chunk=chunk, stop_at_first=stop_at_first,
+                        ref_device_mb=ref_device_mb)
+    if len(dumps) != 2:
+        raise InputError("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
+    if faults:
+        raise InputError("--inject applies to a live candidate; capture it with `parity capture --inject`")
+    for flag, given in (("--stop-at-first", stop_at_first), ("--host-compare", not on_device),
+                        ("--ref-device-mb", ref_device_mb is not None)):
+        if given:
+            raise InputError(f"{flag} applies to a live diff (--ref/--cand), not to two dumps")
+    if weights is not None:
+        raise InputError("--weights applies to live backends; capture each dump with `parity capture --weights`")
+    return DiffPlan(DUMPS, gate, dumps=dumps, taps=merged.taps, allow_incomplete=allow_incomplete, chunk=chunk)
+
+
+def run_diff(dumps: Iterable[str | Path] | None = (), ref: str | Backend | None = None,
+             cand: str | Backend | None = None, *, progress: ProgressFn | None = None, **request: Any) -> DiffResult:
+    """`parity diff` as a function: check the request (`diff_request`, same arguments),
+    run the diff it asks for, return what it found (a DiffResult)."""
+    return diff_request(dumps, ref, cand, **request).run(progress)
+
+
+@dataclass
+class CaptureResult:
+    """What `run_capture` wrote: `taps` taps (their summaries, for a stats dump) to
+    `path`; `error` is where the backend raised, if it did (the dump is then marked
+    incomplete).  Truthy when the run completed."""
+
+    path: str
+    taps: int
+    stats: bool = False
+    error: CaptureError | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def capture_path(spec: str | Backend, stats: bool = False, output_dir: str | Path = DEFAULT_OUTPUT_DIR) -> Path:
+    """The default dump path of a capture: <output_dir>/<backend spec as a file name>[_stats].h5."""
+    name = spec.name if isinstance(spec, Backend) else str(spec)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("_.") or "capture"
+    return Path(output_dir) / f"{safe}{'_stats' if stats else ''}.h5"
+
+
+def run_capture(spec: str | Backend, output: str | Path | None = None, *, stats: bool = False,
+                compression: str | None = None, taps: str | None = None, taps_from: str | Path | None = None,
+                max_inflight_mb: float | None = None, settings: Settings | None = None,
+                progress: ProgressFn | None = None, faults: Iterable[str] | str | None = (),
+                config: str | None = None, seed: int | None = None, device: str | None = None,
+                dtype: str | None = None, batch: int | None = None, weights: str | Path | None = None,
+                inputs: Any = None, padding: str | None = None, seq_len: int | None = None) -> CaptureResult:
+    """`parity capture` as a function: run one backend and write its taps (or, with
+    `stats`, their summaries) to `output` (default: `capture_path` under the settings'
+    output_dir).  `taps`/`taps_from` as for `diff_request`, the settings' taps by default.
+    InputError for a bad request; CaptureInterrupted if stopped."""
+    taps = tap_selection(taps, taps_from)
+    merged = merge(settings, taps=taps)
+    path = Path(output) if output is not None else capture_path(spec, stats, merged.output_dir)
+    options = backend_options(faults=faults, config=config, seed=seed, device=device, dtype=dtype, batch=batch,
+                              weights=weights, inputs=inputs, padding=padding, seq_len=seq_len)
+    if stats:
+        if compression:
+            raise InputError("--compression applies to tensor dumps; a stats dump is a few KB")
+        summary = capture_stats(spec, options, path, merged.taps, progress)
+    else:
+        budget = DEFAULT_MAX_INFLIGHT_MB if max_inflight_mb is None else max_inflight_mb
+        summary = capture_to_dump(spec, options, path, merged.taps, compression, progress, budget)
+    return CaptureResult(summary["path"], summary["taps"], stats, summary["error"])
+
+
+def run_component(ref: str | Backend, cand: str | Backend, *, layer: int, part: str, stack: str | None = None,
+                  step: int | None = None, faults: Iterable[str] | str | None = (), min_cos: float | None = None,
+                  thresholds: ThresholdsArg = None, config: str | None = None, seed: int | None = None,
+                  device: str | None = None, dtype: str | None = None, batch: int | None = None,
+                  weights: str | Path | None = None):
+    """`parity component` as a function: `isolate_component` from what a user gave
+    (None = the default: the probe's stack, DEFAULT_MIN_COS, BackendOptions')."""
+    gate = make_thresholds(min_cos, thresholds)
+    options = backend_options(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights)
+    return isolate_component(ref, cand, options, stack, layer, part, step, fault_names(faults), gate)
+
+
+def run_weights(ref: str | Backend, cand: str | Backend, *, faults: Iterable[str] | str | None = (),
+                min_cos: float | None = None, quantized_min_cos: float | None = None,
+                thresholds: ThresholdsArg = None, config: str | None = None, seed: int | None = None,
+                device: str | None = None, dtype: str | None = None,
+                weights: str | Path | None = None) -> WeightsReport:
+    """`parity weights` as a function: `weights_live` from what a user gave (None = the
+    default: parity.comparison.weights' thresholds, BackendOptions')."""
+    from parity.comparison.weights import DEFAULT_MIN_COS as PARAM_MIN_COS
+
+    gate = make_thresholds(PARAM_MIN_COS if min_cos is None else min_cos, thresholds)
+    options = backend_options(config=config, seed=seed, device=device, dtype=dtype, weights=weights)
+    return weights_live(ref, cand, options, fault_names(faults), gate, quantized_min_cos)
+
+
+def run_frames(ref: str | Backend, cand: str | Backend, *, frames: int, faults: Iterable[str] | str | None = (),
+               min_cos: float | None = None, thresholds: ThresholdsArg = None, taps: str | None = None,
+               drift_taps: str | None = None, config: str | None = None, seed: int | None = None,
+               device: str | None = None, dtype: str | None = None) -> FramesResult:
+    """`parity frames` as a function: `compare_frames` from what a user gave (None = the
+    default: the probe's drift taps, DEFAULT_MIN_COS, BackendOptions')."""
+    gate = make_thresholds(min_cos, thresholds)
+    options = backend_options(config=config, seed=seed, device=device, dtype=dtype)
+    return compare_frames(ref, cand, options, frames, fault_names(faults), gate, taps, drift_taps)
+
+
+# --------------------------------------------------------------------------- reports
+
+REPORT_FORMATS = {"html": ".html", "md": ".md", "junit": ".xml", "model-explorer": ".me.json"}
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """`parity report`: render the diff result `result` as `fmt` (REPORT_FORMATS) to
+    `output` ("-": stdout; default: <output_dir>/<result name> + the format's extension).
+    `exported_program` (model-explorer only): a torch.export .pt2 of the reference model,
+    whose FX node names become the node ids.  Checked when made (InputError)."""
+
+    result: Path
+    fmt: str = "html"
+    output: Path | None = None
+    exported_program: Path | None = None
+    output_dir: Path = DEFAULT_OUTPUT_DIR
+
+    def __post_init__(self) -> None:
+        if self.fmt not in REPORT_FORMATS:
+            raise InputError(f"unknown format {self.fmt!r}; known: {', '.join(REPORT_FORMATS)}")
+        if self.exported_program is not None and self.fmt != "model-explorer":
+            raise InputError("--exported-program applies to --format model-explorer")
+
+    @property
+    def path(self) -> Path:
+        if self.output is not None:
+            return Path(self.output)
+        return Path(self.output_dir) / (Path(self.result).name.removesuffix(".json") + REPORT_FORMATS[self.fmt])
+
+    @property
+    def to_stdout(self) -> bool:
+        return str(self.path) == "-"
+
+    def render(self, report: Report) -> dict[Path, str]:
+        """Path -> text of every file this report is (the report itself first)."""
+        output = self.path
+        if self.fmt == "html":
+            from parity.report.html import render_html
+            return {output: render_html(report)}
+        if self.fmt == "md":
+            from parity.report.markdown import render_markdown
+            return {output: render_markdown(report)}
+        if self.fmt == "junit":
+            from parity.report.junit import render_junit
+            return {output: render_junit(report)}
+        return self._model_explorer(report, output)
+
+    def _model_explorer(self, report: Report, output: Path) -> dict[Path, str]:
+        from parity.report import model_explorer as me
+
+        if self.exported_program is None:
+            files = {output: json.dumps(me.node_data(report), indent=2)}
+            if str(output) != "-":
+                graph = output.with_name(output.name.removesuffix(".json").removesuffix(".me") + ".graph.json")
+                files[graph] = json.dumps(me.tap_graph(report), indent=2)
+            return files
+        modules = report.ref_meta.get("modules")
+        if not modules:
+            raise InputError("the reference run recorded no module names (ref.modules): cannot map taps to graph "
+                             "nodes")
+        try:
+            import torch
+        except ImportError:
+            raise InputError("--exported-program needs torch") from None
+        try:
+            ep = torch.export.load(str(self.exported_program))
+        except Exception as exc:  # noqa: BLE001 - any unreadable .pt2 is an input error
+            raise InputError(f"cannot load {self.exported_program}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc) else exc}") from None
+        ids = me.node_ids_from_exported_program(ep, modules)
+        if not ids:
+            raise InputError(f"no tap module of this report appears in {self.exported_program}")
+        return {output: json.dumps(me.node_data(report, ids), indent=2)}
+
+
+def load_report(path: str | Path) -> Report:
+    """A tensor diff result (`parity diff --json`) read back for rendering; InputError, in
+    one line, for anything else (unreadable, not JSON, a stats dump, another kind of result)."""
+    import json
+
+    path = Path(path)
+    try:
+        return load_result(json.loads(path.read_text()), expect=REPORT_FORMAT)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        from parity.dump.stats import is_stats_dump
+
+        if is_stats_dump(path):
+            raise InputError(f"{path} is a stats dump (per-tap summaries), not a diff result: compare two with "
+                             "`parity diff A_stats.h5 B_stats.h5`; `parity report` renders `parity diff --json` "
+                             "results") from None
+        raise InputError(f"{path} is not JSON: {exc}") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary name and rename it: a full disk leaves no truncated
+    file; InputError saying why it cannot be written."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """`data` as strict JSON (no NaN, which JSON has not) at `path`, as write_text does."""
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False)
+    except ValueError as exc:
+        raise InputError(f"cannot write {path}: {exc}") from None
+    write_text(path, text)
+
+
+# --------------------------------------------------------------------------- listings
+
+
+@dataclass
+class DumpSummary:
+    """`parity inspect`: what a dump (tensor or stats) holds, incomplete ones included."""
+
+    path: str
+    run: Capture | StatsCapture
+    stats: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.run.complete
+
+    @property
+    def meta(self) -> dict:
+        return self.run.meta
+
+    @property
+    def error(self) -> CaptureError | None:
+        return self.run.error
+
+    @property
+    def taps(self) -> list:
+        return self.run.taps
+
+
+def inspect_dump(path: str | Path) -> DumpSummary:
+    """A dump's metadata and taps (a stats dump's summaries); InputError if unreadable."""
+    from parity.dump.stats import is_stats_dump
+
+    if is_stats_dump(path):
+        return DumpSummary(str(path), load_stats(path, allow_incomplete=True), stats=True)
+    return DumpSummary(str(path), load_dump(path, allow_incomplete=True))
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """One registered backend: its first doc line and spec usage, or why it cannot be
+    loaded (`error`); the probe its factory declares, if it does (`factory.probe`)."""
+
+    name: str
+    doc: str = ""
+    usage: str | None = None
+    error: str | None = None
+    probe: Probe | None = None
+
+
+@dataclass
+class BackendListing:
+    """`parity backends`: the registered backends, the faults they offer (name -> what
+    it plants) and the probes they declare."""
+
+    backends: list[BackendEntry] = field(default_factory=list)
+    faults: dict[str, str] = field(default_factory=dict)
+
+    def probes(self) -> list[tuple[Probe, list[str]]]:
+        """Each declared probe (by arch, first seen) with the backends that use it."""
+        out: dict[str, tuple[Probe, list[str]]] = {}
+        for b in self.backends:
+            if b.probe is not None:
+                out.setdefault(b.probe.arch, (b.probe, []))[1].append(b.name)
+        return list(out.values())
+
+
+def list_backends() -> BackendListing:
+    """Every backend registered in the entry-point group parity.backends (a backend
+    that fails to import is listed with the reason, not fatal)."""
+    from parity.taps.backends import registered
+
+    listing = BackendListing()
+    for name, ep in sorted(registered().items()):
+        try:
+            factory = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a backend that fails to import is listed, not fatal
+            listing.backends.append(BackendEntry(name, error=str(exc)))
+            continue
+        doc = (factory.__doc__ or "").strip().splitlines()[0] if (factory.__doc__ or "").strip() else ""
+        probe = getattr(factory, "probe", None)
+        listing.backends.append(BackendEntry(name, doc, getattr(factory, "usage", None),
+                                             probe=probe if isinstance(probe, Probe) else None))
+        with contextlib.suppress(Exception):  # a malformed fault table is not fatal either
+            listing.faults.update(getattr(factory, "faults", {}))
+    return listing

@@ -4,8 +4,9 @@
         parity_check("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=4, padding="left")
 
 `parity_check(ref, cand, inputs=None, **kwargs)` runs parity.compare with the defaults of
-`[tool.parity]` in the rootdir's pyproject.toml (min_cos, thresholds, taps; keyword
-arguments win), asserts, and returns the Report.  `parity_check.compare(...)` returns
+`[tool.parity]` in the rootdir's pyproject.toml, merged the way the CLI merges them
+(`parity.settings.merge`: min_cos and taps given here replace the settings', thresholds
+given here apply after the settings' patterns), asserts, and returns the Report.  `parity_check.compare(...)` returns
 the Report without asserting.  With `--parity-html DIR`, each failing check also writes
 a self-contained HTML report to DIR/<test>.html and names it in the failure."""
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from parity.report.results import Report
-from parity.settings import DEFAULT_MIN_COS, Settings, load_settings
+from parity.settings import Settings, load_settings
 from parity.testing import ParityAssertionError, assert_parity
 
 
@@ -34,19 +35,11 @@ class ParityCheck:
         self.settings, self.html_dir, self.test_name = settings, html_dir, test_name
         self.calls = 0
 
-    def _kwargs(self, kwargs: dict) -> dict:
-        s = self.settings
-        kwargs.setdefault("min_cos", s.min_cos if s.min_cos is not None else DEFAULT_MIN_COS)
-        if s.thresholds and "thresholds" not in kwargs:
-            kwargs["thresholds"] = dict(s.thresholds)
-        if s.taps and "taps" not in kwargs:
-            kwargs["taps"] = s.taps
-        return kwargs
-
     def compare(self, ref, cand, inputs=None, **kwargs) -> Report:
         from parity.api import compare
 
-        return compare(ref, cand, inputs, **self._kwargs(kwargs))
+        kwargs.setdefault("settings", self.settings)  # merged by compare, as the CLI merges them
+        return compare(ref, cand, inputs, **kwargs)
 
     def __call__(self, ref, cand, inputs=None, *, width: int = 120, **kwargs) -> Report:
         self.calls += 1

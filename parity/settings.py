@@ -9,16 +9,23 @@
     "*.mlp" = 0.995
     "output.logits" = 0.99
 
-Command-line flags win: `--min-cos` replaces min_cos, `--threshold` patterns are applied
-after these, `--taps` replaces taps, `-o` replaces output_dir.
+One merge, `merge()`, used by the CLI and the pytest plugin alike: explicit arguments
+(flags, keyword arguments) over these settings over the built-in defaults.  `min_cos`
+replaces min_cos, explicit threshold patterns are applied after these (the last match
+wins), `taps` replaces taps, `output_dir` (`-o`) replaces output_dir.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# light at load (no numpy): the CLI imports this module at start-up
+from parity.comparison.rules import DEFAULT_MIN_COS, Thresholds
+from parity.errors import InputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,10 +36,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 KEYS = ("min_cos", "thresholds", "taps", "output_dir")
 
 
-DEFAULT_MIN_COS = 0.999
+DEFAULT_OUTPUT_DIR = Path("reports")
 
 
-class SettingsError(Exception):
+class SettingsError(InputError):
     """[tool.parity] is malformed (exit code 2)."""
 
 
@@ -41,12 +48,64 @@ class Settings:
     min_cos: float | None = None
     thresholds: tuple[tuple[str, float], ...] = ()
     taps: str | None = None
-    output_dir: Path = Path("reports")
+    output_dir: Path = DEFAULT_OUTPUT_DIR
     source: str | None = None  # the pyproject.toml these came from, None = built-in defaults
 
     def threshold_specs(self, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
         """GLOB=VALUE specs: these settings' patterns, then `extra` (flags win: last match wins)."""
         return [f"{g}={v}" for g, v in self.thresholds] + list(extra)
+
+
+ThresholdsArg = Thresholds | Mapping[str, float] | Iterable[str] | str | None
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What one run uses: explicit arguments over [tool.parity] over the defaults."""
+
+    thresholds: Thresholds
+    taps: str | None
+    output_dir: Path
+
+    @property
+    def min_cos(self) -> float:
+        return self.thresholds.min_cos
+
+
+def patterns(thresholds: ThresholdsArg) -> tuple[tuple[str, float], ...]:
+    """(glob, min_cos) pairs from {glob: min_cos}, "glob=min_cos" or a list of those;
+    InputError for a malformed one."""
+    if thresholds is None:
+        return ()
+    try:
+        if isinstance(thresholds, Mapping):
+            return tuple((str(g), float(v)) for g, v in thresholds.items())
+        if isinstance(thresholds, str):
+            thresholds = [thresholds]
+        return Thresholds.parse(DEFAULT_MIN_COS, [str(s) for s in thresholds]).patterns
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def merge(settings: Settings | None = None, *, min_cos: float | None = None, thresholds: ThresholdsArg = None,
+          taps: str | None = None, output_dir: str | Path | None = None) -> Merged:
+    """Explicit arguments over `settings` over the built-in defaults (None = not given).
+
+    min_cos: explicit, else settings' min_cos, else DEFAULT_MIN_COS.  thresholds: the
+    settings' patterns, then the explicit ones (the last match wins, so an explicit
+    pattern wins where both match); a ready `Thresholds` is taken as it is, its own
+    default included.  taps and output_dir: explicit, else the settings'.  A malformed
+    threshold raises InputError."""
+    s = settings or Settings()
+    if isinstance(thresholds, Thresholds):
+        gate = thresholds
+    else:
+        default = min_cos if min_cos is not None else s.min_cos if s.min_cos is not None else DEFAULT_MIN_COS
+        try:
+            gate = Thresholds(float(default), tuple(s.thresholds) + patterns(thresholds))
+        except (TypeError, ValueError) as exc:
+            raise InputError(str(exc)) from None
+    return Merged(gate, taps or s.taps, Path(output_dir) if output_dir is not None else s.output_dir)
 
 
 def _number(value: Any, where: str) -> float:
@@ -69,7 +128,7 @@ def parse(table: dict, source: str) -> Settings:
         taps = ",".join(taps)
     if taps is not None and not isinstance(taps, str):
         raise SettingsError(f"{source} [tool.parity] taps must be a glob or a list of globs")
-    out = table.get("output_dir", "reports")
+    out = table.get("output_dir", str(DEFAULT_OUTPUT_DIR))
     if not isinstance(out, str) or not out:
         raise SettingsError(f"{source} [tool.parity] output_dir must be a folder name")
     return Settings(min_cos, pairs, taps or None, Path(out), source)

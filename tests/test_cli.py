@@ -189,3 +189,92 @@ def test_cli_start_up_imports_neither_numpy_nor_h5py():
     code = "import sys, parity.cli; bad = {'numpy', 'h5py', 'torch'} & set(sys.modules); assert not bad, bad"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def wide(*args) -> str:
+    """Help or output on a console wide enough that nothing wraps."""
+    result = runner.invoke(app, list(args), env={"COLUMNS": "400"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_help_shows_bracketed_text_literally():
+    """Rich reads `[...]` as markup: help is escaped so `[tool.parity]` shows as written."""
+    diff_help = wide("diff", "--help")
+    assert "(default: [tool.parity] taps, else all)" in diff_help
+    assert "(default: [tool.parity] min_cos, else" in diff_help
+    assert "[+ config.json]" in diff_help and "NAME[,NAME]" in diff_help
+    assert "[tool.parity] taps" in wide("capture", "--help")
+
+
+def test_help_states_the_librarys_defaults():
+    """Defaults are defined once, in the library; where the help states one, it is that one."""
+    from parity.capture.background import DEFAULT_MAX_INFLIGHT_MB
+    from parity.comparison import weights
+    from parity.comparison.rules import DEFAULT_MIN_COS
+    from parity.comparison.stats import DEFAULT_TOLERANCE
+    from parity.taps.backends import BackendOptions
+
+    o = BackendOptions()
+    diff_help = wide("diff", "--help")
+    assert f"else {DEFAULT_MIN_COS})" in diff_help and f"VALUE (default {DEFAULT_TOLERANCE})" in diff_help
+    for text in (f"noise (default: {o.seed})", f"(cuda if available; default: {o.device})",
+                 f"inputs (default: {o.batch})"):
+        assert text in diff_help, text
+    assert f"per output (default: {DEFAULT_MIN_COS})" in wide("component", "--help")
+    assert f"per tap (default: {DEFAULT_MIN_COS})" in wide("frames", "--help")
+    weights_help = wide("weights", "--help")
+    assert f"per parameter (default: {weights.DEFAULT_MIN_COS})" in weights_help
+    assert f"matches (default: {weights.DEFAULT_QUANTIZED_MIN_COS})" in weights_help
+    assert f"writer (default: {DEFAULT_MAX_INFLIGHT_MB})" in wide("capture", "--help")
+
+
+def test_shared_options_are_declared_once():
+    """--threshold, --json, --inject, the model options: one declaration, one help text."""
+    import typer
+
+    group = typer.main.get_command(app)
+    helps: dict[str, set[str]] = {}
+    for command in group.commands.values():
+        for param in command.params:
+            helps.setdefault(param.opts[0], set()).add(param.help)
+    for flag in ("--threshold", "--json", "--inject", "--config", "--seed", "--device", "--dtype", "--weights",
+                 "--batch", "--quiet", "--stats", "--taps-from"):
+        assert len(helps[flag]) == 1, (flag, helps[flag])
+
+
+def test_options_are_grouped_in_panels():
+    diff_help = wide("diff", "--help")
+    for panel in ("Backends", "Model and inputs", "Taps and thresholds", "Output", "Live diffs", "Stats diffs"):
+        assert f"╭─ {panel} " in diff_help, panel
+    assert "╭─ Component " in wide("component", "--help") and "╭─ Frames " in wide("frames", "--help")
+
+
+def test_pi05_defaults_come_from_its_probe_not_the_cli():
+    """component --stack and frames --drift-taps default to what the reference's probe
+    declares; the generic CLI names no pi0.5 stack, part or tap."""
+    from parity.probes.pi05.probe import PROBE
+
+    assert (PROBE.default_stack, PROBE.drift_taps) == ("prefix", "prefix.*.k")
+    assert "mlp" in dict(PROBE.parts) and "[default: prefix" not in wide("component", "--help")
+    assert "prefix.*.k]" not in wide("frames", "--help")
+    listing = wide("backends")
+    assert "default --stack prefix" in listing and "default --drift-taps prefix.*.k" in listing
+    assert "qkv (projections + RoPE)" in listing and "attn (attention core, real mask)" in listing
+
+
+def test_by_token_range_is_the_librarys_one_line_error():
+    code, out = run("diff", "a.h5", "b.h5", "--by-token", "0")
+    assert code == 2 and out.strip() == "error: --by-token must be 1 or more, got 0"
+
+
+def test_inspect_and_backends_render_library_results(tmp_path):
+    from parity.api import BackendListing, DumpSummary, inspect_dump, list_backends
+
+    path = tmp_path / "k.h5"
+    assert run("capture", "--backend", "pytorch", "--taps", "prefix.0.k", "-o", str(path))[0] == 0
+    summary = inspect_dump(path)
+    assert isinstance(summary, DumpSummary) and [t.key for t in summary.taps] == ["prefix.0.k"]
+    listing = list_backends()
+    assert isinstance(listing, BackendListing) and {"pytorch", "hf"} <= {b.name for b in listing.backends}
+    assert "nomask" in listing.faults and [p.arch for p, _ in listing.probes()] == ["pi05"]

@@ -25,7 +25,8 @@ else:  # pragma: no cover
 
 RENDERERS = ("parity.report.terminal", "parity.report.html", "parity.report.markdown", "parity.report.junit",
              "parity.report.model_explorer", "parity.report.svg", "parity.report.progress", "parity.report.text")
-TORCH_AT_LOAD = ("parity.capture", "parity.comparison.device_sums", "parity.comparison.on_device", "parity.comparison.isolate",
+TORCH_AT_LOAD = ("parity.capture", "parity.comparison.device_sums", "parity.comparison.on_device",
+                 "parity.comparison.isolate",
                  "parity.taps.backends")
 
 

@@ -70,3 +70,22 @@ def test_assert_parity_argument_errors():
         assert_parity("pytorch")
     with pytest.raises(TypeError):
         assert_parity(Report(rows=[]), "flash")
+
+
+def test_fixture_merges_tool_parity_as_the_cli_does():
+    """Keyword thresholds apply after [tool.parity]'s patterns (they win where both
+    match), min_cos and taps given replace the settings', as `--threshold`/`--min-cos`
+    do on the command line (parity.settings.merge)."""
+    from parity.pytest_plugin import ParityCheck
+    from parity.settings import Settings
+
+    settings = Settings(min_cos=0.5, thresholds=(("toy.0.*", 0.4), ("toy.1.*", 0.3)), taps="toy.[01].*")
+    check = ParityCheck(settings, None, "t")
+    report = check.compare("toy_backends:slow", "toy_backends:slow", device="cpu", thresholds={"toy.1.*": 0.9})
+    assert report.thresholds["min_cos"] == 0.5
+    assert report.thresholds["patterns"] == {"toy.0.*": 0.4, "toy.1.*": 0.9}
+    assert {r.key for r in report.rows} == {"toy.0.out", "toy.1.out"}
+    report = check.compare("toy_backends:slow", "toy_backends:slow", device="cpu", min_cos=0.8, taps="toy.2.*")
+    assert report.thresholds["min_cos"] == 0.8 and {r.key for r in report.rows} == {"toy.2.out"}
+    assert ParityCheck(Settings(), None, "t").compare("toy_backends:slow", "toy_backends:slow",
+                                                      device="cpu").thresholds["min_cos"] == 0.999

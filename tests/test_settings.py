@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -87,3 +88,42 @@ def test_malformed_settings_exit_2_with_one_line(tmp_path, monkeypatch):
     result = runner.invoke(app, ["diff", "--ref", "pytorch", "--cand", "flash"])
     assert result.exit_code == 2 and "unknown key 'colour'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_merge_explicit_over_settings_over_defaults():
+    from parity.comparison.rules import DEFAULT_MIN_COS, Thresholds
+    from parity.errors import InputError
+    from parity.settings import merge
+
+    s = Settings(min_cos=0.995, thresholds=(("*.mlp", 0.99),), taps="prefix.*", output_dir=Path("out"))
+    m = merge()
+    assert (m.min_cos, m.thresholds.patterns, m.taps, m.output_dir) == (DEFAULT_MIN_COS, (), None, Path("reports"))
+    m = merge(s)
+    assert (m.min_cos, m.thresholds.patterns, m.taps, m.output_dir) == (0.995, (("*.mlp", 0.99),), "prefix.*",
+                                                                         Path("out"))
+    m = merge(s, min_cos=0.9, thresholds=["*.mlp=0.5", "x=0.1"], taps="a.*", output_dir="o2")
+    assert m.min_cos == 0.9 and m.taps == "a.*" and m.output_dir == Path("o2")
+    assert m.thresholds.patterns == (("*.mlp", 0.99), ("*.mlp", 0.5), ("x", 0.1))  # explicit after: they win
+    assert m.thresholds.for_tap("prefix.0.mlp", "prefix.0.mlp") == 0.5
+    assert merge(s, thresholds={"y": 0.2}).thresholds.patterns == (("*.mlp", 0.99), ("y", 0.2))
+    ready = Thresholds(0.5, (("z", 0.1),))
+    assert merge(s, thresholds=ready).thresholds is ready  # a ready gate is taken as it is
+    assert merge(Settings(min_cos=0.0)).min_cos == 0.0  # a zero in [tool.parity] is a value, not "unset"
+    with pytest.raises(InputError, match="bad threshold"):
+        merge(s, thresholds=["nonsense"])
+
+
+def test_cli_and_plugin_use_the_one_merge():
+    """Neither has a merge of its own: both hand [tool.parity] to the library."""
+    src = {name: (Path(__file__).resolve().parents[1] / "parity" / name).read_text()
+           for name in ("cli.py", "pytest_plugin.py")}
+    for name, text in src.items():
+        assert "threshold_specs" not in text and ".min_cos or" not in text and "s.thresholds" not in text, name
+    assert "settings=settings" in src["cli.py"] and '"settings", self.settings' in src["pytest_plugin.py"]
+
+
+def test_settings_min_cos_of_zero_is_used_by_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(write(tmp_path, "[tool.parity]\nmin_cos = 0.0\n"))
+    result = runner.invoke(app, ["diff", "--ref", "pytorch", "--cand", "flash_fp8", "--inject", "nomask",
+                                 "--taps", "prefix.0.*", "--no-isolate", "--json", "r.json"])
+    assert json.loads((tmp_path / "r.json").read_text())["thresholds"]["min_cos"] == 0.0, result.output

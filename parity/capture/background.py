@@ -131,7 +131,7 @@ class BackgroundWriter:
             self._thread.join()
         self._raise_pending()
 
-    def __enter__(self) -> "BackgroundWriter":
+    def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -37,7 +37,8 @@ class Observation:
         out: dict = {}
         if new:
             out["graph_breaks"] = sum(new.values())
-            out["graph_break_reasons"] = [str(k)[:200] for k, _ in sorted(new.items(), key=lambda kv: -kv[1])][:_REASONS]
+            by_count = sorted(new.items(), key=lambda kv: -kv[1])
+            out["graph_break_reasons"] = [str(k)[:200] for k, _ in by_count][:_REASONS]
         if graphs > self._graphs:
             out["graphs_compiled"] = graphs - self._graphs
         if model_note:

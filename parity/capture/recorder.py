@@ -31,13 +31,13 @@ from parity.taps.probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, t
 from parity.taps.records import Capture, CaptureError, Tap, TapInfo
 
 
-def _pre_hook(rec: "Recorder", spec: "_ModuleTaps", module, args):
+def _pre_hook(rec: Recorder, spec: _ModuleTaps, module, args):
     if torch.compiler.is_compiling():
         return _pre_opaque(rec, spec, module, args)
     return rec.pre(spec, module, args)
 
 
-def _post_hook(rec: "Recorder", spec: "_ModuleTaps", module, args, output):
+def _post_hook(rec: Recorder, spec: _ModuleTaps, module, args, output):
     if torch.compiler.is_compiling():
         return _post_opaque(rec, spec, module, args, output)
     return rec.post(spec, module, output)
@@ -119,7 +119,7 @@ class Recorder:
         self.order = 0
         self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         try:
             for module_name, module in self.model.named_modules():
                 hits = self.probe.taps_for(module_name)
@@ -231,11 +231,11 @@ class Recorder:
         self.order += 1
         if self.stager.capturing:
             self.defer = True  # the copy holds real values only after the graph replays
-        if not self.defer:
-            if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes:
-                # Over budget: wait for the oldest copies and hand them over (half the budget
-                # at a time, so the wait is not paid on every later tap).
-                self.flush(keep_bytes=self.max_staged_bytes // 2)
+        over = self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes
+        if over and not self.defer:
+            # Over budget: wait for the oldest copies and hand them over (half the budget
+            # at a time, so the wait is not paid on every later tap).
+            self.flush(keep_bytes=self.max_staged_bytes // 2)
         if self.on_record is not None:
             self.on_record(info)
         if not self.defer:

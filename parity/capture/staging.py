@@ -38,9 +38,9 @@ _BIT_VIEWS = {  # dtypes numpy cannot hold: stored as their raw bits
 }
 
 
-_NUMPY = {t: n for t, n in ((torch.float64, np.float64), (torch.float32, np.float32), (torch.float16, np.float16),
-                            (torch.int64, np.int64), (torch.int32, np.int32), (torch.int16, np.int16),
-                            (torch.int8, np.int8), (torch.uint8, np.uint8), (torch.bool, np.bool_))}
+_NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+          torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16,
+          torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
 
 
 _NUMPY.update({t: n for t, (_, n) in _BIT_VIEWS.items()})
@@ -71,7 +71,7 @@ class Staged:
     """A tap copy of its own on its way to the host; `ready()` is the host tensor, once there."""
 
     tensor: torch.Tensor  # pinned host buffer (CUDA path) or the device-side clone
-    event: "torch.cuda.Event | None" = None  # completes when the host buffer holds the tap
+    event: torch.cuda.Event | None = None  # completes when the host buffer holds the tap
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +124,7 @@ class SlotStaged:
 
     __slots__ = ("stager", "batch", "offset", "nbytes", "dtype", "shape")
 
-    def __init__(self, stager: "Stager", batch: _Batch, offset: int, nbytes: int, dtype: torch.dtype,
+    def __init__(self, stager: Stager, batch: _Batch, offset: int, nbytes: int, dtype: torch.dtype,
                  shape: torch.Size) -> None:
         self.stager, self.batch, self.offset, self.nbytes = stager, batch, offset, nbytes
         self.dtype, self.shape = dtype, shape
@@ -257,7 +257,7 @@ class Stager:
 
     # ------------------------------------------------------------------ taps on their own
 
-    def _side_stream(self, device: torch.device) -> "torch.cuda.Stream":
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
         side = self._side.get(device)
         if side is None:
             side = self._side[device] = torch.cuda.Stream(device)

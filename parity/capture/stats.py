@@ -1,7 +1,7 @@
 """Per-tap summaries computed on the device where the tap lives (torch).
 
 Why on the device: a stats scan exists to avoid moving tensors.  Each tap is reduced where
-it was produced to a float64 vector (`parity.stats.FIELDS`) and an int64 checksum of its
+it was produced to a float64 vector (`parity.taps.stats.FIELDS`) and an int64 checksum of its
 exact bits.  Taps are laid end to end in a device batch (four copies per tap) and a batch
 is reduced by a fixed number of kernels, however many taps it holds: a model of
 thousands of small taps would otherwise spend its time launching ~75 kernels per tap.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from parity.capture.staging import graph_capturing
-from parity.comparison.align import token_order
+from parity.comparison.align import fits, token_order
 from parity.taps.records import CaptureError, Layout, TapInfo
 from parity.taps.stats import FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
 
@@ -302,7 +302,7 @@ class StatsSink:
     def _valid_tokens(self, value: torch.Tensor, layout: str | None) -> tuple[torch.Tensor, str, str]:
         """[valid tokens, *features] in canonical order under a fitting layout, else the tensor."""
         spec = self.layouts.get(layout) if layout else None
-        if spec is None or value.dim() < 2 or tuple(value.shape[:2]) != spec.slots.shape:
+        if spec is None or not fits(tuple(value.shape), spec):
             return value, TOKENS_ALL, ""
         host, positions = self._positions[layout]
         key = (layout, value.device)

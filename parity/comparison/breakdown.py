@@ -1,38 +1,74 @@
-"""Where inside a tap an error lives: per region, per chunk of positions, per head."""
+"""Where inside a tap an error lives: per region, per chunk of positions, per head.
+
+The groups are defined once here (`Groups`) and every comparer (host, streamed, on the
+device) breaks a tap down by them, so their tables agree group for group and label for
+label.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
 import numpy as np
 
-from parity.comparison.metrics import compare
-from parity.taps.records import Layout
+from parity.comparison.align import Alignment
+from parity.comparison.metrics import Metrics, compare
 
 
-def chunk_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None,
-                  size: int) -> dict:
-    """Metrics per chunk of `size` canonical positions ("0-15", "16-31", ...), the seed's
-    per-chunk table: where along the sequence an error lives, region names or not."""
-    if layout is None or idx is None:
-        return {}
-    pos = idx % layout.length
-    which = pos // size
-    return {f"{k * size}-{min((k + 1) * size, layout.length) - 1}": compare(r64[which == k], c64[which == k])
-            for k in np.unique(which)}
+def chunk_label(k: int, size: int, length: int) -> str:
+    """Chunk k of `size` canonical positions, as the tables name it: "16-31"."""
+    return f"{k * size}-{min((k + 1) * size, length) - 1}"
 
 
-def head_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None) -> list:
-    """Per attention head, for token tensors whose features are [heads, head_dim] (q, k, v
-    as the attention core sees them): which heads carry the error."""
-    if idx is None or r64.ndim != 3 or r64.shape[1] < 2:
-        return []
-    return [compare(r64[:, h], c64[:, h]) for h in range(r64.shape[1])]
+@dataclass(frozen=True)
+class Groups:
+    """The groups of one aligned pair: the named region and the `--by-token` chunk each
+    compared token is in, and the attention heads of a token.  Empty without a token
+    layout (the whole tensor is compared as one)."""
+
+    region_of: np.ndarray | None  # [N] region index of each compared token (-1: none); None: no regions
+    regions: tuple[str, ...]  # region names, by index
+    chunk_of: np.ndarray | None  # [N] chunk index of each compared token; None: no chunks asked for
+    chunks: tuple[str, ...]  # chunk labels, by index: "0-15", "16-31", ...
+    heads: int  # heads per token for [N, heads, dim] taps (q, k, v as attention sees them), else 0
+
+    @classmethod
+    def of(cls, a: Alignment, chunk: int | None) -> Groups:
+        """The groups of `a`'s compared tokens; `chunk`: positions per chunk (None: no chunks)."""
+        idx, layout = a.canonical, a.layout
+        if idx is None or layout is None:
+            return cls(None, (), None, (), 0)
+        region_of = layout.region_of(idx) if layout.regions else None
+        chunk_of = (idx % layout.length) // chunk if chunk else None
+        chunks = tuple(chunk_label(k, chunk, layout.length) for k in range(-(-layout.length // chunk))) \
+            if chunk else ()
+        feats = a.shape[1:]
+        heads = feats[0] if len(feats) == 2 and feats[0] >= 2 else 0
+        return cls(region_of, tuple(r.name for r in layout.regions), chunk_of, chunks, heads)
+
+    def token_groups(self) -> Iterator[tuple[str, str, np.ndarray]]:
+        """(kind, name, which tokens [N] bool) of every region, then every chunk, that holds
+        a compared token, in index order."""
+        for kind, of, names in (("region", self.region_of, self.regions), ("chunk", self.chunk_of, self.chunks)):
+            if of is None:
+                continue
+            for i, name in enumerate(names):
+                on = of == i
+                if on.any():
+                    yield kind, name, on
+
+    def tables(self, regions: Iterable[tuple[int, Metrics]],
+               chunks: Iterable[tuple[int, Metrics]]) -> tuple[dict, dict]:
+        """(regions, chunks) tables from metrics by group index (tokens in no region: -1)."""
+        return ({self.regions[i]: m for i, m in sorted(regions, key=lambda p: p[0]) if i >= 0},
+                {self.chunks[k]: m for k, m in sorted(chunks, key=lambda p: p[0])})
 
 
-def region_metrics(r64: np.ndarray, c64: np.ndarray, idx: np.ndarray | None, layout: Layout | None) -> dict:
-    """Metrics per named region of the layout (image vs text tokens, each camera, ...):
-    where in the sequence a divergence lives.  Empty when the layout declares none."""
-    if layout is None or idx is None or not layout.regions:
-        return {}
-    which = layout.region_of(idx)
-    return {reg.name: compare(r64[which == i], c64[which == i]) for i, reg in enumerate(layout.regions)
-            if (which == i).any()}
+def breakdown(r64: np.ndarray, c64: np.ndarray, groups: Groups) -> tuple[dict, dict, list]:
+    """(regions, chunks, heads) Metrics of a pair's compared arrays r64, c64 [N, *features]."""
+    tables: dict[str, dict] = {"region": {}, "chunk": {}}
+    for kind, name, on in groups.token_groups():
+        tables[kind][name] = compare(r64[on], c64[on])
+    heads = [compare(r64[:, h], c64[:, h]) for h in range(groups.heads)]  # [N, dim] per head
+    return tables["region"], tables["chunk"], heads

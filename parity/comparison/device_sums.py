@@ -1,6 +1,6 @@
 """Tap metrics computed where the taps are: torch reductions on the device, in float64.
 
-The on-device compare (`live.py`) must give the report the host path gives, without
+The on-device compare (`on_device`) must give the report the host path gives, without
 copying tensors to the host and without stalling the forward.  So this module reduces a
 tap pair to exactly the sums `metrics.MetricAccumulator` finishes (counts, dot products,
 squared and absolute differences, the largest difference and where it is, the first
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from parity.comparison.align import Alignment
+from parity.comparison.breakdown import Groups
 from parity.comparison.metrics import MetricAccumulator, Metrics
 
 # Columns of a group's row.
@@ -75,7 +76,7 @@ class Plan:
     ref_order: torch.Tensor | None
     cand_order: torch.Tensor | None
     max_taps: int
-    batch: "Batch | None" = None
+    batch: Batch | None = None
 
     @property
     def capacity(self) -> int:
@@ -83,41 +84,27 @@ class Plan:
         return self.max_taps * self.units * self.unit_len
 
     @classmethod
-    def build(cls, a: Alignment, ref_dtype: str, cand_dtype: str, chunk: int | None, device: torch.device,
-              max_taps: int, max_elements: int) -> "Plan":
-        shape, idx, layout = a.shape, a.canonical, a.layout
+    def build(cls, a: Alignment, groups: Groups, ref_dtype: str, cand_dtype: str, device: torch.device,
+              max_taps: int, max_elements: int) -> Plan:
+        shape, idx = a.shape, a.canonical
+        heads = groups.heads or 1
         if idx is None:
-            tokens, heads, unit_len = 1, 1, int(np.prod(shape, dtype=np.int64))
+            tokens, unit_len = 1, int(np.prod(shape, dtype=np.int64))
         else:
             tokens, feats = shape[0], shape[1:]
-            heads = feats[0] if len(feats) == 2 and feats[0] >= 2 else 1
             unit_len = int(np.prod(feats[1:] if heads > 1 else feats, dtype=np.int64))
         units = tokens * heads
-        u_tok, u_head = np.arange(units) // heads, np.arange(units) % heads
+        u_tok, u_head = np.arange(units) // heads, np.arange(units) % heads  # [U] token, head of each unit
         per_token = heads * unit_len
         names: list[tuple[str, object]] = [("total", None)]
-        members = [(np.ones(units, bool), u_tok * per_token + u_head * unit_len)]
-
-        def by_token_label(kind: str, labels: np.ndarray, keys) -> None:
-            for key, name in keys:
-                on = labels == key
-                if not on.any():
-                    continue
-                rank = np.cumsum(on) - 1
-                names.append((kind, name))
-                members.append((on[u_tok], rank[u_tok] * per_token + u_head * unit_len))
-
-        if idx is not None and layout is not None and layout.regions:
-            which = layout.region_of(idx)
-            by_token_label("region", which, [(i, reg.name) for i, reg in enumerate(layout.regions)])
-        if idx is not None and layout is not None and chunk:
-            which = (idx % layout.length) // chunk
-            by_token_label("chunk", which, [(int(k), f"{k * chunk}-{min((k + 1) * chunk, layout.length) - 1}")
-                                            for k in np.unique(which)])
-        if heads > 1:
-            for h in range(heads):
-                names.append(("head", h))
-                members.append((u_head == h, u_tok * unit_len))
+        members = [(np.ones(units, bool), u_tok * per_token + u_head * unit_len)]  # ([U] in it, [U] offset)
+        for kind, name, on in groups.token_groups():  # on: [tokens] bool
+            rank = np.cumsum(on) - 1  # [tokens] the token's place among the group's tokens
+            names.append((kind, name))
+            members.append((on[u_tok], rank[u_tok] * per_token + u_head * unit_len))
+        for h in range(groups.heads):
+            names.append(("head", h))
+            members.append((u_head == h, u_tok * unit_len))
         member = np.stack([m for m, _ in members], axis=1)  # [U, G]
         src, dst = np.nonzero(member)
         offset = np.stack([o for _, o in members], axis=1)[src, dst]
@@ -125,7 +112,8 @@ class Plan:
         def on_device(x, dtype):
             return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)
 
-        return cls(shape=tuple(shape), units=units, unit_len=unit_len, scaled=_scaled_dtype(ref_dtype) or _scaled_dtype(cand_dtype),
+        return cls(shape=tuple(shape), units=units, unit_len=unit_len,
+                   scaled=_scaled_dtype(ref_dtype) or _scaled_dtype(cand_dtype),
                    names=names, sizes=member.sum(axis=0) * unit_len,
                    member=on_device(member, torch.float64), src=on_device(src, torch.int64),
                    dst=on_device(dst, torch.int64), offset=on_device(offset, torch.float64),
@@ -177,8 +165,8 @@ class Reducer:
         key = (tuple(ref.shape), tuple(cand.shape), ref.layout, cand.layout, ref.dtype, cand.dtype, device)
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = Plan.build(a, ref.dtype, cand.dtype, self.chunk, device, self.max_taps,
-                                                self.max_elements)
+            plan = self.plans[key] = Plan.build(a, Groups.of(a, self.chunk), ref.dtype, cand.dtype, device,
+                                                self.max_taps, self.max_elements)
         return plan
 
     @torch.inference_mode()

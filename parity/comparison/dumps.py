@@ -8,7 +8,7 @@ re-exports every name here.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from parity.comparison.rules import Thresholds
 from parity.dump.format import DumpError

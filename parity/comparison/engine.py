@@ -1,6 +1,6 @@
 """Which arithmetic a streamed diff uses: the fused numba kernel or plain numpy.
 
-The kernel (`parity.fused`) is ~50x faster per element, but importing numba costs ~0.4 s
+The kernel (`fused`) is ~50x faster per element, but importing numba costs ~0.4 s
 and a first compilation several seconds (then cached on disk), so it is used only when
 the data to compare is large enough (`FUSED_MIN_BYTES`) and numba is installed; small
 dumps, and machines without numba, take the numpy path (`MetricAccumulator.update`).

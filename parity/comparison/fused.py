@@ -16,7 +16,7 @@ case the caller recomputes that chunk with the numpy path.  fastmath is limited 
 reassociation (vectorised float64 sums, any order) and contraction (FMA): NaN/Inf tests
 stay exact, and non-finite elements are excluded exactly as the numpy path excludes them.
 
-This module imports numba at import time: import it only through `parity.engine`.
+This module imports numba at import time: import it only through `engine.load_kernel`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ is the probe's `ComponentAdapter`; this module knows no model.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ import torch
 from parity.capture.staging import to_storage
 from parity.comparison.host import compare_taps
 from parity.comparison.rules import Thresholds
-from parity.report.results import TapResult
+from parity.report.results import PartResult, TapResult, Unit
 from parity.taps.records import Layout, Tap, TapInfo
 
 CallKey = tuple[str, int, "int | None"]  # (stack, layer, step)
@@ -69,24 +70,6 @@ class ComponentAdapter(Protocol):
     def run(self, module, args, kwargs, feed=None, part=None, until=None) -> dict[str, Any]: ...
     def alternatives(self, part: str, stack: str) -> list[tuple[str, Callable]]: ...
     def subparts(self, part: str) -> tuple[str, ...]: ...
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One isolatable component: a part of one layer call."""
-
-    stack: str
-    layer: int
-    step: int | None
-    part: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.stack}.{self.layer}.{self.part}" + (f"@{self.step}" if self.step is not None else "")
-
-    @property
-    def call(self) -> CallKey:
-        return (self.stack, self.layer, self.step)
 
 
 @dataclass
@@ -136,7 +119,7 @@ class CallRecorder:
     def reusable(backend) -> bool:
         return not getattr(backend.model, "parity_static_buffers", False)
 
-    def __enter__(self) -> "CallRecorder":
+    def __enter__(self) -> CallRecorder:
         pattern = re.compile(self.adapter.layer_pattern)
         counts: dict[str, int] = {}
 
@@ -213,48 +196,6 @@ def relayout(src: torch.Tensor, src_layout: Layout, dst_layout: Layout, fill: to
     out[idx(dr, out.device), idx(dc, out.device)] = src[idx(sr, src.device), idx(sc, src.device)].to(out.device,
                                                                                                     out.dtype)
     return out
-
-
-@dataclass
-class PartResult:
-    """A part re-run on the reference's inputs: one row per compared output (q, k and v
-    for `qkv`); `error` when the candidate raised; `hint` when a rule's evidence holds."""
-
-    unit: Unit
-    rows: list[TapResult] = field(default_factory=list)
-    error: str | None = None
-    hint: str | None = None
-    narrowed: str | None = None  # the failing sub-part, e.g. rope inside qkv
-    ref_meta: dict = field(default_factory=dict)
-    cand_meta: dict = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return self.error is None and bool(self.rows) and all(r.passed for r in self.rows)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    @property
-    def worst(self) -> TapResult | None:
-        failing = [r for r in self.rows if not r.passed]
-        pool = failing or self.rows
-        return min(pool, key=lambda r: r.cos if r.cos is not None and r.cos == r.cos else -2.0) if pool else None
-
-    def summary(self) -> str:
-        if self.error:
-            return f"raised: {self.error}"
-        w = self.worst
-        if w is None:
-            return "nothing compared"
-        parts = ", ".join(f"{r.info.component} cos={r.cos:.6f}" if r.metrics else f"{r.info.component} {r.status}"
-                          for r in self.rows)
-        return ("pass: " if self.passed else "fail: ") + parts
-
-    def to_dict(self) -> dict:
-        return {"component": self.unit.name, "stack": self.unit.stack, "layer": self.unit.layer,
-                "step": self.unit.step, "part": self.unit.part, "passed": self.passed, "error": self.error,
-                "hint": self.hint, "narrowed": self.narrowed, "outputs": [r.to_dict() for r in self.rows]}
 
 
 class Isolator:

@@ -165,7 +165,7 @@ class MetricAccumulator:
     def add_sums(self, n: int, n_valid: int, counts: tuple[int, int, int, int], first_nonfinite: int,
                  max_abs: float, max_abs_index: int, max_ref: float, max_cand: float,
                  dot: float, rr: float, cc: float, dd: float, sad: float) -> None:
-        """Add one chunk given as its raw (unscaled) float64 sums, as `parity.fused` makes them.
+        """Add one chunk given as its raw (unscaled) float64 sums, as `fused` makes them.
 
         Indices are relative to the chunk (-1: none); sums are over the pairs finite on both
         sides, maxima of |ref|, |cand|, |cand - ref| over them.  The caller guarantees the
@@ -193,7 +193,7 @@ class MetricAccumulator:
     @classmethod
     def from_sums(cls, n: int, n_valid: int, counts: tuple[int, int, int, int], first_nonfinite: int | None,
                   max_abs: float, max_abs_index: int | None, dot: float, rr: float, cc: float, dd: float,
-                  sad: float, exponents: tuple[int, int, int] = (0, 0, 0)) -> "MetricAccumulator":
+                  sad: float, exponents: tuple[int, int, int] = (0, 0, 0)) -> MetricAccumulator:
         """An accumulator holding sums computed elsewhere (the on-device compare reduces a
         tensor to exactly these quantities), so `result()` finishes them into Metrics the
         same way for every path.  `exponents` (er, ec, ed): the sums are scaled as in the

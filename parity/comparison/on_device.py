@@ -5,13 +5,13 @@ diff there; at full size that is ~1 GB per forward through the PCIe bus and nump
 Here the reference run stashes its taps on the device (clones; past a device budget,
 in pinned host memory, on their way there without a host sync), and the candidate run
 hands each tap to a comparer that reduces it against the reference tap on the device
-(`device`), keeping the few float64 sums per tap on the device until the end.
+(`device_sums`), keeping the few float64 sums per tap on the device until the end.
 Both sinks use the capture's device-tensor protocol (`add_device_tap`), so no tap is
 ever staged for the host.
 
-The report is built by the same `diff.diff` loop as every other diff, over the two runs'
+The report is built by the same `loop.diff` loop as every other diff, over the two runs'
 tap headers, with metrics finished by the host accumulator's code and verdicts by
-`diff.judged`: the same report as the host path, up to float64 summation order.
+`rules.judged`: the same report as the host path, up to float64 summation order.
 
 `stop_at_first`: the comparer judges each tap as soon as its sums reach the host (the
 transfer starts right after the tap; the forward is not stalled for it) and ends the
@@ -30,11 +30,11 @@ import torch
 from parity.capture.recorder import StopRun, capture
 from parity.capture.staging import graph_capturing
 from parity.comparison import device_sums
-from parity.comparison.align import align
+from parity.comparison.align import Refusal, align
 from parity.comparison.device_sums import Reducer, group_metrics
 from parity.comparison.host import compare_taps
 from parity.comparison.loop import diff
-from parity.comparison.rules import Thresholds, judged
+from parity.comparison.rules import Thresholds, judged, refused
 from parity.report.results import Report, TapResult
 from parity.taps.codec import storage_dtype
 from parity.taps.records import Capture, Tap, TapInfo
@@ -167,11 +167,11 @@ class LiveComparer(_Sink):
         signature = (ref.shape, cand.shape, ref.layout, cand.layout, ref.dtype, cand.dtype)
         a = self.aligned.get(signature)  # layers repeat their taps' signatures: align each once
         if a is None:
-            a = align(ref, cand, self.stash.layouts, self.layouts, threshold)
-            if not isinstance(a, TapResult):
+            a = align(ref, cand, self.stash.layouts, self.layouts)
+            if not isinstance(a, Refusal):  # a refusal may name a layout the run has yet to define
                 self.aligned[signature] = a
-        if isinstance(a, TapResult):
-            self._done(a)
+        if isinstance(a, Refusal):
+            self._done(refused(ref, cand, threshold, a))
         elif value.numel() == 0:
             self._done(self._empty(ref, cand, threshold))
         else:
@@ -190,7 +190,7 @@ class LiveComparer(_Sink):
     def _judge(self, token, plan, rows: np.ndarray) -> TapResult:
         ref, cand, threshold, a = token
         total, regions, chunks, heads = group_metrics(rows, plan)
-        return judged(ref, cand, threshold, self.exact_dtypes, total, regions, chunks, heads, a.shape, a.canonical)
+        return judged(ref, cand, a, threshold, self.exact_dtypes, total, regions, chunks, heads)
 
     def _empty(self, ref: Header, cand: Header, threshold: float) -> TapResult:
         """A tap pair with no elements: judged by the host code on empty arrays (no data)."""

@@ -1,11 +1,11 @@
 """Comparing two stats runs: which taps are bit-identical, which drifted, where it starts.
 
-The pairing, run-level problems and the verdict are the tensor diff's own (`diff.diff`
+The pairing, run-level problems and the verdict are the tensor diff's own (`loop.diff`
 with a per-tap comparator, a `Report` subclass); only judging one tap pair differs:
 
 - bit-identical (equal checksums, dtypes, shapes and valid token positions): pass;
-- a NaN/Inf on either side, a shape, dtype or token-position mismatch: fail, as in the
-  tensor diff;
+- a NaN/Inf on either side, a dtype change: fail, as in the tensor diff; a shape or
+  token-position mismatch: refused by the tensor diff's own pair check (`align.refusal`);
 - otherwise the relative change of the L2 norm, of the standard deviation and of max |x|,
   and the mean's shift in units of the reference's standard deviation; any beyond the
   tap's tolerance fails it.
@@ -22,29 +22,22 @@ from __future__ import annotations
 
 import math
 
+from parity.comparison.align import Side, refusal
 from parity.comparison.loop import diff
-from parity.comparison.rules import Thresholds
+from parity.comparison.rules import Bound, Thresholds, row
 from parity.report.results import MEASURES, PASS, StatsReport, StatsResult
-from parity.taps.stats import StatsCapture, TapStats
+from parity.taps.stats import TOKENS_VALID, StatsCapture, TapStats
 
 DEFAULT_TOLERANCE = 0.05
 
 
-def tolerances(default: float = DEFAULT_TOLERANCE, specs: list[str] | tuple[str, ...] = ()) -> Thresholds:
-    """Per-tap relative tolerances: `default` unless a GLOB=VALUE spec matches (last wins).
+TOLERANCE = Bound("stats tolerance", "TOL", "max", 0.0, 1.0, low_open=True)  # on each measure's size
 
-    A tensor diff's Thresholds, read as tolerances; ValueError outside (0, 1]."""
-    if not 0 < default <= 1:
-        raise ValueError(f"stats tolerance {default} is outside (0, 1]")
-    try:
-        tol = Thresholds.parse(default, list(specs))
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("cosine threshold", "stats tolerance").replace("MIN_COS", "TOL")
-                         .replace("[-1, 1]", "(0, 1]")) from None
-    for glob, value in tol.patterns:
-        if not 0 < value <= 1:
-            raise ValueError(f"stats tolerance {value} ({glob}) is outside (0, 1]")
-    return tol
+
+def tolerances(default: float = DEFAULT_TOLERANCE, specs: list[str] | tuple[str, ...] = ()) -> Thresholds:
+    """Per-tap relative tolerances: `default` unless a GLOB=VALUE spec matches (last wins);
+    ValueError outside (0, 1]."""
+    return Thresholds.parse(default, list(specs), TOLERANCE)
 
 
 def _relative(cand: float, ref: float) -> float:
@@ -75,33 +68,33 @@ def _nonfinite(t: TapStats) -> str:
     return ", ".join(parts) or "none"
 
 
+def summarised(t: TapStats) -> Side:
+    """What a summary covers, as the pair check sees a side: its valid tokens (identified
+    by the digest of their positions) or the whole tensor."""
+    return Side(tuple(t.summarised_shape), t.positions if t.tokens == TOKENS_VALID else None)
+
+
 def compare_stats(ref: TapStats, cand: TapStats, _ref_layouts, _cand_layouts, tol: float,
                   exact_dtypes: bool = True, _chunk=None) -> StatsResult:
-    """One tap pair (the signature of `diff.compare_taps`).  Never raises."""
-    base = dict(info=ref.info, order=ref.order, threshold=tol, ref_shape=ref.shape, cand_shape=cand.shape,
-                ref_dtype=ref.dtype, cand_dtype=cand.dtype, ref_stats=ref, cand_stats=cand)
-    both = f"ref {list(ref.shape)} {ref.dtype}, cand {list(cand.shape)} {cand.dtype}"
-    if (ref.tokens, ref.positions) != (cand.tokens, cand.positions):
-        def which(t):
-            return f"{t.summarised_shape[0] if t.summarised_shape else 1} valid" if t.tokens == "valid" else "all"
-        return StatsResult(status="layout", reason=f"valid token positions differ (ref {which(ref)}, cand "
-                                                   f"{which(cand)}; {both})", **base)
-    if ref.summarised_shape != cand.summarised_shape:
-        return StatsResult(status="shape", reason=f"shape {list(ref.shape)} vs {list(cand.shape)} ({both})", **base)
+    """One tap pair (the signature of `host.compare_taps`).  Never raises."""
+    def result(status: str, reason: str, **fields) -> StatsResult:
+        return row(ref, cand, tol, status, reason, StatsResult, ref_stats=ref, cand_stats=cand, **fields)
+
+    why = refusal(ref, cand, summarised(ref), summarised(cand), decodes=False)  # summaries: any dtype
+    if why is not None:
+        return result(why.status, why.reason)
     identical = ref.checksum == cand.checksum and ref.dtype == cand.dtype
     if ref["finite"] != ref["count"] or cand["finite"] != cand["count"]:
-        return StatsResult(status="nonfinite", reason=f"NaN/Inf: ref {_nonfinite(ref)}, cand {_nonfinite(cand)}",
-                           identical=identical, **base)
+        return result("nonfinite", f"NaN/Inf: ref {_nonfinite(ref)}, cand {_nonfinite(cand)}", identical=identical)
     if ref["count"] == 0:
-        return StatsResult(status="empty", reason="no valid elements to compare", identical=identical, **base)
+        return result("empty", "no valid elements to compare", identical=identical)
     if exact_dtypes and ref.dtype != cand.dtype:
-        return StatsResult(status="dtype", reason=f"dtype {ref.dtype} vs {cand.dtype}", **base)
-    m = {k: 0.0 for k in MEASURES} if identical else measures(ref, cand)
-    over = [f"{k} {v:+.3g}" for k, v in m.items() if not abs(v) <= tol]
+        return result("dtype", f"dtype {ref.dtype} vs {cand.dtype}")
+    m = dict.fromkeys(MEASURES, 0.0) if identical else measures(ref, cand)
+    over = [f"{k} {v:+.3g}" for k, v in m.items() if not TOLERANCE.met(v, tol)]
     if over:
-        return StatsResult(status="fail", reason=f"{', '.join(over)} beyond {tol:g}", measures=m, **base)
-    return StatsResult(status=PASS, reason="bit-identical" if identical else "", measures=m, identical=identical,
-                       **base)
+        return result("fail", f"{', '.join(over)} beyond {tol:g}", measures=m)
+    return result(PASS, "bit-identical" if identical else "", measures=m, identical=identical)
 
 
 def diff_stats(ref: StatsCapture, cand: StatsCapture, tol: Thresholds | None = None,

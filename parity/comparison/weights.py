@@ -19,13 +19,12 @@ Like `parity diff`, a report is truthy when every parameter passed.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import numpy as np
 
 from parity.comparison.metrics import MetricAccumulator, Metrics
-from parity.comparison.rules import Thresholds
+from parity.comparison.rules import COSINE, Thresholds
 from parity.report.results import ParamResult, WeightsReport
 from parity.taps.backends import ParamView
 from parity.taps.codec import to_float64
@@ -88,10 +87,10 @@ def measure(ref: Values, cand: Values, transposed: bool = False, shift: float = 
 def threshold_for(name: str, quantized: bool, thresholds: Thresholds, quantized_min_cos: float) -> float:
     """A matching --threshold pattern (the last wins), else the quantised default for a
     declared-quantised parameter, else --min-cos."""
-    matched = [v for glob, v in thresholds.patterns if fnmatch.fnmatchcase(name, glob)]
-    if matched:
-        return matched[-1]
-    return quantized_min_cos if quantized else thresholds.min_cos
+    matched = thresholds.pattern_for(name, name)
+    if matched is not None:
+        return matched
+    return quantized_min_cos if quantized else thresholds.default
 
 
 def compare_params(ref: dict[str, ParamView], cand: dict[str, ParamView], thresholds: Thresholds | None = None,
@@ -167,8 +166,7 @@ def compare_weights(ref: dict[str, ParamView], cand: dict[str, ParamView], thres
                     quantized_min_cos: float = DEFAULT_QUANTIZED_MIN_COS, ref_meta: dict | None = None,
                     cand_meta: dict | None = None) -> WeightsReport:
     thresholds = thresholds or Thresholds(DEFAULT_MIN_COS)
-    if not -1.0 <= quantized_min_cos <= 1.0:
-        raise ValueError(f"cosine threshold {quantized_min_cos} is outside [-1, 1]")
+    COSINE.check(quantized_min_cos)
     rows = compare_params(ref, cand, thresholds, quantized_min_cos)
     problems = [] if ref else ["the reference exposes no parameters: nothing was compared"]
     return WeightsReport(rows=rows, ref_meta=dict(ref_meta or {}), cand_meta=dict(cand_meta or {}),

@@ -4,13 +4,15 @@ Format (format_version 1)::
 
     /                     attrs: format="parity-dump", format_version=1, complete (bool, written LAST),
                                  meta (JSON string of Capture.meta), tap_count (int, at close)
-    /layouts/<i>          group per layout, i = 0,1,..; attrs: name (str), length (int), regions (JSON list of [name,start,stop]);
+    /layouts/<i>          group per layout, i = 0,1,..; attrs: name (str), length (int),
+                          regions (JSON list of [name,start,stop]);
                           dataset "slots" int64 [R,T], attr crc32 as for taps
     /taps/<i:06d>         dataset per tap in execution order (i = order); stored in storage dtype (codec);
                           attrs: key, name, stack, layer (int, -1 = none), component, step (int, -1 = none),
                                  order, dtype (original dtype name), layout (layout name or ""),
                                  crc32 (int: zlib CRC-32 of the array's C-order bytes)
-    /error                optional group, attrs: key ("" = none), name/stack/layer/component/step as for taps (or absent), exc_type, message
+    /error                optional group, attrs: key ("" = none), name/stack/layer/component/step as for taps
+                          (or absent), exc_type, message
 
 Notes on the format:
 - Tap names and keys are attributes, never HDF5 paths, so any name ("/", "..", unicode)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -80,7 +81,8 @@ def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
             and 0 <= item[1] <= item[2] <= length
         )
         if not ok:
-            raise BadAttribute(f"layout {name!r} has a bad region {item!r} (want [name, start, stop] within length {length})")
+            raise BadAttribute(f"layout {name!r} has a bad region {item!r} "
+                               f"(want [name, start, stop] within length {length})")
         regions.append(Region(item[0], item[1], item[2]))
     slots_ds = group.get("slots")
     if not isinstance(slots_ds, h5py.Dataset):
@@ -217,7 +219,8 @@ class DumpReader:
             raise BadAttribute(f"tap {key!r} has an empty dtype")
         if dtype in STORAGE_DTYPES:
             if ds.dtype != STORAGE_DTYPES[dtype]:
-                raise BadAttribute(f"tap {key!r} is declared {dtype} (stored as {STORAGE_DTYPES[dtype]}) but holds {ds.dtype}")
+                raise BadAttribute(f"tap {key!r} is declared {dtype} (stored as {STORAGE_DTYPES[dtype]}) "
+                                   f"but holds {ds.dtype}")
         elif ds.dtype.kind not in RAW_KINDS or not ds.dtype.isnative:
             raise BadAttribute(f"tap {key!r} of unknown dtype {dtype!r} holds unsupported numpy {ds.dtype}")
         if ds.shape is None:

@@ -12,15 +12,17 @@ from html import escape
 from parity.report.results import Report, TapResult
 from parity.report.series import StackSeries, stack_level, stack_series
 from parity.report.summary import (
-    counts_line,
+    FAIL_TONE,
+    HINT,
+    MUTED,
+    PASS_TONE,
+    PLAIN,
+    STRONG,
+    Banner,
     fmt,
     fmt_g,
-    headline,
-    localisation_lines,
-    regions_line,
+    report_banner,
     side_label,
-    upstream_matches,
-    where,
 )
 from parity.report.svg import Mark, line_chart
 
@@ -31,7 +33,9 @@ h1 { font-size: 20px; } h2 { font-size: 17px; margin-top: 28px; } h3 { font-size
 .banner.pass { border-color: #2ca02c; background: #eefaee; }
 .banner.fail { border-color: #d62728; background: #fdeeee; }
 .banner .head { font-weight: bold; font-size: 16px; }
-.banner div { margin: 2px 0; }
+.banner div { margin: 2px 0; } .banner div.in { margin-left: 18px; }
+.banner .good { color: #1e7b1e; font-weight: bold; } .banner .bad { color: #b71c1c; font-weight: bold; }
+.banner .hint { color: #8a6100; font-weight: bold; } .banner .strong { font-weight: bold; }
 table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; white-space: nowrap; }
 th { background: #f4f4f4; } td.l, th.l { text-align: left; }
@@ -54,23 +58,29 @@ def _status_class(row: TapResult | None, first: TapResult | None) -> str:
     return cls + (" first" if row is first else "")
 
 
+TONE_CLASS = {PASS_TONE: "good", FAIL_TONE: "bad", MUTED: "muted", HINT: "hint", STRONG: "strong", PLAIN: ""}
+
+
 def banner(report: Report) -> str:
-    first = report.first_divergence
-    lines = [f'<div class="head">{escape(headline(report))}</div>']
-    if first is not None:
-        lines.append(f"<div>{escape(where(first))}</div>")
-        lines.append(f"<div>{escape(first.status)}: {escape(first.reason)}</div>")
-        up = upstream_matches(report, first)
-        if up:
-            lines.append(f'<div class="muted">still matching just before it: {escape(up)}</div>')
-        if first.regions:
-            lines.append(f'<div class="muted">by region: {escape(regions_line(first))}</div>')
-        for text in localisation_lines(report):
-            lines.append(f"<div>{escape(text)}</div>")
-    for p in report.problems:
-        lines.append(f"<div>FAIL: {escape(p)}</div>")
-    lines.append(f'<div class="muted">{escape(counts_line(report))}</div>')
-    return f'<div class="banner {"pass" if report.passed else "fail"}" id="verdict">{"".join(lines)}</div>'
+    return banner_html(report_banner(report))
+
+
+def banner_html(b: Banner) -> str:
+    """The verdict's lines, one <div> each: the headline first, details indented."""
+    out = []
+    for i, line in enumerate(b.lines):
+        classes = ["head"] if i == 0 else []
+        if line.detail:
+            classes.append("in")
+        if len(line.parts) == 1:
+            classes.append(TONE_CLASS[line.parts[0][1]])
+            body = escape(line.text)
+        else:
+            body = "".join(f'<span class="{TONE_CLASS[tone]}">{escape(text)}</span>' if TONE_CLASS[tone]
+                           else escape(text) for text, tone in line.parts)
+        cls = " ".join(c for c in classes if c)
+        out.append(f'<div class="{cls}">{body}</div>' if cls else f"<div>{body}</div>")
+    return f'<div class="banner {"pass" if b.passed else "fail"}" id="verdict">{"".join(out)}</div>'
 
 
 def _marks(s: StackSeries, component: str, value) -> list[Mark]:

@@ -1,4 +1,6 @@
-"""A report as JUnit XML for CI systems: one test case per tap, failures carry the reason.
+"""A report as JUnit XML for CI systems: one test case per tap, failures carry the reason;
+the first divergence's failure (and the run's, for run-level problems) carries the verdict
+banner's lines too.
 
 Taps are grouped into one test suite per stack (classname `parity.<stack>`), so a CI view
 lists `decoder.1.mlp` under `decoder`."""
@@ -8,7 +10,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from parity.report.results import Report
-from parity.report.summary import fmt, fmt_g, side_label
+from parity.report.summary import fmt, fmt_g, report_banner, side_label
 
 
 def render_junit(report: Report, name: str = "parity") -> str:
@@ -18,6 +20,7 @@ def render_junit(report: Report, name: str = "parity") -> str:
     for r in report.rows:
         by_stack.setdefault(r.info.stack, []).append(r)
     first = report.first_divergence
+    verdict = report_banner(report).text()  # the banner's words, on the cases a CI view opens first
     for stack, rows in by_stack.items():
         suite = ET.SubElement(suites, "testsuite", name=f"{name}.{stack}", tests=str(len(rows)),
                               failures=str(sum(not r.passed for r in rows)), errors="0", skipped="0")
@@ -33,11 +36,12 @@ def render_junit(report: Report, name: str = "parity") -> str:
                 ET.SubElement(case, "system-out").text = detail
                 continue
             message = f"{r.status}: {r.reason}" + (" (first divergence)" if r is first else "")
-            ET.SubElement(case, "failure", message=message, type=r.status).text = detail
+            ET.SubElement(case, "failure", message=message, type=r.status).text = (
+                f"{detail}\n\n{verdict}" if r is first else detail)
     if report.problems:
         suite = ET.SubElement(suites, "testsuite", name=f"{name}.run", tests="1", failures="1", errors="0",
                               skipped="0")
         case = ET.SubElement(suite, "testcase", classname=f"{name}.run", name="run", time="0")
-        ET.SubElement(case, "failure", message="; ".join(report.problems), type="problem")
+        ET.SubElement(case, "failure", message="; ".join(report.problems), type="problem").text = verdict
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

@@ -6,17 +6,7 @@ from __future__ import annotations
 
 from parity.report.results import Report, TapResult
 from parity.report.series import stack_level, stack_series
-from parity.report.summary import (
-    counts_line,
-    fmt,
-    fmt_g,
-    headline,
-    localisation_lines,
-    regions_line,
-    side_label,
-    upstream_matches,
-    where,
-)
+from parity.report.summary import fmt, fmt_g, report_banner, side_label
 
 MAX_FAILING = 50
 
@@ -36,24 +26,12 @@ def _cell(row: TapResult | None) -> str:
 
 
 def render_markdown(report: Report) -> str:
-    first = report.first_divergence
-    icon = "✅" if report.passed else "❌"
-    lines = [f"### {icon} parity: {_esc(headline(report))}", "",
+    verdict = report_banner(report)
+    lines = [f"### {'✅' if verdict.passed else '❌'} parity: {_esc(verdict.headline)}", "",
              f"ref `{side_label(report.ref_meta)}` vs cand `{side_label(report.cand_meta)}`", ""]
-    if first is not None:
-        lines.append(f"> {_esc(where(first))}  ")
-        lines.append(f"> {first.status}: {_esc(first.reason)}  ")
-        up = upstream_matches(report, first)
-        if up:
-            lines.append(f"> still matching just before it: {_esc(up)}  ")
-        if first.regions:
-            lines.append(f"> by region: {_esc(regions_line(first))}  ")
-        for text in localisation_lines(report):
-            lines.append(f"> {_esc(text)}  ")
-        lines.append("")
-    for p in report.problems:
-        lines.append(f"- FAIL: {_esc(p)}")
-    lines += [f"{counts_line(report)}; cells are cosine similarity, ✓/✗ against the threshold.", ""]
+    if len(verdict.lines) > 1:
+        lines += [f"> {_esc(line.text)}  " for line in verdict.lines[1:]] + [""]
+    lines += ["Cells are cosine similarity, ✓/✗ against the threshold.", ""]
     for s in stack_series(report):
         steps = f" (worst of {s.steps} steps)" if s.steps else ""
         lines.append(f"**{s.stack}**{steps}")

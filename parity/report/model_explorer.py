@@ -19,8 +19,9 @@ orange anything else), so the per-tap thresholds are honoured exactly.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
+from parity.comparison.rules import DEFAULT_MIN_COS
 from parity.report.results import Report, TapResult
 from parity.report.series import worst
 
@@ -49,7 +50,7 @@ def node_data(report: Report, node_ids: Mapping[str, str] | None = None) -> dict
         cos = row.cos
         value = cos if cos is not None and math.isfinite(cos) else -1.0
         results[node] = {"value": round(value, 9), "bgColor": _color(row)}
-    min_cos = float(report.thresholds.get("min_cos", 0.999))
+    min_cos = float(report.thresholds.get("min_cos", DEFAULT_MIN_COS))
     return {"results": results,
             "thresholds": [{"value": min_cos - 1e-12, "bgColor": FAIL_COLOR}, {"value": 1.0, "bgColor": PASS_COLOR}]}
 

@@ -22,7 +22,7 @@ class DelayedProgress:
         self.tasks: dict[str, int] = {}
         self.was_shown = False
 
-    def __enter__(self) -> "DelayedProgress":
+    def __enter__(self) -> DelayedProgress:
         self.started = self.clock()
         return self
 

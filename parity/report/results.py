@@ -1,4 +1,9 @@
-"""Result objects of a diff: they carry the verdict (`bool(report)`) and render nowhere."""
+"""Result objects of every comparison: they carry the verdict (`bool(result)`), write
+themselves as JSON and read themselves back, and render nowhere (report/ renders them).
+
+Every JSON result says what it is (`format`) and in which version (`format_version`);
+`load_result` reads any of them back into its object, so a result written once can be
+rendered, gated on or mined for taps later without the run that made it."""
 
 from __future__ import annotations
 
@@ -8,99 +13,52 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from parity.comparison.metrics import Metrics
 from parity.taps.records import CaptureError, TapInfo
-from parity.taps.stats import TapStats
+from parity.taps.stats import FIELDS, TapStats
+
+# The JSON formats, each (name, version).  Names are written by every result's `to_dict`
+# and read back by `load_result`; bump a version when a reader of the old one would
+# misread the new one (adding keys does not).
+REPORT_FORMAT, REPORT_VERSION = "parity-report", 1
+STATS_REPORT_FORMAT, STATS_REPORT_VERSION = "parity-stats-report", 1
+WEIGHTS_FORMAT, WEIGHTS_VERSION = "parity-weights", 1
+FRAMES_FORMAT, FRAMES_VERSION = "parity-frames", 1
+COMPONENT_FORMAT, COMPONENT_VERSION = "parity-component", 1
+
+# What each format is, and the command that writes one (for the messages of readers).
+KINDS = {
+    REPORT_FORMAT: ("tensor diff", "`parity diff --json`"),
+    STATS_REPORT_FORMAT: ("stats diff", "`parity diff A_stats.h5 B_stats.h5 --json`"),
+    WEIGHTS_FORMAT: ("weights comparison", "`parity weights --json`"),
+    FRAMES_FORMAT: ("frames comparison", "`parity frames --json`"),
+    COMPONENT_FORMAT: ("component re-run", "`parity component --json`"),
+}
+
+VERSIONS = {REPORT_FORMAT: REPORT_VERSION, STATS_REPORT_FORMAT: STATS_REPORT_VERSION, WEIGHTS_FORMAT: WEIGHTS_VERSION,
+            FRAMES_FORMAT: FRAMES_VERSION, COMPONENT_FORMAT: COMPONENT_VERSION}
 
 
-@dataclass
-class FramesResult:
-    frames: list[Report]  # candidate vs reference at frame 0, 1, ...
-    drift: list[Report]  # the reference at frame f vs itself at frame f-1, for f >= 1 (not a verdict)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.frames) and all(self.frames)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict:
-        return {
-            "passed": self.passed,
-            "frames": [{"frame": f, "passed": r.passed,
-                        "first_divergence": r.to_dict()["first_divergence"]} for f, r in enumerate(self.frames)],
-            "drift": [{"frame": f + 1, "taps": [t.to_dict() for t in r.rows]} for f, r in enumerate(self.drift)],
-        }
+def _tag(fmt: str) -> dict[str, Any]:
+    return {"format": fmt, "format_version": VERSIONS[fmt]}
 
 
-OFFLINE_NOTE = "isolation needs live backends (re-run with --ref/--cand)"
-
-
-@dataclass
-class Localisation:
-    """The verdict of the upstream walk.
-
-    start: the component isolated first (the one producing the first divergence).
-    introduced: the component that introduces the error, or None when none failed on its
-        own (then the error comes from outside every isolatable component: embeddings,
-        inputs, or small errors that only add up).
-    steps: each isolated component, latest first, as `PartResult.to_dict()`s.
-    note: why no isolation was done (offline dumps, no adapter, ...)."""
-
-    start: str | None = None
-    introduced: str | None = None
-    hint: str | None = None
-    narrowed: str | None = None
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    note: str | None = None
-
-    @property
-    def inherited(self) -> bool:
-        return self.start is not None and self.introduced != self.start
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"start": self.start, "introduced": self.introduced, "inherited": self.inherited if self.start else None,
-                "hint": self.hint, "narrowed": self.narrowed, "note": self.note, "steps": self.steps}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "Localisation | None":
-        if not d:
-            return None
-        return cls(start=d.get("start"), introduced=d.get("introduced"), hint=d.get("hint"),
-                   narrowed=d.get("narrowed"), steps=list(d.get("steps") or []), note=d.get("note"))
-
-    def line(self) -> str:
-        """The banner's words."""
-        if self.note:
-            return self.note
-        if self.start is None:
-            return "no component to isolate"
-        first = self.steps[0] if self.steps else {}
-        if self.introduced == self.start:
-            return f"introduced at {self.start}: fails on the reference's own inputs ({_why(first)})"
-        walked = len(self.steps) - 1
-        if self.introduced is None:
-            return (f"inherited: {self.start} passes on the reference's inputs; no component up to the first "
-                    f"layer fails on its own ({walked} checked): the error enters before them")
-        last = self.steps[-1]
-        return (f"inherited: {self.start} passes on the reference's inputs; walked {walked} component(s) upstream: "
-                f"introduced at {self.introduced} ({_why(last)})")
-
-
-def _why(step: dict) -> str:
-    if step.get("error"):
-        return f"raised {step['error']}"
-    bad = [o for o in step.get("outputs", []) if o.get("status") != "pass"]
-    o = bad[0] if bad else (step.get("outputs") or [{}])[0]
-    cos = o.get("cos")
-    return f"{o.get('component')} cos {cos:.6f} < {o.get('threshold')}" if cos is not None else str(o.get("reason"))
+def _expect(found: Any, expected: str) -> None:
+    """ValueError unless `found` (a JSON's format tag; None = untagged) is `expected`."""
+    if found in (None, expected):
+        return
+    noun, how = KINDS[expected]
+    known = isinstance(found, str) and found in KINDS
+    other = f"a {KINDS[found][0]} result ({found})" if known else f"a {str(found)[:40]} result"
+    raise ValueError(f"{other}, not a {noun} result ({expected}): write one with {how}")
 
 
 PASS = "pass"
 
 
-REPORT_FORMAT, REPORT_VERSION = "parity-report", 1
+OFFLINE_NOTE = "isolation needs live backends (re-run with --ref/--cand)"
 
 
 def json_number(x):
@@ -109,6 +67,37 @@ def json_number(x):
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _float(x) -> float:
+    """The inverse of json_number, as far as it goes: None -> nan."""
+    return math.nan if x is None else float(x)
+
+
+def _shape(x) -> tuple | None:
+    return tuple(x) if x else None
+
+
+def _metrics_dict(m: Metrics) -> dict[str, Any]:
+    return {"n": m.n, "cos": json_number(m.cos), "max_abs": json_number(m.max_abs),
+            "mean_abs": json_number(m.mean_abs), "rel_l2": json_number(m.rel_l2)}
+
+
+def _metrics_from(d: dict[str, Any]) -> Metrics:
+    """Metrics from their JSON form (None -> nan; counts default to 0)."""
+    return Metrics(n=int(d.get("n") or 0), cos=_float(d.get("cos")), max_abs=_float(d.get("max_abs")),
+                   mean_abs=_float(d.get("mean_abs")), rel_l2=_float(d.get("rel_l2")),
+                   nan_ref=int(d.get("nan_ref") or 0), inf_ref=int(d.get("inf_ref") or 0),
+                   nan_cand=int(d.get("nan_cand") or 0), inf_cand=int(d.get("inf_cand") or 0),
+                   first_nonfinite=None, max_abs_index=None)
+
+
+def _measured(d: dict[str, Any]) -> bool:
+    return d.get("cos") is not None or d.get("max_abs") is not None or d.get("nan_ref") is not None
+
+
+def _info(d: dict[str, Any]) -> TapInfo:
+    return TapInfo(d["name"], d["stack"], d["layer"], d["component"], d.get("step"))
 
 
 @dataclass
@@ -171,38 +160,29 @@ class TapResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TapResult":
+    def from_dict(cls, d: dict[str, Any]) -> TapResult:
         """Inverse of to_dict, for reports re-rendered from JSON (`parity report`)."""
-        info = TapInfo(d["name"], d["stack"], d["layer"], d["component"], d.get("step"))
-        metrics = None
-        if d.get("cos") is not None or d.get("max_abs") is not None or d.get("nan_ref") is not None:
-            metrics = _metrics_from(d)
-        return cls(info=info, order=d.get("order"), status=d["status"], reason=d.get("reason") or "",
-                   threshold=float(d["threshold"]), metrics=metrics,
-                   ref_shape=tuple(d["ref_shape"]) if d.get("ref_shape") else None,
-                   cand_shape=tuple(d["cand_shape"]) if d.get("cand_shape") else None,
+        return cls(info=_info(d), order=d.get("order"), status=d["status"], reason=d.get("reason") or "",
+                   threshold=float(d["threshold"]), metrics=_metrics_from(d) if _measured(d) else None,
+                   ref_shape=_shape(d.get("ref_shape")), cand_shape=_shape(d.get("cand_shape")),
                    ref_dtype=d.get("ref_dtype"), cand_dtype=d.get("cand_dtype"),
                    regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()},
                    chunks={k: _metrics_from(v) for k, v in (d.get("chunks") or {}).items()},
                    heads=[_metrics_from(v) for v in (d.get("heads") or [])])
 
 
-def _metrics_dict(m: Metrics) -> dict[str, Any]:
-    return {"n": m.n, "cos": json_number(m.cos), "max_abs": json_number(m.max_abs),
-            "mean_abs": json_number(m.mean_abs), "rel_l2": json_number(m.rel_l2)}
+def where_dict(row: TapResult) -> dict[str, Any]:
+    """A tap's identity and verdict: how the JSON names a first divergence."""
+    return {"tap": row.key, "stack": row.info.stack, "layer": row.info.layer, "component": row.info.component,
+            "step": row.info.step, "status": row.status, "reason": row.reason}
 
 
-def _float(x) -> float:
-    return math.nan if x is None else float(x)
-
-
-def _metrics_from(d: dict[str, Any]) -> Metrics:
-    """Metrics from their JSON form (None -> nan; counts default to 0)."""
-    return Metrics(n=int(d.get("n") or 0), cos=_float(d.get("cos")), max_abs=_float(d.get("max_abs")),
-                   mean_abs=_float(d.get("mean_abs")), rel_l2=_float(d.get("rel_l2")),
-                   nan_ref=int(d.get("nan_ref") or 0), inf_ref=int(d.get("inf_ref") or 0),
-                   nan_cand=int(d.get("nan_cand") or 0), inf_cand=int(d.get("inf_cand") or 0),
-                   first_nonfinite=None, max_abs_index=None)
+def _row_from_where(d: dict[str, Any]) -> TapResult:
+    """A row from `where_dict`'s form (its threshold and metrics were not kept)."""
+    key, step = d["tap"], d.get("step")
+    name = key.rsplit("@", 1)[0] if step is not None else key
+    return TapResult(TapInfo(name, d["stack"], d.get("layer"), d["component"], step), None, d["status"],
+                     d.get("reason") or "", math.nan)
 
 
 class Verdict:
@@ -219,6 +199,28 @@ class Verdict:
         return out
 
 
+def _candidate_error(err: CaptureError | None) -> dict | None:
+    return None if err is None else {"tap": err.key, "type": err.exc_type, "message": err.message}
+
+
+def _report_fields(d: Any, row_from) -> dict[str, Any]:
+    """The fields every diff's JSON has (rows read by `row_from`), as Report keywords;
+    ValueError names what is wrong."""
+    if not isinstance(d, dict) or "taps" not in d or not isinstance(d["taps"], list):
+        raise ValueError("not a parity result: no 'taps' list (write one with `parity diff --json`)")
+    try:
+        rows = [row_from(t) for t in d["taps"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"malformed tap entry in the parity result: {exc!r}") from None
+    err = d.get("candidate_error")
+    cand_error = None
+    if err:
+        info = next((r.info for r in rows if r.key == err.get("tap")), None)
+        cand_error = CaptureError(err.get("tap"), info, err.get("type", "?"), err.get("message", ""))
+    return dict(rows=rows, ref_meta=dict(d.get("ref") or {}), cand_meta=dict(d.get("cand") or {}),
+                cand_error=cand_error, problems=list(d.get("problems") or []))
+
+
 @dataclass
 class Report(Verdict):
     rows: list[TapResult]
@@ -227,7 +229,7 @@ class Report(Verdict):
     thresholds: dict = field(default_factory=dict)
     cand_error: CaptureError | None = None
     problems: list[str] = field(default_factory=list)  # run-level failures (nothing compared, ...)
-    localisation: Any = None  # parity.localise.Localisation: which component introduces the first divergence
+    localisation: Localisation | None = None  # which component introduces the first divergence
 
     @property
     def first_divergence(self) -> TapResult | None:
@@ -240,55 +242,89 @@ class Report(Verdict):
     def passed(self) -> bool:
         return bool(self.rows) and not self.problems and self.first_divergence is None
 
-
     def to_dict(self) -> dict[str, Any]:
         first = self.first_divergence
         return {
-            "format": REPORT_FORMAT,
-            "format_version": REPORT_VERSION,
+            **_tag(REPORT_FORMAT),
             "passed": self.passed,
-            "first_divergence": None if first is None else {
-                "tap": first.key, "stack": first.info.stack, "layer": first.info.layer,
-                "component": first.info.component, "step": first.info.step, "status": first.status,
-                "reason": first.reason,
-            },
+            "first_divergence": None if first is None else where_dict(first),
             "problems": list(self.problems),
             "counts": self.counts(),
             "thresholds": self.thresholds,
             "ref": self.ref_meta,
             "cand": self.cand_meta,
-            "candidate_error": None if self.cand_error is None else {
-                "tap": self.cand_error.key, "type": self.cand_error.exc_type, "message": self.cand_error.message,
-            },
+            "candidate_error": _candidate_error(self.cand_error),
             "isolation": None if self.localisation is None else self.localisation.to_dict(),
             "taps": [r.to_dict() for r in self.rows],
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Report":
+    def from_dict(cls, d: dict[str, Any]) -> Report:
         """A Report from what `parity diff --json` wrote; ValueError names what is wrong."""
-        if isinstance(d, dict) and d.get("format") not in (None, REPORT_FORMAT):
-            raise ValueError(f"a {str(d.get('format'))[:40]} result, not a tensor diff's ({REPORT_FORMAT}): "
-                             "`parity report` renders `parity diff --json` results of tensor diffs")
-        if not isinstance(d, dict) or "taps" not in d or not isinstance(d["taps"], list):
-            raise ValueError("not a parity result: no 'taps' list (write one with `parity diff --json`)")
-        try:
-            rows = [TapResult.from_dict(t) for t in d["taps"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed tap entry in the parity result: {exc!r}") from None
-        err = d.get("candidate_error")
-        cand_error = None
-        if err:
-            info = next((r.info for r in rows if r.key == err.get("tap")), None)
-            cand_error = CaptureError(err.get("tap"), info, err.get("type", "?"), err.get("message", ""))
-        from parity.report.results import Localisation
-
-        return cls(rows=rows, ref_meta=dict(d.get("ref") or {}), cand_meta=dict(d.get("cand") or {}),
-                   thresholds=dict(d.get("thresholds") or {}), cand_error=cand_error,
-                   problems=list(d.get("problems") or []), localisation=Localisation.from_dict(d.get("isolation")))
+        if isinstance(d, dict):
+            _expect(d.get("format"), REPORT_FORMAT)
+        return cls(**_report_fields(d, TapResult.from_dict), thresholds=dict(d.get("thresholds") or {}),
+                   localisation=Localisation.from_dict(d.get("isolation")))
 
 
-STATS_REPORT_FORMAT, STATS_REPORT_VERSION = "parity-stats-report", 1
+@dataclass
+class Localisation:
+    """The verdict of the upstream walk.
+
+    start: the component isolated first (the one producing the first divergence).
+    introduced: the component that introduces the error, or None when none failed on its
+        own (then the error comes from outside every isolatable component: embeddings,
+        inputs, or small errors that only add up).
+    steps: each isolated component, latest first, as `PartResult.to_dict()`s.
+    note: why no isolation was done (offline dumps, no adapter, ...)."""
+
+    start: str | None = None
+    introduced: str | None = None
+    hint: str | None = None
+    narrowed: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    note: str | None = None
+
+    @property
+    def inherited(self) -> bool:
+        return self.start is not None and self.introduced != self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "introduced": self.introduced, "inherited": self.inherited if self.start else None,
+                "hint": self.hint, "narrowed": self.narrowed, "note": self.note, "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Localisation | None:
+        if not d:
+            return None
+        return cls(start=d.get("start"), introduced=d.get("introduced"), hint=d.get("hint"),
+                   narrowed=d.get("narrowed"), steps=list(d.get("steps") or []), note=d.get("note"))
+
+    def line(self) -> str:
+        """The banner's words."""
+        if self.note:
+            return self.note
+        if self.start is None:
+            return "no component to isolate"
+        first = self.steps[0] if self.steps else {}
+        if self.introduced == self.start:
+            return f"introduced at {self.start}: fails on the reference's own inputs ({_why(first)})"
+        walked = len(self.steps) - 1
+        if self.introduced is None:
+            return (f"inherited: {self.start} passes on the reference's inputs; no component up to the first "
+                    f"layer fails on its own ({walked} checked): the error enters before them")
+        last = self.steps[-1]
+        return (f"inherited: {self.start} passes on the reference's inputs; walked {walked} component(s) upstream: "
+                f"introduced at {self.introduced} ({_why(last)})")
+
+
+def _why(step: dict) -> str:
+    if step.get("error"):
+        return f"raised {step['error']}"
+    bad = [o for o in step.get("outputs", []) if o.get("status") != "pass"]
+    o = bad[0] if bad else (step.get("outputs") or [{}])[0]
+    cos = o.get("cos")
+    return f"{o.get('component')} cos {cos:.6f} < {o.get('threshold')}" if cos is not None else str(o.get("reason"))
 
 
 MEASURES = ("rel_norm", "rel_std", "mean_shift", "rel_max_abs")
@@ -321,12 +357,37 @@ class StatsResult(TapResult):
             "ref": stats_side(self.ref_stats), "cand": stats_side(self.cand_stats),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StatsResult:
+        """Inverse of to_dict.  A measure that was not finite reads back as nan (JSON kept
+        None), and a summary's token positions (not written) as ""."""
+        info, order = _info(d), d.get("order")
+        ref_shape, cand_shape = _shape(d.get("ref_shape")), _shape(d.get("cand_shape"))
+        computed = any(d.get(m) is not None for m in MEASURES)
+        return cls(info=info, order=order, status=d["status"], reason=d.get("reason") or "",
+                   threshold=_float(d.get("tolerance")), ref_shape=ref_shape, cand_shape=cand_shape,
+                   ref_dtype=d.get("ref_dtype"), cand_dtype=d.get("cand_dtype"),
+                   ref_stats=_stats_from(d.get("ref"), info, order, d.get("ref_dtype"), ref_shape),
+                   cand_stats=_stats_from(d.get("cand"), info, order, d.get("cand_dtype"), cand_shape),
+                   measures={m: _float(d.get(m)) for m in MEASURES} if computed else {},
+                   identical=bool(d.get("identical")))
+
 
 def stats_side(t: TapStats | None) -> dict | None:
     if t is None:
         return None
-    return {"checksum": t.checksum, "layout": t.layout, "tokens": t.tokens, "summarised_shape": list(t.summarised_shape),
+    return {"checksum": t.checksum, "layout": t.layout, "tokens": t.tokens,
+            "summarised_shape": list(t.summarised_shape),
             **{k: json_number(v) for k, v in t.summary().items()}}
+
+
+def _stats_from(side: dict | None, info: TapInfo, order, dtype, shape) -> TapStats | None:
+    if side is None:
+        return None
+    return TapStats(info=info, order=order, dtype=dtype, layout=side.get("layout"), shape=shape or (),
+                    summarised_shape=tuple(side.get("summarised_shape") or ()), tokens=side.get("tokens"),
+                    positions="", values=np.array([_float(side.get(k)) for k in FIELDS], dtype=np.float64),
+                    checksum=int(side.get("checksum") or 0))
 
 
 @dataclass
@@ -365,7 +426,7 @@ class StatsReport(Report):
         first, bits = self.first_divergence, self.first_bit_difference
         taps = self.suggested_taps()
         return {
-            "format": STATS_REPORT_FORMAT, "format_version": STATS_REPORT_VERSION, "passed": self.passed,
+            **_tag(STATS_REPORT_FORMAT), "passed": self.passed,
             "first_divergence": None if first is None else where_dict(first),
             "first_bit_difference": None if bits is None else where_dict(bits),
             "identical": self.identical_count(),
@@ -374,10 +435,19 @@ class StatsReport(Report):
                            "exact_dtypes": self.thresholds.get("exact_dtypes"), "measures": list(MEASURES)},
             "suggested": {"taps": ",".join(taps), "commands": suggested_commands(self, taps)} if taps else None,
             "ref": self.ref_meta, "cand": self.cand_meta,
-            "candidate_error": None if self.cand_error is None else {
-                "tap": self.cand_error.key, "type": self.cand_error.exc_type, "message": self.cand_error.message},
+            "candidate_error": _candidate_error(self.cand_error),
             "taps": [r.to_dict() for r in self.rows],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StatsReport:
+        """A StatsReport from what a stats diff's `--json` wrote; ValueError names what is wrong."""
+        if isinstance(d, dict):
+            _expect(d.get("format"), STATS_REPORT_FORMAT)
+        fields = _report_fields(d, StatsResult.from_dict)
+        tol = d.get("tolerances") or {}
+        return cls(**fields, thresholds={"min_cos": tol.get("default"), "patterns": dict(tol.get("patterns") or {}),
+                                       "exact_dtypes": tol.get("exact_dtypes")})
 
 
 def layer_glob(row: TapResult) -> str:
@@ -386,39 +456,28 @@ def layer_glob(row: TapResult) -> str:
     return f"{info.stack}.{info.layer}.*" if info.layer is not None else info.name
 
 
-def where_dict(row: TapResult) -> dict[str, Any]:
-    return {"tap": row.key, "stack": row.info.stack, "layer": row.info.layer, "component": row.info.component,
-            "step": row.info.step, "status": row.status, "reason": row.reason}
-
-
-def _quote(text: str) -> str:
-    return shlex.quote(text)
-
-
 def suggested_commands(report: Report, taps: list[str]) -> list[str]:
     """Ready-to-run full captures of the suggested taps (and the live diff), from what the
     runs' metadata says about how they were made; [] when it does not say enough."""
     ref, cand = report.ref_meta, report.cand_meta
     if not ref.get("backend") or not cand.get("backend"):
         return []
+    quote = shlex.quote
     common = []
     for key, flag in (("config", "--config"), ("seed", "--seed"), ("batch", "--batch"), ("dtype", "--dtype")):
         if ref.get(key) is not None and ref.get(key) == cand.get(key) and (key, ref.get(key)) not in (
                 ("seed", 0), ("batch", 1)):
-            common.append(f"{flag} {_quote(str(ref[key]))}")
+            common.append(f"{flag} {quote(str(ref[key]))}")
     if ref.get("weights") and isinstance(ref["weights"], dict) and ref["weights"].get("path"):
-        common.append(f"--weights {_quote(str(ref['weights']['path']))}")
-    inject = f" --inject {_quote(','.join(cand['faults']))}" if cand.get("faults") else ""
+        common.append(f"--weights {quote(str(ref['weights']['path']))}")
+    inject = f" --inject {quote(','.join(cand['faults']))}" if cand.get("faults") else ""
     tail = (" " + " ".join(common)) if common else ""
-    sel = _quote(",".join(taps))
+    sel = quote(",".join(taps))
     return [
-        f"parity diff --ref {_quote(ref['backend'])} --cand {_quote(cand['backend'])}{inject}{tail} --taps {sel}",
-        f"parity capture --backend {_quote(ref['backend'])}{tail} --taps {sel} -o reports/ref_focus.h5",
-        f"parity capture --backend {_quote(cand['backend'])}{inject}{tail} --taps {sel} -o reports/cand_focus.h5",
+        f"parity diff --ref {quote(ref['backend'])} --cand {quote(cand['backend'])}{inject}{tail} --taps {sel}",
+        f"parity capture --backend {quote(ref['backend'])}{tail} --taps {sel} -o reports/ref_focus.h5",
+        f"parity capture --backend {quote(cand['backend'])}{inject}{tail} --taps {sel} -o reports/cand_focus.h5",
     ]
-
-
-PASS = "pass"
 
 
 @dataclass
@@ -449,10 +508,23 @@ class ParamResult:
             "name": self.name, "status": self.status, "reason": self.reason, "threshold": self.threshold,
             "cos": json_number(m.cos) if m else None, "max_abs": json_number(m.max_abs) if m else None,
             "mean_abs": json_number(m.mean_abs) if m else None, "rel_l2": json_number(m.rel_l2) if m else None,
+            "n": m.n if m else None,
             "ref_shape": list(self.ref_shape) if self.ref_shape else None,
             "cand_shape": list(self.cand_shape) if self.cand_shape else None,
             "ref_dtype": self.ref_dtype, "cand_dtype": self.cand_dtype, "quantized": self.quantized,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ParamResult:
+        """Inverse of to_dict.  JSON written before `n` was kept counts the reference's elements."""
+        ref_shape, cand_shape = _shape(d.get("ref_shape")), _shape(d.get("cand_shape"))
+        metrics = None
+        if _measured(d):
+            n = d["n"] if d.get("n") is not None else math.prod(ref_shape or cand_shape or ())
+            metrics = _metrics_from({**d, "n": n})
+        return cls(name=d["name"], status=d["status"], reason=d.get("reason") or "", threshold=float(d["threshold"]),
+                   metrics=metrics, ref_shape=ref_shape, cand_shape=cand_shape, ref_dtype=d.get("ref_dtype"),
+                   cand_dtype=d.get("cand_dtype"), quantized=d.get("quantized"))
 
 
 @dataclass
@@ -471,9 +543,9 @@ class WeightsReport(Verdict):
     def passed(self) -> bool:
         return bool(self.rows) and not self.problems and not self.findings
 
-
     def to_dict(self) -> dict[str, Any]:
         return {
+            **_tag(WEIGHTS_FORMAT),
             "passed": self.passed,
             "counts": self.counts(),
             "problems": list(self.problems),
@@ -483,3 +555,177 @@ class WeightsReport(Verdict):
             "findings": [r.name for r in self.findings],
             "parameters": [r.to_dict() for r in self.rows],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WeightsReport:
+        _expect(d.get("format"), WEIGHTS_FORMAT)
+        return cls(rows=[ParamResult.from_dict(p) for p in d["parameters"]], ref_meta=dict(d.get("ref") or {}),
+                   cand_meta=dict(d.get("cand") or {}), thresholds=dict(d.get("thresholds") or {}),
+                   problems=list(d.get("problems") or []))
+
+
+@dataclass
+class FramesResult:
+    frames: list[Report]  # candidate vs reference at frame 0, 1, ...
+    drift: list[Report]  # the reference at frame f vs itself at frame f-1, for f >= 1 (not a verdict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.frames) and all(self.frames)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        return {
+            **_tag(FRAMES_FORMAT),
+            "passed": self.passed,
+            "frames": [{"frame": f, **_untagged(r.to_dict())} for f, r in enumerate(self.frames)],
+            "drift": [{"frame": f + 1, "taps": [t.to_dict() for t in r.rows]} for f, r in enumerate(self.drift)],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FramesResult:
+        """Inverse of to_dict; a frame written before frames kept their taps reads back as
+        a FrameVerdict."""
+        _expect(d.get("format"), FRAMES_FORMAT)
+        frames = [Report.from_dict(e) if "taps" in e else FrameVerdict.from_dict(e) for e in d["frames"]]
+        return cls(frames, [Report.from_dict({"taps": e["taps"]}) for e in d.get("drift") or []])
+
+
+def _untagged(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in ("format", "format_version")}
+
+
+@dataclass
+class FrameVerdict(Report):
+    """One frame as frames results kept it before they kept its taps: the verdict and the
+    first divergence (the only row; its threshold and metrics are lost)."""
+
+    verdict: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FrameVerdict:
+        first = d.get("first_divergence")
+        return cls(rows=[_row_from_where(first)] if first else [], verdict=bool(d.get("passed")))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One isolatable component: a part of one layer call."""
+
+    stack: str
+    layer: int
+    step: int | None
+    part: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.stack}.{self.layer}.{self.part}" + (f"@{self.step}" if self.step is not None else "")
+
+    @property
+    def call(self) -> tuple[str, int, int | None]:
+        return (self.stack, self.layer, self.step)
+
+
+@dataclass
+class PartResult:
+    """A part re-run on the reference's inputs: one row per compared output (q, k and v
+    for `qkv`); `error` when the candidate raised; `hint` when a rule's evidence holds."""
+
+    unit: Unit
+    rows: list[TapResult] = field(default_factory=list)
+    error: str | None = None
+    hint: str | None = None
+    narrowed: str | None = None  # the failing sub-part, e.g. rope inside qkv
+    ref_meta: dict = field(default_factory=dict)
+    cand_meta: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.rows) and all(r.passed for r in self.rows)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def worst(self) -> TapResult | None:
+        failing = [r for r in self.rows if not r.passed]
+        pool = failing or self.rows
+        return min(pool, key=lambda r: r.cos if r.cos is not None and r.cos == r.cos else -2.0) if pool else None
+
+    def summary(self) -> str:
+        if self.error:
+            return f"raised: {self.error}"
+        w = self.worst
+        if w is None:
+            return "nothing compared"
+        parts = ", ".join(f"{r.info.component} cos={r.cos:.6f}" if r.metrics else f"{r.info.component} {r.status}"
+                          for r in self.rows)
+        return ("pass: " if self.passed else "fail: ") + parts
+
+    def to_dict(self) -> dict:
+        """The re-run alone (as a localisation step keeps it); `component_json` adds the runs."""
+        return {"component": self.unit.name, "stack": self.unit.stack, "layer": self.unit.layer,
+                "step": self.unit.step, "part": self.unit.part, "passed": self.passed, "error": self.error,
+                "hint": self.hint, "narrowed": self.narrowed, "outputs": [r.to_dict() for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PartResult:
+        """Inverse of `component_json` (or of to_dict, without the runs' metadata)."""
+        _expect(d.get("format"), COMPONENT_FORMAT)
+        return cls(Unit(d["stack"], d["layer"], d.get("step"), d["part"]),
+                   [TapResult.from_dict(o) for o in d.get("outputs") or []], error=d.get("error"),
+                   hint=d.get("hint"), narrowed=d.get("narrowed"), ref_meta=dict(d.get("ref") or {}),
+                   cand_meta=dict(d.get("cand") or {}))
+
+
+def component_json(result: PartResult) -> dict[str, Any]:
+    """What `parity component --json` writes: the re-run and both runs' metadata."""
+    return {**_tag(COMPONENT_FORMAT), **result.to_dict(), "ref": result.ref_meta, "cand": result.cand_meta}
+
+
+LOADERS = {REPORT_FORMAT: Report.from_dict, STATS_REPORT_FORMAT: StatsReport.from_dict,
+           WEIGHTS_FORMAT: WeightsReport.from_dict, FRAMES_FORMAT: FramesResult.from_dict,
+           COMPONENT_FORMAT: PartResult.from_dict}
+
+
+def _shape_of(data: dict[str, Any]) -> str | None:
+    """The format of an untagged result, from its keys: diff reports were read without a
+    tag before (hand-made ones too); weights and frames results had none until version 1."""
+    if isinstance(data.get("taps"), list):
+        return REPORT_FORMAT
+    if isinstance(data.get("parameters"), list) and "findings" in data:
+        return WEIGHTS_FORMAT
+    if isinstance(data.get("frames"), list) and "drift" in data:
+        return FRAMES_FORMAT
+    return None
+
+
+def load_result(data: Any, expect: str | None = None):
+    """Any result parity wrote as JSON (`json.loads` of it), as its object: a Report,
+    StatsReport, WeightsReport, FramesResult or PartResult, chosen by the `format` tag (by
+    the shape for old untagged ones).  `expect`: the one format the caller can use.
+    ValueError, with a one-line message, for anything else."""
+    if not isinstance(data, dict):
+        raise ValueError(f"not a parity result: a JSON {type(data).__name__}, not an object")
+    fmt = data["format"] if "format" in data else _shape_of(data)
+    if fmt is None:
+        raise ValueError("not a parity result: no 'format' tag and not the shape of one (no 'taps' list; "
+                         "write one with `parity diff --json`)")
+    if not isinstance(fmt, str) or fmt not in LOADERS:
+        raise ValueError(f"unknown result format {str(fmt)[:40]!r}: parity writes {', '.join(LOADERS)}")
+    version = data.get("format_version", VERSIONS[fmt])
+    if version != VERSIONS[fmt] or isinstance(version, bool):
+        raise ValueError(f"{fmt} format_version {repr(version)[:20]} is not supported; this version of parity "
+                         f"reads format_version {VERSIONS[fmt]} only")
+    if expect is not None:
+        _expect(fmt, expect)
+    try:
+        return LOADERS[fmt](data)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed {KINDS[fmt][0]} result ({fmt}): {exc!r}") from None

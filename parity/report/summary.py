@@ -1,10 +1,68 @@
-"""The verdict in words, shared by every rendering (terminal, HTML, Markdown, JUnit)."""
+"""The verdict in words, shared by every rendering (terminal, HTML, Markdown, JUnit, the
+pytest failure message).
+
+Each result's banner is worded here once, as a `Banner`: lines of text whose parts carry
+a tone (what they mean, not how they look).  Renderers only map tones to styles, so every
+rendering says the same thing in the same order, and the banners of diffs, stats diffs,
+weights and components share their lines where they say the same thing (the PASS line,
+the first divergence, run-level problems, the counts)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from parity.report.results import Report, TapResult
+from parity.report.results import (
+    FramesResult,
+    Localisation,
+    PartResult,
+    Report,
+    StatsReport,
+    TapResult,
+    WeightsReport,
+    suggested_commands,
+)
+
+# Tones: a verdict that holds, one that fails, supporting evidence, a lead to follow,
+# a name to pick out, plain words.
+PASS_TONE, FAIL_TONE, MUTED, HINT, STRONG, PLAIN = "pass", "fail", "muted", "hint", "strong", ""
+
+
+@dataclass(frozen=True)
+class Line:
+    """One banner line as (text, tone) parts; a `detail` line explains the line above it
+    (indented where the rendering indents)."""
+
+    parts: tuple[tuple[str, str], ...]
+    detail: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.parts)
+
+
+def say(text: str, tone: str = PLAIN) -> Line:
+    return Line(((text, tone),))
+
+
+def detail(text: str, tone: str = PLAIN) -> Line:
+    return Line(((text, tone),), detail=True)
+
+
+@dataclass(frozen=True)
+class Banner:
+    """A verdict in words: the headline first, then its evidence."""
+
+    passed: bool
+    lines: tuple[Line, ...]
+
+    @property
+    def headline(self) -> str:
+        return self.lines[0].text
+
+    def text(self) -> str:
+        """Plain text, details indented (JUnit bodies, logs)."""
+        return "\n".join(("  " if line.detail else "") + line.text for line in self.lines)
 
 
 def side_label(meta: dict) -> str:
@@ -43,18 +101,10 @@ def regions_line(row: TapResult) -> str:
     return " | ".join(parts)
 
 
-def counts_line(report: Report) -> str:
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-    return f"{len(report.rows)} taps: {counts}"
-
-
-def headline(report: Report) -> str:
-    if report.passed:
-        return f"PASS: all {len(report.rows)} taps within thresholds (min cos {report.thresholds.get('min_cos')})"
-    first = report.first_divergence
-    if first is not None:
-        return f"FIRST DIVERGENCE: {first.key}"
-    return "FAIL: " + "; ".join(report.problems)
+def counts_line(result, noun: str = "taps") -> str:
+    """`413 taps: fail 321, pass 92` for any result with rows (a Report, a WeightsReport)."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts().items()))
+    return f"{len(result.rows)} {noun}: {counts}"
 
 
 def fmt(x: float | None, digits: int = 6) -> str:
@@ -101,15 +151,128 @@ def heads_line(row: TapResult) -> str:
     return " | ".join(f"h{i} cos={fmt(m.cos)}" for i, m in enumerate(row.heads))
 
 
-def localisation_lines(report: Report) -> list[str]:
-    """The isolation verdict in words: introducing component, walk, sub-part, hint."""
-    loc = report.localisation
+# ---------------------------------------------------------------- lines banners share
+
+
+def pass_line(n: int, noun: str, within: str) -> Line:
+    return say(f"PASS: all {n} {noun} within {within}", PASS_TONE)
+
+
+def divergence_lines(first: TapResult, label: str = "FIRST DIVERGENCE") -> list[Line]:
+    """Where the first failing tap sits and why it fails."""
+    return [say(f"{label}: {first.key}", FAIL_TONE), detail(where(first)),
+            detail(f"{first.status}: {first.reason}")]
+
+
+def problem_lines(problems: list[str]) -> list[Line]:
+    return [say(f"FAIL: {p}", FAIL_TONE) for p in problems]
+
+
+def _failed(lines: list[Line], counts: str) -> Banner:
+    """A failing banner: its lines (a headline even when nothing says why), then the counts."""
+    return Banner(False, tuple(lines or [say("FAIL: nothing was compared", FAIL_TONE)]) + (say(counts, MUTED),))
+
+
+# ---------------------------------------------------------------- one banner per result
+
+
+def evidence_lines(report: Report, first: TapResult) -> list[Line]:
+    """What the other taps say about the first divergence: what still matches before it,
+    per region, where along the tokens, per head."""
+    out = []
+    upstream = upstream_matches(report, first)
+    if upstream:
+        out.append(detail(f"still matching just before it: {upstream}", MUTED))
+    if first.regions:
+        out.append(detail(f"by region: {regions_line(first)}", MUTED))
+    words = concentration(first)
+    if words:
+        out.append(detail(f"where: {words}"))
+    if first.heads:
+        out.append(detail(f"by head: {heads_line(first)}", MUTED))
+    return out
+
+
+def localisation_lines(loc: Localisation | None) -> list[Line]:
+    """The isolation verdict: introducing component, walk, sub-part, hint."""
     if loc is None:
         return []
-    out = [f"introduced at: {loc.introduced}"] if loc.introduced else []
-    out.append(f"isolation: {loc.line()}")
+    out = [say(f"INTRODUCED AT: {loc.introduced}", FAIL_TONE)] if loc.introduced else []
+    out.append(detail(f"isolation: {loc.line()}"))
     if loc.narrowed:
-        out.append(f"narrowed to: {loc.narrowed}")
+        out.append(detail(f"narrowed to: {loc.narrowed} (fails on its own inside {loc.introduced})"))
     if loc.hint:
-        out.append(f"hint: {loc.hint}")
+        out.append(detail(f"hint: {loc.hint}", HINT))
     return out
+
+
+def report_banner(report: Report) -> Banner:
+    """A tensor diff's verdict."""
+    if report.passed:
+        within = f"thresholds (min cos {report.thresholds.get('min_cos')})"
+        return Banner(True, (pass_line(len(report.rows), "taps", within),))
+    lines = []
+    first = report.first_divergence
+    if first is not None:
+        lines += divergence_lines(first) + evidence_lines(report, first) + localisation_lines(report.localisation)
+    return _failed(lines + problem_lines(report.problems), counts_line(report))
+
+
+def stats_banner(report: StatsReport) -> Banner:
+    """A stats diff's verdict: also where bits first differ and what to capture in full."""
+    n, same, bits = len(report.rows), report.identical_count(), report.first_bit_difference
+    if report.passed:
+        tail = f"; bits first differ at {bits.key}" if bits else ""
+        return Banner(True, (pass_line(n, "taps' summaries", f"tolerance {report.thresholds.get('min_cos')}"),
+                             detail(f"bit-identical: {same} of {n}{tail}", MUTED)))
+    first = report.first_divergence
+    lines = divergence_lines(first, "FIRST DIVERGENCE (stats)") if first is not None else []
+    if bits is not None:
+        lines.append(detail(f"bits first differ at {bits.key}: every tap before it is bit-identical "
+                            f"({same} of {n} taps in all)", MUTED))
+    lines += problem_lines(report.problems)
+    taps = report.suggested_taps()
+    if taps:
+        lines.append(Line((("CAPTURE IN FULL: ", HINT), (f"--taps '{','.join(taps)}'", PLAIN))))
+        lines += [detail(command, MUTED) for command in suggested_commands(report, taps)]
+    return _failed(lines, counts_line(report))
+
+
+MAX_FINDINGS = 20  # findings named one by one; the rest are counted
+
+
+def weights_banner(report: WeightsReport) -> Banner:
+    """A weights comparison's verdict: each finding on a line of its own."""
+    n = len(report.rows)
+    if report.passed:
+        t = report.thresholds
+        within = f"thresholds (min cos {t.get('min_cos')}, quantised {t.get('quantized_min_cos')})"
+        return Banner(True, (pass_line(n, "parameters", within),))
+    lines = []
+    findings = report.findings
+    if findings:
+        lines.append(say(f"{len(findings)} FINDING(S)", FAIL_TONE))
+        lines += [Line(((f"{r.name}: ", STRONG), (r.reason, PLAIN)), detail=True) for r in findings[:MAX_FINDINGS]]
+        if len(findings) > MAX_FINDINGS:
+            lines.append(detail(f"... and {len(findings) - MAX_FINDINGS} more"))
+    return _failed(lines + problem_lines(report.problems), counts_line(report, "parameters"))
+
+
+def component_banner(result: PartResult) -> Banner:
+    """`parity component`'s verdict: does the part fail on the reference's own inputs?"""
+    name = result.unit.name
+    if result.passed:
+        return Banner(True, (say(f"PASS: {name} matches the reference on the reference's own inputs", PASS_TONE),))
+    lines = [say(f"FAIL: {name} introduces an error (fails on the reference's own inputs)", FAIL_TONE),
+             detail(result.summary())]
+    if result.narrowed:
+        lines.append(detail(f"narrowed to: {result.narrowed} (fails on its own)"))
+    if result.hint:
+        lines.append(detail(f"hint: {result.hint}", HINT))
+    return Banner(False, tuple(lines))
+
+
+def frames_banner(result: FramesResult) -> Banner:
+    passing = sum(bool(r) for r in result.frames)
+    return Banner(result.passed, (say(f"frames: {passing} of {len(result.frames)} pass",
+                                      PASS_TONE if result.passed else FAIL_TONE),))

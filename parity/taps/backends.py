@@ -10,11 +10,14 @@ the factories, never here.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 from parity.taps.probe import Probe
 from parity.taps.records import Layout
@@ -64,6 +67,18 @@ class BackendOptions:
             raise ValueError(f"padding must be left or right, not {self.padding!r}")
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError("seq_len must be >= 1")
+
+    @classmethod
+    def given(cls, **fields: Any) -> BackendOptions:
+        """Options from what a user gave: a None field takes its default, a path (a
+        checkpoint, an input file) is kept as its string.  ValueError if one is bad."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown backend option {unknown[0]!r}")
+        for name in ("weights", "inputs"):
+            if isinstance(fields.get(name), os.PathLike):
+                fields[name] = os.fspath(fields[name])
+        return cls(**{k: v for k, v in fields.items() if v is not None})
 
     @property
     def takes_inputs(self) -> bool:
@@ -126,7 +141,7 @@ class BackendSpec:
     registered: bool
 
     @classmethod
-    def parse(cls, spec: str, names: set[str] | None = None) -> "BackendSpec":
+    def parse(cls, spec: str, names: set[str] | None = None) -> BackendSpec:
         spec = spec.strip()
         if not spec:
             raise BackendError("empty backend spec")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 ON_OUTPUT, ON_INPUT = "output", "input"
 
@@ -76,11 +76,20 @@ def _name(stack: str, layer: int | None, component: str) -> str:
 @dataclass(frozen=True)
 class Probe:
     """An architecture's taps (`rules`) and, optionally, its component adapter: how to
-    re-run one part of a layer on its own (`parity.isolate.ComponentAdapter`)."""
+    re-run one part of a layer on its own (`parity.isolate.ComponentAdapter`).
+
+    What the commands take from the reference's probe when the user does not say:
+    `default_stack`, the stack `parity component` isolates in without `--stack`;
+    `drift_taps`, the taps whose frame-to-frame drift `parity frames` shows without
+    `--drift-taps` (None: every tap); `parts`, the parts `--part` takes, each with a few
+    words (listed by `parity backends`)."""
 
     arch: str
     rules: tuple[TapRule, ...]
     components: object | None = None
+    default_stack: str | None = None
+    drift_taps: str | None = None
+    parts: tuple[tuple[str, str], ...] = ()  # (part, what it covers or "")
     # module name -> its hits: a capture walks every module of the model, every time
     _hits: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 

@@ -120,7 +120,7 @@ class Capture:
         if self.error is not None:
             self.complete = False
 
-    def only(self, keep) -> "Capture":
+    def only(self, keep) -> Capture:
         """The same capture with only the taps `keep(name, key)` accepts."""
         return Capture([t for t in self.taps if keep(t.info.name, t.key)], self.layouts, self.meta, self.error,
                        self.complete)

@@ -90,7 +90,7 @@ class StatsCapture:
         so the diff's pairing loop takes a StatsCapture too)."""
         return {}
 
-    def only(self, keep) -> "StatsCapture":
+    def only(self, keep) -> StatsCapture:
         """The same run with only the taps `keep(name, key)` accepts."""
         return StatsCapture([t for t in self.taps if keep(t.info.name, t.key)], self.meta, self.error, self.complete)
 

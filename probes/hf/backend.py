@@ -24,7 +24,6 @@ from parity.probes.hf.inputs import (
     token_layout,
 )
 from parity.probes.hf.spec import USAGE, HFSpec
-
 from parity.taps.backends import Backend, BackendOptions
 from parity.taps.records import Region
 

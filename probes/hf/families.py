@@ -110,7 +110,7 @@ def siglip(root: str = r"(?:vision_model\.)?") -> StackPlan:
 
 DECODER = Family("decoder", (decoder(),), "text")
 FAMILIES: dict[str, Family] = {
-    **{t: DECODER for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), DECODER),
     "phi3": Family("fused-qkv decoder", (decoder(parts=FUSED_DECODER_PARTS),), "text"),
     "siglip_vision_model": Family("siglip", (siglip(),), "image", logits=None),
     "vit": Family("vit", (StackPlan("vision", r"(?:vit\.)?", "layers", VIT_PARTS,

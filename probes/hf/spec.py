@@ -33,7 +33,7 @@ class HFSpec:
     padding: str | None = None
 
     @classmethod
-    def parse(cls, arg: str) -> "HFSpec":
+    def parse(cls, arg: str) -> HFSpec:
         """Split `PATH@opts`; the last '@' starts the options unless what follows is a path."""
         path, sep, opts = arg.rpartition("@")
         if not sep or "/" in opts:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import platform
 
 import torch
+
 from parity.probes.pi05.checkpoint import Checkpoint
 from parity.probes.pi05.config import get_config
 from parity.probes.pi05.faults import CATALOGUE, Faults
@@ -15,7 +16,6 @@ from parity.probes.pi05.inputs import fingerprint, make_noise, make_observation
 from parity.probes.pi05.model import Pi05Policy, Variant
 from parity.probes.pi05.params import effective_parameters
 from parity.probes.pi05.probe import PROBE, layouts
-
 from parity.taps.backends import Backend, BackendOptions
 
 VARIANTS = {
@@ -112,6 +112,7 @@ def _factory(variant_name: str):
 
     factory.__doc__ = VARIANTS[variant_name][1]
     factory.faults = CATALOGUE
+    factory.probe = PROBE  # what `parity backends` lists of its components
     return factory
 
 

@@ -16,16 +16,16 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
 import torch
-from parity.probes.pi05.ckpt_layout import KeyMap, file_key, map_keys, natural
-from parity.probes.pi05.config import CONFIGS, TINY, GemmaConfig, Pi05Config, VisionConfig
 from safetensors import SafetensorError, safe_open
 
+from parity.probes.pi05.ckpt_layout import KeyMap, file_key, map_keys, natural
+from parity.probes.pi05.config import CONFIGS, TINY, GemmaConfig, Pi05Config, VisionConfig
 from parity.taps.backends import DetailedError
 
 MAX_LINES = 20
@@ -92,7 +92,7 @@ class Checkpoint:
     config_json: dict
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path) -> Checkpoint:
         file, config_path = resolve_paths(path)
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:

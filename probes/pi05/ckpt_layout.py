@@ -20,10 +20,10 @@ the loader reports them.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from string import Formatter
 from types import MappingProxyType
-from typing import Mapping
 
 OPENPI, LEROBOT = "openpi", "lerobot"
 LEROBOT_PREFIX = "model."

@@ -15,11 +15,12 @@ packed tokens): only the values are swapped.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
 from parity.probes.pi05.layers import AdaRMSNorm, AttnContext, GatedMLP, RMSNorm
 
 

@@ -27,7 +27,7 @@ class Faults:
     names: frozenset[str] = frozenset()
 
     @classmethod
-    def parse(cls, names) -> "Faults":
+    def parse(cls, names) -> Faults:
         names = frozenset(n.strip() for n in (names or ()) if n.strip())
         unknown = sorted(names - CATALOGUE.keys())
         if unknown:

@@ -20,7 +20,7 @@ class Fp8Weight(nn.Module):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "Fp8Weight":
+    def quantize(cls, weight: torch.Tensor) -> Fp8Weight:
         w = weight.detach().float()
         scale = (w.abs().amax().clamp(min=1e-12) / E4M3_MAX).reshape(())
         return cls((w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale)

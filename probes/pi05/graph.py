@@ -7,6 +7,7 @@ launch gaps; inputs are copied into static buffers before each replay.
 from __future__ import annotations
 
 import torch
+
 from parity.probes.pi05.layers import Attention, GatedMLP, LayerNorm, RMSNorm, SiglipMLP, apply_rope
 
 FUSED_LEAVES = (RMSNorm, GatedMLP, LayerNorm, SiglipMLP)  # subclasses (AdaRMSNorm, Fp8GatedMLP) included

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+
 from parity.probes.pi05.config import Pi05Config
 from parity.probes.pi05.model import Observation
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from parity.probes.pi05.faults import Faults
 from parity.probes.pi05.fp8 import Fp8Weight, fp8_linear
-from torch import nn
 
 MASK_VALUE = -2.3819763e38  # openpi's additive mask value
 
@@ -52,7 +53,8 @@ class MaskedCore:
         logits = (torch.einsum("bthd,bshd->bhts", q, k) * scale).float()  # [B, H, T, S]
         if not (self.ignore_mask or ctx.dense) and (ctx.q_valid is not None or ctx.k_valid is not None):
             qv = ctx.q_valid if ctx.q_valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
-            kv = ctx.k_valid if ctx.k_valid is not None else torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
+            kv = (ctx.k_valid if ctx.k_valid is not None
+                  else torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device))
             allowed = qv[:, None, :, None] & kv[:, None, None, :]  # [B, 1, T, S]
             logits = logits.masked_fill(~allowed, MASK_VALUE)
         probs = logits.softmax(dim=-1).to(q.dtype)

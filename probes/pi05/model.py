@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
+
 from parity.probes.pi05.config import GemmaConfig, Pi05Config, VisionConfig
 from parity.probes.pi05.faults import Faults
 from parity.probes.pi05.graph import CudaGraphSampler, compile_layers, compile_leaves
@@ -30,7 +32,6 @@ from parity.probes.pi05.layers import (
     init_weights,
     rope_tables,
 )
-from torch import nn
 
 
 class WeightSource(Protocol):
@@ -57,7 +58,7 @@ class Observation:
     token_mask: torch.Tensor  # [B, L] bool
     state: torch.Tensor  # [B, action_dim] (not in the prompt: discrete_state_input=False)
 
-    def to(self, device) -> "Observation":
+    def to(self, device) -> Observation:
         return Observation(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
@@ -228,7 +229,7 @@ class Pi05Policy(nn.Module):
     # ---- building ---------------------------------------------------------------
     @classmethod
     def build(cls, cfg: Pi05Config, seed: int, variant: Variant, faults: Faults, dtype: torch.dtype,
-              device: torch.device, weights: WeightSource | None = None) -> "Pi05Policy":
+              device: torch.device, weights: WeightSource | None = None) -> Pi05Policy:
         """Seeded random weights, or every weight from a checkpoint (checked already):
         the model is allocated empty (no memory, no default init) and every parameter is
         filled from the seed or the file, so no other value can survive.  FP8 MLPs

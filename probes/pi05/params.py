@@ -9,9 +9,9 @@ its `+ 1` shows up as an offset of exactly 1).
 from __future__ import annotations
 
 import torch
-from parity.probes.pi05.layers import AdaRMSNorm, Attention, Fp8GatedMLP, RMSNorm
 from torch import nn
 
+from parity.probes.pi05.layers import AdaRMSNorm, Attention, Fp8GatedMLP, RMSNorm
 from parity.taps.backends import ParamView
 
 FP8_SCHEME = "fp8 e4m3, per-tensor scale"

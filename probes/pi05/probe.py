@@ -7,8 +7,8 @@ expert, once per denoise step), stack-level taps like `vision.embed`, and `actio
 from __future__ import annotations
 
 import numpy as np
-from parity.probes.pi05.components import Pi05Components
 
+from parity.probes.pi05.components import PARTS, Pi05Components
 from parity.taps.probe import Probe, TapRule
 from parity.taps.records import Layout, Region
 
@@ -16,6 +16,7 @@ LAYER = r"(?P<layer>\d+)\."
 ATTN_PARTS = r"self_attn\.(?P<component>q|k|v|attn|o_proj)"
 NORM_PARTS = r"(?P<component>input_norm|post_attn_norm)"
 MLP_PART = r"(?P<component>mlp)"
+PART_NOTES = {"qkv": "projections + RoPE", "attn": "attention core, real mask", "layer": "the whole layer"}
 
 
 def _layer_rules(stack: str, layout: str, stepped: bool, norm_select: int | None) -> tuple[TapRule, ...]:
@@ -45,6 +46,9 @@ PROBE = Probe(
         TapRule(r"actions", "output", "actions", layout="actions"),
     ),
     components=Pi05Components(),
+    default_stack="prefix",  # the Gemma prefix LLM, whose k/v are the K/V cache
+    drift_taps="prefix.*.k",  # the K cache, by token region: which tokens a new frame changes
+    parts=tuple((part, PART_NOTES.get(part, "")) for part in PARTS),
 )
 
 

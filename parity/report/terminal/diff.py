@@ -14,8 +14,8 @@ from rich.text import Text
 from parity.capture.observation import describe
 from parity.report.results import Report, TapResult
 from parity.report.series import worst as _worst
-from parity.report.summary import concentration, heads_line, regions_line, side_label
-from parity.report.summary import upstream_matches as _upstream_matches
+from parity.report.summary import component_banner, concentration, frames_banner, report_banner, side_label
+from parity.report.terminal.banner import panel
 from parity.report.text import shown  # noqa: F401 - part of this module's interface (render.shown)
 
 OK, BAD = "✓", "✗"
@@ -69,8 +69,8 @@ def layer_table(title: str, rows: list[TapResult]) -> Table:
     for r in rows:
         m = r.metrics
         nums = ["", "", ""] if m is None else [f"{m.cos:.6f}", f"{m.max_abs:.4g}", f"{m.rel_l2:.4g}"]
-        table.add_row(Text(shown(r.key)), *nums, Text(f"{OK} {r.status}" if r.passed else f"{BAD} {r.status}: {shown(r.reason)}",
-                                         style="green" if r.passed else "bold red"))
+        status = f"{OK} {r.status}" if r.passed else f"{BAD} {r.status}: {shown(r.reason)}"
+        table.add_row(Text(shown(r.key)), *nums, Text(status, style="green" if r.passed else "bold red"))
     return table
 
 
@@ -91,44 +91,7 @@ def other_table(rows: list[TapResult]) -> Table:
 
 
 def banner(report: Report) -> Panel:
-    first = report.first_divergence
-    n = len(report.rows)
-    if report.passed:
-        return Panel(Text(f"PASS: all {n} taps within thresholds (min cos {report.thresholds.get('min_cos')})",
-                          style="bold green"), border_style="green")
-    lines = Text()
-    if first is not None:
-        i = first.info
-        where = f"stack {i.stack}, layer {i.layer if i.layer is not None else '-'}, component {i.component}"
-        if i.step is not None:
-            where += f", step {i.step}"
-        lines.append(f"FIRST DIVERGENCE: {shown(first.key)}\n", style="bold red")
-        lines.append(f"  {shown(where)}\n")
-        lines.append(f"  {first.status}: {shown(first.reason)}\n")
-        upstream = _upstream_matches(report, first)
-        if upstream:
-            lines.append(f"  still matching just before it: {shown(upstream)}\n", style="dim")
-        if first.regions:
-            lines.append(f"  by region: {shown(regions_line(first))}\n", style="dim")
-        words = concentration(first)
-        if words:
-            lines.append(f"  where: {shown(words)}\n")
-        if first.heads and not first.passed:
-            lines.append(f"  by head: {heads_line(first)}\n", style="dim")
-        loc = report.localisation
-        if loc is not None:
-            if loc.introduced:
-                lines.append(f"INTRODUCED AT: {shown(loc.introduced)}\n", style="bold red")
-            lines.append(f"  isolation: {shown(loc.line())}\n")
-            if loc.narrowed:
-                lines.append(f"  narrowed to: {shown(loc.narrowed)} (fails on its own inside {shown(loc.introduced)})\n")
-            if loc.hint:
-                lines.append(f"  hint: {shown(loc.hint)}\n", style="bold yellow")
-    for p in report.problems:
-        lines.append(f"FAIL: {shown(p)}\n", style="bold red")
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-    lines.append(f"{n} taps: {counts}", style="dim")
-    return Panel(lines, border_style="red")
+    return panel(report_banner(report))
 
 
 def header(report: Report) -> Text:
@@ -234,19 +197,7 @@ def render_component(result) -> Group:
     parts = [run_header(result.ref_meta, result.cand_meta)]
     if result.rows:
         parts.append(layer_table(f"{result.unit.name} on the reference's inputs", result.rows))
-    text = Text()
-    if result.passed:
-        text.append(f"PASS: {result.unit.name} matches the reference on the reference's own inputs", style="bold green")
-        parts.append(Panel(text, border_style="green"))
-        return Group(*parts)
-    text.append(f"FAIL: {result.unit.name} introduces an error (fails on the reference's own inputs)\n",
-                style="bold red")
-    text.append(f"  {result.summary()}")
-    if result.narrowed:
-        text.append(f"\n  narrowed to: {result.narrowed} (fails on its own)")
-    if result.hint:
-        text.append(f"\n  hint: {result.hint}", style="bold yellow")
-    parts.append(Panel(text, border_style="red"))
+    parts.append(panel(component_banner(result)))
     return Group(*parts)
 
 
@@ -272,7 +223,5 @@ def render_frames(result) -> Group:
         for r in rows:
             drift.add_row(Text(r.key), *(f"{r.regions[n].cos:.6f}" if n in r.regions else "" for n in regions))
         parts.append(drift)
-    verdict = f"frames: {sum(bool(r) for r in result.frames)} of {len(result.frames)} pass"
-    parts.append(Panel(Text(verdict, style="bold green" if result else "bold red"),
-                       border_style="green" if result else "red"))
+    parts.append(panel(frames_banner(result)))
     return Group(*parts)

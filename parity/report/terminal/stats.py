@@ -9,8 +9,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from parity.report.results import MEASURES, StatsReport, StatsResult, suggested_commands
-from parity.report.summary import counts_line, where
+from parity.report.results import MEASURES, StatsReport, StatsResult
+from parity.report.summary import stats_banner
+from parity.report.terminal.banner import panel
 from parity.report.terminal.diff import run_header
 from parity.report.text import shown
 from parity.taps.stats import StatsCapture
@@ -86,33 +87,7 @@ def all_taps_table(report: StatsReport) -> Table:
 
 
 def banner(report: StatsReport) -> Panel:
-    n, same = len(report.rows), report.identical_count()
-    lines = Text()
-    bits = report.first_bit_difference
-    tol = report.thresholds.get("min_cos")
-    if report.passed:
-        lines.append(f"PASS: all {n} taps' summaries within tolerance {tol}", style="bold green")
-        lines.append(f"\n  bit-identical: {same} of {n}" + (f"; bits first differ at {shown(bits.key)}" if bits else ""),
-                     style="dim")
-        return Panel(lines, border_style="green")
-    first = report.first_divergence
-    if first is not None:
-        lines.append(f"FIRST DIVERGENCE (stats): {shown(first.key)}\n", style="bold red")
-        lines.append(f"  {shown(where(first))}\n")
-        lines.append(f"  {first.status}: {shown(first.reason)}\n")
-    if bits is not None:
-        lines.append(f"  bits first differ at {shown(bits.key)}: every tap before it is bit-identical "
-                     f"({same} of {n} taps in all)\n", style="dim")
-    for p in report.problems:
-        lines.append(f"FAIL: {shown(p)}\n", style="bold red")
-    taps = report.suggested_taps()
-    if taps:
-        lines.append("CAPTURE IN FULL: ", style="bold yellow")
-        lines.append(shown(f"--taps '{','.join(taps)}'") + "\n")
-        for command in suggested_commands(report, taps):
-            lines.append(f"  {shown(command)}\n", style="dim")
-    lines.append(counts_line(report), style="dim")
-    return Panel(lines, border_style="red")
+    return panel(stats_banner(report))
 
 
 def render_stats_report(report: StatsReport, show_all: bool = False) -> Group:

@@ -4,8 +4,8 @@ into `*`), the findings one line each, and the verdict banner."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 from rich.console import Group
 from rich.panel import Panel
@@ -13,9 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from parity.report.results import ParamResult, WeightsReport
+from parity.report.summary import weights_banner
+from parity.report.terminal.banner import panel
 from parity.report.terminal.diff import BAD, OK, run_header
-
-MAX_FINDINGS = 20
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -72,25 +72,7 @@ def all_params_table(report: WeightsReport) -> Table:
 
 
 def banner(report: WeightsReport) -> Panel:
-    n = len(report.rows)
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
-    if report.passed:
-        t = report.thresholds
-        return Panel(Text(f"PASS: all {n} parameters within thresholds (min cos {t.get('min_cos')}, quantised "
-                          f"{t.get('quantized_min_cos')})", style="bold green"), border_style="green")
-    lines = Text()
-    findings = report.findings
-    if findings:
-        lines.append(f"{len(findings)} FINDING(S)\n", style="bold red")
-        for r in findings[:MAX_FINDINGS]:
-            lines.append(f"  {r.name}: ", style="bold")
-            lines.append(f"{r.reason}\n")
-        if len(findings) > MAX_FINDINGS:
-            lines.append(f"  ... and {len(findings) - MAX_FINDINGS} more\n")
-    for p in report.problems:
-        lines.append(f"FAIL: {p}\n", style="bold red")
-    lines.append(f"{n} parameters: {counts}", style="dim")
-    return Panel(lines, border_style="red")
+    return panel(weights_banner(report))
 
 
 def render_weights(report: WeightsReport, show_all: bool = False) -> Group:

@@ -13,13 +13,13 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from parity.comparison.metrics import compare
 from parity.probes.pi05.config import FULL, TINY
 from parity.probes.pi05.faults import Faults
 from parity.probes.pi05.inputs import make_noise, make_observation
 from parity.probes.pi05.layers import rope_tables
 from parity.probes.pi05.model import Pi05Policy, Variant, sincos_time_embedding
-
-from parity.comparison.metrics import compare
 
 MIN_COS, MAX_REL = 0.99999, 1e-5
 

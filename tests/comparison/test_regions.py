@@ -16,7 +16,8 @@ REGIONS = (Region("camera:a", 0, 8), Region("camera:b", 8, 16), Region("text", 1
 def capture(array: np.ndarray, name: str = "s.0.x") -> Capture:
     slots = np.arange(24, dtype=np.int64)[None, :]
     info = TapInfo(name, "s", 0, name.rsplit(".", 1)[1])
-    return Capture([Tap(info, 0, array.astype(np.float32), "float32", "tokens")], {"tokens": Layout(slots, 24, REGIONS)})
+    return Capture([Tap(info, 0, array.astype(np.float32), "float32", "tokens")],
+                   {"tokens": Layout(slots, 24, REGIONS)})
 
 
 def noisy(base: np.ndarray, span: slice, scale: float, seed: int = 1) -> np.ndarray:

@@ -119,7 +119,7 @@ def test_a_planted_part_fails_alone(cand):
     attention core's error cannot leak into the MLP's verdict and vice versa."""
     iso = Isolator(resolve("pytorch", OPTS), resolve(cand, replace(OPTS, faults=("silu", "nomask"))))
     verdict = {p: iso.isolate(Unit("prefix", 1, None, p)).passed for p in PARTS}
-    assert verdict == {**{p: True for p in PARTS}, "attn": False, "mlp": False, "layer": False}
+    assert verdict == {**dict.fromkeys(PARTS, True), "attn": False, "mlp": False, "layer": False}
 
 
 def test_relayout_moves_padded_values_into_a_packed_layout():
@@ -189,7 +189,7 @@ def test_offline_diff_says_isolation_needs_live_backends(tmp_path):
 def test_readme_shows_what_the_commands_print():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text[text.index("## Localising"):text.index("## Canonical tap names")]
     for needle in ("INTRODUCED AT: prefix.2.input_norm", "FAIL: prefix.0.mlp introduces an error",
                    "hint: RMSNorm weight offset", "wrong activation (SiLU vs GELU-tanh)", "by token region",

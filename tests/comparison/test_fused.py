@@ -11,17 +11,17 @@ import subprocess
 import sys
 
 import numpy as np
-import parity.comparison.stream
 import pytest
 import torch
 
+import parity.comparison.stream
 from parity.comparison.stream import diff_readers
 from parity.dump.reader import open_dump
 from parity.dump.writer import write_dump
 from parity.taps.records import Capture, Layout, Region, Tap, TapInfo
 
 numba = pytest.importorskip("numba")
-fused = pytest.importorskip("parity.fused")
+fused = pytest.importorskip("parity.comparison.fused")
 
 R, T, VALID, LENGTH = 2, 40, 34, 40
 TORCH_DTYPES = {"bfloat16": (torch.int16, torch.bfloat16), "float16": (torch.float16, torch.float16),

@@ -56,7 +56,8 @@ def reference_summary(t: torch.Tensor) -> dict[str, float]:
     m2, m3, m4 = (d ** 2).mean(), (d ** 3).mean(), (d ** 4).mean()
     return {**out, "mean": float(f.mean()), "l2": float(s * np.sqrt((fs ** 2).sum())),
             "mean_abs": float(np.abs(f).mean()), "var": _times(_times(m2, s), s), "std": float(np.sqrt(m2) * s),
-            "skew": float(m3 / m2 ** 1.5) if m2 > 0 else np.nan, "kurtosis": float(m4 / m2 ** 2 - 3) if m2 > 0 else np.nan,
+            "skew": float(m3 / m2 ** 1.5) if m2 > 0 else np.nan,
+            "kurtosis": float(m4 / m2 ** 2 - 3) if m2 > 0 else np.nan,
             "min": float(f.min()), "max": float(f.max()), "max_abs": float(np.abs(f).max())}
 
 
@@ -70,7 +71,8 @@ def reference_checksum(t: torch.Tensor) -> int:
     array, _ = to_storage(t)
     raw = array.reshape(-1)
     unsigned = t.dtype in (torch.uint8, torch.bool)  # every other dtype: its bits as a signed integer
-    signed = raw.astype(np.int64) if unsigned else raw.view({1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[raw.itemsize])
+    ints = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+    signed = raw.astype(np.int64) if unsigned else raw.view(ints[raw.itemsize])
     total = 0
     for i, v in enumerate(signed.astype(np.int64).tolist()):
         total = (total + (v & MASK64) * (((i * 0x9E3779B97F4A7C15) & MASK64) | 1)) & MASK64
@@ -324,7 +326,8 @@ def test_stats_dump_round_trips_bit_exactly(tmp_path):
     assert is_stats_dump(path) and not (tmp_path / "s.h5.partial").exists()
     assert_same_stats(read_stats(path), stats)
     raised = StatsCapture(taps=stats.taps[:1], meta=stats.meta,
-                          error=CaptureError("blk.1.out", TapInfo("blk.1.out", "blk", 1, "out"), "RuntimeError", "boom"))
+                          error=CaptureError("blk.1.out", TapInfo("blk.1.out", "blk", 1, "out"), "RuntimeError",
+                                             "boom"))
     write_stats(tmp_path / "r.h5", raised)
     back = read_stats(tmp_path / "r.h5")
     assert_same_stats(back, raised) and not back.complete
@@ -407,7 +410,8 @@ def test_stats_diff_flags_nomask_where_the_tensor_diff_does(tmp_path):
     focus_ref, focus_cand = tmp_path / "focus_ref.h5", tmp_path / "focus_cand.h5"
     code, out = cli("capture", "--backend", "pytorch", "--taps-from", result, "-o", focus_ref)
     assert code == 0 and "wrote 9 taps" in out  # prefix.embed and prefix.0's eight components
-    assert cli("capture", "--backend", "flash_fp8", "--inject", "nomask", "--taps-from", result, "-o", focus_cand)[0] == 0
+    code, _ = cli("capture", "--backend", "flash_fp8", "--inject", "nomask", "--taps-from", result, "-o", focus_cand)
+    assert code == 0
     code, out = cli("diff", focus_ref, focus_cand)
     assert code == 1 and "FIRST DIVERGENCE: prefix.0.attn" in out
 
@@ -453,7 +457,8 @@ def test_offline_stats_diff_needs_no_torch(tmp_path):
     write_stats(path, stats_of(ToyBackend(packed=False)))
     script = ("import sys; sys.modules['torch'] = None\n"
               "from typer.testing import CliRunner\nfrom parity.cli import app\n"
-              f"r = CliRunner().invoke(app, ['diff', {str(path)!r}, {str(path)!r}]); assert r.exit_code == 0, r.output\n"
+              f"r = CliRunner().invoke(app, ['diff', {str(path)!r}, {str(path)!r}])\n"
+              "assert r.exit_code == 0, r.output\n"
               f"r = CliRunner().invoke(app, ['inspect', {str(path)!r}]); assert r.exit_code == 0, r.output\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -464,7 +469,7 @@ def test_readme_stats_section_runs_as_documented(tmp_path, monkeypatch):
     import shlex
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start = text.index("## Stats-only scans")
     section = text[start:text.index("\n## ", start + 1)]
     monkeypatch.chdir(tmp_path)

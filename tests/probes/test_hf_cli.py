@@ -117,3 +117,14 @@ def test_weights_command_compares_hf_parameters(tiny_models, tmp_path):
     assert "lossy cast float32 -> bfloat16" in out
     data = json.loads((tmp_path / "w.json").read_text())
     assert data["passed"] is False and data["counts"].get("dtype", 0) > 0
+
+
+def test_help_states_the_hf_backends_defaults():
+    from parity.probes.hf.backend import DEFAULT_PADDING
+    from parity.probes.hf.inputs import DEFAULT_SEQ_LEN
+    from parity.probes.hf.spec import OPTIONS
+
+    result = runner.invoke(app, ["diff", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(result.output.split())
+    assert f"tokens per generated prompt (default {DEFAULT_SEQ_LEN})" in text
+    assert f"else {DEFAULT_PADDING}" in OPTIONS["padding"]

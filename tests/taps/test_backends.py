@@ -91,3 +91,15 @@ def test_factory_errors_are_one_line_unless_laid_out_as_detail():
 def test_options_validate_themselves(kwargs):
     with pytest.raises(ValueError):
         BackendOptions(**kwargs)
+
+
+def test_options_from_what_a_user_gave():
+    from pathlib import Path
+
+    assert BackendOptions.given(seed=None, batch=None, device=None) == BackendOptions()
+    opts = BackendOptions.given(seed=3, weights=Path("/ck/pt"), inputs=Path("ids.json"), padding=None)
+    assert (opts.seed, opts.weights, opts.inputs, opts.padding) == (3, "/ck/pt", "ids.json", None)
+    with pytest.raises(TypeError, match="unknown backend option 'colour'"):
+        BackendOptions.given(colour="red")
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        BackendOptions.given(batch=0)

@@ -13,17 +13,17 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
 
-from parity.probes.pi05.ckpt_layout import map_keys  # noqa: E402
-from parity.probes.pi05.config import GemmaConfig, VisionConfig  # noqa: E402
-from parity.probes.pi05.faults import Faults  # noqa: E402
-from parity.probes.pi05.layers import AttnContext, GatedMLP, MaskedCore, RMSNorm, apply_rope, rope_tables  # noqa: E402
-from parity.probes.pi05.model import GemmaLayer, SiglipLayer, SiglipTower  # noqa: E402
 from transformers import GemmaConfig as HFGemmaConfig  # noqa: E402
 from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 from transformers.models.gemma import modeling_gemma as hf_gemma  # noqa: E402
 from transformers.models.siglip import modeling_siglip as hf_siglip  # noqa: E402
 
 from parity.comparison.metrics import compare  # noqa: E402
+from parity.probes.pi05.ckpt_layout import map_keys  # noqa: E402
+from parity.probes.pi05.config import GemmaConfig, VisionConfig  # noqa: E402
+from parity.probes.pi05.faults import Faults  # noqa: E402
+from parity.probes.pi05.layers import AttnContext, GatedMLP, MaskedCore, RMSNorm, apply_rope, rope_tables  # noqa: E402
+from parity.probes.pi05.model import GemmaLayer, SiglipLayer, SiglipTower  # noqa: E402
 
 MIN_COS, MAX_REL = 0.99999, 1e-5
 NONE = Faults()

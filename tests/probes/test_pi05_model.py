@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from parity.probes.pi05.config import FULL, TINY, get_config
 from parity.probes.pi05.faults import Faults
 from parity.probes.pi05.fp8 import Fp8Weight, fp8_linear

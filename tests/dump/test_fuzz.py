@@ -105,7 +105,7 @@ def captures(draw) -> Capture:
     lays = draw(st.dictionaries(text.filter(bool), layouts(), max_size=2))
     count = draw(st.integers(0, 6))
     out, keys = [], set()
-    for i in range(count):
+    for _ in range(count):
         t = draw(taps(len(out), list(lays)))
         if t.key not in keys:
             keys.add(t.key)

@@ -1,6 +1,7 @@
 """Metrics agree with a plain float64 formula, chunking changes nothing, edge cases are defined."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -229,5 +230,5 @@ def test_to_dict_and_finite():
     assert d["n"] == 2 and d["cos"] == 1.0 and d["finite"] is True
     assert set(d) >= {"n", "cos", "max_abs", "mean_abs", "rel_l2", "nan_ref", "inf_ref", "nan_cand",
                       "inf_cand", "first_nonfinite", "max_abs_index"}
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         m.n = 3  # frozen

@@ -20,16 +20,16 @@ from ckpt_writers import (
     openpi_state,
     write,
 )
-from parity.probes.pi05.checkpoint import MAX_LINES, expected_shapes, infer_config
-from parity.probes.pi05.ckpt_layout import LEROBOT, OPENPI, file_key, map_keys
-from parity.probes.pi05.config import FULL, TINY, GemmaConfig
-from parity.probes.pi05.fp8 import Fp8Weight
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from parity.capture.recorder import capture
 from parity.cli import app
 from parity.dump.reader import read_dump
+from parity.probes.pi05.checkpoint import MAX_LINES, expected_shapes, infer_config
+from parity.probes.pi05.ckpt_layout import LEROBOT, OPENPI, file_key, map_keys
+from parity.probes.pi05.config import FULL, TINY, GemmaConfig
+from parity.probes.pi05.fp8 import Fp8Weight
 from parity.taps.backends import BackendOptions, resolve
 
 CPU = BackendOptions(device="cpu")

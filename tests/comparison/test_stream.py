@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import parity.comparison.stream
 import pytest
 
+import parity.comparison.stream
 from parity.api import capture_live, compare_captures
 from parity.comparison.dumps import diff_dumps
 from parity.dump.writer import write_dump

@@ -41,7 +41,8 @@ def make_capture(complete: bool = True, with_error: bool = True) -> Capture:
         ("prefix.0.v", "prefix", 0, "v", None, rng.standard_normal((1, 5, 3)).astype(np.float16), "float16", "packed"),
         ("embed", "embed", None, "out", None,
          rng.integers(0, 1 << 16, size=(3, 7), dtype=np.uint64).astype(np.uint16), "bfloat16", None),
-        ("suffix.1.attn", "suffix", 1, "attn", 0, np.arange(256, dtype=np.uint8).reshape(16, 16), "float8_e4m3fn", None),
+        ("suffix.1.attn", "suffix", 1, "attn", 0, np.arange(256, dtype=np.uint8).reshape(16, 16), "float8_e4m3fn",
+         None),
         ("suffix.1.attn", "suffix", 1, "attn", 1, np.arange(256, dtype=np.uint8)[::-1].reshape(16, 16).copy(),
          "float8_e5m2", None),
         ("ids", "input", None, "ids", None, np.array([[1, -2, 3]], dtype=np.int64), "int64", None),
@@ -70,7 +71,8 @@ def make_capture(complete: bool = True, with_error: bool = True) -> Capture:
         )
     meta = {
         "backend": "eager",
-        "model": {"name": "pi05", "config": {"layers": [1, 2, 3], "scale": 1.5, "none": None, "deep": {"a": {"b": "ü"}}}},
+        "model": {"name": "pi05",
+                  "config": {"layers": [1, 2, 3], "scale": 1.5, "none": None, "deep": {"a": {"b": "ü"}}}},
         "flags": [True, False],
     }
     return Capture(taps=taps, layouts=layouts, meta=meta, error=error, complete=complete)
@@ -214,13 +216,12 @@ def test_concurrent_writer_refused(tmp_path):
 def test_exception_inside_with_keeps_taps_and_marks_incomplete(tmp_path):
     path = tmp_path / "x.h5"
     cap = make_capture()
-    with pytest.raises(RuntimeError, match="boom"):
-        with DumpWriter(path, cap.meta) as w:
-            for name, layout in cap.layouts.items():
-                w.add_layout(name, layout)
-            w.add_tap(cap.taps[0])
-            w.add_tap(cap.taps[1])
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), DumpWriter(path, cap.meta) as w:
+        for name, layout in cap.layouts.items():
+            w.add_layout(name, layout)
+        w.add_tap(cap.taps[0])
+        w.add_tap(cap.taps[1])
+        raise RuntimeError("boom")
     assert path.exists() and not Path(str(path) + ".partial").exists()
     got = read_dump(path)
     assert got.complete is False
@@ -445,7 +446,8 @@ TAMPERS = {
     "tap is a group": (lambda f: (f.__delitem__("taps/000000"), f.create_group("taps/000000")), "not a dataset"),
     "slots out of range": (lambda f: _edit_slots(f, (0, 3), -5), "out of range"),
     "slots duplicate": (lambda f: _edit_slots(f, (0, 1), 0), "same canonical"),
-    "slots float": (lambda f: (f.__delitem__("layouts/0/slots"), f["layouts/0"].create_dataset("slots", data=np.zeros((2, 4)))), "int64"),
+    "slots float": (lambda f: (f.__delitem__("layouts/0/slots"),
+                               f["layouts/0"].create_dataset("slots", data=np.zeros((2, 4)))), "int64"),
     "regions bad json": (_set_attr("layouts/0", "regions", "[[1,2"), "not valid JSON"),
     "region past length": (_set_attr("layouts/0", "regions", '[["x", 0, 9]]'), "bad region"),
     "length zero": (_set_attr("layouts/0", "length", 0), ">= 1"),
@@ -521,10 +523,9 @@ def test_interrupted_add_tap_leaves_consistent_incomplete_file(tmp_path, monkeyp
         real(obj, attrs)
 
     monkeypatch.setattr(parity.dump.writer, "set_attrs", interrupt_on_second_tap)
-    with pytest.raises(KeyboardInterrupt):
-        with DumpWriter(path, {}) as w:
-            for i in range(3):
-                w.add_tap(Tap(TapInfo(f"t{i}", "s", i, "c"), i, np.full(4, i, np.float32), "float32"))
+    with pytest.raises(KeyboardInterrupt), DumpWriter(path, {}) as w:
+        for i in range(3):
+            w.add_tap(Tap(TapInfo(f"t{i}", "s", i, "c"), i, np.full(4, i, np.float32), "float32"))
     got = read_dump(path)
     assert got.complete is False and [t.key for t in got.taps] == ["t0"]
 
