@@ -6,9 +6,9 @@ sys.path), like any user's `package.module:factory` backend."""
 from __future__ import annotations
 
 import torch
+
 from parity.probes.pi05.backends import pytorch
 from parity.probes.pi05.layers import AdaRMSNorm, RMSNorm
-
 from parity.taps.backends import Backend, BackendOptions
 
 
