@@ -245,7 +245,7 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     upstream to the component that introduces the error (`report.localisation`).
 
     `on_device` (default): compare on the device as the candidate produces each tap
-    (parity.live; no tap is copied to the host), the reference's taps kept on the device
+    (parity.comparison.on_device; no tap is copied to the host), the reference's taps kept on the device
     up to `ref_device_mb` (None: half the free device memory) and in pinned host memory
     past it.  Otherwise
     both runs are captured to host memory and diffed there.  `stop_at_first` (on-device

@@ -257,7 +257,7 @@ def stored_crc(ds: Any) -> int | None:
 def verify_crc(ds: Any, array: np.ndarray, what: str) -> None:
     want = stored_crc(ds)
     if want is not None and array_crc32(array) != want:
-        raise BadAttribute(f"{what}: data does not match its checksum (corrupt)")
+        raise BadAttribute(f"{what} does not match its checksum (corrupt)")
 
 
 # Other formats parity writes as HDF5, and what to do with one handed to the wrong reader.

@@ -5,8 +5,8 @@ Format (format "parity-stats", format_version 1)::
     /                  attrs: format="parity-stats", format_version=1, complete (bool, written LAST),
                               meta (JSON, as a tensor dump's), tap_count (int, at close)
     /stats/values      float64 [taps, fields]: one row per tap in execution order; attrs fields (JSON list
-                       of the column names, parity.stats.FIELDS), crc32
-    /stats/checksums   int64 [taps]: each tap's bit checksum (parity.stats_device.checksum); attr crc32
+                       of the column names, parity.taps.stats.FIELDS), crc32
+    /stats/checksums   int64 [taps]: each tap's bit checksum (parity.capture.stats.checksum); attr crc32
     /stats/index       uint8 [bytes]: UTF-8 JSON list, per tap {key, name, stack, layer, component, step,
                        order, dtype, layout, shape, summarised_shape, tokens, positions}; attr crc32
     /error             optional, as in a tensor dump: where the backend raised

@@ -76,7 +76,7 @@ def _name(stack: str, layer: int | None, component: str) -> str:
 @dataclass(frozen=True)
 class Probe:
     """An architecture's taps (`rules`) and, optionally, its component adapter: how to
-    re-run one part of a layer on its own (`parity.isolate.ComponentAdapter`).
+    re-run one part of a layer on its own (`parity.comparison.isolate.ComponentAdapter`).
 
     What the commands take from the reference's probe when the user does not say:
     `default_stack`, the stack `parity component` isolates in without `--stack`;

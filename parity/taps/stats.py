@@ -1,7 +1,7 @@
 """Stats-only captures: per-tap summaries instead of tensors (no torch, no h5py).
 
 A very large model is scanned cheaply by keeping, per tap, a few float64 numbers and a
-checksum of its exact bits (computed on the device, `stats_device.py`), then capturing
+checksum of its exact bits (computed on the device, `parity/capture/stats.py`), then capturing
 full tensors only for the taps the stats diff names (`stats_diff.py`).  This module holds
 what flows between those pieces: the summary fields, one tap's summary, and a whole run's.
 
@@ -45,7 +45,7 @@ class TapStats:
     tokens, *features] under a fitting layout, else `shape`); `positions` identifies which
     canonical token positions those were (a CRC-32 of their indices, "" for a whole
     tensor), so two runs whose valid positions differ are told apart.  `checksum` is a
-    position-weighted int64 sum of the raw bits (see `stats_device.checksum`)."""
+    position-weighted int64 sum of the raw bits (see `parity.capture.stats.checksum`)."""
 
     info: TapInfo
     order: int

@@ -10,7 +10,7 @@ values.  Every backend's modules go through their own code (fused q|k|v, FP8 MLP
 packed tokens): only the values are swapped.
 
 `alternatives` are what known bug classes would compute, for the hint rules of
-`parity.isolate`: they are pi0.5 knowledge, the rules that use them are not.
+`parity.comparison.isolate`: they are pi0.5 knowledge, the rules that use them are not.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def _run_step(name: str, layer, c: dict, v: dict, core=None, scale=None, rope_in
 
 
 class Pi05Components:
-    """The `parity.isolate.ComponentAdapter` of pi0.5's three stacks."""
+    """The `parity.comparison.isolate.ComponentAdapter` of pi0.5's three stacks."""
 
     layer_pattern = r"(?P<stack>vision|prefix|expert)\.layers\.(?P<layer>\d+)"
     stepped = frozenset({"expert"})

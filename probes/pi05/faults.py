@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CATALOGUE: dict[str, str] = {
-    "nomask": "attention ignores the padding / masked-camera mask (seed bug 1: flash_attn_func takes no mask)",
-    "silu": "Gemma MLP gated with SiLU (SwiGLU) instead of GELU-tanh (GeGLU) (seed bug 2)",
-    "dtype": "MLP hidden activation produced in float16 and fed to a bf16/fp32 down-projection: raises (seed bug 3)",
+    "nomask": "attention ignores the padding / masked-camera mask (flash_attn_func takes no mask)",
+    "silu": "Gemma MLP gated with SiLU (SwiGLU) instead of GELU-tanh (GeGLU)",
+    "dtype": "MLP hidden activation produced in float16 and fed to a bf16/fp32 down-projection: raises",
     "norm_plain_w": "Gemma RMSNorm scales by w instead of (1 + w)",
     "rope_interleaved": "RoPE pairs interleaved channels (GPT-J style) instead of the half-split rotate_half",
     "kv_mutate": "prefix K/V cache updated in place by each denoise step, so later steps attend to stale suffix keys",
-    "kv_reuse": "prefix K/V cache reused for 2 frames (recomputed on even frames only), as the seed's 122 ms variant",
+    "kv_reuse": "prefix K/V cache reused for 2 frames (recomputed on even frames only) to save time",
     "stale_vision": "vision tokens never refreshed: every frame sees frame 0's images",
     "mid_norm": "only the middle prefix layer's input RMSNorm (layer depth // 2) scales by w instead of (1 + w)",
     "rope_base": "RoPE tables built with base 1e6 instead of 1e4 (a config copied from another model)",

@@ -186,12 +186,14 @@ def test_offline_diff_says_isolation_needs_live_backends(tmp_path):
     assert code == 1 and "isolation needs live backends" in out
 
 
-def test_readme_shows_what_the_commands_print():
+def test_docs_show_what_the_commands_print():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text[text.index("## Localising"):text.index("## Canonical tap names")]
-    for needle in ("INTRODUCED AT: prefix.2.input_norm", "FAIL: prefix.0.mlp introduces an error",
-                   "hint: RMSNorm weight offset", "wrong activation (SiLU vs GELU-tanh)", "by token region",
-                   "by token chunk", "where: uniform across tokens"):
-        assert needle in section, needle
+    text = (Path(__file__).resolve().parents[2] / "docs" / "commands.md").read_text()
+    diff = text[text.index("## `parity diff`"):text.index("## `parity capture`")]
+    component = text[text.index("## `parity component`"):text.index("## `parity weights`")]
+    for needle in ("INTRODUCED AT: prefix.2.input_norm", "hint: RMSNorm weight offset", "by token region",
+                   "by token chunk", "`uniform across tokens`", "wrong activation (SiLU vs GELU-tanh)"):
+        assert needle in diff, needle
+    for needle in ("FAIL: prefix.0.mlp introduces an error", "wrong activation (SiLU vs GELU-tanh)"):
+        assert needle in component, needle
