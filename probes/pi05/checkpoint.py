@@ -73,8 +73,10 @@ def _read_config_json(path: Path | None) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"cannot read {path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
@@ -113,6 +115,11 @@ class Checkpoint:
     def config_for(self, name: str | None) -> Pi05Config:
         """The config to build: `name`'s sizes if given (the shapes must then match), else
         the sizes the weights hold; horizon, steps and prompt length from config.json."""
+        empty = [f"{self.keymap.sources[n]} {list(self.shapes[n])}" for n in sorted(self.shapes, key=natural)
+                 if 0 in self.shapes[n]]
+        if empty:  # no size can be read from them (and none divides)
+            more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+            raise ValueError(f"checkpoint {self.path} holds {len(empty)} empty tensor(s): {', '.join(empty[:3])}{more}")
         if name is None and _names_full_size(self.config_json):
             name = "full"  # openpi's and lerobot's config.json name the real variants
         base = _named(name) if name is not None else infer_config(self.shapes)
@@ -216,20 +223,26 @@ def _named(name: str) -> Pi05Config:
 
 
 def _with_config_json(cfg: Pi05Config, data: dict) -> Pi05Config:
-    overrides = {}
+    """`cfg` with what config.json sets; ValueError naming the key for a value the model
+    cannot take (not a positive integer, more steps or positions than it declares)."""
+    overrides, keys_used = {}, {}
     for field_name, keys in CONFIG_JSON_FIELDS.items():
         for key in keys:
             if key in data:
                 value = data[key]
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
-                overrides[field_name] = value
+                overrides[field_name], keys_used[field_name] = value, key
                 break
     changed = {k: v for k, v in overrides.items() if getattr(cfg, k) != v}
     if not changed:
         return cfg
     suffix = ",".join(f"{k}={v}" for k, v in changed.items())
-    return replace(cfg, name=f"{cfg.name}({suffix})", **changed)
+    try:
+        return replace(cfg, name=f"{cfg.name}({suffix})", **changed)
+    except ValueError as exc:
+        given = ", ".join(f"{keys_used[k]} {v}" for k, v in changed.items())
+        raise ValueError(f"config.json ({given}): {exc}") from None
 
 
 def _common(shapes: dict[str, tuple[int, ...]], pattern: str, axis: int, default: int) -> int:
@@ -259,7 +272,7 @@ def _heads(q_rows: int, k_rows: int, base: GemmaConfig, what: str) -> tuple[int,
     """(num_heads, num_kv_heads, head_dim): q and k are stored flattened, so the number of
     K/V heads is taken from the base config (1 in pi0.5: multi-query attention)."""
     kv = base.num_kv_heads
-    if k_rows % kv or q_rows % (k_rows // kv):
+    if q_rows < 1 or k_rows < kv or k_rows % kv or q_rows % (k_rows // kv):
         raise ValueError(f"cannot split {what} attention: q rows {q_rows}, k rows {k_rows}, {kv} K/V head(s)")
     head_dim = k_rows // kv
     return q_rows // head_dim, kv, head_dim

@@ -18,12 +18,28 @@ README's table sets them beside JAX's):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+
+# Flow-matching steps: openpi and lerobot take 10; each step is one more run of the action
+# expert (and one more set of its taps), so a config.json asking for millions is refused.
+MAX_NUM_STEPS = 100
+# RoPE positions the Gemma stacks declare (PaliGemma's max_position_embeddings): the prompt,
+# the image tokens and the action horizon share them.
+MAX_POSITIONS = 8192
 
 
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _positive(config, names: tuple[str, ...] | None = None, what: str = "") -> None:
+    """The size fields `names` (None: every field) are integers of 1 or more; checked first,
+    as the other checks divide by them."""
+    for name in names or tuple(f.name for f in fields(config)):
+        value = getattr(config, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{what}{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,7 @@ class VisionConfig:
     image_size: int
 
     def __post_init__(self) -> None:
+        _positive(self, what="vision ")
         _require(self.width % self.num_heads == 0, "vision width must divide into heads")
         _require(self.image_size % self.patch_size == 0, "image size must be a multiple of the patch")
 
@@ -58,6 +75,7 @@ class GemmaConfig:
     head_dim: int
 
     def __post_init__(self) -> None:
+        _positive(self, what="gemma ")
         _require(self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of kv heads")
 
 
@@ -76,14 +94,22 @@ class Pi05Config:
     masked_cameras: tuple[str, ...] = ("right_wrist_0_rgb",)  # LIBERO / DROID
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    max_positions: int = MAX_POSITIONS  # RoPE positions: prefix_len + action_horizon must fit
 
     def __post_init__(self) -> None:
+        _positive(self, ("vocab_size", "max_token_len", "action_dim", "action_horizon", "num_steps", "max_positions"))
         _require(self.llm.depth == self.expert.depth, "both experts must share depth")
         for f in ("num_heads", "num_kv_heads", "head_dim"):
             _require(getattr(self.llm, f) == getattr(self.expert, f), f"both experts must share {f}")
         _require(self.llm.head_dim % 2 == 0, "RoPE needs an even head_dim")
         _require(set(self.masked_cameras) <= set(self.cameras), "masked cameras must be cameras")
-        _require(self.num_steps >= 1 and self.action_horizon >= 1, "need at least one step and action")
+        _require(self.num_steps <= MAX_NUM_STEPS,
+                 f"num_steps {self.num_steps} is more than {MAX_NUM_STEPS} flow-matching steps (openpi takes 10)")
+        used = self.prefix_len + self.action_horizon
+        _require(used <= self.max_positions,
+                 f"max_token_len {self.max_token_len} + {len(self.cameras)} cameras' {self.vision.num_tokens} image "
+                 f"tokens + action_horizon {self.action_horizon} = {used} positions, more than the "
+                 f"{self.max_positions} the model declares")
 
     @property
     def prefix_len(self) -> int:

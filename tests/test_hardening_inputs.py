@@ -1,0 +1,138 @@
+"""Adversarial inputs a user or an attacker can hand parity: checkpoints, `--input` files,
+`[tool.parity]`, `--device`, stats dumps.  Each is refused in one line with exit 2 (or,
+for sizes, bounded by what the model declares), never a traceback, never a run that
+eats the machine.  Every file here is built by the test itself (json, numpy,
+safetensors, tiny seeded models)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_writers import L, openpi_config, openpi_state, write
+from typer.testing import CliRunner
+
+from parity.cli import app
+from parity.probes.pi05.checkpoint import Checkpoint
+from parity.probes.pi05.config import TINY
+from parity.taps.backends import BackendOptions, resolve
+
+runner = CliRunner()
+DEEP = 100_000  # nesting depth of the deep JSON files: far past Python's recursion limit
+MAX_NUM_STEPS, MAX_POSITIONS = 100, 8192  # pi0.5's bounds, as docs/pi05.md states them
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def assert_one_line_exit_2(code: int, out: str, needle: str) -> None:
+    assert code == 2, out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    assert out.startswith("error: ") and needle in out, out
+
+
+def deep_json(depth: int = DEEP) -> str:
+    return "[" * depth + "]" * depth
+
+
+# ---- pi0.5 checkpoints: config.json and the weights' shapes --------------------------------
+@pytest.fixture(scope="module")
+def pi05_state():
+    """Our seeded tiny pi0.5 as openpi's converter saves it (key -> tensor)."""
+    model = resolve("pytorch", BackendOptions(device="cpu")).model
+    return {k: v.detach().clone() for k, v in openpi_state(model).items()}, openpi_config(model, "float32")
+
+
+def pi05_checkpoint(tmp_path: Path, pi05_state, config: dict | None = None, mutate=None) -> Path:
+    """The checkpoint, its config.json updated by `config` (None: the key left out) and its
+    weights by `mutate`."""
+    state, base_config = pi05_state
+    state = dict(state)
+    if mutate is not None:
+        mutate(state)
+    merged = {k: v for k, v in {**base_config, **(config or {})}.items() if v is not None}
+    return write(state, tmp_path / "ckpt", torch.float32, merged)
+
+
+# Past what the model can take: openpi takes 10 steps, and the prompt, the image tokens and
+# the actions share the Gemma stacks' 8192 RoPE positions.
+TOO_BIG = {
+    "num_steps": ({"num_steps": 10**6}, "num_steps 1000000 is more than 100 flow-matching steps"),
+    "num_inference_steps": ({"num_inference_steps": 10**6}, "num_inference_steps 1000000"),
+    "action_horizon": ({"action_horizon": 10**7}, "more than the 8192 the model declares"),
+    "chunk_size": ({"action_horizon": None, "chunk_size": 10**7}, "chunk_size 10000000"),
+    "max_token_len": ({"max_token_len": 10**8}, "max_token_len 100000000"),
+    "tokenizer_max_length": ({"tokenizer_max_length": 10**8}, "more than the 8192 the model declares"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOO_BIG))
+def test_config_json_beyond_what_the_model_takes_is_refused_before_building(tmp_path, pi05_state, case):
+    config, needle = TOO_BIG[case]
+    ckpt = Checkpoint.open(pi05_checkpoint(tmp_path, pi05_state, config))
+    with pytest.raises(ValueError, match="config.json") as err:
+        ckpt.config_for(None)
+    assert needle in str(err.value)
+
+
+def test_config_json_at_the_model_bounds_is_taken(tmp_path, pi05_state):
+    """The bounds are the model's own: the largest prompt that fits is accepted, one more
+    token is not."""
+    image_tokens = len(TINY.cameras) * TINY.vision.num_tokens
+    fits = MAX_POSITIONS - image_tokens - TINY.action_horizon
+    cfg = Checkpoint.open(pi05_checkpoint(tmp_path / "a", pi05_state, {"max_token_len": fits,
+                                                                       "num_steps": MAX_NUM_STEPS})).config_for(None)
+    assert cfg.max_token_len == fits and cfg.num_steps == MAX_NUM_STEPS
+    assert cfg.prefix_len + cfg.action_horizon == MAX_POSITIONS
+    over = Checkpoint.open(pi05_checkpoint(tmp_path / "b", pi05_state, {"max_token_len": fits + 1}))
+    with pytest.raises(ValueError, match=f"= {MAX_POSITIONS + 1} positions"):
+        over.config_for(None)
+
+
+def test_config_json_with_too_many_steps_is_one_line_exit_2(tmp_path, pi05_state):
+    path = pi05_checkpoint(tmp_path, pi05_state, {"num_steps": MAX_NUM_STEPS + 1})
+    code, out = cli("capture", "--backend", "pytorch", "--device", "cpu", "--weights", str(path),
+                    "-o", str(tmp_path / "x.h5"))
+    assert_one_line_exit_2(code, out, "num_steps 101 is more than 100 flow-matching steps")
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_deeply_nested_config_json_is_one_line_exit_2(tmp_path, pi05_state):
+    path = pi05_checkpoint(tmp_path, pi05_state)
+    (path / "config.json").write_text(deep_json())
+    code, out = cli("capture", "--backend", "pytorch", "--device", "cpu", "--weights", str(path),
+                    "-o", str(tmp_path / "x.h5"))
+    assert_one_line_exit_2(code, out, "nested too deeply")
+
+
+def _no_k_rows(state: dict) -> None:
+    """Every k_proj of the prefix stack with 0 rows (the head split divides by them)."""
+    for key in [k for k in state if k.startswith(L) and "k_proj" in k]:
+        state[key] = torch.zeros(0, state[key].shape[1])
+
+
+def _one_empty(state: dict) -> None:
+    state[L + "layers.0.self_attn.k_proj.weight"] = torch.zeros(0, 64)
+
+
+@pytest.mark.parametrize("mutate", [_no_k_rows, _one_empty], ids=["every k_proj", "one k_proj"])
+def test_k_proj_with_zero_rows_is_one_line_exit_2(tmp_path, pi05_state, mutate):
+    path = pi05_checkpoint(tmp_path, pi05_state, mutate=mutate)
+    code, out = cli("diff", "--ref", "pytorch", "--cand", "flash", "--device", "cpu", "--weights", str(path))
+    assert_one_line_exit_2(code, out, f"empty tensor(s): {L}layers.0.self_attn.k_proj.weight [0, 64]")
+
+
+def test_no_checkpoint_shape_makes_size_inference_raise_anything_but_value_error(tmp_path, pi05_state):
+    """A 0 in any dimension of any weight: a ValueError (exit 2), never a ZeroDivisionError."""
+    from parity.probes.pi05.checkpoint import expected_shapes, infer_config
+
+    shapes = expected_shapes(TINY)
+    for name, shape in shapes.items():
+        for axis in range(len(shape)):
+            broken = {n: (s if n != name else s[:axis] + (0,) + s[axis + 1:]) for n, s in shapes.items()}
+            try:
+                infer_config(broken)
+            except ValueError:
+                pass
