@@ -253,15 +253,28 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     _check_chunk(chunk)
     _check_live_flags(on_device, stop_at_first, ref_device_mb)
     faults = fault_names(faults)
+    # The reference runs to completion before the candidate is built: a candidate that
+    # patches shared code while it is built (liger-kernel replaces transformers functions)
+    # cannot change what the reference computed.
     ref_backend = _build(ref, replace(options, faults=()))
-    cand_backend = _build(cand, replace(options, faults=tuple(faults)))
+    built: list[Backend] = []
+
+    def build_cand() -> Backend:
+        if not built:
+            built.append(_build(cand, replace(options, faults=tuple(faults))))
+        return built[0]
+
     logs: list = []  # the layer calls of each run (reference, candidate), for isolation
     if on_device:
         from parity.comparison.on_device import diff_on_device
 
-        ref_meta, cand_meta = _meta(ref_backend, taps), _meta(cand_backend, taps)
-        check_comparable(Capture(meta=ref_meta), Capture(meta=cand_meta))
+        ref_meta = _meta(ref_backend, taps)
         select = _select(taps)
+
+        def cand_meta(backend: Backend) -> dict:
+            meta = _meta(backend, taps)
+            check_comparable(Capture(meta=ref_meta), Capture(meta=meta))
+            return meta
 
         def around(backend, run):
             sink, log = _recording(backend, isolate, run)
@@ -269,10 +282,12 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
             return sink
 
         budget = None if ref_device_mb is None else int(ref_device_mb * (1 << 20))
-        report = diff_on_device(ref_backend, cand_backend, ref_meta, cand_meta, thresholds, select, chunk,
+        report = diff_on_device(ref_backend, build_cand, ref_meta, cand_meta, thresholds, select, chunk,
                                 stop_at_first, progress, budget, around)
+        cand_backend = build_cand()
     else:
         ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
+        cand_backend = build_cand()
         cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
         logs = [ref_log, cand_log]
         report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
@@ -290,8 +305,9 @@ def _capture_recording(backend: Backend, options: BackendOptions, taps, progress
 
 def _recording(backend: Backend, record: bool, run: Callable[[], Any]):
     """(run(), the layer calls it made or None): `run` is one tapped run of `backend`
-    returning its sink; the calls are recorded when asked and the model allows."""
-    if not record or getattr(backend.probe, "components", None) is None:
+    returning its sink; the calls are recorded when asked and the model allows (without a
+    probe adapter: the inputs of the tapped modules, parity.comparison.modules)."""
+    if not record:
         return run(), None
     from parity.comparison.isolate import CallRecorder
 
@@ -349,17 +365,20 @@ def isolate_component(ref: str | Backend, cand: str | Backend, options: BackendO
 
 
 def make_thresholds(min_cos: float | None = None, thresholds: ThresholdsArg = None,
-                    settings: Settings | None = None) -> Thresholds:
-    """Thresholds from the forms a caller naturally has: a Thresholds, {glob: min_cos},
-    or ["glob=min_cos", ...] (later patterns win); `min_cos` None: DEFAULT_MIN_COS (or
-    the settings' min_cos, their patterns applied first).  InputError if malformed."""
-    return merge(settings, min_cos=min_cos, thresholds=thresholds).thresholds
+                    settings: Settings | None = None, max_norm_err: float | None = None) -> Thresholds:
+    """Thresholds from the forms a caller naturally has: a Thresholds, {glob: min_cos or
+    (min_cos, max_norm_err)}, or ["glob=min_cos[,max_norm_err]", ...] (later patterns
+    win); `min_cos` None: DEFAULT_MIN_COS (or the settings' min_cos, their patterns
+    applied first); `max_norm_err` None: the settings', else each tap's size bound
+    follows from its cosine bound.  InputError if malformed."""
+    return merge(settings, min_cos=min_cos, thresholds=thresholds, max_norm_err=max_norm_err).thresholds
 
 
 def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed: int | None = None,
             batch: int | None = None, device: str | None = None, dtype: str | None = None,
             padding: str | None = None, seq_len: int | None = None, min_cos: float | None = None,
-            thresholds: ThresholdsArg = None, taps: str | None = None, faults: Iterable[str] = (),
+            thresholds: ThresholdsArg = None, max_norm_err: float | None = None, taps: str | None = None,
+            faults: Iterable[str] = (),
             config: str | None = None, weights: str | None = None, progress: ProgressFn | None = None,
             stop_at_first: bool = False, on_device: bool = True, settings: Settings | None = None) -> Report:
     """Run a reference and a candidate on the same inputs and compare them tap by tap.
@@ -381,7 +400,7 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
         report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
         assert report, report.first_divergence
     """
-    merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps)
+    merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps, max_norm_err=max_norm_err)
     options = backend_options(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights,
                               inputs=inputs, padding=padding, seq_len=seq_len)
     return diff_live(ref, cand, options, fault_names(faults), merged.thresholds, merged.taps, progress,
@@ -676,7 +695,7 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
                  dtype: str | None = None, batch: int | None = None, weights: str | Path | None = None,
                  inputs: Any = None, padding: str | None = None, seq_len: int | None = None,
                  min_cos: float | None = None, thresholds: ThresholdsArg = None, taps: str | None = None,
-                 taps_from: str | Path | None = None, stats: bool = False,
+                 max_norm_err: float | None = None, taps_from: str | Path | None = None, stats: bool = False,
                  stats_tol: Iterable[str] | str | None = (), allow_incomplete: bool = False, isolate: bool = True,
                  chunk: int | None = None, by_region: bool = False, on_device: bool = True,
                  stop_at_first: bool = False, ref_device_mb: float | None = None,
@@ -700,7 +719,8 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
     live = ref is not None or cand is not None
     if stats or stats_tol or _any_stats_dump(dumps):
         tensor_only = [flag for flag, given in (
-            ("--min-cos", min_cos is not None), ("--threshold", bool(thresholds)), ("--by-region", by_region),
+            ("--min-cos", min_cos is not None), ("--threshold", bool(thresholds)),
+            ("--max-norm-err", max_norm_err is not None), ("--by-region", by_region),
             ("--by-token", chunk is not None), ("--no-isolate", not isolate), ("--stop-at-first", stop_at_first),
             ("--host-compare", not on_device), ("--ref-device-mb", ref_device_mb is not None)) if given]
         if tensor_only:
@@ -722,7 +742,7 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
                              "`parity capture --stats --inject`")
         return DiffPlan(STATS_DUMPS, tol, dumps=dumps, taps=taps, allow_incomplete=allow_incomplete)
     _check_chunk(chunk)
-    merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps)
+    merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps, max_norm_err=max_norm_err)
     gate = merged.thresholds
     if live and dumps:
         raise InputError("give either two dumps or --ref/--cand, not both")
@@ -904,16 +924,15 @@ class ReportRequest:
         if not modules:
             raise InputError("the reference run recorded no module names (ref.modules): cannot map taps to graph "
                              "nodes")
+        from parity.report.exported_program import read_graph  # JSON only: nothing in the archive is unpickled
+
         try:
-            import torch
-        except ImportError:
-            raise InputError("--exported-program needs torch") from None
-        try:
-            ep = torch.export.load(str(self.exported_program))
-        except Exception as exc:  # noqa: BLE001 - any unreadable .pt2 is an input error
-            raise InputError(f"cannot load {self.exported_program}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc) else exc}") from None
-        ids = me.node_ids_from_exported_program(ep, modules)
+            nodes = read_graph(self.exported_program)
+        except OSError as exc:
+            raise InputError(f"cannot read {self.exported_program}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise InputError(f"{self.exported_program}: {exc}") from None
+        ids = me.node_ids_from_graph(nodes, modules)
         if not ids:
             raise InputError(f"no tap module of this report appears in {self.exported_program}")
         return {output: json.dumps(me.node_data(report, ids), indent=2)}
@@ -937,6 +956,8 @@ def load_report(path: str | Path) -> Report:
                              "`parity diff A_stats.h5 B_stats.h5`; `parity report` renders `parity diff --json` "
                              "results") from None
         raise InputError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:  # the JSON decoder recurses once per level of nesting
+        raise InputError(f"{path}: JSON nested too deeply to be a parity result") from None
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
 

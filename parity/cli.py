@@ -165,8 +165,12 @@ TapsOpt = _option(None, "--taps", help="Only these taps: glob(s) on canonical na
                                        "(default: [tool.parity] taps, else all).", panel=GATE)
 TapsFromOpt = _option(None, "--taps-from", help="Only the taps a stats diff suggests capturing in full: its --json "
                                                 "result (suggested.taps).", panel=GATE)
-ThresholdOpt = _option(None, "--threshold", help="Per-pattern minimum cosine, GLOB=VALUE (repeatable; last match "
-                                                 "wins), e.g. 'expert.*.mlp=0.995'.", panel=GATE)
+ThresholdOpt = _option(None, "--threshold", help="Per-pattern bounds, GLOB=MIN_COS or GLOB=MIN_COS,MAX_NORM_ERR "
+                                                 "(repeatable; last match wins), e.g. 'expert.*.mlp=0.995'.",
+                       panel=GATE)
+NormErrOpt = _option(None, "--max-norm-err", help="Size bound per tap: largest | ||cand|| / ||ref|| - 1 | (default: "
+                                                  "[tool.parity] max_norm_err, else sqrt(2 (1 - min cos)) of the "
+                                                  "tap: 0.0447 at 0.999).", panel=GATE)
 
 JsonOpt = _option(None, "--json", help="Also write the machine-readable result here (input of `parity report`).",
                   panel=OUTPUT)
@@ -204,6 +208,7 @@ def diff_cmd(
                                                                f"(default: [tool.parity] min_cos, else "
                                                                f"{DEFAULT_MIN_COS}).", panel=GATE),
     threshold: Optional[List[str]] = ThresholdOpt,
+    max_norm_err: Optional[float] = NormErrOpt,
     json_out: Optional[Path] = JsonOpt,
     show_all: bool = _option(False, "--all", help="Also list every tap with all metrics.", panel=OUTPUT),
     by_region: bool = _option(False, "--by-region", help="Print the failing taps' error per token region "
@@ -247,7 +252,8 @@ def diff_cmd(
     with _exits(NOTHING_JUDGED), _progress(quiet) as progress:
         result = run_diff(dumps, ref, cand, faults=inject, config=config, seed=seed, device=device, dtype=dtype,
                           batch=batch, weights=weights, inputs=inputs, padding=padding, seq_len=seq_len,
-                          min_cos=min_cos, thresholds=threshold, taps=taps, taps_from=taps_from, stats=stats,
+                          min_cos=min_cos, thresholds=threshold, max_norm_err=max_norm_err, taps=taps,
+                          taps_from=taps_from, stats=stats,
                           stats_tol=stats_tol, allow_incomplete=allow_incomplete, isolate=not no_isolate,
                           chunk=by_token, by_region=by_region, on_device=not host_compare,
                           stop_at_first=stop_at_first, ref_device_mb=ref_device_mb, settings=settings,
@@ -478,10 +484,9 @@ def frames_cmd(
 
 
 def main() -> None:
-    # Like `python -m`, make the current directory importable, so `my_backends:factory`
-    # specs work from a project folder without installing it.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # sys.path is left alone: a `my_backends:factory` spec is imported with the current
+    # directory appended (parity.taps.backends.load_factory), so an `h5py.py` next to the
+    # dumps never shadows the installed module.
     app()
 
 

@@ -2,17 +2,19 @@
 
     [tool.parity]
     min_cos = 0.999                      # default minimum cosine per tap
+    max_norm_err = 0.05                  # default size bound: | ||cand|| / ||ref|| - 1 | per tap
     taps = ["decoder.*", "output.*"]     # default --taps (globs; a string works too)
     output_dir = "reports"               # where captures and reports go by default
 
     [tool.parity.thresholds]             # per-pattern minimum cosine (later wins)
     "*.mlp" = 0.995
-    "output.logits" = 0.99
+    "output.logits" = [0.99, 0.1]        # [minimum cosine, size bound]
 
 One merge, `merge()`, used by the CLI and the pytest plugin alike: explicit arguments
 (flags, keyword arguments) over these settings over the built-in defaults.  `min_cos`
-replaces min_cos, explicit threshold patterns are applied after these (the last match
-wins), `taps` replaces taps, `output_dir` (`-o`) replaces output_dir.
+replaces min_cos, `max_norm_err` replaces max_norm_err (unset: each tap's size bound
+follows from its cosine bound, see parity.comparison.rules), explicit threshold
+patterns are applied after these (the last match wins), `taps` replaces taps, `output_dir` (`-o`) replaces output_dir.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
-KEYS = ("min_cos", "thresholds", "taps", "output_dir")
+KEYS = ("min_cos", "max_norm_err", "thresholds", "taps", "output_dir")
 
 
 DEFAULT_OUTPUT_DIR = Path("reports")
@@ -50,10 +52,13 @@ class Settings:
     taps: str | None = None
     output_dir: Path = DEFAULT_OUTPUT_DIR
     source: str | None = None  # the pyproject.toml these came from, None = built-in defaults
+    max_norm_err: float | None = None
+    norm_thresholds: tuple[tuple[str, float], ...] = ()  # size bounds of patterns given as [cos, size]
 
     def threshold_specs(self, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """GLOB=VALUE specs: these settings' patterns, then `extra` (flags win: last match wins)."""
-        return [f"{g}={v}" for g, v in self.thresholds] + list(extra)
+        """GLOB=VALUE[,SIZE] specs: these settings' patterns, then `extra` (flags win: last match wins)."""
+        sizes = dict(self.norm_thresholds)
+        return [f"{g}={v}" + (f",{sizes[g]}" if g in sizes else "") for g, v in self.thresholds] + list(extra)
 
 
 ThresholdsArg = Thresholds | Mapping[str, float] | Iterable[str] | str | None
@@ -72,23 +77,35 @@ class Merged:
         return self.thresholds.min_cos
 
 
-def patterns(thresholds: ThresholdsArg) -> tuple[tuple[str, float], ...]:
-    """(glob, min_cos) pairs from {glob: min_cos}, "glob=min_cos" or a list of those;
-    InputError for a malformed one."""
+def specs(thresholds: ThresholdsArg) -> list[str]:
+    """GLOB=MIN_COS[,MAX_NORM_ERR] specs from {glob: min_cos or (min_cos, max_norm_err)},
+    one such spec or a list of them; InputError for a malformed one."""
     if thresholds is None:
-        return ()
+        return []
+    if isinstance(thresholds, Mapping):
+        out = []
+        for g, v in thresholds.items():
+            both = isinstance(v, (list, tuple))
+            if both and len(v) != 2:
+                raise InputError(f"threshold {g!r}: expected MIN_COS or (MIN_COS, MAX_NORM_ERR), not {v!r}")
+            out.append(f"{g}={v[0]},{v[1]}" if both else f"{g}={v}")
+        return out
+    if isinstance(thresholds, str):
+        return [thresholds]
+    return [str(s) for s in thresholds]
+
+
+def patterns(thresholds: ThresholdsArg) -> tuple[tuple[str, float], ...]:
+    """(glob, min_cos) pairs of `thresholds` (see `specs`); InputError for a malformed one."""
     try:
-        if isinstance(thresholds, Mapping):
-            return tuple((str(g), float(v)) for g, v in thresholds.items())
-        if isinstance(thresholds, str):
-            thresholds = [thresholds]
-        return Thresholds.parse(DEFAULT_MIN_COS, [str(s) for s in thresholds]).patterns
+        return Thresholds.parse(DEFAULT_MIN_COS, specs(thresholds)).patterns
     except (TypeError, ValueError) as exc:
         raise InputError(str(exc)) from None
 
 
 def merge(settings: Settings | None = None, *, min_cos: float | None = None, thresholds: ThresholdsArg = None,
-          taps: str | None = None, output_dir: str | Path | None = None) -> Merged:
+          taps: str | None = None, output_dir: str | Path | None = None,
+          max_norm_err: float | None = None) -> Merged:
     """Explicit arguments over `settings` over the built-in defaults (None = not given).
 
     min_cos: explicit, else settings' min_cos, else DEFAULT_MIN_COS.  thresholds: the
@@ -101,8 +118,10 @@ def merge(settings: Settings | None = None, *, min_cos: float | None = None, thr
         gate = thresholds
     else:
         default = min_cos if min_cos is not None else s.min_cos if s.min_cos is not None else DEFAULT_MIN_COS
+        norm = max_norm_err if max_norm_err is not None else s.max_norm_err
         try:
-            gate = Thresholds(float(default), tuple(s.thresholds) + patterns(thresholds))
+            gate = Thresholds.parse(float(default), s.threshold_specs(specs(thresholds)),
+                                    norm_err=None if norm is None else float(norm))
         except (TypeError, ValueError) as exc:
             raise InputError(str(exc)) from None
     return Merged(gate, taps or s.taps, Path(output_dir) if output_dir is not None else s.output_dir)
@@ -122,7 +141,17 @@ def parse(table: dict, source: str) -> Settings:
     thresholds = table.get("thresholds", {})
     if not isinstance(thresholds, dict):
         raise SettingsError(f"{source} [tool.parity] thresholds must be a table of \"GLOB\" = MIN_COS")
-    pairs = tuple((str(g), _number(v, f"{source} [tool.parity.thresholds] {g!r}")) for g, v in thresholds.items())
+    pairs, sizes = [], []
+    for g, v in thresholds.items():
+        where = f"{source} [tool.parity.thresholds] {g!r}"
+        if isinstance(v, list):
+            if len(v) != 2:
+                raise SettingsError(f"{where} must be MIN_COS or [MIN_COS, MAX_NORM_ERR]")
+            sizes.append((str(g), _number(v[1], where)))
+            v = v[0]
+        pairs.append((str(g), _number(v, where)))
+    max_norm_err = None if "max_norm_err" not in table else \
+        _number(table["max_norm_err"], f"{source} [tool.parity] max_norm_err")
     taps = table.get("taps")
     if isinstance(taps, list) and all(isinstance(t, str) for t in taps):
         taps = ",".join(taps)
@@ -131,7 +160,7 @@ def parse(table: dict, source: str) -> Settings:
     out = table.get("output_dir", str(DEFAULT_OUTPUT_DIR))
     if not isinstance(out, str) or not out:
         raise SettingsError(f"{source} [tool.parity] output_dir must be a folder name")
-    return Settings(min_cos, pairs, taps or None, Path(out), source)
+    return Settings(min_cos, tuple(pairs), taps or None, Path(out), source, max_norm_err, tuple(sizes))
 
 
 def load_settings(directory: str | Path | None = None) -> Settings:

@@ -64,3 +64,22 @@ def perturbed_mlp(opts, arg: str):
     mlp.register_forward_hook(lambda module, args, out: out * 1.05 + 0.01)
     backend.meta["faults"] = ["layer 1 mlp perturbed"]
     return backend
+
+
+def rope_patched(opts, arg: str):
+    """the hf backend built the way liger-kernel's `apply_liger_kernel_to_llama` works: it
+    replaces transformers' module-level `apply_rotary_pos_emb` (here with one that rotates the
+    other way), so every Llama in the process would run the patch"""
+    import transformers.models.llama.modeling_llama as llama
+
+    from parity.probes.hf.backend import factory
+
+    original = llama.apply_rotary_pos_emb
+
+    def skewed(q, k, cos, sin, *args, **kwargs):
+        return original(q, k, cos, -sin, *args, **kwargs)
+
+    llama.apply_rotary_pos_emb = skewed
+    backend = factory(opts, arg)
+    backend.meta["faults"] = ["apply_rotary_pos_emb patched module-wide"]
+    return backend

@@ -4,7 +4,7 @@ divergence.  Works on in-memory captures and on dumps alike; never imports torch
 from __future__ import annotations
 
 from parity.comparison.host import compare_taps
-from parity.comparison.rules import Thresholds
+from parity.comparison.rules import Thresholds, bound_fields
 from parity.report.results import Report, TapResult
 from parity.taps.records import Capture
 
@@ -39,14 +39,15 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
     raised_at = cand.error.key if cand.error else None
     reached = True
     for tap in sorted(ref.taps, key=lambda t: t.order):
-        threshold = thresholds.for_tap(tap.info.name, tap.key)
+        threshold = thresholds.for_pair(tap.info.name, tap.key)
         other = cand_taps.pop(tap.key, None)
         if other is not None:
             rows.append(compare(tap, other, ref.layouts, cand.layouts, threshold, exact_dtypes, chunk))
             if progress is not None:
                 progress(len(rows), len(ref.taps))
             continue
-        common = dict(info=tap.info, order=tap.order, threshold=threshold, ref_shape=tap.shape, ref_dtype=tap.dtype)
+        common = dict(info=tap.info, order=tap.order, **bound_fields(threshold), ref_shape=tap.shape,
+                      ref_dtype=tap.dtype)
         if cand.error and tap.key == raised_at:
             rows.append(TapResult(status="raised", reason=f"{cand.error.exc_type}: {cand.error.message}", **common))
             reached = False
@@ -60,7 +61,7 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
             rows.append(TapResult(status="missing", reason="tap missing in candidate", **common))
     for tap in sorted(cand_taps.values(), key=lambda t: t.order):
         rows.append(TapResult(info=tap.info, order=None, status="extra", reason="tap only in candidate",
-                              threshold=thresholds.for_tap(tap.info.name, tap.key), cand_shape=tap.shape,
+                              **bound_fields(thresholds.for_pair(tap.info.name, tap.key)), cand_shape=tap.shape,
                               cand_dtype=tap.dtype))
     problems = []
     ref_label, cand_label = labels
@@ -92,4 +93,18 @@ def diff(ref: Capture, cand: Capture, thresholds: Thresholds | None = None, exac
                         f"{cand.error.exc_type}: {cand.error.message}")
     return Report(rows=rows, ref_meta=dict(ref.meta), cand_meta=dict(cand.meta),
                   thresholds={**thresholds.to_dict(), "exact_dtypes": exact_dtypes},
-                  cand_error=cand.error, problems=problems)
+                  cand_error=cand.error, problems=problems, warnings=identical_warning(rows))
+
+
+def identical_warning(rows: list[TapResult]) -> list[str]:
+    """A doubt worth a line: every tap of the candidate equals the reference's exactly.
+    A real fast backend rarely reproduces every bit, so the likelier story is that the
+    candidate is not what the user thinks it is (the same code under another name, or a
+    patch that reached the reference too)."""
+    measured = [r for r in rows if r.metrics is not None]
+    if not measured or len(measured) != len(rows):
+        return []
+    if all(r.metrics.finite and r.metrics.max_abs == 0 for r in measured):
+        return [f"identical to the reference on every tap ({len(rows)} taps equal bit for bit): "
+                "is the candidate really different?"]
+    return []

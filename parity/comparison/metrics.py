@@ -38,6 +38,10 @@ class Metrics:
         both sides.  max_abs is inf only if the difference itself exceeds float64 range.
     rel_l2: ||cand - ref|| / ||ref||; 0.0 if both sides are zero, inf if ref is zero and
         cand is not; nan when no element is finite on both sides.
+    norm_ratio: ||cand|| / ||ref||, the size the cosine cannot see (a tap exactly 2x its
+        reference has cos 1 and norm_ratio 2); 1.0 if both sides are zero, inf if only ref
+        is, 0.0 if only cand is; nan when no element is finite on both sides (and in
+        results read from JSON written before it was recorded).
     nan_ref, inf_ref, nan_cand, inf_cand: counts of NaN / +-Inf on each side.
     first_nonfinite: flat (C-order) index of the first element that is NaN/Inf on
         either side, None if all finite.
@@ -56,6 +60,7 @@ class Metrics:
     inf_cand: int
     first_nonfinite: int | None
     max_abs_index: int | None
+    norm_ratio: float = math.nan
 
     @property
     def finite(self) -> bool:
@@ -230,19 +235,22 @@ class MetricAccumulator:
         """The metrics of everything fed so far (see Metrics for the edge cases)."""
         nan = float("nan")
         if self._n_valid == 0:
-            cos = max_abs = mean_abs = rel_l2 = nan
+            cos = max_abs = mean_abs = rel_l2 = norm_ratio = nan
         else:
             ref_zero, cand_zero = self._rr == 0.0, self._cc == 0.0
             if ref_zero and cand_zero:
-                cos = 1.0
+                cos = norm_ratio = 1.0
             elif ref_zero or cand_zero:
                 cos = 0.0
+                norm_ratio = math.inf if ref_zero else 0.0
             else:
                 # The scales of dot and of the norms cancel exactly.  sqrt(rr * cc) rather
                 # than sqrt(rr) * sqrt(cc): identical inputs then give exactly 1.0
                 # (rr == cc == dot and sqrt(x * x) == x); rr, cc lie in [0.25, n].
                 cos = self._dot / math.sqrt(self._rr * self._cc)
                 cos = min(1.0, max(-1.0, cos))
+                # Equal sides give exactly 1.0 (same sums, same exponents).
+                norm_ratio = _ldexp_inf(math.sqrt(self._cc) / math.sqrt(self._rr), self._ec - self._er)
             if self._dd == 0.0:
                 rel_l2 = 0.0
             elif ref_zero:
@@ -263,6 +271,7 @@ class MetricAccumulator:
             inf_cand=self._counts[3],
             first_nonfinite=self._first_nonfinite,
             max_abs_index=self._max_abs_index,
+            norm_ratio=norm_ratio,
         )
 
 

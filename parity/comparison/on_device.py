@@ -163,7 +163,7 @@ class LiveComparer(_Sink):
         ref_value = self.stash.take(cand.key)
         if ref is None or ref_value is None:
             return  # only in the candidate (or a repeated key): the diff loop says so
-        threshold = self.thresholds.for_tap(ref.info.name, ref.key)
+        threshold = self.thresholds.for_pair(ref.info.name, ref.key)
         signature = (ref.shape, cand.shape, ref.layout, cand.layout, ref.dtype, cand.dtype)
         a = self.aligned.get(signature)  # layers repeat their taps' signatures: align each once
         if a is None:
@@ -222,7 +222,11 @@ def diff_on_device(ref_backend, cand_backend, ref_meta: dict, cand_meta: dict, t
                    select=None, chunk: int | None = None, stop_at_first: bool = False, progress=None,
                    device_budget: int | None = None, around=None, phases: dict | None = None) -> Report:
     """Run the reference, stashing its taps on the device, then the candidate, comparing
-    each tap as it comes; the Report of the pair.  `around(backend, run)` wraps each run
+    each tap as it comes; the Report of the pair.  `cand_backend` may be a function that
+    builds the candidate (and `cand_meta` one that gives its meta): it is called only
+    once the reference has run, so nothing the candidate patches while it is built (a
+    library function replaced for speed) can change the reference's run.
+    `around(backend, run)` wraps each run
     (the caller records layer calls for isolation with it).  `phases`, if given, gets the
     seconds each phase took (device synced between phases: for benchmarks only)."""
     thresholds = thresholds or Thresholds()
@@ -235,6 +239,10 @@ def diff_on_device(ref_backend, cand_backend, ref_meta: dict, cand_meta: dict, t
     stash = ReferenceStash(ref_meta, device_budget, progress, f"reference {name(ref_backend, ref_meta)}")
     around(ref_backend, lambda: capture(ref_backend, stash, select))
     clock("reference_run")
+    if callable(cand_backend):
+        cand_backend = cand_backend()
+    if callable(cand_meta):
+        cand_meta = cand_meta(cand_backend)
     exact = ref_meta.get("dtype") == cand_meta.get("dtype")
     comparer = LiveComparer(stash, cand_meta, thresholds, exact, chunk, stop_at_first, progress,
                             f"compare {name(cand_backend, cand_meta)}")

@@ -12,7 +12,9 @@ each pair:
 - `dtype`: held in another dtype and the cast lost information (values changed), unless
   the backend declared the parameter quantised: then only its cosine threshold counts
   (`quantized_min_cos`, 0.999 by default, unless a `--threshold` pattern matches);
-- `fail` (cosine below threshold), `shape`, `nonfinite`, `missing`, `extra`.
+- `fail` (cosine below threshold, or a norm ratio off by more than the size bound that
+  follows from it, as for taps: a weight loaded at 2x its value has cos 1), `shape`,
+  `nonfinite`, `missing`, `extra`.
 
 Like `parity diff`, a report is truthy when every parameter passed.
 """
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from parity.comparison.metrics import MetricAccumulator, Metrics
-from parity.comparison.rules import COSINE, Thresholds
+from parity.comparison.rules import COSINE, Limit, Thresholds
 from parity.report.results import ParamResult, WeightsReport
 from parity.taps.backends import ParamView
 from parity.taps.codec import to_float64
@@ -124,34 +126,35 @@ def judge_pair(name: str, ref: ParamView, cand: ParamView, threshold: float) -> 
     if r.shape != c.shape:
         if transposable:
             mt, _ = measure(r, c, transposed=True)
-            if mt.finite and mt.cos >= threshold:
+            if mt.finite and Limit.of(threshold).met(mt):
                 return ParamResult(status="transposed", reason=f"transposed: shape {list(c.shape)} vs "
                                    f"{list(r.shape)}, cos {mt.cos:.6f} once transposed back", metrics=mt, **base)
         return ParamResult(status="shape", reason=f"shape {list(c.shape)} vs {list(r.shape)}", **base)
     m, changed = measure(r, c)
+    limit = Limit.of(threshold)
     if not m.finite:
         return ParamResult(status="nonfinite", reason=f"NaN/Inf: ref {m.nan_ref + m.inf_ref}, cand "
                            f"{m.nan_cand + m.inf_cand} value(s)", metrics=m, **base)
-    if m.cos >= threshold:
+    if limit.met(m):
         if ref.dtype != cand.dtype and changed and not quantized:
             return ParamResult(status="dtype", reason=f"lossy cast {ref.dtype} -> {cand.dtype}: {changed} of "
                                f"{m.n} values changed, rel err {m.rel_l2:.3g}", metrics=m, **base)
         return ParamResult(status="pass", reason=_pass_note(ref, cand, quantized, changed), metrics=m, **base)
     if transposable:
         mt, _ = measure(r, c, transposed=True)
-        if mt.cos >= threshold:
+        if limit.met(mt):
             return ParamResult(status="transposed", reason=f"transposed: cos {m.cos:.6f} as is, {mt.cos:.6f} once "
                                "transposed back", metrics=m, **base)
     if len(r.shape) == 1:  # a norm weight that forgot (or doubled) its 1 +
         for shift, label in ((1.0, "- 1"), (-1.0, "+ 1")):
-            if measure(r, c, shift=shift)[0].cos >= threshold:
+            if limit.met(measure(r, c, shift=shift)[0]):
                 return ParamResult(status="norm_offset", reason=f"norm offset (w vs 1+w): candidate = reference "
                                    f"{label}", metrics=m, **base)
     if quantized:
         cast = f"; quantised ({quantized})"
     else:
         cast = f"; held as {cand.dtype}, reference {ref.dtype}" if ref.dtype != cand.dtype else ""
-    return ParamResult(status="fail", reason=f"cos {m.cos:.6f} < {threshold}{cast}", metrics=m, **base)
+    return ParamResult(status="fail", reason=f"{limit.reason(m)}{cast}", metrics=m, **base)
 
 
 def _pass_note(ref: ParamView, cand: ParamView, quantized: str | None, changed: int) -> str:

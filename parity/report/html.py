@@ -1,13 +1,14 @@
 """A report as one self-contained HTML file: verdict banner, per-stack curves (cosine and
 relative error on a log axis) as inline SVG, per-layer and per-tap tables, region
 breakdown and run metadata.  No scripts, no external resources: it opens anywhere and
-can be attached to a ticket as it is."""
+can be attached to a ticket as it is.  Every text that came from a dump or a result is
+written as data (`html_text`): markup characters as entities, control, bidi and ESC
+characters escaped."""
 
 from __future__ import annotations
 
 import json
 import math
-from html import escape
 
 from parity.report.results import Report, TapResult
 from parity.report.series import StackSeries, stack_level, stack_series
@@ -25,6 +26,7 @@ from parity.report.summary import (
     side_label,
 )
 from parity.report.svg import Mark, line_chart
+from parity.report.text import html_text
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px; color: #222; }
@@ -48,7 +50,7 @@ details { margin: 8px 0; }
 
 
 def _td(text: str, cls: str = "") -> str:
-    return f'<td class="{cls}">{escape(text)}</td>' if cls else f"<td>{escape(text)}</td>"
+    return f'<td class="{cls}">{html_text(text)}</td>' if cls else f"<td>{html_text(text)}</td>"
 
 
 def _status_class(row: TapResult | None, first: TapResult | None) -> str:
@@ -74,10 +76,10 @@ def banner_html(b: Banner) -> str:
             classes.append("in")
         if len(line.parts) == 1:
             classes.append(TONE_CLASS[line.parts[0][1]])
-            body = escape(line.text)
+            body = html_text(line.text)
         else:
-            body = "".join(f'<span class="{TONE_CLASS[tone]}">{escape(text)}</span>' if TONE_CLASS[tone]
-                           else escape(text) for text, tone in line.parts)
+            body = "".join(f'<span class="{TONE_CLASS[tone]}">{html_text(text)}</span>' if TONE_CLASS[tone]
+                           else html_text(text) for text, tone in line.parts)
         cls = " ".join(c for c in classes if c)
         out.append(f'<div class="{cls}">{body}</div>' if cls else f"<div>{body}</div>")
     return f'<div class="banner {"pass" if b.passed else "fail"}" id="verdict">{"".join(out)}</div>'
@@ -107,7 +109,7 @@ def charts(s: StackSeries, min_cos: float | None) -> str:
 
 
 def layer_table(s: StackSeries, first: TapResult | None) -> str:
-    head = "".join(f"<th>{escape(c)}</th>" for c in s.components)
+    head = "".join(f"<th>{html_text(c)}</th>" for c in s.components)
     rows = []
     for layer in s.layers:
         cells = []
@@ -123,7 +125,7 @@ def layer_table(s: StackSeries, first: TapResult | None) -> str:
 
 def tap_table(report: Report, rows: list[TapResult], first: TapResult | None, table_id: str) -> str:
     cols = ("#", "tap", "cos", "max |Δ|", "mean |Δ|", "rel L2", "threshold", "shape", "dtype", "status")
-    head = "".join(f'<th class="{"l" if c in ("tap", "status") else ""}">{escape(c)}</th>' for c in cols)
+    head = "".join(f'<th class="{"l" if c in ("tap", "status") else ""}">{html_text(c)}</th>' for c in cols)
     body = []
     for r in rows:
         m = r.metrics
@@ -146,13 +148,13 @@ def region_table(report: Report) -> str:
         return ""
     rows = sorted(rows, key=lambda r: (r.passed, r.order if r.order is not None else 1 << 30))[:30]
     names = list(dict.fromkeys(n for r in rows for n in r.regions))
-    head = "".join(f"<th>{escape(n)}</th>" for n in names)
+    head = "".join(f"<th>{html_text(n)}</th>" for n in names)
     body = []
     for r in rows:
         cells = "".join(_td(fmt(r.regions[n].cos) if n in r.regions else "",
-                            ("pass" if r.regions[n].cos >= r.threshold else "fail") if n in r.regions else "")
+                            ("pass" if r.within(r.regions[n]) else "fail") if n in r.regions else "")
                         for n in names)
-        body.append(f'<tr><td class="l">{escape(r.key)}</td>{cells}</tr>')
+        body.append(f'<tr><td class="l">{html_text(r.key)}</td>{cells}</tr>')
     return ('<h2>Region breakdown</h2><p class="muted">cosine per token region (failing taps first).</p>'
             f'<table class="regions"><tr><th class="l">tap</th>{head}</tr>{"".join(body)}</table>')
 
@@ -164,9 +166,9 @@ def meta_table(report: Report) -> str:
     for k in keys:
         a, b = r.get(k), c.get(k)
         cls = "" if a == b else "fail"
-        body.append(f'<tr><td class="l">{escape(k)}</td>{_td(_show(a), "l " + cls)}{_td(_show(b), "l " + cls)}</tr>')
+        body.append(f'<tr><td class="l">{html_text(k)}</td>{_td(_show(a), "l " + cls)}{_td(_show(b), "l " + cls)}</tr>')
     body.append(f'<tr><td class="l">thresholds</td><td class="l" colspan="2">'
-                f'{escape(json.dumps(report.thresholds))}</td></tr>')
+                f'{html_text(json.dumps(report.thresholds))}</td></tr>')
     return f'<table class="meta"><tr><th class="l">key</th><th class="l">ref</th><th class="l">cand</th></tr>' \
            f'{"".join(body)}</table>'
 
@@ -181,12 +183,12 @@ def render_html(report: Report, title: str | None = None) -> str:
     first = report.first_divergence
     min_cos = report.thresholds.get("min_cos")
     title = title or f"parity: {report.ref_meta.get('backend', 'ref')} vs {report.cand_meta.get('backend', 'cand')}"
-    parts = [f"<h1>{escape(title)}</h1>",
-             f'<p>ref <code>{escape(side_label(report.ref_meta))}</code> vs cand '
-             f'<code>{escape(side_label(report.cand_meta))}</code></p>',
+    parts = [f"<h1>{html_text(title)}</h1>",
+             f'<p>ref <code>{html_text(side_label(report.ref_meta))}</code> vs cand '
+             f'<code>{html_text(side_label(report.cand_meta))}</code></p>',
              banner(report)]
     for s in stack_series(report):
-        parts.append(f'<h2 id="stack-{escape(s.stack)}">Stack {escape(s.stack)}</h2>')
+        parts.append(f'<h2 id="stack-{html_text(s.stack)}">Stack {html_text(s.stack)}</h2>')
         parts.append(charts(s, min_cos))
         parts.append(layer_table(s, first))
     others = stack_level(report)
@@ -196,5 +198,5 @@ def render_html(report: Report, title: str | None = None) -> str:
     parts.append("<h2>All taps</h2>" + tap_table(report, report.rows, first, "all-taps"))
     parts.append("<h2>Run metadata</h2>" + meta_table(report))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{escape(title)}</title><style>{CSS}</style></head><body>\n"
+            f"<title>{html_text(title)}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(p for p in parts if p) + "\n</body></html>\n")

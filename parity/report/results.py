@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from parity.comparison.metrics import Metrics
+from parity.comparison.rules import Limit
+from parity.report.schema import check_report
 from parity.taps.records import CaptureError, TapInfo
 from parity.taps.stats import FIELDS, TapStats
 
@@ -80,7 +82,8 @@ def _shape(x) -> tuple | None:
 
 def _metrics_dict(m: Metrics) -> dict[str, Any]:
     return {"n": m.n, "cos": json_number(m.cos), "max_abs": json_number(m.max_abs),
-            "mean_abs": json_number(m.mean_abs), "rel_l2": json_number(m.rel_l2)}
+            "mean_abs": json_number(m.mean_abs), "rel_l2": json_number(m.rel_l2),
+            "norm_ratio": json_number(m.norm_ratio)}
 
 
 def _metrics_from(d: dict[str, Any]) -> Metrics:
@@ -89,7 +92,7 @@ def _metrics_from(d: dict[str, Any]) -> Metrics:
                    mean_abs=_float(d.get("mean_abs")), rel_l2=_float(d.get("rel_l2")),
                    nan_ref=int(d.get("nan_ref") or 0), inf_ref=int(d.get("inf_ref") or 0),
                    nan_cand=int(d.get("nan_cand") or 0), inf_cand=int(d.get("inf_cand") or 0),
-                   first_nonfinite=None, max_abs_index=None)
+                   first_nonfinite=None, max_abs_index=None, norm_ratio=_float(d.get("norm_ratio")))
 
 
 def _measured(d: dict[str, Any]) -> bool:
@@ -115,10 +118,28 @@ class TapResult:
     regions: dict[str, Metrics] = field(default_factory=dict)  # per named token region, if the layout has any
     chunks: dict[str, Metrics] = field(default_factory=dict)  # per chunk of canonical positions, if asked
     heads: list[Metrics] = field(default_factory=list)  # per attention head, for [tokens, heads, dim] taps
+    max_norm_err: float | None = None  # the size bound; None: the one that follows from `threshold`
 
     @property
     def passed(self) -> bool:
         return self.status == PASS
+
+    @property
+    def limit(self) -> Limit:
+        """Both bounds this row was judged by, to judge its regions, chunks and heads alike."""
+        return Limit(self.threshold, self.max_norm_err) if self.max_norm_err is not None else \
+            Limit.of(self.threshold)
+
+    def within(self, m: Metrics) -> bool:
+        """Whether a part of this tap (a region, a chunk, a head) meets the tap's bounds."""
+        return self.limit.met(m)
+
+    @property
+    def failed_bounds(self) -> tuple[str, ...]:
+        """The bounds a compared, failing row missed: some of ("cos", "norm")."""
+        if self.status != "fail" or self.metrics is None:
+            return ()
+        return self.limit.failed(self.metrics)
 
     @property
     def key(self) -> str:
@@ -142,11 +163,14 @@ class TapResult:
             "max_abs": json_number(m.max_abs) if m else None,
             "mean_abs": json_number(m.mean_abs) if m else None,
             "rel_l2": json_number(m.rel_l2) if m else None,
+            "norm_ratio": json_number(m.norm_ratio) if m else None,
             "nan_ref": m.nan_ref if m else None,
             "nan_cand": m.nan_cand if m else None,
             "inf_ref": m.inf_ref if m else None,
             "inf_cand": m.inf_cand if m else None,
             "threshold": self.threshold,
+            "max_norm_err": json_number(self.limit.max_norm_err) if math.isfinite(self.threshold) else None,
+            "failed_bounds": list(self.failed_bounds),
             "status": self.status,
             "reason": self.reason,
             "ref_shape": None if self.ref_shape is None else list(self.ref_shape),
@@ -168,7 +192,8 @@ class TapResult:
                    ref_dtype=d.get("ref_dtype"), cand_dtype=d.get("cand_dtype"),
                    regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()},
                    chunks={k: _metrics_from(v) for k, v in (d.get("chunks") or {}).items()},
-                   heads=[_metrics_from(v) for v in (d.get("heads") or [])])
+                   heads=[_metrics_from(v) for v in (d.get("heads") or [])],
+                   max_norm_err=None if d.get("max_norm_err") is None else float(d["max_norm_err"]))
 
 
 def where_dict(row: TapResult) -> dict[str, Any]:
@@ -230,6 +255,7 @@ class Report(Verdict):
     cand_error: CaptureError | None = None
     problems: list[str] = field(default_factory=list)  # run-level failures (nothing compared, ...)
     localisation: Localisation | None = None  # which component introduces the first divergence
+    warnings: list[str] = field(default_factory=list)  # doubts that do not fail the run
 
     @property
     def first_divergence(self) -> TapResult | None:
@@ -249,6 +275,7 @@ class Report(Verdict):
             "passed": self.passed,
             "first_divergence": None if first is None else where_dict(first),
             "problems": list(self.problems),
+            "warnings": list(self.warnings),
             "counts": self.counts(),
             "thresholds": self.thresholds,
             "ref": self.ref_meta,
@@ -263,19 +290,29 @@ class Report(Verdict):
         """A Report from what `parity diff --json` wrote; ValueError names what is wrong."""
         if isinstance(d, dict):
             _expect(d.get("format"), REPORT_FORMAT)
+            if isinstance(d.get("taps"), list):
+                check_report(d)
+        warnings = d.get("warnings") if isinstance(d, dict) else None
         return cls(**_report_fields(d, TapResult.from_dict), thresholds=dict(d.get("thresholds") or {}),
-                   localisation=Localisation.from_dict(d.get("isolation")))
+                   localisation=Localisation.from_dict(d.get("isolation")),
+                   warnings=[str(w) for w in warnings] if isinstance(warnings, list) else [])
 
 
 @dataclass
 class Localisation:
     """The verdict of the upstream walk.
 
-    start: the component isolated first (the one producing the first divergence).
+    start: the component isolated first (the one producing the first divergence), None
+        when no recorded component produces it.
     introduced: the component that introduces the error, or None when none failed on its
-        own (then the error comes from outside every isolatable component: embeddings,
-        inputs, or small errors that only add up).
-    steps: each isolated component, latest first, as `PartResult.to_dict()`s.
+        own (then `enters` says where the error enters, if the walk found it).
+    about: what the introducing component is, in words, when it is code outside layers.
+    steps: each isolated component, in the order re-run, as `PartResult.to_dict()`s.
+    bracket: the first divergence and the last tap before it that passed ({"after",
+        "before", "after_exact"}); between: the components recorded between the two taps
+        ([{"unit", "about"}]); skipped: components not re-run because every output of
+        theirs passed bit-exactly in the diff.
+    enters: where the error enters when no component introduces it, in words.
     note: why no isolation was done (offline dumps, no adapter, ...)."""
 
     start: str | None = None
@@ -284,6 +321,11 @@ class Localisation:
     narrowed: str | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     note: str | None = None
+    about: str | None = None
+    bracket: dict[str, Any] | None = None
+    between: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    enters: str | None = None
 
     @property
     def inherited(self) -> bool:
@@ -291,31 +333,59 @@ class Localisation:
 
     def to_dict(self) -> dict[str, Any]:
         return {"start": self.start, "introduced": self.introduced, "inherited": self.inherited if self.start else None,
-                "hint": self.hint, "narrowed": self.narrowed, "note": self.note, "steps": self.steps}
+                "hint": self.hint, "narrowed": self.narrowed, "note": self.note, "about": self.about,
+                "bracket": self.bracket, "between": self.between, "enters": self.enters, "skipped": self.skipped,
+                "steps": self.steps}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Localisation | None:
         if not d:
             return None
         return cls(start=d.get("start"), introduced=d.get("introduced"), hint=d.get("hint"),
-                   narrowed=d.get("narrowed"), steps=list(d.get("steps") or []), note=d.get("note"))
+                   narrowed=d.get("narrowed"), steps=list(d.get("steps") or []), note=d.get("note"),
+                   about=d.get("about"), bracket=d.get("bracket"), between=list(d.get("between") or []),
+                   skipped=list(d.get("skipped") or []), enters=d.get("enters"))
 
     def line(self) -> str:
         """The banner's words."""
         if self.note:
             return self.note
-        if self.start is None:
-            return "no component to isolate"
         first = self.steps[0] if self.steps else {}
-        if self.introduced == self.start:
-            return f"introduced at {self.start}: fails on the reference's own inputs ({_why(first)})"
-        walked = len(self.steps) - 1
-        if self.introduced is None:
-            return (f"inherited: {self.start} passes on the reference's inputs; no component up to the first "
-                    f"layer fails on its own ({walked} checked): the error enters before them")
-        last = self.steps[-1]
-        return (f"inherited: {self.start} passes on the reference's inputs; walked {walked} component(s) upstream: "
-                f"introduced at {self.introduced} ({_why(last)})")
+        named = None if self.introduced is None else self.introduced + (f" ({self.about})" if self.about else "")
+        if self.introduced is not None and self.introduced == self.start:
+            return f"introduced at {named}: fails on the reference's own inputs ({_why(first)})"
+        via = first.get("inherited_via") or []
+        start = (f"{self.start} matches once it reads the reference's {' and '.join(via)} ({_why(first)} on its own)"
+                 if via else f"{self.start} passes on the reference's inputs")
+        if self.introduced is not None:
+            return (f"inherited: {start}; walked {len(self.steps) - 1} component(s) upstream: introduced at {named} "
+                    f"({_why(self.steps[-1])})")
+        done = f"{len(self.steps)} re-run" + (f", {len(self.skipped)} bit-exact not re-run" if self.skipped else "")
+        if self.enters:
+            return f"inherited: {start}; {self.enters} ({done})" if self.start else f"{self.enters} ({done})"
+        b = self.bracket or {}
+        if b.get("after") is None:
+            return (f"no component before {b.get('before')} (the first tap) fails on its own ({done}): the error "
+                    "enters in what the run starts from or in code parity cannot re-run")
+        if not self.between:
+            return (f"no recorded component runs between {b['after']} and {b['before']}: the error enters in code "
+                    "between the two taps that parity cannot re-run")
+        return (f"no component fails on its own between {b['after']} and {b['before']} or upstream of them in their "
+                f"stream ({done}): the error enters in code between the two taps that parity cannot re-run, or "
+                "small errors within the thresholds add up")
+
+    def bracket_line(self) -> str | None:
+        """Where the error enters in terms of the taps: the last passing one, the first
+        failing one and what runs between them (None without a bracket)."""
+        b = self.bracket
+        if not b or b.get("after") is None:
+            return None
+        after = b["after"] + (" (bit-exact)" if b.get("after_exact") else "")
+        between = [u["unit"] + (f" ({u['about']})" if u.get("about") else "") for u in self.between]
+        if len(between) > 4:
+            between = between[:2] + [f"... {len(between) - 3} more", between[-1]]
+        what = ", ".join(between) if between else "no recorded component"
+        return f"enters between {after} and {b['before']}: {what}"
 
 
 def _why(step: dict) -> str:
@@ -616,20 +686,27 @@ class FrameVerdict(Report):
 
 @dataclass(frozen=True)
 class Unit:
-    """One isolatable component: a part of one layer call."""
+    """One isolatable component: a part of one layer call, or (`layer` None) one call of
+    a probe's stage, code outside layers."""
 
     stack: str
-    layer: int
+    layer: int | None
     step: int | None
     part: str
 
     @property
     def name(self) -> str:
-        return f"{self.stack}.{self.layer}.{self.part}" + (f"@{self.step}" if self.step is not None else "")
+        layer = "" if self.layer is None else f".{self.layer}"
+        return f"{self.stack}{layer}.{self.part}" + (f"@{self.step}" if self.step is not None else "")
 
     @property
     def call(self) -> tuple[str, int, int | None]:
         return (self.stack, self.layer, self.step)
+
+    @property
+    def call_key(self) -> tuple[str, str, int | None]:
+        """A stage call's key: (stack, part, step)."""
+        return (self.stack, self.part, self.step)
 
 
 @dataclass
@@ -644,6 +721,8 @@ class PartResult:
     narrowed: str | None = None  # the failing sub-part, e.g. rope inside qkv
     ref_meta: dict = field(default_factory=dict)
     cand_meta: dict = field(default_factory=dict)
+    reads: list[TapResult] = field(default_factory=list)  # what the candidate's part read vs the reference's
+    inherited_via: list[str] = field(default_factory=list)  # kept inputs it fails by: it passes on the reference's
 
     @property
     def passed(self) -> bool:
@@ -672,7 +751,8 @@ class PartResult:
         """The re-run alone (as a localisation step keeps it); `component_json` adds the runs."""
         return {"component": self.unit.name, "stack": self.unit.stack, "layer": self.unit.layer,
                 "step": self.unit.step, "part": self.unit.part, "passed": self.passed, "error": self.error,
-                "hint": self.hint, "narrowed": self.narrowed, "outputs": [r.to_dict() for r in self.rows]}
+                "hint": self.hint, "narrowed": self.narrowed, "outputs": [r.to_dict() for r in self.rows],
+                "reads": [r.to_dict() for r in self.reads], "inherited_via": list(self.inherited_via)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PartResult:
@@ -681,7 +761,9 @@ class PartResult:
         return cls(Unit(d["stack"], d["layer"], d.get("step"), d["part"]),
                    [TapResult.from_dict(o) for o in d.get("outputs") or []], error=d.get("error"),
                    hint=d.get("hint"), narrowed=d.get("narrowed"), ref_meta=dict(d.get("ref") or {}),
-                   cand_meta=dict(d.get("cand") or {}))
+                   cand_meta=dict(d.get("cand") or {}),
+                   reads=[TapResult.from_dict(o) for o in d.get("reads") or []],
+                   inherited_via=list(d.get("inherited_via") or []))
 
 
 def component_json(result: PartResult) -> dict[str, Any]:

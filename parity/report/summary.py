@@ -93,12 +93,24 @@ def upstream_matches(report: Report, first: TapResult, limit: int = 3) -> str:
 
 
 def regions_line(row: TapResult) -> str:
-    """Per-region cosine of a tap, e.g. `image cos=1.000000 | text cos=0.412`."""
+    """Per-region cosine and size of a tap, e.g. `image cos=1.000000 norm=1 | text cos=0.412 norm=0.97`."""
     parts = []
     for name, m in row.regions.items():
         cos = "nan" if math.isnan(m.cos) else f"{m.cos:.6f}"
-        parts.append(f"{name} cos={cos} max_diff={m.max_abs:.4g}")
+        parts.append(f"{name} cos={cos} norm={fmt(m.norm_ratio, 4)} max_diff={m.max_abs:.4g}")
     return " | ".join(parts)
+
+
+def bounds_words(thresholds: dict) -> str:
+    """The bounds a tensor diff judged by, in words: `min cos 0.999, norm ratio within 0.0447 of 1`."""
+    cos = thresholds.get("min_cos")
+    norm = thresholds.get("max_norm_err")
+    if norm is None and isinstance(cos, (int, float)):
+        from parity.comparison.rules import norm_err_for
+
+        norm = norm_err_for(cos)
+    size = f", norm ratio within {norm:.3g} of 1" if isinstance(norm, (int, float)) else ""
+    return f"min cos {cos}{size}"
 
 
 def counts_line(result, noun: str = "taps") -> str:
@@ -132,7 +144,7 @@ def concentration(row: TapResult, short: bool = False) -> str | None:
     regions = {k: m for k, m in row.regions.items() if m.n}
     if len(regions) < 2 or row.passed:
         return None
-    failing = [k for k, m in regions.items() if not m.cos >= row.threshold]
+    failing = [k for k, m in regions.items() if not row.within(m)]
     if failing and len(failing) < len(regions):
         if short:
             return f"in {', '.join(failing)}"
@@ -209,8 +221,8 @@ def localisation_lines(loc: Localisation | None) -> list[Line]:
 def report_banner(report: Report) -> Banner:
     """A tensor diff's verdict."""
     if report.passed:
-        within = f"thresholds (min cos {report.thresholds.get('min_cos')})"
-        return Banner(True, (pass_line(len(report.rows), "taps", within),))
+        return Banner(True, (pass_line(len(report.rows), "taps", f"thresholds ({bounds_words(report.thresholds)})"),
+                             *(say(f"WARNING: {w}", HINT) for w in report.warnings)))
     lines = []
     first = report.first_divergence
     if first is not None:

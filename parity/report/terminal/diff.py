@@ -149,7 +149,7 @@ def breakdown_table(report: Report, field: str, title: str, limit: int = 24) -> 
             if m is None or m.n == 0:
                 cells.append(Text(""))
                 continue
-            ok = m.cos >= r.threshold
+            ok = r.within(m)
             cells.append(Text(f"{m.cos:.4f} {OK if ok else BAD}", style="green" if ok else "red"))
         extra = [Text(concentration(r, short=True) or "", style="dim")] if field == "regions" else []
         table.add_row(Text(shown(r.key)), *cells, *extra)
