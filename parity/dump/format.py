@@ -46,6 +46,11 @@ Notes on the format:
 - The file is written as `<path>.partial` (created exclusively, so two captures cannot
   write the same dump) and renamed to `<path>` at close.  A `.partial` file is always
   read as incomplete.
+- A dump is self-contained: every member the reader opens is an object stored in the
+  file (a hard link), and its data lies in the file.  Soft and external links, virtual
+  datasets, external raw storage and filters other than gzip/lzf/shuffle/fletcher32 (a
+  plugin HDF5 would load) are refused before anything is followed, so a tap naming
+  /etc/passwd or a FIFO is never opened.
 - HDF5 file format of HDF5 1.8 (libver v108): object headers are checksummed, large
   attributes are allowed, and a file whose writer was killed can still be opened (the
   1.10 format marks such files "already open for write" and refuses them).
@@ -245,6 +250,64 @@ def read_info(obj: Any) -> TapInfo:
         component=str_attr(obj, "component"),
         step=None if step == -1 else step,
     )
+
+
+class NotSelfContained(BadAttribute):
+    """A member of the dump is a link, or keeps its data somewhere else (another file, a
+    filter plugin): refused, never followed, wherever it sits in the file."""
+
+
+SELF_CONTAINED = "a dump must be self-contained: parity reads nothing stored outside it"
+
+
+# Filters parity's writer uses (gzip, lzf) and the harmless ones h5py adds on request;
+# any other filter is a plugin HDF5 would load from outside the file.
+FILTERS = {h5py.h5z.FILTER_DEFLATE: "gzip", h5py.h5z.FILTER_LZF: "lzf", h5py.h5z.FILTER_SHUFFLE: "shuffle",
+           h5py.h5z.FILTER_FLETCHER32: "fletcher32"}
+
+
+def _text(raw: Any) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def member(group: Any, name: str) -> Any | None:
+    """Member `name` of an HDF5 group, None if absent, without following any link: a
+    soft, external or user-defined link is NotSelfContained (HDF5 would open the file an
+    external link names, and a FIFO there blocks forever)."""
+    key = name.encode("utf-8")
+    links = group.id.links
+    if not links.exists(key):
+        return None
+    kind = links.get_info(key).type
+    where = f"{group.name.rstrip('/')}/{name}"
+    if kind == h5py.h5l.TYPE_EXTERNAL:
+        target, path = links.get_val(key)
+        raise NotSelfContained(f"{where} is an external link to {_text(path)!r} in {_text(target)!r}: "
+                               f"{SELF_CONTAINED}")
+    if kind == h5py.h5l.TYPE_SOFT:
+        raise NotSelfContained(f"{where} is a soft link to {_text(links.get_val(key))!r}, not an object stored "
+                               "in the dump")
+    if kind != h5py.h5l.TYPE_HARD:
+        raise NotSelfContained(f"{where} is a user-defined link (type {kind}): {SELF_CONTAINED}")
+    return group[name]
+
+
+def check_stored_inside(ds: Any) -> None:
+    """NotSelfContained unless a dataset's data lies in this file, in a form HDF5 reads
+    without a plugin: no virtual dataset, no external raw storage, only the filters
+    parity writes."""
+    plist = ds.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        raise NotSelfContained(f"{ds.name} is a virtual dataset (its data lives in other datasets or files): "
+                               f"{SELF_CONTAINED}")
+    if plist.get_external_count():
+        files = ", ".join(repr(_text(plist.get_external(i)[0])) for i in range(plist.get_external_count()))
+        raise NotSelfContained(f"{ds.name} keeps its data in external file(s) {files}: {SELF_CONTAINED}")
+    codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    for code in codes:
+        if code not in FILTERS:
+            raise NotSelfContained(f"{ds.name} uses HDF5 filter {code}, which parity does not write (HDF5 would "
+                                   "load it as a plugin from outside the file)")
 
 
 def stored_crc(ds: Any) -> int | None:

@@ -18,12 +18,15 @@ from parity.dump.format import (
     RAW_KINDS,
     BadAttribute,
     DumpError,
+    NotSelfContained,
     array_crc32,
     bool_attr,
     check_format,
+    check_stored_inside,
     describe_error,
     int_attr,
     json_attr,
+    member,
     read_info,
     stored_crc,
     str_attr,
@@ -84,9 +87,10 @@ def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
             raise BadAttribute(f"layout {name!r} has a bad region {item!r} "
                                f"(want [name, start, stop] within length {length})")
         regions.append(Region(item[0], item[1], item[2]))
-    slots_ds = group.get("slots")
+    slots_ds = member(group, "slots")
     if not isinstance(slots_ds, h5py.Dataset):
         raise BadAttribute(f"layout {name!r} has no 'slots' dataset")
+    check_stored_inside(slots_ds)
     if slots_ds.dtype != np.dtype(np.int64) or slots_ds.shape is None or len(slots_ds.shape) != 2:
         raise BadAttribute(f"slots of layout {name!r} must be 2-D int64, got {slots_ds.dtype} {slots_ds.shape}")
     if slots_ds.size * 8 > file_size:
@@ -162,13 +166,13 @@ class DumpReader:
             raise BadAttribute("meta attribute must be a JSON object")
         self.complete = bool_attr(f, "complete") and not self.path.endswith(PARTIAL_SUFFIX)
 
-        layouts_group, taps_group = f.get("layouts"), f.get("taps")
+        layouts_group, taps_group = member(f, "layouts"), member(f, "taps")
         if not isinstance(layouts_group, h5py.Group) or not isinstance(taps_group, h5py.Group):
             raise BadAttribute("missing /layouts or /taps group")
         self.layouts: dict[str, Layout] = {}
         file_size = os.path.getsize(self.path)
-        for member in _numbered(layouts_group, "layouts"):
-            name, layout = _read_layout(layouts_group[member], file_size)
+        for number in _numbered(layouts_group, "layouts"):
+            name, layout = _read_layout(member(layouts_group, number), file_size)
             if name in self.layouts:
                 raise BadAttribute(f"layout name {name!r} appears twice")
             self.layouts[name] = layout
@@ -179,21 +183,22 @@ class DumpReader:
         count = int_attr(f, "tap_count", minimum=0) if "tap_count" in f.attrs else None
         if count is None and bool_attr(f, "complete"):
             raise BadAttribute("marked complete but lacks attribute 'tap_count'")
-        for i, member in enumerate(members):
+        for i, number in enumerate(members):
             try:
-                header = self._read_header(taps_group[member], file_size)
+                header = self._read_header(member(taps_group, number), file_size)
             except Exception as e:
                 # A capture killed inside add_tap (no tap_count: it never closed), or one
                 # whose interrupted add_tap could not remove its member (tap_count one
                 # short), can leave its last tap half-written: skip it, and say so.
-                # Anywhere else a broken tap is corruption.
+                # Anywhere else a broken tap is corruption, and a tap stored outside the
+                # file is refused wherever it is.
                 leftover = count is None or count == len(members) - 1
-                if self.complete or i != len(members) - 1 or not leftover:
+                if self.complete or i != len(members) - 1 or not leftover or isinstance(e, NotSelfContained):
                     raise
-                self.notes.append(f"skipped half-written last tap {member}: {describe_error(e)}")
+                self.notes.append(f"skipped half-written last tap {number}: {describe_error(e)}")
                 break
             self.headers.append(header)
-            self._datasets.append(member)
+            self._datasets.append(number)
         self._index: dict[str, int] = {}
         for i, h in enumerate(self.headers):
             if h.key in self._index:
@@ -202,13 +207,15 @@ class DumpReader:
         if count is not None and count != len(self.headers):
             raise BadAttribute(f"holds {len(members)} taps but tap_count says {count} (truncated?)")
 
-        self.error = self._read_error(f.get("error")) if "error" in f else None
+        error = member(f, "error")
+        self.error = None if error is None else self._read_error(error)
         if self.error is not None:
             self.complete = False  # a run that raised never completed, whatever the flag says
 
     def _read_header(self, ds: Any, file_size: int) -> TapHeader:
         if not isinstance(ds, h5py.Dataset):
             raise BadAttribute(f"{ds.name} is not a dataset")
+        check_stored_inside(ds)
         info = read_info(ds)
         key = str_attr(ds, "key")
         if key != info.key:

@@ -39,8 +39,10 @@ from parity.dump.format import (
     array_crc32,
     bool_attr,
     check_format,
+    check_stored_inside,
     info_attrs,
     json_attr,
+    member,
     set_attrs,
     verify_crc,
 )
@@ -124,10 +126,11 @@ class StatsReader(DumpReader):
             raise BadAttribute("meta attribute must be a JSON object")
         self.complete = bool_attr(f, "complete") and not self.path.endswith(PARTIAL_SUFFIX)
         self.headers, self._datasets, self._index = [], [], {}
-        self.error = self._read_error(f.get("error")) if "error" in f else None
+        error = member(f, "error")
+        self.error = None if error is None else self._read_error(error)
         if self.error is not None:
             self.complete = False
-        group = f.get("stats")
+        group = member(f, "stats")
         if group is None:
             if bool_attr(f, "complete"):
                 raise BadAttribute("marked complete but holds no /stats")
@@ -137,7 +140,7 @@ class StatsReader(DumpReader):
         if not isinstance(group, h5py.Group):
             raise BadAttribute("/stats is not a group")
         values = _table(group, "values", np.float64, 2)
-        fields = json_attr(group["values"], "fields")
+        fields = json_attr(member(group, "values"), "fields")
         if fields != list(FIELDS):
             raise BadAttribute(f"summary fields {fields!r} are not the ones this parity reads ({list(FIELDS)})")
         if values.shape[1] != len(FIELDS):
@@ -177,9 +180,10 @@ def _no_constant(token: str) -> Any:
 
 
 def _table(group: Any, name: str, dtype, ndim: int) -> np.ndarray:
-    ds = group.get(name)
+    ds = member(group, name)
     if not isinstance(ds, h5py.Dataset):
         raise BadAttribute(f"/stats/{name} is missing")
+    check_stored_inside(ds)
     if ds.dtype != np.dtype(dtype) or ds.shape is None or len(ds.shape) != ndim:
         raise BadAttribute(f"/stats/{name} must be {ndim}-D {np.dtype(dtype)}, got {ds.dtype} {ds.shape}")
     array = np.asarray(ds[()])
@@ -227,7 +231,7 @@ def read_stats(path: str | os.PathLike) -> StatsCapture:
 def is_stats_dump(path: str | os.PathLike) -> bool:
     """Whether `path` is an HDF5 file whose root says it is a stats dump (never raises)."""
     try:
-        if not h5py.is_hdf5(os.fspath(path)):
+        if not os.path.isfile(path) or not h5py.is_hdf5(os.fspath(path)):  # a FIFO is never opened
             return False
         with h5py.File(os.fspath(path), "r", locking=False) as f:
             fmt = f.attrs.get("format")

@@ -1,0 +1,234 @@
+"""Dumps an attacker or an accident can hand parity: what is stored outside the file, an
+interrupted capture over a complete dump, signals, metadata-only listings, huge meta
+strings, taps without checksums, a dump without a model dtype.
+
+Every adversarial file is built here (h5py, numpy, json).  Real processes (`python -m
+parity.cli`) are used where only a process can show it: a read that would hang (a FIFO),
+signals, peak memory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from parity.cli import app
+from parity.dump.writer import write_dump
+from parity.taps.records import Capture, Layout, Region, Tap, TapInfo
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+TOY = "toy_backends:slow"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def cli(*args) -> tuple[int, str]:
+    """The CLI in-process, on a wide console (no message wrapped)."""
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400"}, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def env(**knobs) -> dict:
+    """Environment of a `python -m parity.cli` subprocess that can load the toy backends."""
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), str(REPO), out.get("PYTHONPATH")) if p)
+    out["COLUMNS"] = "400"
+    out.update({f"PARITY_TOY_{k.upper()}": str(v) for k, v in knobs.items()})
+    return out
+
+
+def run(*args, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m parity.cli ARGS` in a real process; a hang fails the test instead of hanging it."""
+    try:
+        return subprocess.run([sys.executable, "-m", "parity.cli", *map(str, args)], env=env(), cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"parity {' '.join(map(str, args))} did not finish within {timeout} s (hung)")
+
+
+def one_line_error(out: str, path: Path | str) -> str:
+    """Exactly one non-empty line, `error: <path>: <what is wrong>`, and no traceback."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in out, out
+    assert lines[0].startswith(f"error: {path}: "), lines[0]
+    return lines[0]
+
+
+def tap(name: str, order: int, array, dtype: str | None = None, layout: str | None = None) -> Tap:
+    parts = name.split(".")
+    array = np.asarray(array)
+    return Tap(TapInfo(name, parts[0], int(parts[1]), parts[2]), order, array, dtype or array.dtype.name, layout)
+
+
+DATA = np.arange(12, dtype=np.float32)
+
+
+def good_dump(path: Path, meta: dict | None = None) -> Path:
+    """Two taps over one layout, so every kind of member (layout slots, taps, error) exists."""
+    layout = Layout(np.arange(12, dtype=np.int64).reshape(1, 12), length=12, regions=(Region("text", 0, 12),))
+    write_dump(path, Capture(taps=[tap("a.0.x", 0, DATA), tap("a.1.x", 1, DATA)], layouts={"seq": layout},
+                             meta={"backend": "b", "dtype": "float32", **(meta or {})}))
+    return path
+
+
+def replace_dataset(path: Path, where: str, make) -> None:
+    """Replace dataset `where` by what `make(group, name, shape, dtype)` creates, keeping its attributes."""
+    group_name, name = where.rsplit("/", 1)
+    with h5py.File(path, "r+", libver=("v108", "latest")) as f:  # a virtual dataset needs the 1.10 format
+        old = f[where]
+        attrs, shape, dtype = dict(old.attrs), old.shape, old.dtype
+        group = f[group_name]
+        del group[name]
+        new = make(group, name, shape, dtype)
+        if new is not None:
+            for key, value in attrs.items():
+                new.attrs[key] = value
+
+
+def external_storage(target: Path):
+    return lambda g, n, shape, dtype: g.create_dataset(n, shape=shape, dtype=dtype,
+                                                       external=[(str(target), 0, h5py.h5f.UNLIMITED)])
+
+
+def virtual(source: Path):
+    def make(g, n, shape, dtype):
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        layout[...] = h5py.VirtualSource(str(source), "d", shape=shape)
+        return g.create_virtual_dataset(n, layout)
+    return make
+
+
+def external_link(target: Path, obj: str = "/d"):
+    def make(g, n, shape, dtype):
+        g[n] = h5py.ExternalLink(str(target), obj)
+    return make
+
+
+def soft_link(obj: str):
+    def make(g, n, shape, dtype):
+        g[n] = h5py.SoftLink(obj)
+    return make
+
+
+# --------------------------------------------------------------------------- nothing outside the file
+
+@pytest.fixture
+def outside(tmp_path: Path) -> dict:
+    """What a dump could point at: a FIFO (opening it blocks), a file holding exactly the
+    bytes of the tap (so a followed pointer would diff as a pass), an HDF5 file with them."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    victim = tmp_path / "victim"
+    victim.write_bytes(DATA.tobytes())
+    source = tmp_path / "source.h5"
+    with h5py.File(source, "w") as f:
+        f["d"] = DATA
+    return {"fifo": fifo, "victim": victim, "source": source, "good": good_dump(tmp_path / "good.h5")}
+
+
+# (case, member replaced, how): each points out of the file, or at another member.
+POINTERS = {
+    "tap external storage -> file": ("taps/000001", lambda o: external_storage(o["victim"])),
+    "tap external link -> dump": ("taps/000001", lambda o: external_link(o["source"])),
+    "tap virtual dataset -> file": ("taps/000001", lambda o: virtual(o["source"])),
+    "tap soft link -> other tap": ("taps/000001", lambda o: soft_link("/taps/000000")),
+    "layout slots external storage": ("layouts/0/slots", lambda o: external_storage(o["victim"])),
+    "taps group external link": ("taps", lambda o: external_link(o["good"], "/taps")),
+}
+
+
+FIFO_POINTERS = {
+    "tap external storage -> FIFO": ("taps/000001", lambda o: external_storage(o["fifo"])),
+    "tap external link -> FIFO": ("taps/000001", lambda o: external_link(o["fifo"])),
+    "tap virtual dataset -> FIFO": ("taps/000001", lambda o: virtual(o["fifo"])),
+}
+
+
+def pointing_dump(tmp_path: Path, outside: dict, where: str, how) -> Path:
+    bad = tmp_path / "bad.h5"
+    shutil.copy(outside["good"], bad)
+    if where == "taps":  # a whole group: replace it by a link
+        with h5py.File(bad, "r+", libver=("v108", "v108")) as f:
+            del f["taps"]
+            how(outside)(f, "taps", None, None)
+    else:
+        replace_dataset(bad, where, how(outside))
+    return bad
+
+
+@pytest.mark.parametrize("case", list(POINTERS))
+def test_a_dump_pointing_outside_itself_is_refused_in_one_line(tmp_path, outside, case):
+    """External links, external raw storage, virtual datasets and soft links are refused
+    by inspect and diff (either side), never followed: a tap pointing at a file holding
+    the very bytes of the reference would otherwise diff as a pass."""
+    where, how = POINTERS[case]
+    bad = pointing_dump(tmp_path, outside, where, how)
+    for args in (("inspect", bad), ("diff", outside["good"], bad), ("diff", bad, outside["good"])):
+        code, out = cli(*args)
+        line = one_line_error(out, bad)
+        assert code == 2, out
+        assert "self-contained" in line or "soft link" in line, line
+
+
+@pytest.mark.parametrize("case", list(FIFO_POINTERS))
+def test_a_dump_pointing_at_a_fifo_never_hangs(tmp_path, outside, case):
+    """A FIFO behind an external link or external storage blocked inspect and diff for
+    ever (and Ctrl-C with them): refused at once, in a real process."""
+    where, how = FIFO_POINTERS[case]
+    bad = pointing_dump(tmp_path, outside, where, how)
+    for args in (("inspect", bad), ("diff", outside["good"], bad)):
+        proc = run(*args, timeout=30)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+        assert "self-contained" in one_line_error(proc.stderr, bad)
+
+
+def test_a_fifo_named_as_a_dump_is_never_opened(tmp_path, outside):
+    proc = run("diff", outside["fifo"], outside["good"], timeout=30)
+    assert proc.returncode == 2 and "not a regular file" in one_line_error(proc.stderr, outside["fifo"])
+
+
+def test_error_group_and_stats_tables_pointing_outside_are_refused(tmp_path, outside):
+    """The other members a reader opens: a tensor dump's /error, a stats dump's tables."""
+    bad = tmp_path / "error.h5"
+    shutil.copy(outside["good"], bad)
+    with h5py.File(bad, "r+", libver=("v108", "v108")) as f:
+        f["error"] = h5py.ExternalLink(str(outside["fifo"]), "/e")
+    proc = run("inspect", bad, timeout=30)
+    assert proc.returncode == 2 and "/error is an external link" in one_line_error(proc.stderr, bad)
+
+    from parity.dump.stats import write_stats
+    from parity.taps.stats import FIELDS, StatsCapture, TapStats
+
+    stats = StatsCapture(taps=[TapStats(info=TapInfo("a.0.x", "a", 0, "x"), order=0, dtype="float32", layout=None,
+                                        shape=(12,), summarised_shape=(12,), tokens="all", positions="",
+                                        values=np.zeros(len(FIELDS)), checksum=1)],
+                         meta={"backend": "b", "dtype": "float32"})
+    path = tmp_path / "s.h5"
+    write_stats(path, stats)
+    replace_dataset(path, "stats/checksums", external_storage(outside["victim"]))
+    for args in (("inspect", path), ("diff", path, path)):
+        code, out = cli(*args)
+        assert code == 2 and "self-contained" in one_line_error(out, path)
+
+
+def test_a_filter_plugin_is_refused(tmp_path, outside):
+    """A filter parity never writes would be loaded by HDF5 as a plugin from outside the file."""
+    bad = tmp_path / "filtered.h5"
+    shutil.copy(outside["good"], bad)
+
+    def bzip2(g, n, shape, dtype):
+        ds = g.create_dataset(n, shape=shape, dtype=dtype, chunks=shape, compression=307, allow_unknown_filter=True)
+        ds.id.write_direct_chunk((0,), DATA.tobytes())
+        return ds
+
+    replace_dataset(bad, "taps/000001", bzip2)
+    code, out = cli("diff", outside["good"], bad)
+    assert code == 2 and "HDF5 filter 307" in one_line_error(out, bad)
