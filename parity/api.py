@@ -991,7 +991,8 @@ def write_json(path: str | Path, data: dict) -> None:
 
 @dataclass
 class DumpSummary:
-    """`parity inspect`: what a dump (tensor or stats) holds, incomplete ones included."""
+    """`parity inspect`: what a dump (tensor or stats) holds, incomplete ones included
+    (a tensor dump's taps as headers, without their data)."""
 
     path: str
     run: Capture | StatsCapture
@@ -1015,12 +1016,21 @@ class DumpSummary:
 
 
 def inspect_dump(path: str | Path) -> DumpSummary:
-    """A dump's metadata and taps (a stats dump's summaries); InputError if unreadable."""
+    """A dump's metadata and tap headers (a stats dump's summaries); InputError if
+    unreadable.  A tensor dump's data is never read: its taps are `TapHeader`s (key,
+    order, shape, dtype, layout), so listing a dump costs its metadata, not its size."""
+    from parity.dump.reader import open_dump
     from parity.dump.stats import is_stats_dump
 
     if is_stats_dump(path):
         return DumpSummary(str(path), load_stats(path, allow_incomplete=True), stats=True)
-    return DumpSummary(str(path), load_dump(path, allow_incomplete=True))
+    try:
+        with open_dump(path) as reader:
+            run = Capture(taps=list(reader.headers), layouts=dict(reader.layouts), meta=reader.meta,
+                          error=reader.error, complete=reader.complete)
+    except DumpError as exc:
+        raise InputError(str(exc)) from None
+    return DumpSummary(str(path), run)
 
 
 @dataclass(frozen=True)

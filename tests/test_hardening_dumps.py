@@ -8,10 +8,12 @@ signals, peak memory.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import h5py
@@ -20,6 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from parity.cli import app
+from parity.dump.format import set_attrs
 from parity.dump.writer import write_dump
 from parity.taps.records import Capture, Layout, Region, Tap, TapInfo
 
@@ -232,3 +235,69 @@ def test_a_filter_plugin_is_refused(tmp_path, outside):
     replace_dataset(bad, "taps/000001", bzip2)
     code, out = cli("diff", outside["good"], bad)
     assert code == 2 and "HDF5 filter 307" in one_line_error(out, bad)
+
+
+# --------------------------------------------------------------------------- inspect reads metadata only
+
+PEAK = """
+import json, resource, subprocess, sys
+limit = int(sys.argv[1])
+def cap():
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+p = subprocess.run(sys.argv[2:], capture_output=True, text=True, preexec_fn=cap)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": p.returncode, "out": p.stdout, "err": p.stderr, "peak_mb": peak / 1024}))
+"""
+
+
+def peak(*args, limit_mb: int = 1536) -> dict:
+    """Run `parity ARGS` in a real process under an address-space limit; its exit code,
+    output and peak resident memory (MB)."""
+    cmd = [sys.executable, "-c", PEAK, str(limit_mb << 20), sys.executable, "-m", "parity.cli", *map(str, args)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def compressed_zeros(path: Path, elements: int, chunk: int = 1 << 18, written: bool = True) -> Path:
+    """A dump holding one gzip-compressed float32 tap of `elements` zeros, its chunks
+    written from one compressed chunk (cheap to build at any size), or never written."""
+    write_dump(path, Capture(meta={"backend": "b", "dtype": "float32"}))
+    block = zlib.compress(bytes(chunk * 4), 9)
+    zeros, crc = bytes(chunk * 4), 0
+    for _ in range(elements // chunk):
+        crc = zlib.crc32(zeros, crc)
+    with h5py.File(path, "r+", libver=("v108", "v108")) as f:
+        ds = f["taps"].create_dataset("000000", shape=(elements,), dtype=np.float32, chunks=(chunk,),
+                                      compression="gzip")
+        if written:
+            for i in range(elements // chunk):
+                ds.id.write_direct_chunk((i * chunk,), block)
+        set_attrs(ds, {"key": "a.0.x", "name": "a.0.x", "stack": "a", "layer": 0, "component": "x", "step": -1,
+                       "order": 0, "dtype": "float32", "layout": "", "crc32": crc})
+        set_attrs(f, {"tap_count": 1})
+    return path
+
+
+def test_inspect_reads_metadata_only(tmp_path):
+    """Listing a dump read (and inflated) every tap: a 512 MiB compressed tap took its
+    512 MiB to list one header line.  Now its peak memory is that of a tiny dump."""
+    small = peak("inspect", good_dump(tmp_path / "small.h5"))
+    big_path = compressed_zeros(tmp_path / "big.h5", 1 << 27)
+    assert big_path.stat().st_size < 2 << 20  # 512 MiB of zeros in ~0.5 MB
+    big = peak("inspect", big_path)
+    assert big["rc"] == 0 and "a.0.x" in big["out"] and "[134217728]" in big["out"], big
+    assert big["peak_mb"] < small["peak_mb"] + 48, (small["peak_mb"], big["peak_mb"])
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """A 3 KB file declaring a compressed tap of 2**30 float32 (chunks never written: HDF5
+    hands out 4 GiB of zeros) took 4.3 GB and 34 s to list; now inspect and diff refuse it
+    from its metadata, in one line."""
+    bomb = compressed_zeros(tmp_path / "bomb.h5", 1 << 30, written=False)
+    assert bomb.stat().st_size < 16 << 10
+    for args in (("inspect", bomb), ("diff", bomb, bomb)):
+        got = peak(*args)
+        assert got["rc"] == 2 and got["out"] == "", got
+        assert "more than a compressor writes" in one_line_error(got["err"], bomb)
+        assert got["peak_mb"] < 400, got["peak_mb"]

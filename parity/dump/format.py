@@ -266,6 +266,20 @@ FILTERS = {h5py.h5z.FILTER_DEFLATE: "gzip", h5py.h5z.FILTER_LZF: "lzf", h5py.h5z
            h5py.h5z.FILTER_FLETCHER32: "fletcher32"}
 
 
+COMPRESSORS = (h5py.h5z.FILTER_DEFLATE, h5py.h5z.FILTER_LZF)
+
+
+# Deflate shrinks data at most ~1032:1 (lzf far less): a compressed dataset declaring more
+# than this many times its stored bytes is not what a compressor wrote (a decompression
+# bomb, or chunks never written, which HDF5 would hand out as zeros).
+MAX_EXPANSION = 2048
+
+
+# A compressed chunk is decompressed whole, however little of it is read: larger ones are
+# refused (parity writes 1 MiB chunks, h5py's own chunking at most 1 MiB).
+MAX_COMPRESSED_CHUNK_BYTES = 64 << 20
+
+
 def _text(raw: Any) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
@@ -308,6 +322,31 @@ def check_stored_inside(ds: Any) -> None:
         if code not in FILTERS:
             raise NotSelfContained(f"{ds.name} uses HDF5 filter {code}, which parity does not write (HDF5 would "
                                    "load it as a plugin from outside the file)")
+
+
+def check_declared_size(ds: Any, file_size: int, what: str) -> None:
+    """BadAttribute unless the data a dataset declares could be in the file: uncompressed,
+    at most the file's size; compressed, at most MAX_EXPANSION times its stored bytes (plus
+    one chunk), in chunks of at most MAX_COMPRESSED_CHUNK_BYTES.  Reads metadata only, so
+    a reader can refuse a bomb before inflating it."""
+    declared = int(np.prod(ds.shape or (), dtype=object)) * ds.dtype.itemsize
+    plist = ds.id.get_create_plist()
+    codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    if not any(code in COMPRESSORS for code in codes):
+        if declared > file_size:
+            raise BadAttribute(f"{what} declares shape {tuple(ds.shape)}, more data than the file holds")
+        return
+    if sum(code in COMPRESSORS for code in codes) > 1:
+        raise BadAttribute(f"{what} is compressed twice ({', '.join(FILTERS[c] for c in codes)}), which parity "
+                           "never writes")
+    chunk_bytes = int(np.prod(ds.chunks or (), dtype=object)) * ds.dtype.itemsize
+    if chunk_bytes > MAX_COMPRESSED_CHUNK_BYTES:
+        raise BadAttribute(f"{what} is compressed in chunks of {chunk_bytes} bytes; parity reads compressed chunks "
+                           f"of at most {MAX_COMPRESSED_CHUNK_BYTES} bytes")
+    stored = ds.id.get_storage_size()
+    if declared > MAX_EXPANSION * stored + chunk_bytes:
+        raise BadAttribute(f"{what} declares {declared} bytes in {stored} compressed bytes, more than a compressor "
+                           "writes (chunks missing, or a decompression bomb)")
 
 
 def stored_crc(ds: Any) -> int | None:

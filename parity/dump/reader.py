@@ -21,6 +21,7 @@ from parity.dump.format import (
     NotSelfContained,
     array_crc32,
     bool_attr,
+    check_declared_size,
     check_format,
     check_stored_inside,
     describe_error,
@@ -93,8 +94,7 @@ def _read_layout(group: Any, file_size: int) -> tuple[str, Layout]:
     check_stored_inside(slots_ds)
     if slots_ds.dtype != np.dtype(np.int64) or slots_ds.shape is None or len(slots_ds.shape) != 2:
         raise BadAttribute(f"slots of layout {name!r} must be 2-D int64, got {slots_ds.dtype} {slots_ds.shape}")
-    if slots_ds.size * 8 > file_size:
-        raise BadAttribute(f"slots of layout {name!r} declare shape {slots_ds.shape}, more data than the file holds")
+    check_declared_size(slots_ds, file_size, f"slots of layout {name!r}")
     slots = np.asarray(slots_ds[()])
     verify_crc(slots_ds, slots, f"slots of layout {name!r}")
     if slots.size and slots.min() < -1:
@@ -233,8 +233,7 @@ class DumpReader:
         if ds.shape is None:
             raise BadAttribute(f"tap {key!r} has no shape (null dataspace)")
         shape = tuple(int(s) for s in ds.shape)
-        if ds.compression is None and int(np.prod(shape, dtype=object)) * ds.dtype.itemsize > file_size:
-            raise BadAttribute(f"tap {key!r} declares shape {shape}, more data than the file holds")
+        check_declared_size(ds, file_size, f"tap {key!r}")
         stored_crc(ds)  # present and well-formed, or absent
         # Like the writer, an unknown layout or a misfit shape is left to the diff.
         layout = str_attr(ds, "layout") or None

@@ -38,6 +38,7 @@ from parity.dump.format import (
     DumpError,
     array_crc32,
     bool_attr,
+    check_declared_size,
     check_format,
     check_stored_inside,
     info_attrs,
@@ -139,14 +140,15 @@ class StatsReader(DumpReader):
             return
         if not isinstance(group, h5py.Group):
             raise BadAttribute("/stats is not a group")
-        values = _table(group, "values", np.float64, 2)
+        file_size = os.path.getsize(self.path)
+        values = _table(group, "values", np.float64, 2, file_size)
         fields = json_attr(member(group, "values"), "fields")
         if fields != list(FIELDS):
             raise BadAttribute(f"summary fields {fields!r} are not the ones this parity reads ({list(FIELDS)})")
         if values.shape[1] != len(FIELDS):
             raise BadAttribute(f"/stats/values has {values.shape[1]} columns, expected {len(FIELDS)}")
-        checksums = _table(group, "checksums", np.int64, 1)
-        raw = _table(group, "index", np.uint8, 1)
+        checksums = _table(group, "checksums", np.int64, 1, file_size)
+        raw = _table(group, "index", np.uint8, 1, file_size)
         try:
             index = json.loads(raw.tobytes().decode("utf-8"), parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -179,13 +181,14 @@ def _no_constant(token: str) -> Any:
     raise ValueError(f"{token} is not JSON")
 
 
-def _table(group: Any, name: str, dtype, ndim: int) -> np.ndarray:
+def _table(group: Any, name: str, dtype, ndim: int, file_size: int) -> np.ndarray:
     ds = member(group, name)
     if not isinstance(ds, h5py.Dataset):
         raise BadAttribute(f"/stats/{name} is missing")
     check_stored_inside(ds)
     if ds.dtype != np.dtype(dtype) or ds.shape is None or len(ds.shape) != ndim:
         raise BadAttribute(f"/stats/{name} must be {ndim}-D {np.dtype(dtype)}, got {ds.dtype} {ds.shape}")
+    check_declared_size(ds, file_size, f"/stats/{name}")
     array = np.asarray(ds[()])
     verify_crc(ds, array, f"/stats/{name}")
     return array
