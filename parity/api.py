@@ -238,7 +238,8 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
 def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
               thresholds: Thresholds | None = None, taps: str | None = None,
               progress: ProgressFn | None = None, isolate: bool = True, chunk: int | None = None,
-              on_device: bool = True, stop_at_first: bool = False, ref_device_mb: float | None = None) -> Report:
+              on_device: bool = True, stop_at_first: bool = False, ref_device_mb: float | None = None,
+              oracle: bool = False) -> Report:
     """Build both backends from the same options (same weights, inputs and noise), inject
     `faults` into the candidate only, run both and compare.  With `isolate`, a failing
     diff re-runs the first failing component on the reference's inputs and walks
@@ -249,8 +250,14 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     up to `ref_device_mb` (None: half the free device memory) and in pinned host memory
     past it.  Otherwise
     both runs are captured to host memory and diffed there.  `stop_at_first` (on-device
-    only) ends the candidate run at the first failing tap."""
+    only) ends the candidate run at the first failing tap.
+
+    `oracle`: also run the reference in float64 (CPU; float32 on a GPU) with its own
+    weights upcast, and judge each tap by a calibrated budget instead of the fixed bounds
+    (parity.comparison.oracle); the three runs are captured to host memory."""
     _check_chunk(chunk)
+    if oracle and (stop_at_first or ref_device_mb is not None):
+        raise InputError("--oracle compares on the host: --stop-at-first and --ref-device-mb do not apply")
     _check_live_flags(on_device, stop_at_first, ref_device_mb)
     faults = fault_names(faults)
     # The reference runs to completion before the candidate is built: a candidate that
@@ -265,6 +272,8 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
         return built[0]
 
     logs: list = []  # the layer calls of each run (reference, candidate), for isolation
+    if oracle:
+        return _diff_with_oracle(ref_backend, build_cand, options, thresholds, taps, progress, isolate, chunk)
     if on_device:
         from parity.comparison.on_device import diff_on_device
 
@@ -294,6 +303,37 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     if isolate and report.first_divergence is not None:
         report.localisation = localise_live(report, ref_backend, cand_backend, thresholds,
                                             tuple(logs))
+    return report
+
+
+def _diff_with_oracle(ref_backend: Backend, build_cand, options: BackendOptions, thresholds, taps, progress,
+                      isolate: bool, chunk: int | None) -> Report:
+    """The host diff of `diff_live`, re-judged against an oracle run of the reference."""
+    import torch
+
+    from parity.comparison.oracle import calibrate, oracle_dtype, upcast
+
+    ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
+    device = next((p.device for p in ref_backend.model.parameters()), torch.device("cpu"))
+    name = oracle_dtype(device.type)
+    try:
+        with upcast(ref_backend.model, getattr(torch, name), ref_backend.inputs):
+            oracle_cap = capture_live(ref_backend, options, taps, progress)
+    except InputError:
+        raise
+    except Exception as exc:  # the model cannot run upcast: say so, in one line
+        raise InputError(f"--oracle: the reference cannot run in {name}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if oracle_cap.error is not None:
+        raise InputError(f"--oracle: the reference raised when run in {name}: {oracle_cap.error.exc_type}: "
+                         f"{oracle_cap.error.message}")
+    oracle_cap.meta = {**oracle_cap.meta, "dtype": name, "backend": f"{oracle_cap.meta.get('backend')} ({name} oracle)"}
+    cand_backend = build_cand()
+    cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
+    report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
+    report = calibrate(report, compare_captures(oracle_cap, ref_cap), compare_captures(oracle_cap, cand_cap), name)
+    if isolate and report.first_divergence is not None:
+        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds, (ref_log, cand_log))
     return report
 
 
@@ -380,7 +420,8 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
             thresholds: ThresholdsArg = None, max_norm_err: float | None = None, taps: str | None = None,
             faults: Iterable[str] = (),
             config: str | None = None, weights: str | None = None, progress: ProgressFn | None = None,
-            stop_at_first: bool = False, on_device: bool = True, settings: Settings | None = None) -> Report:
+            stop_at_first: bool = False, on_device: bool = True, settings: Settings | None = None,
+            oracle: bool = False) -> Report:
     """Run a reference and a candidate on the same inputs and compare them tap by tap.
 
     `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
@@ -394,8 +435,9 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     ends the candidate run at the first failing tap.  None: the default (BackendOptions'
     for the run, DEFAULT_MIN_COS for min_cos).  `settings` ([tool.parity], e.g. from
     `parity.settings.load_settings()`) fill in min_cos, thresholds and taps not given
-    here, the way the CLI and the pytest plugin do (`parity.settings.merge`).  Bad
-    requests raise InputError.
+    here, the way the CLI and the pytest plugin do (`parity.settings.merge`).  `oracle`
+    judges each tap by a calibrated budget against a float64 run of the reference
+    (`diff_live`).  Bad requests raise InputError.
 
         report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
         assert report, report.first_divergence
@@ -404,7 +446,7 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     options = backend_options(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights,
                               inputs=inputs, padding=padding, seq_len=seq_len)
     return diff_live(ref, cand, options, fault_names(faults), merged.thresholds, merged.taps, progress,
-                     on_device=on_device, stop_at_first=stop_at_first)
+                     on_device=on_device, stop_at_first=stop_at_first, oracle=oracle)
 
 
 def weights_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
@@ -667,6 +709,7 @@ class DiffPlan:
     chunk: int | None = None
     stop_at_first: bool = False
     ref_device_mb: float | None = None
+    oracle: bool = False
 
     @property
     def stats(self) -> bool:
@@ -685,7 +728,8 @@ class DiffPlan:
         else:
             report = diff_live(self.ref, self.cand, self.options, self.faults, self.thresholds, self.taps, progress,
                                isolate=self.isolate, chunk=self.chunk, on_device=self.mode == LIVE,
-                               stop_at_first=self.stop_at_first, ref_device_mb=self.ref_device_mb)
+                               stop_at_first=self.stop_at_first, ref_device_mb=self.ref_device_mb,
+                               oracle=self.oracle)
         return DiffResult(self.mode, report)
 
 
@@ -699,7 +743,7 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
                  stats_tol: Iterable[str] | str | None = (), allow_incomplete: bool = False, isolate: bool = True,
                  chunk: int | None = None, by_region: bool = False, on_device: bool = True,
                  stop_at_first: bool = False, ref_device_mb: float | None = None,
-                 settings: Settings | None = None) -> DiffPlan:
+                 settings: Settings | None = None, oracle: bool = False) -> DiffPlan:
     """Check what a user gave `parity diff` and choose the diff it asks for (`DiffPlan.mode`):
 
     two dumps, or `ref` and `cand` (live); stats dumps, `stats` or `stats_tol` make it a
@@ -722,7 +766,8 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
             ("--min-cos", min_cos is not None), ("--threshold", bool(thresholds)),
             ("--max-norm-err", max_norm_err is not None), ("--by-region", by_region),
             ("--by-token", chunk is not None), ("--no-isolate", not isolate), ("--stop-at-first", stop_at_first),
-            ("--host-compare", not on_device), ("--ref-device-mb", ref_device_mb is not None)) if given]
+            ("--host-compare", not on_device), ("--ref-device-mb", ref_device_mb is not None),
+            ("--oracle", oracle)) if given]
         if tensor_only:
             raise InputError(f"{', '.join(tensor_only)} appl{'y' if len(tensor_only) > 1 else 'ies'} to tensor "
                              "diffs; a stats diff takes --stats-tol")
@@ -751,9 +796,13 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
             raise InputError("a live diff needs both --ref and --cand")
         options = backend_options(**option_fields)
         _check_live_flags(on_device, stop_at_first, ref_device_mb)
-        return DiffPlan(LIVE if on_device else HOST, gate, ref=ref, cand=cand, options=options, faults=faults,
-                        taps=merged.taps, isolate=isolate, chunk=chunk, stop_at_first=stop_at_first,
-                        ref_device_mb=ref_device_mb)
+        if oracle and (stop_at_first or ref_device_mb is not None):
+            raise InputError("--oracle compares on the host: --stop-at-first and --ref-device-mb do not apply")
+        return DiffPlan(LIVE if on_device and not oracle else HOST, gate, ref=ref, cand=cand, options=options,
+                        faults=faults, taps=merged.taps, isolate=isolate, chunk=chunk, stop_at_first=stop_at_first,
+                        ref_device_mb=ref_device_mb, oracle=oracle)
+    if oracle:
+        raise InputError("--oracle runs the reference again: it needs live backends (--ref/--cand)")
     if len(dumps) != 2:
         raise InputError("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
     if faults:

@@ -231,6 +231,10 @@ def diff_cmd(
                                                   "rest wait in pinned host memory (default: half the free device "
                                                   "memory).", panel=LIVE),
     stats: bool = StatsOpt, stats_tol: Optional[List[str]] = StatsTolOpt,
+    oracle: bool = _option(False, "--oracle", help="Live diffs: also run the reference in float64 (float32 on a "
+                                                   "GPU) and judge each tap by its error against that run, "
+                                                   "relative to the reference's own (calibrated budgets).",
+                           panel=GATE),
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
 
@@ -257,7 +261,7 @@ def diff_cmd(
                           stats_tol=stats_tol, allow_incomplete=allow_incomplete, isolate=not no_isolate,
                           chunk=by_token, by_region=by_region, on_device=not host_compare,
                           stop_at_first=stop_at_first, ref_device_mb=ref_device_mb, settings=settings,
-                          progress=progress)
+                          oracle=oracle, progress=progress)
     if result.stats:
         from parity.report.terminal.stats import render_stats_report
         _console().print(render_stats_report(result.report, show_all=show_all))

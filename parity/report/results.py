@@ -119,6 +119,8 @@ class TapResult:
     chunks: dict[str, Metrics] = field(default_factory=dict)  # per chunk of canonical positions, if asked
     heads: list[Metrics] = field(default_factory=list)  # per attention head, for [tokens, heads, dim] taps
     max_norm_err: float | None = None  # the size bound; None: the one that follows from `threshold`
+    budget: Any = None  # a calibrated verdict (parity.comparison.oracle.Budget), when an oracle judged it
+    region_budgets: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -139,6 +141,8 @@ class TapResult:
         """The bounds a compared, failing row missed: some of ("cos", "norm")."""
         if self.status != "fail" or self.metrics is None:
             return ()
+        if self.budget is not None:
+            return ("budget",)
         return self.limit.failed(self.metrics)
 
     @property
@@ -171,6 +175,8 @@ class TapResult:
             "threshold": self.threshold,
             "max_norm_err": json_number(self.limit.max_norm_err) if math.isfinite(self.threshold) else None,
             "failed_bounds": list(self.failed_bounds),
+            **({"budget": self.budget.to_dict(),
+                "region_budgets": {k: b.to_dict() for k, b in self.region_budgets.items()}} if self.budget else {}),
             "status": self.status,
             "reason": self.reason,
             "ref_shape": None if self.ref_shape is None else list(self.ref_shape),
@@ -372,7 +378,7 @@ class Localisation:
                     "between the two taps that parity cannot re-run")
         return (f"no component fails on its own between {b['after']} and {b['before']} or upstream of them in their "
                 f"stream ({done}): the error enters in code between the two taps that parity cannot re-run, or "
-                "small errors within the thresholds add up")
+                f"small errors within the thresholds add up{_largest(self.steps)}")
 
     def bracket_line(self) -> str | None:
         """Where the error enters in terms of the taps: the last passing one, the first
@@ -386,6 +392,14 @@ class Localisation:
             between = between[:2] + [f"... {len(between) - 3} more", between[-1]]
         what = ", ".join(between) if between else "no recorded component"
         return f"enters between {after} and {b['before']}: {what}"
+
+
+def _largest(steps: list[dict]) -> str:
+    """The largest error a re-run component made on the reference's own inputs, in words."""
+    errors = [(o.get("rel_l2") or 0.0, step["component"], o.get("tap")) for step in steps
+              for o in step.get("outputs", []) if isinstance(o.get("rel_l2"), (int, float))]
+    err, component, tap = max(errors, default=(0.0, None, None))
+    return f"; the largest error on the reference's own inputs: {component} ({tap} rel L2 {err:.3g})" if err else ""
 
 
 def _why(step: dict) -> str:

@@ -1,0 +1,114 @@
+"""Calibrated budgets (`--oracle`): each tap judged by its error against a float64 run of
+the reference, relative to the reference's own.
+
+The planted bugs are real fp32 bug classes that the fixed default bound passes (their
+error is far below 1 - 0.999 yet thousands of times the rounding of an fp32 run); each is
+planted per instance in the candidate, so the expected tap is the planted module's."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+import parity  # noqa: E402
+from parity.comparison.oracle import Budget, floor_for, upcast  # noqa: E402
+from parity.errors import InputError  # noqa: E402
+from parity.probes.hf.backend import factory  # noqa: E402
+from parity.taps.backends import BackendOptions  # noqa: E402
+
+OPTS = BackendOptions(batch=2, seq_len=16, padding="left")
+
+
+def _attn_scale(model):
+    for module in model.modules():
+        if hasattr(module, "scaling"):
+            module.scaling = module.scaling * 1.1
+
+
+def _exact_gelu(model):
+    for module in model.modules():
+        if hasattr(module, "act_fn"):
+            module.act_fn = torch.nn.GELU()  # the reference's is the tanh approximation
+
+
+@pytest.mark.parametrize("kind, plant, tap", [
+    ("llama", _attn_scale, "decoder.0.attn"),
+    ("gemma", _exact_gelu, "decoder.0.mlp"),
+])
+def test_fp32_bugs_below_the_fixed_bound_fail_their_budget(tiny_models, kind, plant, tap):
+    folder = tiny_models(kind)
+
+    def pair():
+        ref = factory(OPTS, f"{folder}@attn=eager")
+        cand = factory(OPTS, f"{folder}@attn=sdpa")
+        plant(cand.model)
+        return ref, cand
+
+    assert parity.compare(*pair()), "the fixed bound passes this bug (why the oracle exists)"
+    report = parity.compare(*pair(), oracle=True)
+    assert not report
+    first = report.first_divergence
+    assert first.key == tap and first.failed_bounds == ("budget",)
+    assert first.budget.ratio > 10 and "x the reference's own" in first.reason
+    assert all(r.passed for r in report.rows[: report.rows.index(first)])
+    assert report.thresholds["calibration"]["oracle_dtype"] == "float64"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_correct_pairs_keep_to_their_budget(tiny_models, kind, dtype):
+    folder = tiny_models(kind)
+    report = parity.compare(f"hf:{folder}@attn=eager", f"hf:{folder}@attn=sdpa", batch=2, seq_len=16,
+                            padding="left", dtype=dtype, oracle=True)
+    assert report, report.first_divergence
+    ratios = [r.budget.ratio for r in report.rows if r.budget is not None]
+    assert ratios and max(ratios) < 2.0
+
+
+def test_the_oracle_leaves_the_reference_model_as_it_was(tiny_models):
+    ref = factory(BackendOptions(dtype="bfloat16"), str(tiny_models("llama")))
+    before = {k: (v.dtype, v.clone()) for k, v in ref.model.state_dict().items()}
+    inputs = dict(x=torch.ones(2, dtype=torch.bfloat16), ids=torch.ones(2, dtype=torch.long))
+    with upcast(ref.model, torch.float64, inputs):
+        assert all(p.dtype == torch.float64 for p in ref.model.parameters())
+        assert inputs["x"].dtype == torch.float64 and inputs["ids"].dtype == torch.long
+    after = ref.model.state_dict()
+    assert all(after[k].dtype == d and torch.equal(after[k], v) for k, (d, v) in before.items())
+    assert inputs["x"].dtype == torch.bfloat16
+
+
+def test_budget_rule():
+    assert Budget(2e-7, 1e-7, 2.0, 6e-8).met and not Budget(3e-7, 1e-7, 2.0, 6e-8).met
+    assert Budget(5e-8, 0.0, 2.0, floor_for("float32")).met  # an exact reference tap: the floor decides
+    assert not Budget(float("nan"), 1e-7, 2.0, 6e-8).met
+    assert floor_for("bfloat16", "float32") == 2.0 ** -8
+
+
+def test_oracle_requests_that_cannot_work_are_one_line(tmp_path):
+    from parity.api import diff_request
+
+    with pytest.raises(InputError, match="needs live backends"):
+        diff_request([tmp_path / "a.h5", tmp_path / "b.h5"], oracle=True)
+    with pytest.raises(InputError, match="--stop-at-first"):
+        diff_request(ref="pytorch", cand="flash", oracle=True, stop_at_first=True)
+    with pytest.raises(InputError, match="--oracle"):
+        diff_request(ref="pytorch", cand="flash", stats=True, oracle=True)
+
+
+def test_cli_oracle_writes_the_budgets(tiny_models, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from parity.cli import app
+
+    folder = tiny_models("llama")
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["diff", "--ref", f"hf:{folder}@attn=eager", "--cand", f"hf:{folder}@attn=sdpa",
+                                 "--seq-len", "8", "--oracle", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["thresholds"]["calibration"]["factor"] == 2.0
+    assert all("budget" in t for t in data["taps"] if t["status"] == "pass")
