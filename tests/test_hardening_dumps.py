@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -301,3 +302,20 @@ def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path):
         assert got["rc"] == 2 and got["out"] == "", got
         assert "more than a compressor writes" in one_line_error(got["err"], bomb)
         assert got["peak_mb"] < 400, got["peak_mb"]
+
+
+# --------------------------------------------------------------------------- inspect is linear in its strings
+
+def test_inspect_is_linear_in_the_length_of_a_meta_string(tmp_path):
+    """An 8 MB meta string took 30 s to list (8 MB of ESC characters: over 15 minutes, the
+    terminal wrapping being quadratic in a line's length): each value is cut to its first
+    characters and says how many it left out."""
+    path = tmp_path / "long.h5"
+    write_dump(path, Capture(taps=[tap("a.0.x", 0, DATA)], meta={"backend": "b", "note": "\x1b" * (8 << 20)}))
+    started = time.monotonic()
+    proc = run("inspect", path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 60
+    words = " ".join(proc.stdout.split())  # the console wraps long lines at spaces
+    assert f"({len('  note: ') + (8 << 20) - 10_000} more characters not shown)" in words
+    assert len(proc.stdout) < 100_000 and "\x1b" not in proc.stdout and "a.0.x" in proc.stdout

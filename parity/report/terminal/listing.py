@@ -18,17 +18,32 @@ if TYPE_CHECKING:
     from parity.api import BackendListing, CaptureResult, DumpSummary
 
 
+# Most characters of one value a listing shows.  A dump's strings can be any length, and
+# the terminal's wrapping costs (length / width) x length: an 8 MB meta string took
+# minutes to list.  Cut, each line costs its first characters, and says what it left out.
+MAX_SHOWN = 10_000
+
+
+def clipped(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text`, or its first `limit` characters and how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} ... ({len(text) - limit} more characters not shown)"
+
+
 def render_dump(summary: DumpSummary) -> Group:
     """The dump's path and completeness, its metadata one key a line, where the backend
-    raised (if it did), then its taps: a table of identities, or a stats dump's summaries."""
+    raised (if it did), then its taps: a table of identities, or a stats dump's summaries.
+    Every value is shown as data, `clipped`: the listing costs time linear in the dump's
+    metadata, whatever the length of its strings."""
     parts: list = [Text(shown(summary.path), style="bold").append(f"  complete={summary.complete}", style="")]
     for k, v in sorted(summary.meta.items()):
         if k == "modules" and isinstance(v, (dict, list)):
             v = f"{len(v)} taps mapped to modules"
-        parts.append(Text(shown(f"  {k}: {v}")))
+        parts.append(Text(shown(clipped(f"  {k}: {v}"))))
     err = summary.error
     if err:
-        parts.append(Text(shown(f"  raised at {err.key}: {err.exc_type}: {err.message}"), style="red"))
+        parts.append(Text(shown(clipped(f"  raised at {err.key}: {err.exc_type}: {err.message}")), style="red"))
     if summary.stats:
         from parity.report.terminal.stats import render_stats_capture
 
@@ -38,8 +53,8 @@ def render_dump(summary: DumpSummary) -> Group:
     for col in ("#", "tap", "shape", "dtype", "layout"):
         table.add_column(col)
     for t in summary.taps:
-        table.add_row(str(t.order), Text(shown(t.key)), str(list(t.shape)), Text(shown(t.dtype)),
-                      Text(shown(t.layout or "-")))
+        table.add_row(str(t.order), Text(shown(clipped(t.key))), str(list(t.shape)), Text(shown(clipped(t.dtype))),
+                      Text(shown(clipped(t.layout or "-"))))
     parts.append(table)
     return Group(*parts)
 
