@@ -5,8 +5,12 @@ eats the machine.  Every file here is built by the test itself (json, numpy,
 safetensors, tiny seeded models)."""
 from __future__ import annotations
 
+import json
+import pickle
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ckpt_writers import L, openpi_config, openpi_state, write
@@ -15,7 +19,7 @@ from typer.testing import CliRunner
 from parity.cli import app
 from parity.probes.pi05.checkpoint import Checkpoint
 from parity.probes.pi05.config import TINY
-from parity.taps.backends import BackendOptions, resolve
+from parity.taps.backends import BackendError, BackendOptions, resolve
 
 runner = CliRunner()
 DEEP = 100_000  # nesting depth of the deep JSON files: far past Python's recursion limit
@@ -136,3 +140,125 @@ def test_no_checkpoint_shape_makes_size_inference_raise_anything_but_value_error
                 infer_config(broken)
             except ValueError:
                 pass
+
+
+# ---- hf checkpoints and --input files -------------------------------------------------------
+def hf_capture(model: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
+    out = tmp_path / "x.h5"
+    out.unlink(missing_ok=True)
+    code, text = cli("capture", "--backend", f"hf:{model}", "--device", "cpu", "-o", str(out), "--quiet", *args)
+    assert code != 2 or not out.exists(), "a refused run wrote a dump"
+    return code, text
+
+
+def test_hf_more_tokens_than_the_model_positions_is_refused_before_it_runs(tiny_models, tmp_path):
+    """The tiny llama declares 64 positions (max_position_embeddings): 64 tokens run, 65
+    are refused when the backend is built, from a file or generated."""
+    model = tiny_models("llama")
+    for n in (64, 65):
+        (tmp_path / f"{n}.json").write_text(json.dumps([[5] * n, [6] * 3]))
+    assert hf_capture(model, tmp_path, "--input", str(tmp_path / "64.json"))[0] == 0
+    code, out = hf_capture(model, tmp_path, "--input", str(tmp_path / "65.json"))
+    assert_one_line_exit_2(code, out, "row 0: 65 tokens, more than the 64 positions the model declares")
+    code, out = hf_capture(model, tmp_path, "--seq-len", "65")
+    assert_one_line_exit_2(code, out, "--seq-len: 65 tokens, more than the 64 positions")
+    with pytest.raises(BackendError, match="more than the 64 positions"):  # the factory: nothing has run yet
+        resolve(f"hf:{model}", BackendOptions(device="cpu", inputs=[[5] * 20_000]))
+
+
+def _huge_npy(path: Path) -> None:
+    """A .npy whose header declares 2**40 int64 ids (8 TiB) over 64 bytes of data."""
+    with path.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (2**20, 2**20)})
+        f.write(bytes(64))
+
+
+BAD_INPUT_FILES = {
+    "json nested 100,000 deep": ("deep.json", lambda p: p.write_text(deep_json()), "nested too deeply"),
+    "npy header of 2**40 elements": ("huge.npy", _huge_npy, "its header declares 1099511627776 elements"),
+    "(0, 4) npy": ("empty.npy", lambda p: np.save(p, np.zeros((0, 4), dtype=np.int64)), "no token ids and no pixels"),
+    "input_ids null": ("null.json", lambda p: p.write_text('{"input_ids": null}'), "no token ids and no pixels"),
+    "uint64 above 2**63": ("u64.npy", lambda p: np.save(p, np.array([[5, 6, 2**63 + 5]], dtype=np.uint64)),
+                           "token id 9223372036854775813 does not fit in int64"),
+    "float ids under a mask": ("float.json", lambda p: p.write_text(json.dumps(
+        {"input_ids": [[5.7, 6.2]], "attention_mask": [[1, 1]]})), "input_ids must be integer token ids"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT_FILES))
+def test_bad_input_file_is_one_line_exit_2_never_replaced_by_generated_prompts(tiny_models, tmp_path, case):
+    name, make, needle = BAD_INPUT_FILES[case]
+    make(tmp_path / name)
+    code, out = hf_capture(tiny_models("llama"), tmp_path, "--input", str(tmp_path / name))
+    assert_one_line_exit_2(code, out, needle)
+
+
+def test_empty_inputs_in_memory_are_refused_too(tiny_models):
+    for empty in (np.zeros((0, 4), dtype=np.int64), {"input_ids": None}, {"input_ids": None, "pixel_values": None}):
+        with pytest.raises(BackendError, match="no token ids and no pixels"):
+            resolve(f"hf:{tiny_models('llama')}", BackendOptions(device="cpu", inputs=empty))
+
+
+class _Trap:
+    """Unpickling this creates the file `marker`: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _hf_folder(tiny_models, tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_models("llama"), folder)
+    return folder
+
+
+def test_hf_checkpoint_of_pickled_weights_is_refused_unopened(tiny_models, tmp_path):
+    """A pytorch_model.bin is a pickle: refused in one line without being opened (not even
+    by torch.load's weights_only check); next to safetensors weights it is ignored."""
+    marker = tmp_path / "unpickled"
+    folder = _hf_folder(tiny_models, tmp_path, "bin")
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
+    (folder / "model.safetensors").unlink()
+    code, out = hf_capture(folder, tmp_path)
+    assert_one_line_exit_2(code, out, "has no .safetensors weights (it holds pytorch_model.bin")
+    both = _hf_folder(tiny_models, tmp_path, "both")
+    (both / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
+    assert hf_capture(both, tmp_path)[0] == 0
+    assert not marker.exists()
+
+
+def _config(folder: Path, edit) -> None:
+    path = folder / "config.json"
+    if callable(edit):
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    else:
+        path.write_text(edit)
+
+
+BAD_HF_CONFIGS = {
+    "architectures pipeline": (lambda c: {**c, "architectures": ["pipeline"]},
+                               "architectures names 'pipeline', which is not a transformers model class"),
+    "architectures a number": (lambda c: {**c, "architectures": 5}, "architectures must be a list of class names"),
+    "nested 100,000 deep": (deep_json(), "nested too deeply"),
+    "not an object": ("[1, 2]", "expected a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HF_CONFIGS))
+def test_bad_hf_config_json_is_one_line_exit_2(tiny_models, tmp_path, case):
+    edit, needle = BAD_HF_CONFIGS[case]
+    folder = _hf_folder(tiny_models, tmp_path, "m")
+    _config(folder, edit)
+    code, out = hf_capture(folder, tmp_path)
+    assert_one_line_exit_2(code, out, needle)
+
+
+@pytest.mark.parametrize("device, needle", [("bogus", "device 'bogus' is not a device"),
+                                            ("meta", "device meta holds no values")])
+def test_hf_spec_device_that_cannot_compute_is_one_line_exit_2(tiny_models, tmp_path, device, needle):
+    code, out = cli("capture", "--backend", f"hf:{tiny_models('llama')}@device={device}", "-o",
+                    str(tmp_path / "x.h5"), "--quiet")
+    assert_one_line_exit_2(code, out, needle)

@@ -9,13 +9,16 @@ patched: hooks observe the model exactly as transformers runs it.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
+from pathlib import Path
 from typing import Any
 
 from parity.probes.hf.families import TOKENS, Family, probe_for
 from parity.probes.hf.inputs import (
     DEFAULT_SEQ_LEN,
     Prompts,
+    check_positions,
     check_rows,
     generate_pixels,
     generate_rows,
@@ -39,7 +42,13 @@ def _device(torch, name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise ValueError("device meta holds no values, so nothing could be compared; give cpu, cuda or cuda:N")
+    return device
 
 
 @contextlib.contextmanager
@@ -58,23 +67,73 @@ def _quiet_transformers(transformers):
             logging.enable_progress_bar()
 
 
+# Weight files that are pickles: transformers would torch.load them.  Never read.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_checkpoint(path: Path) -> dict:
+    """The folder's config.json (strict JSON, an object), before transformers reads
+    anything: ValueError for one that is not, and for a folder whose weights are not
+    safetensors (a pickle is never opened, not even to be refused by torch.load)."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"cannot read {file}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"cannot read {file}: nested too deeply to be a config") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    names = config.get("architectures")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{file}: architectures must be a list of class names, got {names!r}")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+        held = f"it holds {', '.join(pickles[:3])}: pickles, which parity never opens; " if pickles else ""
+        raise ValueError(f"{path} has no .safetensors weights ({held}save the model with "
+                         "save_pretrained(..., safe_serialization=True))")
+    return config
+
+
+def _model_class(transformers, names: list[str], path: Path):
+    """The class config.json's `architectures` names (AutoModel if it names none that
+    transformers has); ValueError if the name is something else of transformers'."""
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ValueError(f"{path / 'config.json'}: architectures names {name!r}, which is not a transformers "
+                             "model class")
+        return cls
+    return transformers.AutoModel
+
+
 def load_model(spec: HFSpec, dtype: str | None, device):
-    """The checkpoint's own class (config.architectures), eval mode, on `device`."""
+    """The checkpoint's own class (config.architectures), eval mode, on `device`;
+    safetensors weights only."""
     import torch
     import transformers
 
+    check_checkpoint(spec.path)
     with _quiet_transformers(transformers):
-        config = transformers.AutoConfig.from_pretrained(spec.path)
-        names = getattr(config, "architectures", None) or []
-        cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
-        kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch, dtype)}
+        try:
+            config = transformers.AutoConfig.from_pretrained(spec.path)
+        except OSError as exc:
+            raise ValueError(f"cannot read {spec.path / 'config.json'}: {_first_line(exc)}") from None
+        cls = _model_class(transformers, getattr(config, "architectures", None) or [], spec.path)
+        kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch, dtype), "use_safetensors": True}
         if spec.attn is not None:
             kwargs["attn_implementation"] = spec.attn
         try:
             model = cls.from_pretrained(spec.path, **kwargs)
         except (ImportError, OSError) as exc:  # e.g. flash_attention_2 not installed, unreadable weights
-            raise ValueError(f"cannot load {spec.path}: {str(exc).strip().splitlines()[0]}") from None
+            raise ValueError(f"cannot load {spec.path}: {_first_line(exc)}") from None
     return model.to(device).eval(), config
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _text_config(config):
@@ -96,6 +155,7 @@ def make_prompts(family: Family, config, opts: BackendOptions) -> Prompts:
         rows, pixels, source = read_inputs(opts.inputs)
         if pixels is not None and not pixels_needed:
             raise ValueError(f"{source}: this model takes token ids, not images")
+    positions = getattr(text, "max_position_embeddings", None)
     if family.inputs != "image":
         if not rows:
             seq_len = opts.seq_len or DEFAULT_SEQ_LEN
@@ -107,8 +167,11 @@ def make_prompts(family: Family, config, opts: BackendOptions) -> Prompts:
                 prefix = (config.image_token_id,) * n_img + ((bos,) if bos is not None else ())
                 avoid += (config.image_token_id,)
                 seq_len = opts.seq_len or len(prefix) + DEFAULT_SEQ_LEN // 2
+            check_positions(seq_len, positions, family.position_offset, "--seq-len")
             rows = generate_rows(opts.seed, opts.batch, seq_len, text.vocab_size, prefix, avoid)
         check_rows(rows, text.vocab_size, source)
+        longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+        check_positions(len(rows[longest]), positions, family.position_offset, f"{source}: row {longest}")
     elif rows:
         raise ValueError(f"{source}: this model takes images, not token ids")
     if pixels_needed:

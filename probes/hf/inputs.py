@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from parity.taps.records import Layout, Region
 
 DEFAULT_SEQ_LEN = 16
+INT64_MAX = np.iinfo(np.int64).max
 FORMATS = ("a .json list of token ids, list of lists, or {input_ids, attention_mask}; "
            "a .npy int array [rows, tokens] (negative = padding) or float array [rows, 3, H, W] of pixels")
 
@@ -75,10 +77,11 @@ def _as_rows(value: Any, what: str) -> tuple[list[list[int]], np.ndarray | None]
             pixels = np.asarray(value["pixel_values"], dtype=np.float32)
         if value.get("input_ids") is None:
             return [], pixels
-        ids = np.asarray(value["input_ids"])
         if value.get("attention_mask") is not None:
-            ids2 = np.atleast_2d(ids)
-            return _rows_from_mask(ids2, np.atleast_2d(np.asarray(value["attention_mask"])), what), pixels
+            ids = np.atleast_2d(np.asarray(value["input_ids"]))
+            if ids.dtype.kind not in "iu":
+                raise ValueError(f"{what}: input_ids must be integer token ids, got {ids.dtype} {ids.shape}")
+            return _rows_from_mask(ids, np.atleast_2d(np.asarray(value["attention_mask"])), what), pixels
         rows, _ = _as_rows(value["input_ids"], what)
         return rows, pixels
     if isinstance(value, np.ndarray):
@@ -88,6 +91,8 @@ def _as_rows(value: Any, what: str) -> tuple[list[list[int]], np.ndarray | None]
             return [], value.astype(np.float32)
         if value.dtype.kind not in "iu" or value.ndim not in (1, 2):
             raise ValueError(f"{what}: expected token ids [rows, tokens] of integers, got {value.dtype} {value.shape}")
+        if value.dtype.kind == "u" and value.size and int(value.max()) > INT64_MAX:  # would wrap to "padding"
+            raise ValueError(f"{what}: token id {int(value.max())} does not fit in int64 (ids are below 2**63)")
         ids = np.atleast_2d(value).astype(np.int64)
         return _rows_from_mask(ids, ids >= 0, what), None
     if isinstance(value, (list, tuple)):
@@ -105,8 +110,27 @@ def _as_rows(value: Any, what: str) -> tuple[list[list[int]], np.ndarray | None]
     raise ValueError(f"{what}: cannot read inputs from {type(value).__name__}; expected {FORMATS}")
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """A .npy file's array (never unpickled), its header checked against the file first:
+    a header may declare more elements than the file holds, or than any memory does."""
+    fmt = np.lib.format
+    with path.open("rb") as f:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"npy format version {version[0]}.{version[1]} is not supported (1.0 and 2.0 are)")
+        shape, _, dtype = read(f)
+        held = path.stat().st_size - f.tell()
+    count = math.prod(shape)
+    if count * dtype.itemsize > held:
+        raise ValueError(f"its header declares {count} elements of {dtype} {shape}, {count * dtype.itemsize} bytes, "
+                         f"but the file holds {held}")
+    return np.load(path, allow_pickle=False)
+
+
 def read_inputs(source: Any) -> tuple[list[list[int]], np.ndarray | None, str]:
-    """(token rows, pixels, description) from a path (.json / .npy) or an in-memory value."""
+    """(token rows, pixels, description) from a path (.json / .npy) or an in-memory value;
+    ValueError for one that holds neither (never replaced by generated inputs)."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
@@ -115,15 +139,23 @@ def read_inputs(source: Any) -> tuple[list[list[int]], np.ndarray | None, str]:
             if path.suffix == ".json":
                 value = json.loads(path.read_text())
             elif path.suffix == ".npy":
-                value = np.load(path, allow_pickle=False)
+                value = _load_npy(path)
             else:
                 raise ValueError(f"{path}: unknown input format {path.suffix!r}; expected {FORMATS}")
-        except (OSError, json.JSONDecodeError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError(f"cannot read {path}: {exc}") from None
-        rows, pixels = _as_rows(value, str(path))
-        return rows, pixels, str(path)
-    rows, pixels = _as_rows(source, "inputs")
-    return rows, pixels, "given"
+        except RecursionError:
+            raise ValueError(f"cannot read {path}: nested too deeply to be inputs") from None
+        what = described = str(path)
+    else:
+        value, what, described = source, "inputs", "given"
+    rows, pixels = _as_rows(value, what)
+    if not rows and pixels is None:
+        raise ValueError(f"{what}: no token ids and no pixels (empty inputs are not replaced by generated ones: "
+                         "leave out --input for those)")
+    if pixels is not None and pixels.shape[0] == 0:
+        raise ValueError(f"{what}: no images (pixels of shape {pixels.shape})")
+    return rows, pixels, described
 
 
 def check_rows(rows: list[list[int]], vocab_size: int, what: str) -> None:
@@ -133,6 +165,14 @@ def check_rows(rows: list[list[int]], vocab_size: int, what: str) -> None:
         bad = [t for t in r if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"{what}: row {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
+def check_positions(tokens: int, positions: int | None, offset: int, what: str) -> None:
+    """A row of `tokens` tokens, its position ids counted from `offset`, must fit the
+    `positions` the model declares (max_position_embeddings; None: it declares none)."""
+    if isinstance(positions, int) and tokens + offset > positions:
+        raise ValueError(f"{what}: {tokens} tokens{f' from position {offset}' if offset else ''}, more than the "
+                         f"{positions} positions the model declares (max_position_embeddings)")
 
 
 def generate_rows(seed: int, batch: int, seq_len: int, vocab_size: int, prefix: tuple[int, ...] = (),
