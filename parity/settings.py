@@ -170,10 +170,17 @@ def load_settings(directory: str | Path | None = None) -> Settings:
     if not path.is_file():
         return Settings()
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8, whatever the locale
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"cannot read {path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError(f"cannot read {path}: {exc}") from None
-    table = data.get("tool", {}).get("parity")
+    except RecursionError:
+        raise SettingsError(f"cannot read {path}: nested too deeply") from None
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise SettingsError(f"{path}: tool must be a table ([tool.parity] is read from it), not {repr(tool)[:60]}")
+    table = tool.get("parity")
     if table is None:
         return Settings()
     if not isinstance(table, dict):

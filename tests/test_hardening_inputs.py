@@ -262,3 +262,35 @@ def test_hf_spec_device_that_cannot_compute_is_one_line_exit_2(tiny_models, tmp_
     code, out = cli("capture", "--backend", f"hf:{tiny_models('llama')}@device={device}", "-o",
                     str(tmp_path / "x.h5"), "--quiet")
     assert_one_line_exit_2(code, out, needle)
+
+
+# ---- [tool.parity] in pyproject.toml ----------------------------------------------------------
+BAD_PYPROJECTS = {
+    "tool = 5": (b"tool = 5\n", "tool must be a table"),
+    "tool a string": (b'tool = "parity"\n', "tool must be a table"),
+    "not UTF-8": (b"[tool.parity]\nmin_cos = 0.9  # caf\xe9\n", "not UTF-8"),
+    "nested 100,000 deep": (f"a = {deep_json()}\n".encode(), "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PYPROJECTS))
+def test_bad_pyproject_is_one_line_exit_2(tmp_path, monkeypatch, case):
+    content, needle = BAD_PYPROJECTS[case]
+    (tmp_path / "pyproject.toml").write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    code, out = cli("diff", "a.h5", "b.h5")
+    assert_one_line_exit_2(code, out, needle)
+    assert "pyproject.toml" in out
+
+
+def test_min_cos_of_zero_in_pyproject_is_the_gate_of_a_live_compare(tmp_path):
+    """[tool.parity] min_cos = 0 is a value (the gate), not "unset": the pytest plugin's
+    path (parity.compare with the settings) keeps it, as the CLI does."""
+    from parity.api import compare
+    from parity.settings import load_settings
+
+    (tmp_path / "pyproject.toml").write_text("[tool.parity]\nmin_cos = 0\n")
+    report = compare("pytorch", "flash_fp8", faults=["nomask"], device="cpu", taps="prefix.0.attn",
+                     settings=load_settings(tmp_path))
+    assert report.thresholds["min_cos"] == 0.0
+    assert all(row.threshold == 0.0 for row in report.rows)
