@@ -53,13 +53,16 @@ class CaptureInterrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt, so code that catches those still does; it says what was kept:
     `written` is True when `path` now holds the `taps` written before the stop, marked
-    incomplete."""
+    incomplete; `kept` names the file that was at the output path already, left as it was
+    (`path` is then beside it: an incomplete capture never replaces a file)."""
 
-    def __init__(self, path: str, taps: int, written: bool) -> None:
-        self.path, self.taps, self.written = path, taps, written
-        kept = f"{path} holds the {taps} taps written before the stop, marked incomplete" if written \
+    def __init__(self, path: str, taps: int, written: bool, kept: str | None = None) -> None:
+        self.path, self.taps, self.written, self.kept = path, taps, written, kept
+        what = f"{path} holds the {taps} taps written before the stop, marked incomplete" if written \
             else "nothing was written"
-        super().__init__(f"capture interrupted: {kept}")
+        if kept is not None:
+            what += f"; {kept} was left as it was"
+        super().__init__(f"capture interrupted: {what}")
 
 
 def _now() -> str:
@@ -142,7 +145,9 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
 
     The dump is written as `<path>.partial` and renamed when closed: a disk that fills
     up raises InputError and leaves no file; Ctrl-C raises CaptureInterrupted and leaves
-    `path` readable, marked incomplete; a killed process leaves `<path>.partial`."""
+    `path` readable, marked incomplete; a killed process leaves `<path>.partial`.  An
+    incomplete dump (interrupted, or the backend raised) never replaces a file already at
+    `path`: it goes to `<path>.incomplete`, and the summary's `path` and `kept` say so."""
     from parity.capture.recorder import capture
 
     if not max_inflight_mb > 0:
@@ -163,12 +168,14 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
             capture(backend, counter, select, max_staged_bytes=half)
     except KeyboardInterrupt:
         taps_written = writer.tap_count if writer is not None else 0
-        raise CaptureInterrupted(str(path), taps_written, writer is not None and writer.written) from None
+        if writer is None or not writer.written:
+            raise CaptureInterrupted(str(path), taps_written, False) from None
+        raise CaptureInterrupted(writer.final_path, taps_written, True, writer.kept) from None
     except DumpError as exc:
         raise InputError(str(exc)) from None
     except ValueError as exc:  # the dump refused what the backend produced (e.g. a tap name with NUL)
         raise InputError(f"{path}: {exc}") from None
-    return {"path": str(path), "taps": counter.count, "error": counter.error,
+    return {"path": writer.final_path, "kept": writer.kept, "taps": counter.count, "error": counter.error,
             "peak_queued_bytes": budget.peak, "budget_waits": budget.waits}
 
 
@@ -218,9 +225,14 @@ def load_dump(path: str | Path, allow_incomplete: bool = False) -> Capture:
 def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: str | None = None,
                allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
     """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps
-    (parity.comparison.dumps.diff_dumps, with the request checked first)."""
+    (parity.comparison.dumps.diff_dumps, with the request checked first).  What either
+    dump's reader notes (a stale `.partial` beside it) joins the report's warnings."""
+    from parity.dump.reader import dump_notes
+
     _check_chunk(chunk)
-    return _diff_dumps(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
+    report = _diff_dumps(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
+    report.warnings.extend(dump_notes(ref_path) + dump_notes(cand_path))
+    return report
 
 
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
@@ -547,14 +559,15 @@ def capture_stats(spec: str | Backend, options: BackendOptions, path: str | Path
         raise InputError(f"{path}: cannot create its directory: {exc.strerror or exc}") from None
     stats, interrupted = _run(spec, options, taps, progress)
     try:
-        write_stats(path, stats)
+        written = write_stats(path, stats)
     except DumpError as exc:
         raise InputError(str(exc)) from None
     except ValueError as exc:
         raise InputError(f"{path}: {exc}") from None
+    kept = str(path) if written != str(path) else None  # an incomplete run went beside a file already there
     if interrupted:
-        raise CaptureInterrupted(str(path), len(stats.taps), True)
-    return {"path": str(path), "taps": len(stats.taps), "error": stats.error}
+        raise CaptureInterrupted(written, len(stats.taps), True, kept)
+    return {"path": written, "kept": kept, "taps": len(stats.taps), "error": stats.error}
 
 
 def load_stats(path: str | Path, allow_incomplete: bool = False) -> StatsCapture:
@@ -581,9 +594,13 @@ def compare_stats_runs(ref: StatsCapture, cand: StatsCapture, tol: Thresholds | 
 
 def diff_stats_dumps(ref_path, cand_path, tol: Thresholds | None = None, taps: str | None = None,
                      allow_incomplete: bool = False) -> StatsReport:
-    """Offline diff of two stats dumps (no torch)."""
+    """Offline diff of two stats dumps (no torch); their readers' notes join the report's warnings."""
+    from parity.dump.reader import dump_notes
+
     ref, cand = load_stats(ref_path, allow_incomplete), load_stats(cand_path, allow_incomplete)
-    return compare_stats_runs(ref, cand, tol, taps, (f"reference {ref_path}", f"candidate {cand_path}"))
+    report = compare_stats_runs(ref, cand, tol, taps, (f"reference {ref_path}", f"candidate {cand_path}"))
+    report.warnings.extend(dump_notes(ref_path) + dump_notes(cand_path))
+    return report
 
 
 def diff_stats_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, faults: tuple[str, ...] = (),
@@ -827,12 +844,15 @@ def run_diff(dumps: Iterable[str | Path] | None = (), ref: str | Backend | None 
 class CaptureResult:
     """What `run_capture` wrote: `taps` taps (their summaries, for a stats dump) to
     `path`; `error` is where the backend raised, if it did (the dump is then marked
-    incomplete).  Truthy when the run completed."""
+    incomplete).  `kept`: the file already at the output path, left as it was, when the
+    incomplete dump went beside it (`path` is then `<output>.incomplete`).  Truthy when
+    the run completed."""
 
     path: str
     taps: int
     stats: bool = False
     error: CaptureError | None = None
+    kept: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -872,7 +892,7 @@ def run_capture(spec: str | Backend, output: str | Path | None = None, *, stats:
     else:
         budget = DEFAULT_MAX_INFLIGHT_MB if max_inflight_mb is None else max_inflight_mb
         summary = capture_to_dump(spec, options, path, merged.taps, compression, progress, budget)
-    return CaptureResult(summary["path"], summary["taps"], stats, summary["error"])
+    return CaptureResult(summary["path"], summary["taps"], stats, summary["error"], summary["kept"])
 
 
 def run_component(ref: str | Backend, cand: str | Backend, *, layer: int, part: str, stack: str | None = None,
@@ -1046,6 +1066,7 @@ class DumpSummary:
     path: str
     run: Capture | StatsCapture
     stats: bool = False
+    notes: list[str] = field(default_factory=list)  # what its reader noted (DumpReader.notes)
 
     @property
     def complete(self) -> bool:
@@ -1069,17 +1090,18 @@ def inspect_dump(path: str | Path) -> DumpSummary:
     unreadable.  A tensor dump's data is never read: its taps are `TapHeader`s (key,
     order, shape, dtype, layout), so listing a dump costs its metadata, not its size."""
     from parity.dump.reader import open_dump
-    from parity.dump.stats import is_stats_dump
+    from parity.dump.stats import is_stats_dump, open_stats
 
-    if is_stats_dump(path):
-        return DumpSummary(str(path), load_stats(path, allow_incomplete=True), stats=True)
     try:
+        if is_stats_dump(path):
+            with open_stats(path) as reader:
+                return DumpSummary(str(path), reader.stats, stats=True, notes=list(reader.notes))
         with open_dump(path) as reader:
             run = Capture(taps=list(reader.headers), layouts=dict(reader.layouts), meta=reader.meta,
                           error=reader.error, complete=reader.complete)
+            return DumpSummary(str(path), run, notes=list(reader.notes))
     except DumpError as exc:
         raise InputError(str(exc)) from None
-    return DumpSummary(str(path), run)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from parity.cli import app
-from parity.dump.format import set_attrs
+from parity.dump.format import PARTIAL_SUFFIX, set_attrs
 from parity.dump.writer import write_dump
 from parity.taps.records import Capture, Layout, Region, Tap, TapInfo
 
@@ -319,3 +320,115 @@ def test_inspect_is_linear_in_the_length_of_a_meta_string(tmp_path):
     words = " ".join(proc.stdout.split())  # the console wraps long lines at spaces
     assert f"({len('  note: ') + (8 << 20) - 10_000} more characters not shown)" in words
     assert len(proc.stdout) < 100_000 and "\x1b" not in proc.stdout and "a.0.x" in proc.stdout
+
+
+# --------------------------------------------------------------------------- an interrupted capture keeps the old dump
+
+def spawn(args, cwd: Path, **knobs) -> subprocess.Popen:
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job may inherit SIGINT ignored
+    return subprocess.Popen([sys.executable, "-m", "parity.cli", *map(str, args)], env=env(**knobs), cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=setup)
+
+
+def wait_for_progress(progress: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    """Wait until the toy backend is about to run layer `at_least` (taps before it are written)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the command ended early (rc {proc.returncode}): {out}{err}")
+        try:
+            value = int(progress.read_text().strip() or -1)
+        except (FileNotFoundError, ValueError):
+            value = -1
+        if value >= at_least:
+            return value
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("the toy backend made no progress")
+
+
+def complete_capture(path: Path, *extra: str) -> bytes:
+    """A complete toy capture at `path`; its bytes."""
+    code, out = cli("capture", "--backend", TOY, "-o", path, *extra)
+    assert code == 0, out
+    return path.read_bytes()
+
+
+INCOMPLETE = ".incomplete"
+
+
+@pytest.mark.parametrize("kind", ["tensors", "stats"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_capture_never_replaces_a_complete_dump(tmp_path, signum, kind):
+    """Ctrl-C or SIGTERM with -o naming a complete dump replaced it with the incomplete
+    one.  The old dump stays as it was; what the stopped capture wrote goes beside it,
+    and the message names both."""
+    from parity.dump.reader import read_dump
+    from parity.dump.stats import read_stats
+
+    extra = ("--stats",) if kind == "stats" else ()
+    out_path, progress = tmp_path / "x.h5", tmp_path / "progress"
+    old = complete_capture(out_path, *extra)
+    proc = spawn(["capture", "--backend", TOY, "-o", out_path, *extra], tmp_path, sleep=0.25, progress=progress)
+    wait_for_progress(progress, 3, proc)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    side = Path(str(out_path) + INCOMPLETE)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith(f"interrupted: {side} holds the ") and f"{out_path} was left as it was" in lines[0]
+    assert out_path.read_bytes() == old  # bit for bit
+    assert not Path(str(out_path) + PARTIAL_SUFFIX).exists()
+    got = read_stats(side) if kind == "stats" else read_dump(side)
+    assert got.complete is False and 0 < len(got.taps) < 8
+
+
+def test_a_capture_stopped_before_its_first_tap_keeps_the_old_dump(tmp_path):
+    """Even with no tap written, the complete dump was replaced (by an empty one)."""
+    out_path, progress = tmp_path / "x.h5", tmp_path / "progress"
+    old = complete_capture(out_path)
+    proc = spawn(["capture", "--backend", TOY, "-o", out_path], tmp_path, sleep=2, progress=progress)
+    wait_for_progress(progress, 0, proc)  # layer 0 is asleep: no tap recorded yet
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"{out_path} was left as it was" in stderr, stderr
+    assert out_path.read_bytes() == old
+
+
+def test_a_backend_that_raises_never_replaces_a_complete_dump(tmp_path):
+    from parity.dump.reader import read_dump
+
+    out_path = tmp_path / "x.h5"
+    old = complete_capture(out_path)
+    code, out = cli("capture", "--backend", TOY, "--inject", "raise", "-o", out_path)
+    side = Path(str(out_path) + INCOMPLETE)
+    assert code == 1 and f"wrote 3 taps to {side}" in out and f"{out_path} was left as it was" in out, out
+    assert out_path.read_bytes() == old
+    got = read_dump(side)
+    assert got.complete is False and got.error.key == "toy.3.out" and len(got.taps) == 3
+    # a new complete capture does replace it
+    code, out = cli("capture", "--backend", TOY, "--seed", "1", "-o", out_path)
+    assert code == 0 and out_path.read_bytes() != old
+
+
+def test_a_stale_partial_beside_a_dump_is_named_by_diff_and_inspect(tmp_path):
+    """After a SIGKILL the old dump stays and `<dump>.partial` beside it; a later diff used
+    the old dump without a word.  Now the banner (and the JSON, and inspect) say so."""
+    out_path, progress = tmp_path / "x.h5", tmp_path / "progress"
+    old = complete_capture(out_path)
+    proc = spawn(["capture", "--backend", TOY, "-o", out_path], tmp_path, sleep=0.25, progress=progress)
+    wait_for_progress(progress, 3, proc)
+    proc.kill()
+    proc.communicate(timeout=120)
+    partial = Path(str(out_path) + PARTIAL_SUFFIX)
+    assert partial.exists() and out_path.read_bytes() == old
+    code, out = cli("diff", out_path, out_path, "--json", tmp_path / "r.json")
+    words = " ".join(out.split())
+    note = f"{partial} exists beside {out_path}"
+    assert code == 0 and note in words, out
+    assert any(note in w for w in json.loads((tmp_path / "r.json").read_text())["warnings"])
+    code, out = cli("inspect", out_path)
+    assert code == 0 and note in " ".join(out.split()), out

@@ -45,7 +45,10 @@ Notes on the format:
   reader skips with a note; anywhere else a broken tap is corruption (DumpError).
 - The file is written as `<path>.partial` (created exclusively, so two captures cannot
   write the same dump) and renamed to `<path>` at close.  A `.partial` file is always
-  read as incomplete.
+  read as incomplete.  An incomplete capture never replaces a file already at `<path>`:
+  it is renamed to `<path>.incomplete` instead.  A reader of `<path>` that finds
+  `<path>.partial` beside it says so in its notes (a capture to that path is running, or
+  was killed, and `<path>` is what it would have replaced).
 - A dump is self-contained: every member the reader opens is an object stored in the
   file (a hard link), and its data lies in the file.  Soft and external links, virtual
   datasets, external raw storage and filters other than gzip/lzf/shuffle/fletcher32 (a
@@ -75,6 +78,11 @@ FORMAT_VERSION = 1
 
 
 PARTIAL_SUFFIX = ".partial"
+
+
+# Where an incomplete capture goes when `path` already holds a file: a dump is replaced
+# only by a complete one.
+INCOMPLETE_SUFFIX = ".incomplete"
 
 
 LIBVER = ("v108", "v108")
@@ -109,6 +117,14 @@ class DumpError(Exception):
         self.path = os.fspath(path)
         self.reason = " ".join(str(reason).splitlines())
         super().__init__(f"{self.path}: {self.reason}")
+
+
+def stale_partial_note(path: str) -> str | None:
+    """What a `<path>.partial` beside the dump at `path` means, or None if there is none."""
+    if path.endswith(PARTIAL_SUFFIX) or not os.path.lexists(path + PARTIAL_SUFFIX):
+        return None
+    return (f"{path + PARTIAL_SUFFIX} exists beside {path}: a capture to {path} is still running or was killed; "
+            f"this is the dump from before it")
 
 
 def check_text(value: Any, what: str, allow_empty: bool = True) -> str:

@@ -29,6 +29,7 @@ from parity.dump.format import (
     json_attr,
     member,
     read_info,
+    stale_partial_note,
     stored_crc,
     str_attr,
     verify_crc,
@@ -111,8 +112,9 @@ class DumpReader:
 
     Attributes: path, meta (dict), complete (bool), layouts (name -> Layout),
     headers (list of TapHeader in execution order), error (CaptureError | None),
-    notes (things tolerated while reading, e.g. a half-written last tap of an
-    incomplete dump that was skipped).
+    notes (what a user should know that does not make the dump unreadable: a
+    `<path>.partial` beside it, a half-written last tap of an incomplete dump that was
+    skipped).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -134,7 +136,7 @@ class DumpReader:
             self._file = h5py.File(self.path, "r", locking=False)
         except Exception as e:
             raise DumpError(self.path, f"unreadable HDF5 file (truncated or corrupt?): {describe_error(e)}") from None
-        self.notes: list[str] = []
+        self.notes: list[str] = [note for note in (stale_partial_note(self.path),) if note]
         # per tap index: (next row, crc so far) of read_rows calls that went through it in
         # order; a tap whose rows were all read that way is checked without a second read
         self._row_crc: dict[int, tuple[int, int]] = {}
@@ -468,3 +470,9 @@ def read_dump(path: str | os.PathLike) -> Capture:
             error=reader.error,
             complete=reader.complete,
         )
+
+
+def dump_notes(path: str | os.PathLike) -> list[str]:
+    """What a user should know about the dump at `path` that does not make it unreadable
+    (as `DumpReader.notes`, without reading it again): a `<path>.partial` beside it."""
+    return [note for note in (stale_partial_note(os.fspath(path)),) if note]

@@ -103,8 +103,9 @@ def _entry_dict(t: TapStats) -> dict[str, Any]:
             "positions": t.positions}
 
 
-def write_stats(path: str | os.PathLike, stats: StatsCapture) -> None:
-    """Write a stats dump (via `<path>.partial`); DumpError on an I/O error, ValueError on bad input."""
+def write_stats(path: str | os.PathLike, stats: StatsCapture) -> str:
+    """Write a stats dump (via `<path>.partial`); the path written (`<path>.incomplete` for
+    an incomplete run when `path` exists).  DumpError on an I/O error, ValueError on bad input."""
     _tables(stats)  # refuse bad input before a file exists
     writer = StatsWriter(path, stats.meta)
     try:
@@ -112,6 +113,7 @@ def write_stats(path: str | os.PathLike, stats: StatsCapture) -> None:
     except BaseException:
         writer.close(complete=False)
         raise
+    return writer.final_path
 
 
 class StatsReader(DumpReader):

@@ -17,6 +17,7 @@ from parity.dump.format import (
     COMPRESSIONS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    INCOMPLETE_SUFFIX,
     IO_ERRORS,
     LIBVER,
     PARTIAL_SUFFIX,
@@ -149,7 +150,9 @@ class DumpWriter:
     Use as a context manager: leaving the block normally closes with complete=True
     (unless close() was already called), leaving it by an exception closes with
     complete=False -- the file is kept and every tap written so far is readable -- and
-    the exception propagates.  Bad arguments raise ValueError and leave the writer
+    the exception propagates.  An incomplete dump never replaces a file already at
+    `path`: it goes to `<path>.incomplete` (`final_path`), and `kept` names what was
+    left in place.  Bad arguments raise ValueError and leave the writer
     usable; an OSError (disk full, unwritable directory) raises DumpError, removes the
     partial file and makes every later call a no-op.
     """
@@ -177,7 +180,9 @@ class DumpWriter:
         self._raised = False  # set_error was called: the run did not complete
         self._file: h5py.File | None = None
         self._done = False  # closed or failed
-        self._written = False  # closed and renamed to self.path
+        self._written = False  # closed and renamed to self.final_path
+        self.final_path: str | None = None  # where the dump went: path, or its side path if incomplete
+        self.kept: str | None = None  # the file at path, left as it was (an incomplete dump went beside it)
 
         if os.path.isdir(self.path):
             raise DumpError(self.path, "is a directory, not a dump file")
@@ -237,7 +242,7 @@ class DumpWriter:
 
     @property
     def written(self) -> bool:
-        """True once the dump was closed and renamed to its final path."""
+        """True once the dump was closed and renamed to its final path (`final_path`)."""
         return self._written
 
     def _live(self) -> h5py.File:
@@ -372,24 +377,31 @@ class DumpWriter:
         self._raised = True
 
     def close(self, complete: bool = True) -> None:
-        """Write tap_count, then `complete` last, and rename to the final path.
+        """Write tap_count, then `complete` last, and rename to the final path: `path`,
+        or `<path>.incomplete` for an incomplete dump when a file is at `path` already (a
+        dump is replaced only by a complete one).
 
         `complete` is written False, whatever is asked, once set_error was called.
         A no-op if already closed (or failed).
         """
         if self._done or self._file is None:
             return
+        complete = bool(complete) and not self._raised
         try:
             set_attrs(self._file, {"tap_count": self._tap_count})
             self._file.flush()
-            set_attrs(self._file, {"complete": bool(complete) and not self._raised})
+            set_attrs(self._file, {"complete": complete})
             self._file.flush()
             self._file.close()
             self._file = None
             self._raw.close()
-            os.replace(self.partial_path, self.path)
+            final = self.path
+            if not complete and os.path.lexists(self.path):
+                final = self.path + INCOMPLETE_SUFFIX
+            os.replace(self.partial_path, final)
         except IO_ERRORS as e:
             self._fail(e)
+        self.final_path, self.kept = final, (self.path if final != self.path else None)
         self._done = True
         self._written = True
 
@@ -401,8 +413,9 @@ class DumpWriter:
         return False
 
 
-def write_dump(path: str | os.PathLike, capture: Capture, *, compression: str | None = None) -> None:
-    """Write a whole Capture (layouts first, then taps in order, then the error)."""
+def write_dump(path: str | os.PathLike, capture: Capture, *, compression: str | None = None) -> str:
+    """Write a whole Capture (layouts first, then taps in order, then the error); the
+    path written (`<path>.incomplete` for an incomplete capture when `path` exists)."""
     with DumpWriter(path, capture.meta, compression=compression) as writer:
         for name, layout in capture.layouts.items():
             writer.add_layout(name, layout)
@@ -411,3 +424,4 @@ def write_dump(path: str | os.PathLike, capture: Capture, *, compression: str | 
         if capture.error is not None:
             writer.set_error(capture.error)
         writer.close(complete=capture.complete)
+    return writer.final_path

@@ -218,16 +218,22 @@ def localisation_lines(loc: Localisation | None) -> list[Line]:
     return out
 
 
+def warning_lines(warnings: list[str]) -> list[Line]:
+    """Doubts that do not fail the run (a dump whose taps carry no checksum, a stale
+    `.partial` beside a dump): said whatever the verdict."""
+    return [say(f"WARNING: {w}", HINT) for w in warnings]
+
+
 def report_banner(report: Report) -> Banner:
     """A tensor diff's verdict."""
     if report.passed:
         return Banner(True, (pass_line(len(report.rows), "taps", f"thresholds ({bounds_words(report.thresholds)})"),
-                             *(say(f"WARNING: {w}", HINT) for w in report.warnings)))
+                             *warning_lines(report.warnings)))
     lines = []
     first = report.first_divergence
     if first is not None:
         lines += divergence_lines(first) + evidence_lines(report, first) + localisation_lines(report.localisation)
-    return _failed(lines + problem_lines(report.problems), counts_line(report))
+    return _failed(lines + problem_lines(report.problems) + warning_lines(report.warnings), counts_line(report))
 
 
 def stats_banner(report: StatsReport) -> Banner:
@@ -236,7 +242,7 @@ def stats_banner(report: StatsReport) -> Banner:
     if report.passed:
         tail = f"; bits first differ at {bits.key}" if bits else ""
         return Banner(True, (pass_line(n, "taps' summaries", f"tolerance {report.thresholds.get('min_cos')}"),
-                             detail(f"bit-identical: {same} of {n}{tail}", MUTED)))
+                             detail(f"bit-identical: {same} of {n}{tail}", MUTED), *warning_lines(report.warnings)))
     first = report.first_divergence
     lines = divergence_lines(first, "FIRST DIVERGENCE (stats)") if first is not None else []
     if bits is not None:
@@ -247,7 +253,7 @@ def stats_banner(report: StatsReport) -> Banner:
     if taps:
         lines.append(Line((("CAPTURE IN FULL: ", HINT), (f"--taps '{','.join(taps)}'", PLAIN))))
         lines += [detail(command, MUTED) for command in suggested_commands(report, taps)]
-    return _failed(lines, counts_line(report))
+    return _failed(lines + warning_lines(report.warnings), counts_line(report))
 
 
 MAX_FINDINGS = 20  # findings named one by one; the rest are counted

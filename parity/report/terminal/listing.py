@@ -41,6 +41,8 @@ def render_dump(summary: DumpSummary) -> Group:
         if k == "modules" and isinstance(v, (dict, list)):
             v = f"{len(v)} taps mapped to modules"
         parts.append(Text(shown(clipped(f"  {k}: {v}"))))
+    for note in summary.notes:
+        parts.append(Text(shown(clipped(f"  WARNING: {note}")), style="yellow"))
     err = summary.error
     if err:
         parts.append(Text(shown(clipped(f"  raised at {err.key}: {err.exc_type}: {err.message}")), style="red"))
@@ -63,6 +65,8 @@ def render_capture(result: CaptureResult) -> Group:
     """What a capture wrote and, when the backend raised, where and what it means."""
     what = "summaries of " if result.stats else ""
     parts: list = [Text(shown(f"wrote {what}{result.taps} taps to {result.path}"))]
+    if result.kept is not None:
+        parts.append(Text(shown(f"{result.kept} was left as it was: a dump is replaced only by a complete one")))
     err = result.error
     if err is not None:
         line = Text(shown(f"backend raised at {err.key or 'an untapped place'}:"), style="bold red")
