@@ -97,10 +97,39 @@ def backend_options(**given: Any) -> BackendOptions:
     string; faults may be "a,b" strings); InputError if one is out of range."""
     if "faults" in given:
         given["faults"] = fault_names(given["faults"])
+    check_device(given.get("device"))
     try:
         return BackendOptions.given(**given)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def check_device(device: Any) -> None:
+    """--device: None or auto, else a device torch knows, present on this machine, that
+    holds values (not meta, which has shapes only); InputError saying which it is not."""
+    if device is None or device == "auto":
+        return
+    usage = "give cpu, cuda, cuda:N or auto"
+    if not isinstance(device, str):
+        raise InputError(f"--device {device!r}: {usage}")
+    import torch  # a live run's option: torch is needed anyway
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {device!r} is not a device: {usage}") from None
+    if parsed.type == "meta":
+        raise InputError(f"--device meta holds shapes, no values: nothing could be compared; {usage}")
+    if parsed.type == "cpu":
+        return
+    module = getattr(torch, parsed.type, None)
+    if not callable(getattr(module, "is_available", None)):
+        raise InputError(f"--device {device}: this torch cannot run models on {parsed.type}; {usage}")
+    if not module.is_available():
+        raise InputError(f"--device {device}: no {parsed.type} device is available here")
+    count = getattr(module, "device_count", None)
+    if parsed.index is not None and callable(count) and parsed.index >= count():
+        raise InputError(f"--device {device}: this machine has {count()} {parsed.type} device(s)")
 
 
 def fault_names(faults: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -589,7 +618,10 @@ def compare_stats_runs(ref: StatsCapture, cand: StatsCapture, tol: Thresholds | 
     if taps:
         keep = select_taps(taps)
         ref, cand = ref.only(keep), cand.only(keep)
-    return diff_stats(ref, cand, tol, labels)
+    try:
+        return diff_stats(ref, cand, tol, labels)
+    except ValueError as exc:  # a run's metadata of the wrong type (the engine itself never raises)
+        raise InputError(str(exc)) from None
 
 
 def diff_stats_dumps(ref_path, cand_path, tol: Thresholds | None = None, taps: str | None = None,

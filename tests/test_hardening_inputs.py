@@ -294,3 +294,74 @@ def test_min_cos_of_zero_in_pyproject_is_the_gate_of_a_live_compare(tmp_path):
                      settings=load_settings(tmp_path))
     assert report.thresholds["min_cos"] == 0.0
     assert all(row.threshold == 0.0 for row in report.rows)
+
+
+# ---- --device ---------------------------------------------------------------------------------
+DEVICE_COMMANDS = {
+    "diff": ["diff", "--ref", "pytorch", "--cand", "flash"],
+    "capture": ["capture", "--backend", "pytorch", "-o", "unused.h5"],
+    "component": ["component", "--ref", "pytorch", "--cand", "flash", "--layer", "0", "--part", "mlp"],
+    "weights": ["weights", "--ref", "pytorch", "--cand", "flash"],
+    "frames": ["frames", "--ref", "pytorch", "--cand", "flash", "--frames", "2"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(DEVICE_COMMANDS))
+@pytest.mark.parametrize("device, needle", [("bogus", "--device 'bogus' is not a device"),
+                                            ("meta", "--device meta holds shapes, no values"),
+                                            ("cpu:-1", "is not a device")])
+def test_device_that_is_not_one_or_cannot_compute_is_one_line_exit_2(tmp_path, monkeypatch, command, device, needle):
+    monkeypatch.chdir(tmp_path)
+    code, out = cli(*DEVICE_COMMANDS[command], "--device", device)
+    assert_one_line_exit_2(code, out, needle)
+    assert not (tmp_path / "unused.h5").exists()
+
+
+def test_device_is_checked_by_the_python_api_too():
+    from parity.api import compare
+    from parity.errors import InputError
+
+    for device in ("bogus", "meta"):
+        with pytest.raises(InputError, match="--device"):
+            compare("pytorch", "flash", device=device)
+
+
+# ---- stats dumps whose meta has the wrong types ---------------------------------------------------
+def _stats_dumps(tmp_path: Path, ref_meta: dict, cand_meta: dict) -> tuple[Path, Path]:
+    """Two stats dumps of the toy chain, the candidate's weights changed (so the diff fails
+    and suggests commands from the runs' metadata), each meta updated as given."""
+    from parity.api import run_capture
+
+    paths = []
+    for name, patch, scale in (("ref", ref_meta, 1.0), ("cand", cand_meta, 1.5)):
+        backend = resolve("toy_backends:slow", BackendOptions(device="cpu"))
+        with torch.no_grad():
+            next(backend.model.parameters()).mul_(scale)
+        backend.meta.update(patch)
+        paths.append(Path(run_capture(backend, tmp_path / f"{name}_stats.h5", stats=True).path))
+    return paths[0], paths[1]
+
+
+BAD_STATS_META = {
+    "backend a number": ({"backend": 5}, "its meta backend is int 5, not a string"),
+    "backend an object": ({"backend": {"a": 1}}, "its meta backend is dict"),
+    "faults a number": ({"faults": 7}, "its meta faults is int 7, not a list of names"),
+    "faults a string": ({"faults": "nomask"}, "its meta faults is str"),
+    "faults of numbers": ({"faults": [1, 2]}, "its meta faults is list [1, 2]"),
+}
+
+
+@pytest.mark.parametrize("side", ["reference", "candidate"])
+@pytest.mark.parametrize("case", sorted(BAD_STATS_META))
+def test_stats_diff_whose_meta_has_wrong_types_is_one_line_exit_2(tmp_path, side, case):
+    patch, needle = BAD_STATS_META[case]
+    ref, cand = _stats_dumps(tmp_path, patch if side == "reference" else {}, patch if side == "candidate" else {})
+    code, out = cli("diff", str(ref), str(cand))
+    assert_one_line_exit_2(code, out, f"{side} {ref if side == 'reference' else cand}: {needle}")
+
+
+def test_stats_diff_with_well_typed_meta_still_suggests_commands(tmp_path):
+    ref, cand = _stats_dumps(tmp_path, {}, {"faults": ["planted"]})
+    code, out = cli("diff", str(ref), str(cand))
+    assert code == 1, out
+    assert "parity diff --ref toy --cand toy --inject planted" in out

@@ -97,10 +97,24 @@ def compare_stats(ref: TapStats, cand: TapStats, _ref_layouts, _cand_layouts, to
     return result(PASS, "bit-identical" if identical else "", measures=m, identical=identical)
 
 
+def check_meta(meta: dict, label: str) -> None:
+    """ValueError unless the metadata a stats diff reads to suggest commands has its types:
+    `backend` a string, `faults` a list of strings (either may be absent)."""
+    backend, faults = meta.get("backend"), meta.get("faults")
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"{label}: its meta backend is {type(backend).__name__} {repr(backend)[:60]}, not a string")
+    if faults is not None and not (isinstance(faults, list) and all(isinstance(f, str) for f in faults)):
+        raise ValueError(f"{label}: its meta faults is {type(faults).__name__} {repr(faults)[:60]}, not a list of "
+                         "names")
+
+
 def diff_stats(ref: StatsCapture, cand: StatsCapture, tol: Thresholds | None = None,
                labels: tuple[str, str] = ("reference", "candidate")) -> StatsReport:
     """Compare two stats runs tap by tap in the reference's execution order (fails closed,
-    as the tensor diff: missing/extra taps, a raised or interrupted run never pass)."""
+    as the tensor diff: missing/extra taps, a raised or interrupted run never pass).
+    ValueError if a run's metadata is of the wrong type (`check_meta`)."""
+    for run, label in zip((ref, cand), labels, strict=True):
+        check_meta(run.meta, label)
     report = diff(ref, cand, tol or tolerances(), compare=compare_stats, labels=labels)
     ref_by, cand_by = ref.by_key(), cand.by_key()
     rows = [r if isinstance(r, StatsResult)  # missing, extra, raised, not reached: the diff's own rows
