@@ -81,7 +81,8 @@ def _exits(interrupted: Optional[str] = None):
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """Within the block, SIGTERM stops the command the way Ctrl-C does, so a capture that
-    is terminated (a CI timeout) still closes its dump, marked incomplete."""
+    is terminated (a CI timeout) still closes its dump, marked incomplete, and a diff exits
+    130 saying it judged nothing."""
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -253,7 +254,7 @@ def diff_cmd(
     from parity.api import run_diff  # the offline diff imports no backend and no torch
 
     settings = _settings()
-    with _exits(NOTHING_JUDGED), _progress(quiet) as progress:
+    with _exits(NOTHING_JUDGED), _sigterm_interrupts(), _progress(quiet) as progress:
         result = run_diff(dumps, ref, cand, faults=inject, config=config, seed=seed, device=device, dtype=dtype,
                           batch=batch, weights=weights, inputs=inputs, padding=padding, seq_len=seq_len,
                           min_cos=min_cos, thresholds=threshold, max_norm_err=max_norm_err, taps=taps,

@@ -432,3 +432,16 @@ def test_a_stale_partial_beside_a_dump_is_named_by_diff_and_inspect(tmp_path):
     assert any(note in w for w in json.loads((tmp_path / "r.json").read_text())["warnings"])
     code, out = cli("inspect", out_path)
     assert code == 0 and note in " ".join(out.split()), out
+
+
+# --------------------------------------------------------------------------- SIGTERM to diff
+
+def test_sigterm_to_diff_exits_130_judging_nothing(tmp_path):
+    """SIGTERM (a CI timeout) ended `parity diff` with 143, not the documented 130."""
+    progress = tmp_path / "progress"
+    proc = spawn(["diff", "--ref", TOY, "--cand", TOY], tmp_path, sleep=0.25, progress=progress)
+    wait_for_progress(progress, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, stdout, stderr)
+    assert stdout == "" and stderr.strip() == "interrupted: diff stopped before it finished; nothing was judged"
