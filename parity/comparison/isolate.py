@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from parity.capture.staging import to_storage
+from parity.comparison.errors import IsolationError
 from parity.comparison.host import compare_taps
 from parity.comparison.rules import Thresholds
 from parity.report.results import PartResult, TapResult, Unit
@@ -34,10 +35,6 @@ HINT_MIN_COS = 0.99  # a hint's alternative must be at least this close to the c
 
 
 HINT_RATIO = 5.0  # ... and this many times closer (in 1 - cos) than the reference is
-
-
-class IsolationError(Exception):
-    """The component cannot be isolated as asked (no such layer, part or adapter)."""
 
 
 class ComponentAdapter(Protocol):
@@ -94,10 +91,13 @@ class CallLog:
 
 
 def adapter_of(backend) -> ComponentAdapter:
+    """The probe's component adapter; without one, each tapped module is re-run on its own
+    (parity.comparison.modules)."""
     adapter = getattr(backend.probe, "components", None)
     if adapter is None:
-        raise IsolationError(f"the {backend.probe.arch} probe declares no component adapters: "
-                             "components cannot be re-run on their own")
+        from parity.comparison.modules import ModuleAdapter
+
+        adapter = ModuleAdapter(backend.probe, backend.model)
     return adapter
 
 
@@ -132,6 +132,10 @@ class CallRecorder:
             return pre
 
         try:
+            install = getattr(self.adapter, "install", None)
+            if install is not None:  # an adapter that records its calls itself (parity.comparison.modules)
+                self.handles.extend(install(self.backend.model, self.calls))
+                return self
             for qualified, module in self.backend.model.named_modules():
                 m = pattern.fullmatch(qualified)
                 if m is not None:
@@ -196,6 +200,13 @@ def relayout(src: torch.Tensor, src_layout: Layout, dst_layout: Layout, fill: to
     out[idx(dr, out.device), idx(dc, out.device)] = src[idx(sr, src.device), idx(sc, src.device)].to(out.device,
                                                                                                     out.dtype)
     return out
+
+
+def whole(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`src`, a value with no token layout, on `like`'s device and dtype (same shape)."""
+    if tuple(src.shape) != tuple(like.shape):
+        raise IsolationError(f"shapes differ: reference {tuple(src.shape)}, candidate {tuple(like.shape)}")
+    return src.to(like.device, like.dtype)
 
 
 class Isolator:
@@ -276,7 +287,11 @@ class Isolator:
                 if not isinstance(ref_vals.get(name), torch.Tensor) or not isinstance(own.get(name), torch.Tensor):
                     continue  # e.g. no cached prefix K/V in this stack
                 layout = adapter.layout(unit.stack, name)
-                feed[name] = relayout(ref_vals[name], self.ref.layouts[layout], self.cand.layouts[layout], own[name])
+                if layout is None:  # a value compared whole: the reference's as it is
+                    feed[name] = whole(ref_vals[name], own[name])
+                else:
+                    feed[name] = relayout(ref_vals[name], self.ref.layouts[layout], self.cand.layouts[layout],
+                                          own[name])
             cand_vals = adapter.run(call.module, call.args, call.kwargs, feed=feed, part=unit.part)
         except IsolationError:
             raise
