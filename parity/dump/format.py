@@ -23,7 +23,8 @@ Notes on the format:
 - HDF5 checksums its metadata but not raw data, so every array carries a CRC-32 of its
   bytes (in its checksummed object header).  The reader verifies it on every load: a
   flipped bit in tensor data is a DumpError, never a silently different number.  (A
-  dataset without crc32, from an early writer, is read unverified.)
+  dataset without crc32, from an early writer, is read unverified, and the reader's notes
+  say which.)
 - String attributes are fixed-length UTF-8 (kept in the checksummed object headers;
   variable-length strings would sit in HDF5's unchecksummed global heap, where a flipped
   byte can hang the HDF5 reader); readers also accept variable-length strings.  Strings
@@ -125,6 +126,16 @@ def stale_partial_note(path: str) -> str | None:
         return None
     return (f"{path + PARTIAL_SUFFIX} exists beside {path}: a capture to {path} is still running or was killed; "
             f"this is the dump from before it")
+
+
+def unchecked_note(path: str, what: str, names: list[str], total: int) -> str | None:
+    """The note on data a dump stores without a crc32 checksum (early writers did), or None:
+    `names` of the `total` items (`what`: taps, layouts, tables) that lack one."""
+    if not names:
+        return None
+    shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+    return (f"{path}: {len(names)} of {total} {what} carry no crc32 checksum ({shown}): their data is read "
+            "unverified, so a flipped bit there would go unnoticed")
 
 
 def check_text(value: Any, what: str, allow_empty: bool = True) -> str:

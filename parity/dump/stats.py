@@ -45,6 +45,7 @@ from parity.dump.format import (
     json_attr,
     member,
     set_attrs,
+    unchecked_note,
     verify_crc,
 )
 from parity.dump.reader import DumpReader
@@ -151,6 +152,10 @@ class StatsReader(DumpReader):
             raise BadAttribute(f"/stats/values has {values.shape[1]} columns, expected {len(FIELDS)}")
         checksums = _table(group, "checksums", np.int64, 1, file_size)
         raw = _table(group, "index", np.uint8, 1, file_size)
+        unchecked = [f"/stats/{n}" for n in ("values", "checksums", "index") if "crc32" not in group[n].attrs]
+        note = unchecked_note(self.path, "summary tables", unchecked, 3)
+        if note:
+            self.notes.append(note)
         try:
             index = json.loads(raw.tobytes().decode("utf-8"), parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
