@@ -4,10 +4,12 @@ Model Explorer colours graph nodes from a "node data" JSON file
 (`{"results": {node_id: {"value": v, "bgColor": c}}, "thresholds": [...]}`).  Which
 node ids exist depends on how the graph was loaded:
 
-* a PyTorch ExportedProgram (`.pt2`): node ids are FX node names (`linear_13`).  Give
-  `node_ids_from_exported_program(ep, report.ref_meta["modules"])` (CLI:
-  `--exported-program model.pt2`) to map each tap's module to the FX node that
-  produces its value;
+* a PyTorch ExportedProgram (`.pt2`): node ids are FX node names (`linear_13`).
+  `node_ids_from_graph(read_graph("model.pt2"), report.ref_meta["modules"])` (CLI:
+  `--exported-program model.pt2`) maps each tap's module to the FX node that produces
+  its value, reading the archive's graph as JSON, never unpickling it
+  (parity.report.exported_program); `node_ids_from_exported_program(ep, ...)` does the
+  same for a program already loaded;
 * otherwise parity writes its own graph (`tap_graph`): one node per tap, namespaced
   `stack/layer_N`, chained in execution order, which Model Explorer's JSON adapter
   loads; its node ids are the tap names.
@@ -22,6 +24,7 @@ import math
 from collections.abc import Mapping
 
 from parity.comparison.rules import DEFAULT_MIN_COS
+from parity.report.exported_program import GraphNode, nodes_of_exported_program
 from parity.report.results import Report, TapResult
 from parity.report.series import worst
 
@@ -78,18 +81,22 @@ def tap_graph(report: Report, label: str = "parity taps") -> list[dict]:
 
 
 def node_ids_from_exported_program(ep, modules: Mapping[str, str]) -> dict[str, str]:
-    """Tap name -> FX node name of a torch.export ExportedProgram.
+    """Tap name -> FX node name of a torch.export ExportedProgram already in memory."""
+    return node_ids_from_graph(nodes_of_exported_program(ep), modules)
+
+
+def node_ids_from_graph(nodes: list[GraphNode], modules: Mapping[str, str]) -> dict[str, str]:
+    """Tap name -> FX node name, for the nodes of an exported program in execution order.
 
     `modules` maps tap names to qualified module names (a report's `ref.modules`;
     `name:input` for input taps).  A module's value is the last FX node recorded inside
     that module; a module's input is the first non-placeholder argument of its first
     node.  Split taps (q/k/v of a fused projection) share their projection's node."""
-    nodes = list(ep.graph_module.graph.nodes)
-    inside: dict[str, list] = {}
+    placeholders = {n.name for n in nodes if n.placeholder}
+    inside: dict[str, list[GraphNode]] = {}
     for node in nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        for path, _type in stack.values():
-            inside.setdefault(_normalise(path), []).append(node)
+        for path in node.modules:
+            inside.setdefault(path, []).append(node)
     out: dict[str, str] = {}
     for tap, module in modules.items():
         path, _, side = module.partition(":")
@@ -97,18 +104,10 @@ def node_ids_from_exported_program(ep, modules: Mapping[str, str]) -> dict[str, 
         if not found:
             continue
         if side == "input":
-            first = found[0]
-            args = [a for a in first.all_input_nodes if a.op != "placeholder" and a not in found]
+            names = {n.name for n in found}
+            args = [a for a in found[0].inputs if a not in placeholders and a not in names]
             if args:
-                out[tap] = args[0].name
+                out[tap] = args[0]
         else:
             out[tap] = found[-1].name
     return out
-
-
-def _normalise(path: str) -> str:
-    """FX module paths come as `model.layers.0` or, from older torch, `L['self'].model.layers.0`."""
-    for prefix in ("L['self'].", "L__self___"):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path
