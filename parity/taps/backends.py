@@ -10,10 +10,12 @@ the factories, never here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -167,9 +169,27 @@ def load_factory(spec: str | BackendSpec) -> Callable[..., Backend]:
             raise BackendError(f"backend {parsed.target!r} is registered but cannot be loaded: {exc}") from None
     module_name, _, attr = parsed.target.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        with _current_directory_importable():
+            return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise BackendError(f"cannot load backend factory {parsed.target!r}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _current_directory_importable():
+    """While a `package.module:factory` spec is imported, the current directory is on
+    sys.path, last: a project's own backends load without installing them, and a file
+    there named like an installed module (`h5py.py`, `numpy.py`) never shadows it."""
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:
+        yield
+        return
+    sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
 
 
 def _check_arity(factory: Callable, parsed: BackendSpec) -> None:
@@ -196,10 +216,21 @@ def resolve(spec: str, options: BackendOptions) -> Backend:
     _check_arity(factory, parsed)
     try:
         backend = factory(options) if parsed.arg is None else factory(options, parsed.arg)
+    except TypeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "TypeError")
+        if exc.__traceback__.tb_next is None:  # the call itself was refused (`os:system`, a class)
+            raise BackendError(f"backend {spec!r}: {parsed.target} is not a backend factory "
+                               f"(factory(options[, ARG]) -> Backend): {first}") from None
+        # raised inside it: a factory's bug, or a function that is not one (`json:loads`)
+        raise BackendError(f"backend {spec!r}: {parsed.target} raised TypeError: {first} (a backend factory is "
+                           "factory(options[, ARG]) -> Backend)") from None
     except (ValueError, KeyError, FileNotFoundError) as exc:
         msg = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
         if not isinstance(exc, DetailedError):  # one line: the CLI's error contract
             msg = next((line.strip() for line in msg.splitlines() if line.strip()), type(exc).__name__)
         raise BackendError(f"backend {spec!r}: {msg or type(exc).__name__}") from None
+    if not isinstance(backend, Backend):
+        raise BackendError(f"backend {spec!r}: {parsed.target} returned {type(backend).__name__}, not a Backend: "
+                           "not a backend factory")
     backend.meta.setdefault("backend", spec)
     return backend
