@@ -53,6 +53,11 @@ def _td(text: str, cls: str = "") -> str:
     return f'<td class="{cls}">{html_text(text)}</td>' if cls else f"<td>{html_text(text)}</td>"
 
 
+def _number_td(text: str) -> str:
+    """A cell of a number parity formatted itself (digits, `.`, `-`, `e`, `nan`): nothing to escape."""
+    return f"<td>{text}</td>"
+
+
 def _status_class(row: TapResult | None, first: TapResult | None) -> str:
     if row is None:
         return ""
@@ -134,10 +139,10 @@ def tap_table(report: Report, rows: list[TapResult], first: TapResult | None, ta
         status = r.status if r.passed else f"{r.status}: {r.reason}"
         cls = ("pass" if r.passed else "fail") + (" first" if r is first else "")
         body.append(f'<tr class="{cls}">' + "".join([
-            _td("" if r.order is None else str(r.order)), _td(r.key, "l"), _td(fmt(r.cos)),
-            _td(fmt_g(m.max_abs) if m else ""), _td(fmt_g(m.mean_abs) if m else ""),
-            _td(fmt_g(m.rel_l2) if m else ""), _td(f"{r.threshold:g}"), _td(str(shape)), _td(str(dtype or "")),
-            _td(status, "l")]) + "</tr>")
+            _number_td("" if r.order is None else str(r.order)), _td(r.key, "l"), _number_td(fmt(r.cos)),
+            _number_td(fmt_g(m.max_abs) if m else ""), _number_td(fmt_g(m.mean_abs) if m else ""),
+            _number_td(fmt_g(m.rel_l2) if m else ""), _number_td(f"{r.threshold:g}"), _number_td(str(shape)),
+            _td(str(dtype or "")), _td(status, "l")]) + "</tr>")
     return f'<table class="taps" id="{table_id}"><tr>{head}</tr>{"".join(body)}</table>'
 
 

@@ -1,11 +1,13 @@
 """Small inline SVG line charts, written by hand so a report is one self-contained file
-(no plotting library, no CDN, no JavaScript)."""
+(no plotting library, no CDN, no JavaScript).  Titles, series names and tooltips may come
+from a dump (tap names): they are written as data (`html_text`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from html import escape
+
+from parity.report.text import html_text
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
            "#d62728", "#393b79", "#637939")
@@ -86,9 +88,9 @@ def line_chart(series: dict[str, list[Mark]], *, title: str, y_label: str, x_lab
         return top + (1 - min(max(f, 0.0), 1.0)) * ph
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-           f'<title>{escape(title)}</title>',
-           f'<text x="{left}" y="16" font-size="13" font-weight="bold">{escape(title)}</text>',
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{html_text(title)}">',
+           f'<title>{html_text(title)}</title>',
+           f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html_text(title)}</text>',
            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
     for t in (_log_ticks(lo, hi) if log_y else _lin_ticks(lo, hi)):
         y = sy(t)
@@ -99,9 +101,9 @@ def line_chart(series: dict[str, list[Mark]], *, title: str, y_label: str, x_lab
     for t in ticks[::every]:
         out.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" font-size="10" text-anchor="middle">{_fmt(t)}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="11" text-anchor="middle">'
-               f'{escape(x_label)}</text>')
+               f'{html_text(x_label)}</text>')
     out.append(f'<text x="14" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
-               f'transform="rotate(-90 14 {top + ph / 2})">{escape(y_label)}{" (log)" if log_y else ""}</text>')
+               f'transform="rotate(-90 14 {top + ph / 2})">{html_text(y_label)}{" (log)" if log_y else ""}</text>')
     if threshold is not None:
         y = sy(threshold)
         out.append(f'<line class="threshold" x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" '
@@ -115,11 +117,11 @@ def line_chart(series: dict[str, list[Mark]], *, title: str, y_label: str, x_lab
         for x, y, m in pts:
             ring = f' stroke="{FAIL}" stroke-width="2"' if m.failed else ""
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4 if m.failed else 2.5}" fill="{color}"{ring}>'
-                       f'<title>{escape(m.label or f"{name} {m.x}: {m.y}")}</title></circle>')
+                       f'<title>{html_text(m.label or f"{name} {m.x}: {m.y}")}</title></circle>')
         ly = top + 12 + i * 15
         out.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 26}" y1="{ly - 4}" y2="{ly - 4}" '
                    f'stroke="{color}" stroke-width="2"/>')
-        out.append(f'<text x="{left + pw + 30}" y="{ly}" font-size="11">{escape(name)}</text>')
+        out.append(f'<text x="{left + pw + 30}" y="{ly}" font-size="11">{html_text(name)}</text>')
     if floored:
         out.append(f'<text x="{left + pw}" y="{top - 4}" font-size="10" text-anchor="end" fill="#777">'
                    f'exact (0) drawn at {_fmt(log_floor)}</text>')
