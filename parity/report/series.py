@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from parity.report.results import Report, TapResult
 
@@ -43,7 +44,12 @@ class StackSeries:
     steps: int  # how many steps the stack's taps were recorded at (0 = not stepped)
 
     def cell(self, layer: int, component: str) -> TapResult | None:
-        return next((p.row for p in self.points.get(component, ()) if p.layer == layer), None)
+        return self._cells.get((layer, component))
+
+    @cached_property
+    def _cells(self) -> dict[tuple[int, str], TapResult]:
+        """(layer, component) -> row: a table of L layers asks L * components cells."""
+        return {(p.layer, c): p.row for c, points in self.points.items() for p in points}
 
 
 def stack_series(report: Report) -> list[StackSeries]:
