@@ -14,6 +14,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -181,6 +182,7 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
 
     if not max_inflight_mb > 0:
         raise InputError(f"--max-inflight-mb must be positive, got {max_inflight_mb}")
+    check_dump_path(path)
     select = _select(taps)
     half = max(1, int(max_inflight_mb * (1 << 20)) // 2)
     budget = InflightBudget(half)
@@ -256,12 +258,38 @@ def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: 
     """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps
     (parity.comparison.dumps.diff_dumps, with the request checked first).  What either
     dump's reader notes (a stale `.partial` beside it) joins the report's warnings."""
-    from parity.dump.reader import dump_notes
+    from parity.dump.reader import dump_notes, read_meta
 
     _check_chunk(chunk)
+    metas = read_meta(ref_path), read_meta(cand_path)
+    if None not in metas:  # an unreadable dump: the reader says why
+        check_declared_dtypes(*metas, labels=(str(ref_path), str(cand_path)))
     report = _diff_dumps(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
     report.warnings.extend(dump_notes(ref_path) + dump_notes(cand_path))
     return report
+
+
+def check_declared_dtypes(ref_meta: dict, cand_meta: dict,
+                          labels: tuple[str, str] = ("the reference", "the candidate")) -> None:
+    """InputError unless both runs declare their model dtype (meta "dtype", a name) or
+    neither does.
+
+    A diff fails a tap whose dtype changed, unless the two runs declare different model
+    dtypes: then the change was asked for (float32 against bfloat16) and only values are
+    judged.  A run that declares none leaves parity unable to tell an accidental cast from
+    a requested one, and taking the silence for a request would switch the dtype check off
+    without a word; so one-sided declarations are refused, naming the run (`labels`: how to
+    name each, e.g. its dump path)."""
+    values = [meta.get("dtype") if isinstance(meta, dict) else None for meta in (ref_meta, cand_meta)]
+    for label, value in zip(labels, values):
+        if value is not None and not (isinstance(value, str) and value):
+            raise InputError(f"{label}: meta 'dtype' must be a dtype name, got {value!r}")
+    if (values[0] is None) != (values[1] is None):
+        bare = 0 if values[0] is None else 1
+        raise InputError(f"{labels[bare]}: its meta declares no model dtype while {labels[1 - bare]} declares "
+                         f"{values[1 - bare]!r}: parity cannot tell a dtype change that was asked for from an "
+                         "accidental one, and would stop checking tap dtypes; declare 'dtype' in the backend's meta "
+                         "and capture it again")
 
 
 def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None = None,
@@ -269,6 +297,7 @@ def compare_captures(ref: Capture, cand: Capture, thresholds: Thresholds | None 
                      labels: tuple[str, str] = ("reference", "candidate")) -> Report:
     _check_chunk(chunk)
     check_comparable(ref, cand)
+    check_declared_dtypes(ref.meta, cand.meta, tuple(f"the {label}" for label in labels))
     if taps:
         keep = _select(taps)
         ref, cand = ref.only(keep), cand.only(keep)
@@ -324,6 +353,7 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
         def cand_meta(backend: Backend) -> dict:
             meta = _meta(backend, taps)
             check_comparable(Capture(meta=ref_meta), Capture(meta=meta))
+            check_declared_dtypes(ref_meta, meta)
             return meta
 
         def around(backend, run):
@@ -356,18 +386,26 @@ def _diff_with_oracle(ref_backend: Backend, build_cand, options: BackendOptions,
 
     ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
     device = next((p.device for p in ref_backend.model.parameters()), torch.device("cpu"))
-    name = oracle_dtype(device.type)
-    try:
-        with upcast(ref_backend.model, getattr(torch, name), ref_backend.inputs):
-            oracle_cap = capture_live(ref_backend, options, taps, progress)
-    except InputError:
-        raise
-    except Exception as exc:  # the model cannot run upcast: say so, in one line
-        raise InputError(f"--oracle: the reference cannot run in {name}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if oracle_cap.error is not None:
-        raise InputError(f"--oracle: the reference raised when run in {name}: {oracle_cap.error.exc_type}: "
-                         f"{oracle_cap.error.message}")
+    # float64 where it runs; a 16-bit reference may fall back to float32 (a model that pins
+    # parts of itself to float32 cannot run in float64), still 2^16 times finer than it.
+    names = [oracle_dtype(device.type)]
+    if names[0] == "float64" and str(ref_cap.meta.get("dtype")) in ("bfloat16", "float16"):
+        names.append("float32")
+    failures = []
+    for name in names:
+        try:
+            with upcast(ref_backend.model, getattr(torch, name), ref_backend.inputs):
+                oracle_cap = capture_live(ref_backend, options, taps, progress)
+        except InputError:
+            raise
+        except Exception as exc:  # the model cannot run upcast: say so, in one line
+            failures.append(f"in {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        if oracle_cap.error is None:
+            break
+        failures.append(f"in {name}: raised {oracle_cap.error.exc_type}: {oracle_cap.error.message}")
+    else:
+        raise InputError(f"--oracle: the reference cannot run at a higher precision ({'; '.join(failures)})")
     oracle_cap.meta = {**oracle_cap.meta, "dtype": name, "backend": f"{oracle_cap.meta.get('backend')} ({name} oracle)"}
     cand_backend = build_cand()
     cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
@@ -582,6 +620,7 @@ def capture_stats(spec: str | Backend, options: BackendOptions, path: str | Path
     (via `<path>.partial`, renamed when written); returns a short summary."""
     from parity.dump.stats import write_stats
 
+    check_dump_path(path)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -615,6 +654,7 @@ def load_stats(path: str | Path, allow_incomplete: bool = False) -> StatsCapture
 def compare_stats_runs(ref: StatsCapture, cand: StatsCapture, tol: Thresholds | None = None,
                        taps: str | None = None, labels: tuple[str, str] = ("reference", "candidate")) -> StatsReport:
     check_comparable(ref, cand)
+    check_declared_dtypes(ref.meta, cand.meta, tuple(f"the {label}" for label in labels))
     if taps:
         keep = select_taps(taps)
         ref, cand = ref.only(keep), cand.only(keep)
@@ -630,6 +670,7 @@ def diff_stats_dumps(ref_path, cand_path, tol: Thresholds | None = None, taps: s
     from parity.dump.reader import dump_notes
 
     ref, cand = load_stats(ref_path, allow_incomplete), load_stats(cand_path, allow_incomplete)
+    check_declared_dtypes(ref.meta, cand.meta, (str(ref_path), str(cand_path)))
     report = compare_stats_runs(ref, cand, tol, taps, (f"reference {ref_path}", f"candidate {cand_path}"))
     report.warnings.extend(dump_notes(ref_path) + dump_notes(cand_path))
     return report
@@ -987,6 +1028,8 @@ class ReportRequest:
             raise InputError(f"unknown format {self.fmt!r}; known: {', '.join(REPORT_FORMATS)}")
         if self.exported_program is not None and self.fmt != "model-explorer":
             raise InputError("--exported-program applies to --format model-explorer")
+        if self.output is not None and str(self.output) != "-" and _not_a_file(Path(self.output)) == "a directory":
+            raise InputError(f"cannot write {self.output}: it is a directory (-o names the report's file)")
 
     @property
     def path(self) -> Path:
@@ -1017,7 +1060,7 @@ class ReportRequest:
 
         if self.exported_program is None:
             files = {output: json.dumps(me.node_data(report), indent=2)}
-            if str(output) != "-":
+            if str(output) != "-" and _not_a_file(output) is None:  # no companion next to /dev/null or a FIFO
                 graph = output.with_name(output.name.removesuffix(".json").removesuffix(".me") + ".graph.json")
                 files[graph] = json.dumps(me.tap_graph(report), indent=2)
             return files
@@ -1064,18 +1107,63 @@ def load_report(path: str | Path) -> Report:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary name and rename it: a full disk leaves no truncated
-    file; InputError saying why it cannot be written."""
+    """Write `text` (UTF-8) to `path`.  A regular file, or a new one, is written under a
+    temporary name renamed over it: a full disk leaves no truncated file.  A character
+    device or a FIFO (`/dev/null`, `/dev/stdout`, a pipe) is written through, never
+    replaced (a FIFO waits for its reader, as a shell's `>` does); a symlink is followed,
+    so the link stays.  InputError saying why for anything else (a directory, a block
+    device, a socket) and for any write that fails."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(text)
-        os.replace(partial, path)
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"cannot write {path}: the text is not valid Unicode ({exc.reason})") from None
+    kind = _not_a_file(target)
+    if kind in ("a character device", "a FIFO"):
+        try:
+            with open(target, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return
+    if kind is not None:
+        raise InputError(f"cannot write {path}: it is {kind}")
+    partial = target.with_name(target.name + ".partial")
+    try:
+        if target == path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(data)
+        os.replace(partial, target)
     except OSError as exc:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What `path` is (symlinks followed) when it exists and is not a regular file: "a
+    directory", "a character device", "a FIFO", ...; None for a regular file or none."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return None  # the write says why
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((words for test, words in kinds if test(mode)), "not a regular file")
+
+
+def check_dump_path(path: str | Path) -> None:
+    """InputError unless `path` can take a dump: absent or a regular file (through any
+    symlink).  A dump is written as `<path>.partial` and renamed over `path`, which would
+    replace a device, a FIFO or a directory; HDF5 cannot be streamed into them."""
+    kind = _not_a_file(Path(path))
+    if kind is not None:
+        raise InputError(f"{path}: it is {kind}; a dump is written to a regular file")
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -9,13 +9,20 @@ through the two runs' `Layout`s, and one part of the candidate's layer runs on t
 output is compared with the reference's like any tap.  The architecture knowledge (which
 modules are layers, how to run one part of a layer, what a plausible bug would compute)
 is the probe's `ComponentAdapter`; this module knows no model.
+
+Code outside layers (an embedding assembly, a time embedding, a sampler's update, a cache
+handoff) is re-run the same way when the probe declares it as a `StageAdapter`: the
+method that runs it is recorded per call, and the candidate's recorded callable runs on
+the reference's values.  Every re-run also compares what the candidate's unit really
+read (its `reads`: inputs, the K/V cache) with what the reference's read, which tells
+the walk of `parity.comparison.localise` where an inherited error comes from.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,6 +60,14 @@ class ComponentAdapter(Protocol):
     alternatives(part, stack): [(hint text, fn(module, args, kwargs, values) -> outputs)],
         what a known bug would compute on the reference side (the hints' evidence).
     subparts(part): smaller parts inside a part, isolated to narrow an introduced error.
+
+    Optional (absent: none):
+    stages: `StageAdapter`s for code outside layers, re-run like parts.
+    kept(part): inputs a re-run of `part` takes from the candidate's own call instead of
+        the reference's (the K/V cache an attention reads): it is judged as it really
+        reads them, and re-run on the reference's to tell whether only they differ.
+    origin(stack, layer, step, value): where a value a part reads comes from when it is
+        not earlier in the part's own stream (an `Origin`; None: earlier in the stream).
     """
 
     layer_pattern: str
@@ -77,14 +92,98 @@ class LayerCall:
     index: int  # execution order among recorded calls
 
 
+StageKey = tuple[str, str, "int | None"]  # (stack, part, step)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a value a unit reads comes from, for the upstream walk: a recorded unit
+    (`stack`, `layer`, `step`, `part`; `part` None: the latest unit of that stack and step
+    before the reader, and its stream upstream), or `words` naming code parity cannot
+    re-run ("the sampler's noise")."""
+
+    stack: str | None = None
+    layer: int | None = None
+    step: int | None = None
+    part: str | None = None
+    words: str | None = None
+
+
+class StageAdapter(Protocol):
+    """Code outside layers that a probe lets parity re-run on its own like a layer part:
+    one method of one module, recorded as it is called.  Whatever the instance has under
+    that name is recorded and re-run (a subclass's override, a method patched on the
+    instance), so the candidate's own code runs on the reference's values.
+
+    stack, part: the unit is `stack.part`, `@step` for a stepped stage (its calls count
+        the steps); about: what it is, in words ("the prefix embedding assembly").
+    owner, method: the module (qualified name; "" = the model) and its method.
+    stepped: called once per step.
+    taps: {output value: tap name} for outputs that are taps, on every call (optional
+        `last_taps`: the same for taps only a stepped stage's last call produces, such as
+        a sampler's final actions); they place it among the taps.
+    layout(value): the token layout of a value; None: compared as a whole tensor.
+    run(owner, fn, args, kwargs, feed=None) -> (reads, outputs): call `fn` (the recorded
+        callable) with the values in `feed` in place of those it reads; the values it read
+        and those it produced, by name.
+    origin(value, step): where a value it reads comes from (an `Origin`), or None:
+        earlier in the stage's own stream (its stack and step).
+    """
+
+    stack: str
+    part: str
+    about: str
+    owner: str
+    method: str
+    stepped: bool
+    taps: dict[str, str]
+
+    def layout(self, value: str) -> str | None: ...
+    def run(self, owner, fn, args, kwargs, feed=None) -> tuple[dict[str, Any], dict[str, Any]]: ...
+    def origin(self, value: str, step: int | None) -> Origin | None: ...
+
+
+@dataclass
+class StageCall:
+    owner: Any  # the module whose method it is
+    fn: Any  # what the instance had under the method's name (called as is)
+    args: tuple
+    kwargs: dict
+    index: int  # execution order among recorded calls, as the call returns
+
+
+def stages_of(adapter) -> tuple[StageAdapter, ...]:
+    return tuple(getattr(adapter, "stages", ()) or ())
+
+
+def _kept(adapter, part: str) -> tuple[str, ...]:
+    kept = getattr(adapter, "kept", None)
+    return tuple(kept(part)) if kept is not None else ()
+
+
+def origin_of(adapter, unit: Unit, value: str) -> Origin | None:
+    """Where a value `unit` reads comes from (layer part or stage), as its adapter says."""
+    if unit.layer is None:
+        stage = stage_for(adapter, unit)
+        return None if stage is None else stage.origin(value, unit.step)
+    origin = getattr(adapter, "origin", None)
+    return None if origin is None else origin(unit.stack, unit.layer, unit.step, value)
+
+
+def stage_for(adapter, unit: Unit) -> StageAdapter | None:
+    return next((s for s in stages_of(adapter) if s.stack == unit.stack and s.part == unit.part), None)
+
+
 @dataclass
 class CallLog:
-    """One backend's recorded layer calls and token layouts (and whether it raised)."""
+    """One backend's recorded layer calls, stage calls and token layouts (and whether it
+    raised)."""
 
     calls: dict[CallKey, LayerCall]
     layouts: dict[str, Layout]
     meta: dict
     error: str | None = None
+    stages: dict[StageKey, StageCall] = field(default_factory=dict)
 
     def ordered(self) -> list[CallKey]:
         return sorted(self.calls, key=lambda k: self.calls[k].index)
@@ -102,8 +201,9 @@ def adapter_of(backend) -> ComponentAdapter:
 
 
 class CallRecorder:
-    """Pre-hooks on every layer module keeping each call's arguments, only inside a
-    `with` block (removed in `finally`).  Nothing is copied: under inference mode no
+    """Pre-hooks on every layer module keeping each call's arguments, and the probe's
+    stage methods wrapped on the instance doing the same, only inside a `with` block
+    (removed and restored in `finally`).  Nothing is copied: under inference mode no
     layer input is changed in place afterwards.  Can wrap a tap capture, so the same run
     serves the diff and the isolation, except for a model whose `parity_static_buffers`
     is true (it replays captured execution, e.g. CUDA graphs: the arguments seen while
@@ -113,7 +213,10 @@ class CallRecorder:
         self.backend = backend
         self.adapter = adapter_of(backend)
         self.calls: dict[CallKey, LayerCall] = {}
+        self.stages: dict[StageKey, StageCall] = {}
         self.handles: list = []
+        self.patched: list = []  # (owner, method, what the instance had there or None)
+        self.count = 0  # recorded calls so far: their execution order
 
     @staticmethod
     def reusable(backend) -> bool:
@@ -128,7 +231,8 @@ class CallRecorder:
                 n = counts.get(qualified, 0)
                 counts[qualified] = n + 1
                 step = n if stack in self.adapter.stepped else None
-                self.calls[(stack, layer, step)] = LayerCall(module, args, dict(kwargs), len(self.calls))
+                self.calls[(stack, layer, step)] = LayerCall(module, args, dict(kwargs), self.count)
+                self.count += 1
             return pre
 
         try:
@@ -141,10 +245,33 @@ class CallRecorder:
                 if m is not None:
                     self.handles.append(module.register_forward_pre_hook(
                         hook_for(qualified, m.group("stack"), int(m.group("layer"))), with_kwargs=True))
+            for stage in stages_of(self.adapter):
+                self._wrap(stage)
         except BaseException:
             self.remove()
             raise
         return self
+
+    def _wrap(self, stage: StageAdapter) -> None:
+        """Record every call of the stage's method on this instance, placed in execution
+        order as it returns (after any layer it calls)."""
+        try:
+            owner = self.backend.model.get_submodule(stage.owner) if stage.owner else self.backend.model
+            fn = getattr(owner, stage.method)
+        except AttributeError:
+            return  # this model does not have it: nothing to record
+        calls = [0]
+
+        def recorded(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            step = calls[0] if stage.stepped else None
+            calls[0] += 1
+            self.stages[(stage.stack, stage.part, step)] = StageCall(owner, fn, args, dict(kwargs), self.count)
+            self.count += 1
+            return out
+
+        self.patched.append((owner, stage.method, vars(owner).get(stage.method)))
+        object.__setattr__(owner, stage.method, recorded)
 
     def __exit__(self, *exc) -> None:
         self.remove()
@@ -153,9 +280,16 @@ class CallRecorder:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for owner, method, had in reversed(self.patched):
+            if had is None:
+                object.__delattr__(owner, method)
+            else:
+                object.__setattr__(owner, method, had)
+        self.patched.clear()
 
     def log(self, error: str | None = None) -> CallLog:
-        return CallLog(dict(self.calls), dict(self.backend.layouts()), dict(self.backend.meta), error)
+        return CallLog(dict(self.calls), dict(self.backend.layouts()), dict(self.backend.meta), error,
+                       dict(self.stages))
 
 
 def record_calls(backend) -> CallLog:
@@ -226,11 +360,36 @@ class Isolator:
             exact_dtypes = self.ref.meta.get("dtype") == self.cand.meta.get("dtype")
         self.exact_dtypes = exact_dtypes
         self._ref_values: dict[CallKey, dict] = {}
+        self._ref_stages: dict[StageKey, tuple[dict, dict]] = {}
 
     def units(self) -> list[Unit]:
-        """Every isolatable unit of the reference, in execution order."""
-        return [Unit(s, layer, step, part) for (s, layer, step) in self.ref.ordered()
-                for part in self.ref_adapter.walk_parts(s)]
+        """Every isolatable unit of the reference, in execution order: the walked parts
+        of each layer call, and each stage call (placed as it returned)."""
+        calls = [(c.index, key, None) for key, c in self.ref.calls.items()]
+        calls += [(c.index, None, key) for key, c in self.ref.stages.items()]
+        out = []
+        for _, layer_key, stage_key in sorted(calls, key=lambda c: c[0]):
+            if layer_key is not None:
+                s, layer, step = layer_key
+                out += [Unit(s, layer, step, part) for part in self.ref_adapter.walk_parts(s)]
+            else:
+                s, part, step = stage_key
+                out.append(Unit(s, None, step, part))
+        return out
+
+    def stage(self, unit: Unit) -> StageAdapter | None:
+        """The reference probe's stage that `unit` is a call of (None: a layer part)."""
+        return None if unit.layer is not None else stage_for(self.ref_adapter, unit)
+
+    def stage_taps(self, unit: Unit) -> dict[str, str]:
+        """{output value: tap name} of one stage call: its taps, and on its last call its
+        `last_taps` (optional: the taps only a stepped stage's last call produces)."""
+        stage = self.stage(unit)
+        if stage is None:
+            return {}
+        steps = [step for (s, part, step) in self.ref.stages if (s, part) == (unit.stack, unit.part)]
+        last = not stage.stepped or unit.step == max((x for x in steps if x is not None), default=None)
+        return {**stage.taps, **(getattr(stage, "last_taps", {}) if last else {})}
 
     def ref_values(self, key: CallKey) -> dict:
         if key not in self._ref_values:
@@ -238,23 +397,37 @@ class Isolator:
             self._ref_values[key] = self.ref_adapter.run(call.module, call.args, call.kwargs)
         return self._ref_values[key]
 
-    def _tap(self, unit: Unit, component: str, value: torch.Tensor, layout: str) -> Tap:
+    def _tap(self, unit: Unit, component: str, value: torch.Tensor, layout: str | None,
+             name: str | None = None) -> Tap:
         array, dtype = to_storage(value)
-        info = TapInfo(f"{unit.stack}.{unit.layer}.{component}", unit.stack, unit.layer, component, unit.step)
+        if name is None:
+            name = f"{unit.stack}.{component}" if unit.layer is None else f"{unit.stack}.{unit.layer}.{component}"
+        info = TapInfo(name, unit.stack, unit.layer, component, unit.step)
         return Tap(info=info, order=0, array=array, dtype=dtype, layout=layout)
 
     def _compare(self, unit: Unit, outputs: dict[str, str], ref_vals: dict, cand_vals: dict) -> list[TapResult]:
         rows = []
+        stage = self.stage(unit)
         for value, component in outputs.items():
-            layout = self.ref_adapter.layout(unit.stack, value)
-            ref_tap = self._tap(unit, component, ref_vals[value], layout)
-            cand_tap = self._tap(unit, component, cand_vals[value], layout)
+            layout = self.ref_adapter.layout(unit.stack, value) if stage is None else stage.layout(value)
+            name = None if stage is None else self.stage_taps(unit).get(value)
+            ref_tap = self._tap(unit, component, ref_vals[value], layout, name)
+            cand_tap = self._tap(unit, component, cand_vals[value], layout, name)
             threshold = self.thresholds.for_tap(ref_tap.info.name, ref_tap.key)
             rows.append(compare_taps(ref_tap, cand_tap, self.ref.layouts, self.cand.layouts, threshold,
                                      self.exact_dtypes))
         return rows
 
+    def _reads(self, unit: Unit, names, ref_vals: dict, own: dict) -> list[TapResult]:
+        """What the candidate's unit really read, compared with what the reference's read."""
+        return self._compare(unit, {n: n for n in names if isinstance(ref_vals.get(n), torch.Tensor)
+                                    and isinstance(own.get(n), torch.Tensor)}, ref_vals, own)
+
     def _check(self, unit: Unit) -> None:
+        if unit.layer is None:
+            if self.stage(unit) is None or unit.call_key not in self.ref.stages:
+                raise IsolationError(f"the reference ran no stage {unit.name}")
+            return
         if unit.part not in self.ref_adapter.parts_for(unit.stack):
             known = ", ".join(self.ref_adapter.parts_for(unit.stack))
             raise IsolationError(f"no part {unit.part!r} in stack {unit.stack}; known: {known}")
@@ -272,6 +445,8 @@ class Isolator:
     def isolate(self, unit: Unit, explain: bool = True) -> PartResult:
         """Run `unit` of the candidate (and of the reference) on the reference's inputs."""
         self._check(unit)
+        if unit.layer is None:
+            return self._isolate_stage(unit)
         result = PartResult(unit)
         if unit.call not in self.cand.calls:
             result.error = f"the candidate never ran {unit.stack} layer {unit.layer}" + (
@@ -280,6 +455,7 @@ class Isolator:
         ref_vals = self.ref_values(unit.call)
         call = self.cand.calls[unit.call]
         adapter = self.cand_adapter
+        outputs = adapter.outputs(unit.part)
         try:
             own = adapter.run(call.module, call.args, call.kwargs, until=unit.part)
             feed = {}
@@ -292,17 +468,87 @@ class Isolator:
                 else:
                     feed[name] = relayout(ref_vals[name], self.ref.layouts[layout], self.cand.layouts[layout],
                                           own[name])
+            theirs = {name: feed.pop(name) for name in _kept(adapter, unit.part) if name in feed}
             cand_vals = adapter.run(call.module, call.args, call.kwargs, feed=feed, part=unit.part)
+            result.rows = self._compare(unit, outputs, ref_vals, cand_vals)
+            result.reads = self._reads(unit, adapter.inputs(unit.part), ref_vals, own)
+            differ = [r.info.component for r in result.reads if r.info.component in theirs and not exact(r)]
+            if differ and not result.passed:  # judged on what it reads: does it pass on the reference's?
+                again = adapter.run(call.module, call.args, call.kwargs, feed={**feed, **theirs}, part=unit.part)
+                if all(r.passed for r in self._compare(unit, outputs, ref_vals, again)):
+                    result.inherited_via = differ
         except IsolationError:
             raise
         except Exception as exc:  # noqa: BLE001 - the candidate's own crash is the finding
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             result.error = f"{type(exc).__name__}: {msg}"
             return result
-        result.rows = self._compare(unit, adapter.outputs(unit.part), ref_vals, cand_vals)
-        if explain and not result.passed:
+        if explain and not result.passed and not result.inherited_via:
             result.hint = self._hint(unit, result, cand_vals)
             result.narrowed = self._narrow(unit)
+        return result
+
+    def reads_of(self, unit: Unit) -> list[TapResult]:
+        """What the candidate's unit read compared with what the reference's read, without
+        re-running it (empty when the candidate has no such call)."""
+        self._check(unit)
+        with torch.inference_mode():
+            if unit.layer is None:
+                call = self.cand.stages.get(unit.call_key)
+                if call is None:
+                    return []
+                own, _ = self.stage(unit).run(call.owner, call.fn, call.args, call.kwargs)
+                ref_reads = self.ref_stage(unit)[0]
+                return self._reads(unit, list(ref_reads), ref_reads, own)
+            call = self.cand.calls.get(unit.call)
+            if call is None:
+                return []
+            own = self.cand_adapter.run(call.module, call.args, call.kwargs, until=unit.part)
+            return self._reads(unit, self.cand_adapter.inputs(unit.part), self.ref_values(unit.call), own)
+
+    def ref_stage(self, unit: Unit) -> tuple[dict, dict]:
+        """(reads, outputs) of the reference's stage call, computed once."""
+        key = unit.call_key
+        if key not in self._ref_stages:
+            call = self.ref.stages[key]
+            with torch.inference_mode():
+                self._ref_stages[key] = self.stage(unit).run(call.owner, call.fn, call.args, call.kwargs)
+        return self._ref_stages[key]
+
+    def _isolate_stage(self, unit: Unit) -> PartResult:
+        """A stage of the candidate run on the reference's values: its outputs compared
+        with the reference's, and what it read with what the reference's read."""
+        result = PartResult(unit)
+        stage = self.stage(unit)
+        call = self.cand.stages.get(unit.call_key)
+        if call is None or stage_for(self.cand_adapter, unit) is None:
+            raise IsolationError(f"the candidate runs no {unit.name} of its own ({stage.owner or 'the model'}."
+                                 f"{stage.method} was not called)")
+        ref_reads, ref_outs = self.ref_stage(unit)
+        try:
+            with torch.inference_mode():
+                own, _ = stage.run(call.owner, call.fn, call.args, call.kwargs)
+                feed = {}
+                for name, value in own.items():
+                    if not isinstance(value, torch.Tensor) or not isinstance(ref_reads.get(name), torch.Tensor):
+                        continue
+                    layout = stage.layout(name)
+                    if layout is None and tuple(ref_reads[name].shape) != tuple(value.shape):
+                        raise IsolationError(f"the candidate's {unit.name} reads {name} {list(value.shape)} where "
+                                             f"the reference's reads {list(ref_reads[name].shape)}: it computes "
+                                             "it another way")
+                    feed[name] = (ref_reads[name].to(value.device, value.dtype) if layout is None else
+                                  relayout(ref_reads[name], self.ref.layouts[layout], self.cand.layouts[layout],
+                                           value))
+                _, cand_outs = stage.run(call.owner, call.fn, call.args, call.kwargs, feed)
+        except IsolationError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the candidate's own crash is the finding
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            result.error = f"{type(exc).__name__}: {msg}"
+            return result
+        result.rows = self._compare(unit, {v: v for v in ref_outs if v in cand_outs}, ref_outs, cand_outs)
+        result.reads = self._reads(unit, list(ref_reads), ref_reads, own)
         return result
 
     def _narrow(self, unit: Unit) -> str | None:
@@ -345,6 +591,11 @@ class Isolator:
             if best is None or alt_cos > best[0]:
                 best = (alt_cos, f"{text} (cos {alt_cos:.6f} to it, {1.0 - cand_err:.6f} to the reference)")
         return None if best is None else best[1]
+
+
+def exact(row: TapResult) -> bool:
+    """A row whose values are bit-identical to the reference's (over the valid tokens)."""
+    return row.passed and row.metrics is not None and row.metrics.n > 0 and row.metrics.max_abs == 0.0
 
 
 def unit_for(first_row: TapResult, rows: list[TapResult], adapter: ComponentAdapter) -> Unit | None:

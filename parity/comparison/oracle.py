@@ -116,20 +116,28 @@ def upcast(model, dtype, inputs=None):
     """`model` (and the floating tensors of `inputs`, when it is a dict or a tuple/list of
     tensors and dicts) held in `dtype` for the duration; every original tensor is put back
     afterwards as it was (not a round trip through `dtype`), so the reference model is
-    unchanged bit for bit."""
+    unchanged bit for bit.  A module attribute holding the floating dtype the model
+    computes in (hand-written models keep `self.dtype` to cast activations) follows."""
     import torch
 
-    saved = []
+    saved, attrs = [], []
     try:
         for store, name in _params_and_buffers(model):
             value = store[name]
             saved.append((value, value.data))
             value.data = value.data.to(dtype)
+        for module in model.modules():
+            for key, value in list(vars(module).items()):
+                if isinstance(value, torch.dtype) and value.is_floating_point and value != dtype:
+                    attrs.append((module, key, value))
+                    setattr(module, key, dtype)
         undo_inputs = _upcast_inputs(inputs, dtype, torch)
         yield
     finally:
         for value, data in saved:
             value.data = data
+        for module, key, value in attrs:
+            setattr(module, key, value)
         if "undo_inputs" in locals():
             undo_inputs()
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from parity.comparison.limit import Limit
 from parity.comparison.metrics import Metrics
-from parity.comparison.rules import Limit
 from parity.report.schema import check_report
 from parity.taps.records import CaptureError, TapInfo
 from parity.taps.stats import FIELDS, TapStats

@@ -93,11 +93,15 @@ def upstream_matches(report: Report, first: TapResult, limit: int = 3) -> str:
 
 
 def regions_line(row: TapResult) -> str:
-    """Per-region cosine and size of a tap, e.g. `image cos=1.000000 norm=1 | text cos=0.412 norm=0.97`."""
+    """Per-region cosine of a tap, e.g. `image cos=1.000000 norm=7.0 | text cos=0.412`; the
+    norm ratio is shown where the cosine passes and the size does not (what a cosine
+    cannot show)."""
     parts = []
+    limit = row.limit if math.isfinite(row.threshold) else None
     for name, m in row.regions.items():
         cos = "nan" if math.isnan(m.cos) else f"{m.cos:.6f}"
-        parts.append(f"{name} cos={cos} norm={fmt(m.norm_ratio, 4)} max_diff={m.max_abs:.4g}")
+        size = f" norm={fmt(m.norm_ratio, 4)}" if limit is not None and limit.failed(m) == ("norm",) else ""
+        parts.append(f"{name} cos={cos}{size} max_diff={m.max_abs:.4g}")
     return " | ".join(parts)
 
 
@@ -211,6 +215,10 @@ def localisation_lines(loc: Localisation | None) -> list[Line]:
         return []
     out = [say(f"INTRODUCED AT: {loc.introduced}", FAIL_TONE)] if loc.introduced else []
     out.append(detail(f"isolation: {loc.line()}"))
+    inside = loc.introduced is None or any(u.get("unit") == loc.introduced for u in loc.between)
+    bracket = loc.bracket_line() if not loc.note and (loc.introduced is None or loc.about) and inside else None
+    if bracket:  # the error enters outside layers: say where, in terms of the taps
+        out.append(detail(bracket))
     if loc.narrowed:
         out.append(detail(f"narrowed to: {loc.narrowed} (fails on its own inside {loc.introduced})"))
     if loc.hint:
@@ -227,7 +235,11 @@ def warning_lines(warnings: list[str]) -> list[Line]:
 def report_banner(report: Report) -> Banner:
     """A tensor diff's verdict."""
     if report.passed:
-        return Banner(True, (pass_line(len(report.rows), "taps", f"thresholds ({bounds_words(report.thresholds)})"),
+        cal = report.thresholds.get("calibration")
+        within = f"thresholds ({bounds_words(report.thresholds)})" if not isinstance(cal, dict) else \
+            (f"calibrated budgets ({cal.get('factor')}x the reference's own error against its "
+             f"{cal.get('oracle_dtype')} run)")
+        return Banner(True, (pass_line(len(report.rows), "taps", within),
                              *warning_lines(report.warnings)))
     lines = []
     first = report.first_divergence
@@ -281,8 +293,13 @@ def component_banner(result: PartResult) -> Banner:
     name = result.unit.name
     if result.passed:
         return Banner(True, (say(f"PASS: {name} matches the reference on the reference's own inputs", PASS_TONE),))
-    lines = [say(f"FAIL: {name} introduces an error (fails on the reference's own inputs)", FAIL_TONE),
-             detail(result.summary())]
+    if result.inherited_via:
+        via = " and ".join(result.inherited_via)
+        lines = [say(f"FAIL: {name}: the {via} it reads differ from the reference's (it matches on the "
+                     "reference's)", FAIL_TONE), detail(result.summary())]
+    else:
+        lines = [say(f"FAIL: {name} introduces an error (fails on the reference's own inputs)", FAIL_TONE),
+                 detail(result.summary())]
     if result.narrowed:
         lines.append(detail(f"narrowed to: {result.narrowed} (fails on its own)"))
     if result.hint:

@@ -11,6 +11,15 @@ packed tokens): only the values are swapped.
 
 `alternatives` are what known bug classes would compute, for the hint rules of
 `parity.comparison.isolate`: they are pi0.5 knowledge, the rules that use them are not.
+
+`STAGES` are the code between the layers, each a method of `Pi05Policy` re-run like a
+part (`parity.comparison.isolate.StageAdapter`): the prefix embedding assembly
+(`embed_prefix`, fed the reference's projector output), the prefix-to-expert K/V cache
+handoff (`prefix_cache`, fed the reference's per-layer K/V), and per denoise step the
+time embedding, the action in/out projections and the Euler step.  A backend that
+overrides one of these methods (a subclass, or a method set on its instance) has its
+own version re-run.  An attention re-run reads the candidate's own K/V cache (`kept`);
+where a value read comes from outside its stream is `origin`.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from parity.comparison.isolate import IsolationError, Origin
 from parity.probes.pi05.layers import AdaRMSNorm, AttnContext, GatedMLP, RMSNorm
 
 
@@ -152,6 +162,18 @@ class Pi05Components:
     def subparts(self, part: str) -> tuple[str, ...]:
         return ("rope",) if part == "qkv" else ()
 
+    def kept(self, part: str) -> tuple[str, ...]:
+        """An attention reads the candidate's own cache: a wrong cache is judged as read."""
+        return ("prefix_k", "prefix_v") if "attn" in PARTS[part][0] else ()
+
+    def origin(self, stack: str, layer: int, step: int | None, value: str) -> Origin | None:
+        """The cached prefix K/V an expert attention reads come from the cache handoff."""
+        return Origin(stack="prefix", part="kv_cache") if value in ("prefix_k", "prefix_v") else None
+
+    @property
+    def stages(self) -> tuple:
+        return STAGES
+
     @torch.inference_mode()
     def run(self, module, args, kwargs, feed=None, part=None, until=None, **overrides) -> dict:
         """Named values of one layer call: all of them (part=None, until=None), those
@@ -234,3 +256,184 @@ def _plain_w_norm(part: str):
         out = (norm.normalize(x) * norm.weight).to(x.dtype)
         return {"h1" if part == "input_norm" else "h2": out}
     return fn
+
+
+# ---------------------------------------------------------------- stages: code between layers
+
+SCHEDULE = "the denoise loop's time schedule"
+
+
+def _bound(owner, method: str, args, kwargs) -> inspect.BoundArguments:
+    """A recorded call's arguments by name, from the policy's own signature of the method
+    (an instance's wrapper may take *args)."""
+    return inspect.signature(getattr(type(owner), method)).bind(owner, *args, **kwargs)
+
+
+def _call(fn, bound: inspect.BoundArguments):
+    return fn(*bound.args[1:], **bound.kwargs)  # positionally, as the model calls it; without self
+
+
+def _x_t_origin(step: int | None) -> Origin:
+    """x_t of a step: the sampler's noise at the first, the previous Euler step after."""
+    if not step:
+        return Origin(words="the sampler's noise (x_t of the first step)")
+    return Origin(stack="expert", step=step - 1, part="euler")
+
+
+@dataclass(frozen=True)
+class ArgStage:
+    """A policy method whose tensor arguments are the values it reads and whose return
+    value is its output (`out`)."""
+
+    stack: str
+    part: str
+    about: str
+    method: str
+    reads: tuple[str, ...]
+    out: str
+    layouts: tuple[tuple[str, str], ...] = ()
+    tap: str | None = None  # the tap its output is, every call
+    last_tap: str | None = None  # the tap its last call's output is
+    origins: Callable | None = None  # (value, step) -> Origin | None
+    owner: str = ""
+    stepped: bool = True
+
+    @property
+    def taps(self) -> dict[str, str]:
+        return {} if self.tap is None else {self.out: self.tap}
+
+    @property
+    def last_taps(self) -> dict[str, str]:
+        return {} if self.last_tap is None else {self.out: self.last_tap}
+
+    def layout(self, value: str) -> str | None:
+        return dict(self.layouts).get(value)
+
+    def run(self, owner, fn, args, kwargs, feed=None):
+        bound = _bound(owner, self.method, args, kwargs)
+        bound.arguments.update(feed or {})
+        reads = {name: bound.arguments[name] for name in self.reads}
+        return reads, {self.out: _call(fn, bound)}
+
+    def origin(self, value: str, step: int | None) -> Origin | None:
+        return None if self.origins is None else self.origins(value, step)
+
+
+@dataclass(frozen=True)
+class AssemblyStage:
+    """`embed_prefix`: the vision tower, the projector, then the assembly of image tokens
+    and the scaled text embedding.  Its value read is the projector's output (a hook puts
+    the reference's in its place, so the vision tower's own run does not matter); its
+    output is compared in the prefix layout, packed as `prefix_cache` packs it for the
+    `prefix.embed` tap."""
+
+    stack: str = "prefix"
+    part: str = "embed"
+    about: str = "the prefix embedding assembly"
+    method: str = "embed_prefix"
+    owner: str = ""
+    stepped: bool = False
+
+    @property
+    def taps(self) -> dict[str, str]:
+        return {"embed": "prefix.embed"}
+
+    def layout(self, value: str) -> str | None:
+        return {"img": "vision", "embed": "prefix"}[value]
+
+    def run(self, owner, fn, args, kwargs, feed=None):
+        seen: dict = {}
+
+        def hook(module, inputs, output):
+            seen["img"] = output  # [images run, n, D]
+            return (feed or {}).get("img")  # None keeps the candidate's own
+
+        handle = owner.projector.register_forward_hook(hook)
+        try:
+            x = fn(*args, **kwargs)  # [B, P, D]
+        finally:
+            handle.remove()
+        if "img" not in seen:
+            raise IsolationError(f"{self.method} did not run the projector: its input cannot be replaced")
+        plan = _bound(owner, self.method, args, kwargs).arguments["plan"]
+        if plan.gather is not None:  # packed: valid tokens only, [B, P, D] -> [B, L, D]
+            x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
+        return {"img": (feed or {}).get("img", seen["img"])}, {"embed": x}
+
+    def origin(self, value: str, step: int | None) -> Origin | None:
+        return Origin(stack="vision")  # the end of the vision tower's stream
+
+
+@dataclass(frozen=True)
+class CacheStage:
+    """`prefix_cache`: the prefix LLM and the handoff of each layer's K/V to the cache the
+    expert reads.  Its values read are each prefix layer's K/V (hooks on the layers put
+    the reference's in their place); its outputs are the K/V each expert layer reads from
+    the cache it returns."""
+
+    stack: str = "prefix"
+    part: str = "kv_cache"
+    about: str = "the prefix-to-expert K/V cache handoff"
+    method: str = "prefix_cache"
+    owner: str = ""
+    stepped: bool = False
+
+    @property
+    def taps(self) -> dict[str, str]:
+        return {}
+
+    def layout(self, value: str) -> str | None:
+        return "prefix"
+
+    def run(self, owner, fn, args, kwargs, feed=None):
+        feed = feed or {}
+        seen: dict = {}
+
+        def hook_for(i: int):
+            def hook(module, inputs, output):
+                x, k, v = output  # k, v [B, L, Hkv, D] after RoPE
+                seen[f"k.{i}"], seen[f"v.{i}"] = k, v
+                if f"k.{i}" in feed or f"v.{i}" in feed:
+                    return x, feed.get(f"k.{i}", k), feed.get(f"v.{i}", v)
+                return None
+            return hook
+
+        layers = owner.prefix.layers
+        handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+        try:
+            cache = fn(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        outputs = {}
+        for i in range(len(owner.expert.layers)):
+            (k, v), _ = cache.for_layer(i, 1)
+            outputs[f"cache.{i}.k"], outputs[f"cache.{i}.v"] = k, v
+        return {**seen, **feed}, outputs
+
+    def origin(self, value: str, step: int | None) -> Origin | None:
+        return Origin(stack="prefix", layer=int(value.split(".")[1]), part="qkv")
+
+
+def _euler_origin(value: str, step: int | None) -> Origin | None:
+    if value == "x_t":
+        return _x_t_origin(step)
+    if value == "v":
+        return Origin(stack="expert", step=step, part="velocity")
+    return Origin(words=SCHEDULE)
+
+
+STAGES = (
+    AssemblyStage(),
+    CacheStage(),
+    ArgStage("expert", "time", "the time embedding", "time_condition", ("t",), "time", tap="expert.time",
+             origins=lambda value, step: Origin(words=SCHEDULE)),
+    ArgStage("expert", "embed", "the action in-projection", "action_in", ("x_t",), "embed",
+             (("x_t", "actions"), ("embed", "actions")), tap="expert.embed",
+             origins=lambda value, step: _x_t_origin(step)),
+    ArgStage("expert", "velocity", "the action out-projection", "action_out", ("x",), "velocity",
+             (("x", "actions"), ("velocity", "actions")), tap="expert.velocity"),
+    ArgStage("expert", "euler", "the Euler step", "euler_step", ("x_t", "v", "t", "dt"), "euler",
+             (("x_t", "actions"), ("v", "actions"), ("euler", "actions")), last_tap="output.actions",
+             origins=_euler_origin),
+)

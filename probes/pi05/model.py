@@ -345,13 +345,25 @@ class Pi05Policy(nn.Module):
         expert.modulated_norms() order) may come precomputed for all steps at once."""
         cond = self.expert.time(self.time_condition(t) if cond is None else cond)  # [B, De] fp32
         mods = modulations if modulations is not None else [None] * (2 * len(self.expert.layers) + 1)
-        x = self.expert.embed(self.action_in_proj(x_t).to(self.dtype))  # [B, H, De]
+        x = self.expert.embed(self.action_in(x_t))  # [B, H, De]
         for i, layer in enumerate(self.expert.layers):
             prefix_kv, ctx = cache.for_layer(i, x.shape[1])
             x, k, v = layer(x, ctx, rope, cond, prefix_kv, (mods[2 * i], mods[2 * i + 1]))
             cache.after_step(i, k, v)
         x, _ = self.expert.final_norm(x, cond, mods[-1])
-        return self.expert.velocity(self.action_out_proj(x.float()))  # [B, H, action_dim] fp32
+        return self.expert.velocity(self.action_out(x))  # [B, H, action_dim] fp32
+
+    def action_in(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The action in-projection: x_t [B, H, action_dim] fp32 -> [B, H, De] in the model dtype."""
+        return self.action_in_proj(x_t).to(self.dtype)
+
+    def action_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The action out-projection, in fp32: [B, H, De] -> the velocity [B, H, action_dim]."""
+        return self.action_out_proj(x.float())
+
+    def euler_step(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """One flow-matching Euler update at time t [B]: x_t + dt * v, in fp32 ([B, H, action_dim])."""
+        return x_t + dt * v
 
     @torch.inference_mode()
     def sample_actions(self, obs: Observation, noise: torch.Tensor, mark=_no_mark) -> torch.Tensor:
@@ -383,8 +395,9 @@ class Pi05Policy(nn.Module):
         conds, mods = self.precondition(torch.stack(times)) if self.variant.batched_conditioning else (None, None)
         x_t = noise.float()
         for step, t in enumerate(times):
-            x_t = x_t + dt * self.velocity(cache, rope, x_t, t, None if conds is None else conds[step],
-                                           None if mods is None else [m[step] for m in mods])
+            v = self.velocity(cache, rope, x_t, t, None if conds is None else conds[step],
+                              None if mods is None else [m[step] for m in mods])
+            x_t = self.euler_step(x_t, v, t, dt)
         return self.actions(x_t)
 
     def precondition(self, times: torch.Tensor):

@@ -112,3 +112,13 @@ def test_cli_oracle_writes_the_budgets(tiny_models, tmp_path):
     data = json.loads(out.read_text())
     assert data["thresholds"]["calibration"]["factor"] == 2.0
     assert all("budget" in t for t in data["taps"] if t["status"] == "pass")
+
+
+def test_pi05_oracle_runs_in_float32_and_keeps_clean_flash_within_budget():
+    report = parity.compare("pytorch", "flash", oracle=True, taps="prefix.*,vision.*")
+    assert report, report.first_divergence
+    assert report.thresholds["calibration"]["oracle_dtype"] == "float32"  # the model pins float32 parts
+    # a planted bug in one middle layer's input norm: the budget fails there, not before
+    bad = parity.compare("pytorch", "flash", faults=["mid_norm"], oracle=True, taps="prefix.*,vision.*")
+    first = bad.first_divergence
+    assert not bad and (first.info.stack, first.info.layer, first.info.component) == ("prefix", 2, "input_norm")

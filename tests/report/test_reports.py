@@ -249,9 +249,11 @@ def test_the_pass_line_and_run_problems_read_alike_in_every_banner():
     verdict = report_banner(passing)
     assert verdict.passed and [line.text for line in verdict.lines] == [
         "PASS: all 2 taps within thresholds (min cos 0.999, norm ratio within 0.0447 of 1)"]
-    assert "PASS: all 2 taps within thresholds (min cos 0.999, norm ratio within 0.0447 of 1)" in _wide_text(render_report(passing))
+    assert "PASS: all 2 taps within thresholds (min cos 0.999, norm ratio within 0.0447 of 1)" \
+        in _wide_text(render_report(passing))
     assert render_markdown(passing).startswith("### ✅ parity: PASS: all 2 taps within thresholds")
-    assert '<div class="head good">PASS: all 2 taps within thresholds (min cos 0.999, norm ratio within 0.0447 of 1)</div>' in render_html(passing)
+    assert ('<div class="head good">PASS: all 2 taps within thresholds (min cos 0.999, norm ratio within 0.0447 '
+            'of 1)</div>') in render_html(passing)
     problem = "the reference exposes no parameters: nothing was compared"
     weights = [line.text for line in weights_banner(WeightsReport(rows=[], problems=[problem])).lines]
     taps = [line.text for line in report_banner(Report(rows=[], problems=[problem])).lines]
