@@ -105,3 +105,46 @@ def test_hf_scale_bug_fails_at_the_scaled_tap(tiny_models, module_path, componen
     assert (first.info.layer, first.info.component) == (1, component), first.key
     assert "norm ratio" in first.reason and first.failed_bounds == ("norm",)
     assert report.rows[[r.key for r in report.rows].index(first.key)].to_dict()["failed_bounds"] == ["norm"]
+
+
+def _pi05(name: str = "flash"):
+    from parity.taps.backends import BackendOptions, resolve
+
+    return resolve(name, BackendOptions())
+
+
+def test_pi05_velocity_head_twice_its_size_fails_at_the_velocity_tap():
+    import parity
+
+    cand = _pi05()
+    cand.model.action_out_proj.register_forward_hook(lambda mod, args, out: out * 2)
+    report = parity.compare(_pi05("pytorch"), cand, taps="expert.*")
+    first = report.first_divergence
+    assert first is not None and first.key == "expert.velocity@0", first
+    assert first.failed_bounds == ("norm",)
+
+
+def test_pi05_image_tokens_scaled_in_the_embedding_assembly_are_placed_in_the_cameras():
+    """Image tokens multiplied by sqrt(width), as the text embedding is (a copied line):
+    every region keeps cosine 1, so only the size says where the error is."""
+    import math
+
+    import torch
+
+    import parity
+    from parity.report.summary import concentration
+
+    cand = _pi05()
+    model, assemble = cand.model, cand.model.embed_prefix
+
+    def scaled(obs, plan):
+        out = assemble(obs, plan)
+        n_text = obs.tokens.shape[1]
+        return torch.cat([out[:, :-n_text] * math.sqrt(model.cfg.llm.width), out[:, -n_text:]], dim=1)
+
+    model.embed_prefix = scaled  # this instance only
+    report = parity.compare(_pi05("pytorch"), cand, taps="vision.*,prefix.*")
+    first = report.first_divergence
+    assert first is not None and first.key == "prefix.embed", first
+    words = concentration(first)
+    assert words and "error concentrated in camera" in words and "text" not in words, words
