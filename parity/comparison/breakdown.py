@@ -15,6 +15,15 @@ import numpy as np
 from parity.comparison.align import Alignment
 from parity.comparison.metrics import Metrics, compare
 
+MAX_CHUNKS = 1024  # per tap: a finer --by-token is widened to this many chunks (labels show the real ranges)
+MAX_HEADS = 256  # a tap with more "heads" than this gets no per-head rows (memory and JSON stay bounded)
+
+
+def chunk_size(chunk: int, length: int) -> int:
+    """The chunk size used for a layout of `length` positions: `chunk`, widened so that a
+    tap has at most MAX_CHUNKS chunks."""
+    return max(chunk, -(-length // MAX_CHUNKS))
+
 
 def chunk_label(k: int, size: int, length: int) -> str:
     """Chunk k of `size` canonical positions, as the tables name it: "16-31"."""
@@ -40,11 +49,12 @@ class Groups:
         if idx is None or layout is None:
             return cls(None, (), None, (), 0)
         region_of = layout.region_of(idx) if layout.regions else None
+        chunk = chunk_size(chunk, layout.length) if chunk else None
         chunk_of = (idx % layout.length) // chunk if chunk else None
         chunks = tuple(chunk_label(k, chunk, layout.length) for k in range(-(-layout.length // chunk))) \
             if chunk else ()
         feats = a.shape[1:]
-        heads = feats[0] if len(feats) == 2 and feats[0] >= 2 else 0
+        heads = feats[0] if len(feats) == 2 and 2 <= feats[0] <= MAX_HEADS else 0
         return cls(region_of, tuple(r.name for r in layout.regions), chunk_of, chunks, heads)
 
     def token_groups(self) -> Iterator[tuple[str, str, np.ndarray]]:
