@@ -493,3 +493,63 @@ def test_stats_tables_without_a_checksum_are_accepted_and_said(tmp_path):
     assert code == 0 and note in " ".join(out.split()), out
     code, out = cli("inspect", bare)
     assert code == 0 and note in " ".join(out.split()), out
+
+
+# --------------------------------------------------------------------------- a run that declares no model dtype
+
+def dtype_dump(path: Path, dtype_meta, tap_dtype=np.float32) -> Path:
+    meta = {"backend": "b"} if dtype_meta is ... else {"backend": "b", "dtype": dtype_meta}
+    write_dump(path, Capture(taps=[tap("a.0.x", 0, DATA.astype(tap_dtype))], meta=meta))
+    return path
+
+
+def test_a_dump_declaring_no_model_dtype_never_switches_the_dtype_check_off(tmp_path):
+    """The diff fails a tap whose dtype changed unless both runs declare different model
+    dtypes (fp32 against bf16, asked for).  A candidate dump without `dtype` in its meta
+    switched the check off without a word: a float16 tap passed against a float32 one.
+    parity cannot tell an accidental cast from a requested one there, so it refuses, in
+    one line naming the dump (either side), and says what to do."""
+    ref = dtype_dump(tmp_path / "ref.h5", "float32")
+    bare = dtype_dump(tmp_path / "bare.h5", ..., np.float16)
+    for a, b in ((ref, bare), (bare, ref)):
+        code, out = cli("diff", a, b)
+        line = one_line_error(out, bare)
+        assert code == 2 and "declares no model dtype" in line and "'float32'" in line, out
+        assert "declare 'dtype' in the backend's meta" in line
+
+    # a dtype that is not a name is refused too; two runs declaring none keep the check on
+    odd = dtype_dump(tmp_path / "odd.h5", 5, np.float16)
+    code, out = cli("diff", ref, odd)
+    assert code == 2 and "meta 'dtype' must be a dtype name, got 5" in one_line_error(out, odd)
+    code, out = cli("diff", dtype_dump(tmp_path / "bare32.h5", ...), bare, "--json", tmp_path / "r.json")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert code == 1 and result["taps"][0]["status"] == "dtype" and result["thresholds"]["exact_dtypes"] is True
+    # runs declaring different dtypes judge values only, as before
+    code, out = cli("diff", ref, dtype_dump(tmp_path / "half.h5", "float16", np.float16))
+    assert code == 0, out
+
+
+def test_the_python_api_refuses_one_sided_dtypes_too(tmp_path):
+    from parity import api
+    from parity.errors import InputError
+
+    ref = Capture(taps=[tap("a.0.x", 0, DATA)], meta={"dtype": "float32"})
+    cand = Capture(taps=[tap("a.0.x", 0, DATA.astype(np.float16))], meta={})
+    with pytest.raises(InputError, match="the candidate: its meta declares no model dtype"):
+        api.compare_captures(ref, cand)
+
+
+def test_a_stats_dump_declaring_no_model_dtype_is_refused(tmp_path):
+    from parity.dump.stats import write_stats
+    from parity.taps.stats import FIELDS, StatsCapture, TapStats
+
+    def stats(path: Path, meta: dict, dtype: str) -> Path:
+        row = TapStats(info=TapInfo("a.0.x", "a", 0, "x"), order=0, dtype=dtype, layout=None, shape=(12,),
+                       summarised_shape=(12,), tokens="all", positions="", values=np.ones(len(FIELDS)), checksum=1)
+        write_stats(path, StatsCapture(taps=[row], meta=meta))
+        return path
+
+    ref = stats(tmp_path / "ref.h5", {"backend": "b", "dtype": "float32"}, "float32")
+    bare = stats(tmp_path / "bare.h5", {"backend": "b"}, "float16")
+    code, out = cli("diff", ref, bare)
+    assert code == 2 and "declares no model dtype" in one_line_error(out, bare), out

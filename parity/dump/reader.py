@@ -529,3 +529,17 @@ def _has_crc(obj: Any) -> bool:
 def _key(obj: Any, attr: str = "key") -> str:
     value = obj.attrs.get(attr, obj.name)
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """A (tensor or stats) dump's `meta`, from its root attribute alone; None if it cannot
+    be read (the reader proper then says why).  For checks a request makes before reading
+    the dump (the model dtypes both runs declare)."""
+    try:
+        if not os.path.isfile(path):
+            return None
+        with h5py.File(os.fspath(path), "r", locking=False) as f:
+            meta = json_attr(f, "meta")
+    except Exception:  # noqa: BLE001 - unreadable: the reader says why
+        return None
+    return meta if isinstance(meta, dict) else None
