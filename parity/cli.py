@@ -393,12 +393,14 @@ def report_cmd(
     result: Path = typer.Argument(..., help="A result written by `parity diff --json`."),
     output: Optional[Path] = _option(None, "-o", "--output",
                                      help="Output file (default <output_dir>/<result name> + extension); '-' "
-                                          "writes to stdout.", panel=OUTPUT),
+                                          "writes to stdout; a device or FIFO (/dev/null) is written "
+                                          "through.", panel=OUTPUT),
     fmt: str = _option("html", "--format", "-f", help="html (one self-contained file), md (PR comment), junit (CI), "
                                                       "model-explorer (node data JSON).", panel=OUTPUT),
     exported_program: Optional[Path] = _option(
         None, "--exported-program", help="model-explorer: a torch.export .pt2 of the reference model; node ids "
-                                         "become its FX node names (needs torch). Without it parity also writes "
+                                         "become its FX node names (only its graph is read, as JSON: no torch, "
+                                         "nothing unpickled). Without it parity also writes "
                                          "its own tap graph next to the node data.", panel=OUTPUT),
 ) -> None:
     """Render a diff result as a shareable report (no model, no torch).
