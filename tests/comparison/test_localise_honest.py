@@ -152,6 +152,25 @@ def test_an_update_error_within_the_thresholds_is_pointed_at_not_claimed():
     _never_before_them(report)
 
 
+STAGE_BUGS = {  # method of the candidate's instance -> (its wrong version, the tap it feeds, about)
+    "time_condition": (lambda orig: lambda t: orig(t) * 1.5, "expert.time@0", "the time embedding"),
+    "action_in": (lambda orig: lambda x_t: orig(x_t.flip(-1)), "expert.embed@0", "the action in-projection"),
+    "action_out": (lambda orig: lambda x: orig(x) * 2.0, "expert.velocity@0", "the action out-projection"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(STAGE_BUGS))
+def test_a_stage_the_candidate_overrides_is_introduced_at_its_tap(method):
+    wrong, tap, about = STAGE_BUGS[method]
+    backend = _flash()
+    setattr(backend.model, method, wrong(getattr(backend.model, method)))
+    report = diff_live("pytorch", backend, OPTS)
+    loc = report.localisation
+    assert report.first_divergence.key == tap
+    assert loc.introduced == tap and loc.about == about and _walked(loc) == [tap]
+    _never_before_them(report)
+
+
 class SlotOff(Pi05Policy):
     """A user's policy whose cache handoff stores each prefix layer's K/V one slot off."""
 
