@@ -242,8 +242,16 @@ BAD_HF_CONFIGS = {
     "architectures pipeline": (lambda c: {**c, "architectures": ["pipeline"]},
                                "architectures names 'pipeline', which is not a transformers model class"),
     "architectures a number": (lambda c: {**c, "architectures": 5}, "architectures must be a list of class names"),
+    "architectures a config class": (lambda c: {**c, "architectures": ["LlamaConfig"]},
+                                     "which loads a LlamaConfig, not a transformers model"),
     "nested 100,000 deep": (deep_json(), "nested too deeply"),
     "not an object": ("[1, 2]", "expected a JSON object"),
+    "a size of the wrong type": (lambda c: {**c, "num_hidden_layers": 1e9}, "expected int, got float"),
+    # transformers fills what the weights leave out at random, and says so in a log line only
+    "more layers than the weights hold": (lambda c: {**c, "num_hidden_layers": 4},
+                                          "the weights leave 9 parameter(s) of the model config.json describes"),
+    "other sizes than the weights hold": (lambda c: {**c, "intermediate_size": 65},
+                                          "9 weight(s) do not have the shape config.json describes"),
 }
 
 
@@ -254,6 +262,12 @@ def test_bad_hf_config_json_is_one_line_exit_2(tiny_models, tmp_path, case):
     _config(folder, edit)
     code, out = hf_capture(folder, tmp_path)
     assert_one_line_exit_2(code, out, needle)
+
+
+def test_hf_architectures_may_name_an_auto_class(tiny_models, tmp_path):
+    folder = _hf_folder(tiny_models, tmp_path, "m")
+    _config(folder, lambda c: {**c, "architectures": ["AutoModelForCausalLM"]})
+    assert hf_capture(folder, tmp_path)[0] == 0
 
 
 @pytest.mark.parametrize("device, needle", [("bogus", "device 'bogus' is not a device"),
