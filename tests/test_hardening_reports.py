@@ -195,6 +195,23 @@ def test_the_archive_graph_is_the_graph_torch_loads(tmp_path):
     assert ids == {"t.a": "linear", "t.b": "linear_1", "t.c": "mul", "t.b_in": "relu", "t.c_in": "linear_1"}
 
 
+def test_a_transformers_models_archive_graph_is_the_graph_torch_loads(tiny_models, tmp_path):
+    """The same on a real decoder (literal inputs such as use_cache become placeholders too)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from parity.report.exported_program import nodes_of_exported_program, read_graph
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models("llama")).eval()
+    ep = torch.export.export(model, (), {"input_ids": torch.ones(1, 8, dtype=torch.long), "use_cache": False,
+                                         "return_dict": False}, strict=False)
+    torch.export.save(ep, tmp_path / "m.pt2")
+    ours = [(n.name, n.inputs, n.modules, n.placeholder) for n in read_graph(tmp_path / "m.pt2")]
+    theirs = [(n.name, n.inputs, n.modules, n.placeholder)
+              for n in nodes_of_exported_program(torch.export.load(tmp_path / "m.pt2")) if n.name != "output"]
+    assert ours == theirs and ("use_cache", (), (), True) in ours
+
+
 def _zip(path: Path, members: dict[str, bytes | str]) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         for name, data in members.items():

@@ -156,7 +156,11 @@ def _modules(metadata: dict) -> tuple[str, ...]:
 
 def _nodes(doc: Any) -> list[GraphNode]:
     graph = doc["graph_module"]["graph"]
-    out = [GraphNode(name, placeholder=True) for arg in graph["inputs"] for name in _value_names(arg)]
+    specs = (doc["graph_module"].get("signature") or {}).get("input_specs") or []
+    out = []
+    for i, arg in enumerate(graph["inputs"]):
+        names = _value_names(arg) or [_constant_input_name(specs, i)]  # a literal input (use_cache=False)
+        out += [GraphNode(name, placeholder=True) for name in names]
     for node in graph["nodes"]:
         target = _text(node["target"], "node target")
         inputs = sorted(node["inputs"], key=lambda a: a.get("kind") == _KEYWORD)
@@ -174,6 +178,16 @@ def _nodes(doc: Any) -> list[GraphNode]:
         parent = (named,) if named else ()
         out += [GraphNode(name, parent, modules) for name in _value_names(outputs)]
     return out
+
+
+def _constant_input_name(specs: list, i: int) -> str:
+    """A literal graph input's placeholder name: its input spec's, as torch names it."""
+    spec = specs[i] if i < len(specs) and isinstance(specs[i], dict) else {}
+    inner = next(iter(spec.values()), {}) if spec else {}
+    name = inner.get("name") if isinstance(inner, dict) else None
+    if not isinstance(name, str) and isinstance(inner, dict) and isinstance(inner.get("arg"), dict):
+        name = inner["arg"].get("name")
+    return name if isinstance(name, str) and name else f"arg{i}"
 
 
 def normalise(path: str) -> str:
