@@ -8,12 +8,15 @@ signals, peak memory.
 """
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -21,6 +24,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rich.console import Console
 from typer.testing import CliRunner
 
 from parity.cli import app
@@ -553,3 +559,221 @@ def test_a_stats_dump_declaring_no_model_dtype_is_refused(tmp_path):
     bare = stats(tmp_path / "bare.h5", {"backend": "b"}, "float16")
     code, out = cli("diff", ref, bare)
     assert code == 2 and "declares no model dtype" in one_line_error(out, bare), out
+
+
+# --------------------------------------------------------------------------- fuzzing these classes
+# Random instances of every class above (tools/fuzz.py runs them at length, with
+# tests/dump/test_fuzz.py): whatever the dump points at, the reader refuses it in one line
+# and never opens it; bombs are refused from their metadata, fast; huge meta strings list
+# in time linear in their length; taps without a checksum are read and named.
+
+FUZZ_EXAMPLES = int(os.environ.get("PARITY_FUZZ_EXAMPLES", "40"))
+TALLY = os.environ.get("PARITY_FUZZ_TALLY")
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=FUZZ_EXAMPLES <= 500,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
+
+
+def tally(prop: str, outcome: str) -> None:
+    """Count an input for the long campaign's figures (no-op in the normal suite)."""
+    if TALLY:
+        with open(TALLY, "a", encoding="utf-8") as f:
+            f.write(f"{prop} {outcome}\n")
+
+
+def never_hangs(fn, fifo: Path, timeout: float = 20):
+    """fn() in a thread; if it blocks (on the FIFO), unblock it by opening the FIFO's write
+    end, then fail.  What fn raised is raised here."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader gets EOF
+        except OSError:
+            pass
+        thread.join(5)
+        pytest.fail("a dump reader blocked on something outside the dump (hung)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+@st.composite
+def base_dumps(draw, path: Path) -> Path:
+    """A small random dump: 1-4 float taps, one layout or none, maybe an error, maybe incomplete."""
+    n = draw(st.integers(1, 4))
+    layouts = {}
+    if draw(st.booleans()):
+        layouts["seq"] = Layout(np.arange(6, dtype=np.int64).reshape(1, 6), length=6, regions=(Region("t", 0, 6),))
+    taps = [tap(f"a.{i}.x", i, np.random.default_rng(i).standard_normal(draw(st.integers(1, 64))).astype(np.float32))
+            for i in range(n)]
+    error = None
+    if draw(st.booleans()):
+        from parity.taps.records import CaptureError
+
+        error = CaptureError(key=None, info=None, exc_type="RuntimeError", message="x")
+    write_dump(path, Capture(taps=taps, layouts=layouts, meta={"backend": "b", "dtype": "float32"}, error=error,
+                             complete=draw(st.booleans())))
+    return path
+
+
+def _members(path: Path) -> list[str]:
+    with h5py.File(path, "r") as f:
+        found: list[str] = []
+        f.visit(found.append)
+    return found + (["error"] if "error" not in found else [])
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_pointers_outside_the_dump_are_refused_never_followed(tmp_path_factory, data):
+    """A random member (a tap, a group, a layout's slots, /error) replaced by an external or
+    soft link, external raw storage or a virtual dataset, aimed at a FIFO, a file, an HDF5
+    file, the dump itself or nothing: every reader entry point refuses it or, for the
+    light passes, says nothing; none blocks."""
+    from parity.api import inspect_dump
+    from parity.dump.format import DumpError
+    from parity.dump.reader import dump_notes, open_dump, read_meta
+    from parity.errors import InputError
+
+    root = tmp_path_factory.mktemp("ptr")
+    fifo, victim, source = root / "fifo", root / "victim", root / "source.h5"
+    os.mkfifo(fifo)
+    victim.write_bytes(os.urandom(4096))
+    path = data.draw(base_dumps(root / "x.h5"))
+    member = data.draw(st.sampled_from(_members(path)))
+    kind = data.draw(st.sampled_from(["external link", "soft link", "external storage", "virtual"]))
+    target = data.draw(st.sampled_from([fifo, victim, source, root / "missing", path]))
+    with h5py.File(path, "r+", libver=("v108", "latest")) as f:
+        old = f.get(member)
+        is_data = isinstance(old, h5py.Dataset)
+        if kind in ("external storage", "virtual") and not is_data:
+            kind = "external link"
+        shape, dtype = (old.shape, old.dtype) if is_data else ((4,), np.dtype(np.float32))
+        attrs = dict(old.attrs) if old is not None else {}
+        if old is not None:
+            del f[member]
+        parent, name = (f[member.rsplit("/", 1)[0]], member.rsplit("/", 1)[1]) if "/" in member else (f, member)
+        if kind == "external link":
+            parent[name] = h5py.ExternalLink(str(target), data.draw(st.sampled_from(["/", "/d", "/taps", "/x/y"])))
+        elif kind == "soft link":
+            parent[name] = h5py.SoftLink(data.draw(st.sampled_from(["/taps", "/taps/000000", "/nowhere", "/"])))
+        else:
+            if kind == "virtual":
+                with h5py.File(source, "w") as g:
+                    g.create_dataset("d", shape=shape, dtype=dtype)
+                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                layout[...] = h5py.VirtualSource(str(target), "d", shape=shape)
+                new = parent.create_virtual_dataset(name, layout)
+            else:
+                new = parent.create_dataset(name, shape=shape, dtype=dtype,
+                                            external=[(str(target), data.draw(st.integers(0, 64)),
+                                                       h5py.h5f.UNLIMITED)])
+            for key, value in attrs.items():
+                new.attrs[key] = value
+    with pytest.raises(DumpError) as refused:
+        never_hangs(lambda: open_dump(path).close(), fifo)
+    assert "self-contained" in str(refused.value) or "soft link" in str(refused.value), refused.value
+    with pytest.raises(InputError):
+        never_hangs(lambda: inspect_dump(path), fifo)
+    never_hangs(lambda: (dump_notes(path), read_meta(path)), fifo)  # light passes: no note, no hang
+    tally("outside", "refused")
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_compressed_taps_declaring_too_much_are_refused_from_metadata(tmp_path_factory, data):
+    """A compressed tap of random dtype, shape and chunking with a few chunks written or
+    none: refused from its metadata (fast, nothing inflated) exactly when it declares more
+    than a compressor writes or chunks over the bound; listed otherwise."""
+    from parity.dump.format import MAX_COMPRESSED_CHUNK_BYTES, MAX_EXPANSION, DumpError
+    from parity.dump.reader import open_dump
+
+    path = tmp_path_factory.mktemp("bomb") / "b.h5"
+    write_dump(path, Capture(meta={"backend": "b", "dtype": "float32"}))
+    dtype = np.dtype(data.draw(st.sampled_from(["float32", "float16", "uint8", "int64"])))
+    shape = tuple(1 << data.draw(st.integers(0, 14)) for _ in range(data.draw(st.integers(1, 3))))
+    chunks = tuple(max(1, s >> data.draw(st.integers(0, 8))) for s in shape)
+    written = data.draw(st.integers(0, 3))
+    compression = data.draw(st.sampled_from(["gzip", "lzf"]))
+    chunk_bytes = int(np.prod(chunks)) * dtype.itemsize
+    with h5py.File(path, "r+", libver=("v108", "v108")) as f:
+        ds = f["taps"].create_dataset("000000", shape=shape, dtype=dtype, chunks=chunks, compression=compression)
+        grid = [range(0, s, c) for s, c in zip(shape, chunks)]
+        for offset in list(itertools.product(*grid))[:written]:
+            block = np.zeros(chunks, dtype)
+            ds.id.write_direct_chunk(offset, zlib.compress(block.tobytes(), 9) if compression == "gzip"
+                                     else block.tobytes(), filter_mask=0 if compression == "gzip" else 1)
+        stored = ds.id.get_storage_size()
+        set_attrs(ds, {"key": "a.0.x", "name": "a.0.x", "stack": "a", "layer": 0, "component": "x", "step": -1,
+                       "order": 0, "dtype": dtype.name, "layout": "", "crc32": 0})
+        set_attrs(f, {"tap_count": 1})
+    declared = int(np.prod(shape)) * dtype.itemsize
+    bomb = chunk_bytes > MAX_COMPRESSED_CHUNK_BYTES or declared > MAX_EXPANSION * stored + chunk_bytes
+    started = time.monotonic()
+    try:
+        open_dump(path).close()
+        outcome = "listed"
+    except DumpError as exc:
+        assert "compress" in str(exc), exc
+        outcome = "refused"
+    assert time.monotonic() - started < 5  # metadata only, whatever it declares
+    assert outcome == ("refused" if bomb else "listed"), (shape, chunks, dtype, stored)
+    tally("bomb", outcome)
+
+
+@FUZZ
+@given(unit=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=4),
+       repeat=st.integers(0, 1 << 20), keys=st.integers(1, 3))
+def test_fuzzed_huge_meta_strings_list_in_linear_time(tmp_path_factory, unit, repeat, keys):
+    """Meta strings of any characters up to a few MB: inspect lists them in time linear in
+    their length, each cut to its first characters."""
+    from parity.api import inspect_dump
+    from parity.report.terminal.listing import render_dump
+
+    path = tmp_path_factory.mktemp("meta") / "m.h5"
+    meta = {"backend": "b", **{f"k{i}": unit * (repeat >> i) for i in range(keys)}}
+    write_dump(path, Capture(taps=[tap("a.0.x", 0, DATA)], meta=meta))
+    length = sum(len(v) for v in meta.values())
+    started = time.monotonic()
+    out = io.StringIO()
+    Console(file=out, width=120, color_system=None).print(render_dump(inspect_dump(path)))
+    assert time.monotonic() - started < 2 + length / 2e6  # >= 2 MB a second (quadratic: minutes at 8 MB)
+    assert len(out.getvalue()) < (keys + 12) * 80_000 and "\x1b" not in out.getvalue()
+    tally("meta", "listed")
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_taps_without_checksums_are_read_and_named(tmp_path_factory, data):
+    """crc32 stripped from a random subset of taps and layouts: the dump still reads back
+    bit for bit, and the reader's notes and the light pass name exactly those."""
+    from parity.dump.reader import dump_notes, open_dump, read_dump
+
+    path = data.draw(base_dumps(tmp_path_factory.mktemp("crc") / "c.h5"))
+    with h5py.File(path, "r") as f:
+        taps = sorted(f["taps"])
+        slots = [f"layouts/{n}/slots" for n in sorted(f["layouts"])]
+    stripped = data.draw(st.lists(st.sampled_from(taps + slots), unique=True)) if taps + slots else []
+    want = read_dump(path)
+    strip_crc(path, *(m if m in slots else f"taps/{m}" for m in stripped))
+    got = read_dump(path)
+    assert [t.array.tobytes() for t in got.taps] == [t.array.tobytes() for t in want.taps]
+    bare_taps = sum(m in taps for m in stripped)
+    with open_dump(path) as reader:
+        notes = list(reader.notes)
+        assert sum(not h.checked for h in reader.headers) == bare_taps
+    for found in (notes, dump_notes(path)):
+        tap_notes = [n for n in found if "taps carry no crc32" in n]
+        assert (f"{bare_taps} of {len(taps)} taps" in tap_notes[0]) if bare_taps else not tap_notes, found
+        assert any("layouts carry no crc32" in n for n in found) == any(m in slots for m in stripped), found
+    tally("crc", "named")

@@ -1,5 +1,13 @@
-"""The long fuzz campaign behind the README's figures: tests/test_fuzz.py with many more
-examples, random seeds, and the byte sweep at every offset.
+"""The long fuzz campaign behind the docs' figures: the fuzz properties of tests/dump/test_fuzz.py
+and tests/test_hardening_dumps.py with many more examples, random seeds, and the byte sweep
+at every offset.
+
+Generators: random captures (round trips), mutated dumps (flips, cuts, spans), random diffs,
+dumps against the same diff in memory (tests/dump/test_fuzz.py); dumps with a member
+pointing outside the file (external and soft links, external raw storage, virtual datasets,
+aimed at a FIFO, a file, an HDF5 file, the dump itself or nothing), compressed taps
+declaring more than a compressor writes (decompression bombs), huge meta strings of any
+characters, and taps and layouts without a crc32 (tests/test_hardening_dumps.py).
 
     .venv/bin/python tools/fuzz.py                       # 10,000 examples per property
     .venv/bin/python tools/fuzz.py --examples 500 --stride 7
@@ -24,6 +32,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+# the fuzz properties (each draws its inputs from PARITY_FUZZ_EXAMPLES examples)
+PROPERTIES = [
+    "tests/dump/test_fuzz.py",
+    *(f"tests/test_hardening_dumps.py::test_fuzzed_{name}" for name in (
+        "pointers_outside_the_dump_are_refused_never_followed",
+        "compressed_taps_declaring_too_much_are_refused_from_metadata",
+        "huge_meta_strings_list_in_linear_time",
+        "taps_without_checksums_are_read_and_named",
+    )),
+]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=10_000, help="hypothesis examples per property")
@@ -39,7 +59,7 @@ def main() -> int:
         tally = Path(tmp) / "tally"
         env = dict(os.environ, PARITY_FUZZ_EXAMPLES=str(args.examples), PARITY_FUZZ_STRIDE=str(args.stride),
                    PARITY_FUZZ_TALLY=str(tally))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fuzz.py",
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PROPERTIES,
                f"--hypothesis-seed={seed}", "--hypothesis-show-statistics"]
         started = time.monotonic()
         try:
