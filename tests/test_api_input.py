@@ -182,7 +182,7 @@ def test_by_token_chunks_are_1_or_more(dumps):
     (["abc"], None, "bad threshold 'abc': expected GLOB=MIN_COS"),
     ("abc", None, "bad threshold 'abc'"),
     (["x=3"], None, "cosine threshold 3.0 is outside [-1, 1]"),
-    ({"x": "high"}, None, "could not convert string to float"),
+    ({"x": "high"}, None, "bad threshold 'x=high'"),
     (None, 2.0, "cosine threshold 2.0 is outside [-1, 1]"),
 ])
 def test_thresholds_are_checked_everywhere(dumps, thresholds, min_cos, match):

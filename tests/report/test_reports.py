@@ -245,7 +245,8 @@ def test_the_pass_line_and_run_problems_read_alike_in_every_banner():
     from parity.report.terminal.diff import render_report
 
     ref, cand = _captures()
-    passing = diff(ref, cand)
+    cand.taps[1].array = cand.taps[1].array * np.float32(1.0001)  # within both bounds, not equal (an
+    passing = diff(ref, cand)  # equal run adds a warning line, tested in test_contamination.py)
     verdict = report_banner(passing)
     assert verdict.passed and [line.text for line in verdict.lines] == [
         "PASS: all 2 taps within thresholds (min cos 0.999, norm ratio within 0.0447 of 1)"]
