@@ -247,11 +247,18 @@ BAD_HF_CONFIGS = {
     "nested 100,000 deep": (deep_json(), "nested too deeply"),
     "not an object": ("[1, 2]", "expected a JSON object"),
     "a size of the wrong type": (lambda c: {**c, "num_hidden_layers": 1e9}, "expected int, got float"),
-    # transformers fills what the weights leave out at random, and says so in a log line only
     "more layers than the weights hold": (lambda c: {**c, "num_hidden_layers": 4},
-                                          "the weights leave 9 parameter(s) of the model config.json describes"),
-    "other sizes than the weights hold": (lambda c: {**c, "intermediate_size": 65},
+                                          "num_hidden_layers 4, but the weights hold at most 3 layers"),
+    "other sizes than the weights hold": (lambda c: {**c, "intermediate_size": 63},
                                           "9 weight(s) do not have the shape config.json describes"),
+    # transformers would build these at config.json's sizes before reading a weight
+    "10^7 layers": (lambda c: {**c, "num_hidden_layers": 10**7}, "num_hidden_layers 10000000, but the weights hold "
+                                                                 "at most 3 layers"),
+    "10^7 layers in a sub-config": (lambda c: {**c, "vision_config": {"num_hidden_layers": 10**7}},
+                                    "vision_config.num_hidden_layers 10000000"),
+    "hidden size 10^6": (lambda c: {**c, "hidden_size": 10**6}, "config.json describes a model of 1,127,000,000 "
+                                                                "parameters, but the weights hold 36,064"),
+    "vocabulary 10^9": (lambda c: {**c, "vocab_size": 10**9}, "but the weights hold 36,064"),
 }
 
 
@@ -262,6 +269,20 @@ def test_bad_hf_config_json_is_one_line_exit_2(tiny_models, tmp_path, case):
     _config(folder, edit)
     code, out = hf_capture(folder, tmp_path)
     assert_one_line_exit_2(code, out, needle)
+
+
+def test_hf_weights_that_leave_a_parameter_unfilled_are_refused(tiny_models, tmp_path):
+    """transformers fills what the weights lack at random and says so in a log line only:
+    the final norm's weight swapped for an unrelated tensor of the same size is refused."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _hf_folder(tiny_models, tmp_path, "m")
+    state = load_file(str(folder / "model.safetensors"))
+    state["unrelated.weight"] = state.pop("model.norm.weight")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    code, out = hf_capture(folder, tmp_path)
+    assert_one_line_exit_2(code, out, "the weights leave 1 parameter(s) of the model config.json describes unfilled "
+                                      "(model.norm.weight)")
 
 
 def test_hf_architectures_may_name_an_auto_class(tiny_models, tmp_path):

@@ -9,11 +9,19 @@ patched: hooks observe the model exactly as transformers runs it.
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
-from pathlib import Path
 from typing import Any
 
+from parity.probes.hf.checkpoint import (
+    check_checkpoint,
+    check_layers,
+    check_loaded,
+    check_size,
+    config_errors,
+    model_class,
+    one_line,
+    weight_shapes,
+)
 from parity.probes.hf.families import TOKENS, Family, probe_for
 from parity.probes.hf.inputs import (
     DEFAULT_SEQ_LEN,
@@ -67,109 +75,34 @@ def _quiet_transformers(transformers):
             logging.enable_progress_bar()
 
 
-# Weight files that are pickles: transformers would torch.load them.  Never read.
-PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
-def check_checkpoint(path: Path) -> dict:
-    """The folder's config.json (strict JSON, an object), before transformers reads
-    anything: ValueError for one that is not, and for a folder whose weights are not
-    safetensors (a pickle is never opened, not even to be refused by torch.load)."""
-    file = path / "config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"cannot read {file}: {exc}") from None
-    except RecursionError:
-        raise ValueError(f"cannot read {file}: nested too deeply to be a config") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    names = config.get("architectures")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise ValueError(f"{file}: architectures must be a list of class names, got {names!r}")
-    if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
-        held = f"it holds {', '.join(pickles[:3])}: pickles, which parity never opens; " if pickles else ""
-        raise ValueError(f"{path} has no .safetensors weights ({held}save the model with "
-                         "save_pretrained(..., safe_serialization=True))")
-    return config
-
-
-def _model_class(transformers, names: list[str], path: Path):
-    """The class config.json's `architectures` names (AutoModel if it names none that
-    transformers has); ValueError if the name is something else of transformers' (a
-    function, a module): what it loads is checked to be a model after loading."""
-    for name in names:
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            continue
-        if not (isinstance(cls, type) and callable(getattr(cls, "from_pretrained", None))):
-            raise ValueError(f"{path / 'config.json'}: architectures names {name!r}, which is not a transformers "
-                             "model class")
-        return cls
-    return transformers.AutoModel
-
-
-def _check_loaded(transformers, model, info: dict, cls, path: Path) -> None:
-    """What from_pretrained returned is a model whose every parameter came from the
-    weights: transformers initialises missing ones at random (and says so only in a log
-    line parity silences), which would compare two different random models."""
-    if not isinstance(model, transformers.PreTrainedModel):
-        raise ValueError(f"{path / 'config.json'}: architectures names {cls.__name__!r}, which loads a "
-                         f"{type(model).__name__}, not a transformers model")
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        raise ValueError(f"{path}: the weights leave {len(missing)} parameter(s) of the model config.json describes "
-                         f"unfilled ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); parity never runs "
-                         "a model with random weights")
-    mismatched = [m if isinstance(m, str) else f"{m[0]} {list(m[1])} in the weights, {list(m[2])} in the model"
-                  for m in sorted(info.get("mismatched_keys") or (), key=str)]
-    if mismatched:
-        raise ValueError(f"{path}: {len(mismatched)} weight(s) do not have the shape config.json describes "
-                         f"({'; '.join(mismatched[:2])}{'; ...' if len(mismatched) > 2 else ''})")
-
-
 def load_model(spec: HFSpec, dtype: str | None, device):
     """The checkpoint's own class (config.architectures), eval mode, on `device`;
-    safetensors weights only."""
+    safetensors weights only, every parameter from them (checkpoint.py checks)."""
     import torch
     import transformers
 
-    check_checkpoint(spec.path)
+    raw = check_checkpoint(spec.path)
+    shapes = weight_shapes(spec.path)
+    check_layers(raw, shapes, spec.path)
     with _quiet_transformers(transformers):
         try:
             config = transformers.AutoConfig.from_pretrained(spec.path)
-        except _config_errors() as exc:
-            raise ValueError(f"cannot read {spec.path / 'config.json'}: {_one_line(exc)}") from None
-        cls = _model_class(transformers, getattr(config, "architectures", None) or [], spec.path)
+        except config_errors() as exc:
+            raise ValueError(f"cannot read {spec.path / 'config.json'}: {one_line(exc)}") from None
+        cls = model_class(transformers, getattr(config, "architectures", None) or [], spec.path)
+        check_size(cls, config, shapes, spec.path)
         kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch, dtype), "use_safetensors": True}
         if spec.attn is not None:
             kwargs["attn_implementation"] = spec.attn
         try:
             # mismatched shapes are reported (and refused below) rather than raised as a page of text
             loaded = cls.from_pretrained(spec.path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-        except (ImportError, RuntimeError, *_config_errors()) as exc:
+        except (ImportError, RuntimeError, *config_errors()) as exc:
             # flash_attention_2 not installed, unreadable weights, sizes config.json and the weights disagree on
-            raise ValueError(f"cannot load {spec.path}: {_one_line(exc)}") from None
+            raise ValueError(f"cannot load {spec.path}: {one_line(exc)}") from None
         model, info = loaded if isinstance(loaded, tuple) and len(loaded) == 2 else (loaded, {})
-        _check_loaded(transformers, model, info, cls, spec.path)
+        check_loaded(transformers, model, info, cls, spec.path)
     return model.to(device).eval(), config
-
-
-def _config_errors() -> tuple[type[BaseException], ...]:
-    """What transformers raises for a config.json it cannot take: OSError (unreadable),
-    TypeError and huggingface_hub's strict field checks (a field of the wrong type)."""
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:  # an older huggingface_hub: no strict fields
-        return (OSError, TypeError)
-    return (OSError, TypeError, StrictDataclassError)
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """A third-party message on one line (theirs can run for pages)."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _text_config(config):
