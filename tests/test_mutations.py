@@ -112,14 +112,7 @@ def test_precision_downcasts_are_found_at_the_planted_tap(results, family):
         assert r["detected"] and r["first_right"], r
 
 
-# Known bug of the oracle run: Gemma's embedding is tied to lm_head, and after an oracle diff
-# the reference keeps it in float64, so the next diff of the same (reused) reference fails
-# every tap from decoder.embed on.  Flips to XPASS when the oracle puts tied weights back.
-TIED = pytest.mark.xfail(strict=True, reason="the oracle leaves the tied embedding of a reused Gemma reference "
-                                             "in float64")
-
-
-@pytest.mark.parametrize("family", [pytest.param(f, marks=TIED) if f == "gemma" else f for f in HF])
+@pytest.mark.parametrize("family", HF)
 def test_with_the_oracle_precision_downcasts_are_found_at_the_planted_tap(family):
     """Calibrated budgets (`oracle=True`) judge each tap against the reference's own rounding."""
     pytest.importorskip("transformers")

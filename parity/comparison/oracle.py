@@ -104,10 +104,14 @@ def calibrate(report: Report, ref_vs_oracle: Report, cand_vs_oracle: Report, ora
 
 
 def _params_and_buffers(model) -> Iterator[tuple[dict, str]]:
+    """Each floating parameter and buffer once, however many modules share it (tied
+    embeddings): a second visit would save the upcast copy as the original."""
+    seen: set[int] = set()
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for name, value in store.items():
-                if value is not None and value.is_floating_point():
+                if value is not None and value.is_floating_point() and id(value) not in seen:
+                    seen.add(id(value))
                     yield store, name
 
 

@@ -122,3 +122,14 @@ def test_pi05_oracle_runs_in_float32_and_keeps_clean_flash_within_budget():
     bad = parity.compare("pytorch", "flash", faults=["mid_norm"], oracle=True, taps="prefix.*,vision.*")
     first = bad.first_divergence
     assert not bad and (first.info.stack, first.info.layer, first.info.component) == ("prefix", 2, "input_norm")
+
+
+def test_tied_weights_are_put_back_once_not_twice():
+    """A parameter shared by two modules (Gemma's embedding and lm_head) is upcast once and
+    put back as it was; visited twice, its upcast copy was saved as the original."""
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False)).to(torch.bfloat16)
+    model[1].weight = model[0].weight
+    before = model[0].weight.detach().clone()
+    with upcast(model, torch.float64):
+        assert model[1].weight.dtype == torch.float64
+    assert model[0].weight.dtype == torch.bfloat16 and torch.equal(model[0].weight, before)
