@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from parity.capture.staging import to_storage
-from parity.comparison.errors import IsolationError
+from parity.comparison.errors import IsolationError, crash_line
 from parity.comparison.host import compare_taps
 from parity.comparison.rules import Thresholds
 from parity.report.results import PartResult, TapResult, Unit
@@ -300,7 +300,7 @@ def record_calls(backend) -> CallLog:
         try:
             backend.run()
         except Exception as exc:  # noqa: BLE001 - a candidate that raises is a finding
-            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            error = crash_line(exc)
     return rec.log(error)
 
 
@@ -480,8 +480,7 @@ class Isolator:
         except IsolationError:
             raise
         except Exception as exc:  # noqa: BLE001 - the candidate's own crash is the finding
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            result.error = f"{type(exc).__name__}: {msg}"
+            result.error = crash_line(exc)
             return result
         if explain and not result.passed and not result.inherited_via:
             result.hint = self._hint(unit, result, cand_vals)
@@ -544,8 +543,7 @@ class Isolator:
         except IsolationError:
             raise
         except Exception as exc:  # noqa: BLE001 - the candidate's own crash is the finding
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            result.error = f"{type(exc).__name__}: {msg}"
+            result.error = crash_line(exc)
             return result
         result.rows = self._compare(unit, {v: v for v in ref_outs if v in cand_outs}, ref_outs, cand_outs)
         result.reads = self._reads(unit, list(ref_reads), ref_reads, own)

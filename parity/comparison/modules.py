@@ -42,7 +42,7 @@ from typing import Any
 
 from parity.capture.inputs import MB, CannotRerun, InputBudget, KeptCall, NotKept, data_input, install_input_hooks
 from parity.capture.inputs import rerun as rerun_call
-from parity.comparison.errors import IsolationError
+from parity.comparison.errors import IsolationError, crash_line
 from parity.taps.probe import ON_INPUT, Probe
 
 DEFAULT_MAX_MB = 2048  # per run: the bytes of the module inputs kept for isolation (parity.capture.inputs)
@@ -304,9 +304,8 @@ class LayerValues(Mapping):
             except IsolationError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the reference must re-run as it ran
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise IsolationError(f"the reference's {self.layer.where(spec)} fails when re-run: "
-                                     f"{type(exc).__name__}: {msg}") from None
+                                     f"{crash_line(exc)}") from None
         return self._values[name]
 
     def __iter__(self) -> Iterator[str]:
