@@ -3,7 +3,7 @@
     python bench/mutations.py                                  # every mutation (minutes on 2 CPU cores)
     python bench/mutations.py --sample 3 --family pi05,llama   # 3 per class and family
     python bench/mutations.py --name mutations_baseline        # -> bench/results/mutations_baseline_cpu.json
-    python bench/mutations.py --jobs 2 --oracle                # 2 processes; calibrated budgets
+    python bench/mutations.py --jobs 2 --fixed                 # 2 processes; the fixed bounds only
     python bench/mutations.py --show bench/results/mutations_baseline_cpu.json   # its table again
 
 Generic mutations (`parity.mutate`: scale x2 and x1.1, offset, sign flip, token roll,
@@ -15,7 +15,7 @@ at a time, in the candidate only, of
   pi05_fp32  the same in float32, for the downcast classes (they need an fp32 reference)
   llama, qwen3, gemma   tiny random transformers models (seeded, saved to a temporary
              folder, no download), float32, `attn=eager` vs `attn=sdpa`, 3 left-padded prompts
-Each is diffed with `parity.compare` (default thresholds, isolation on) and scored
+Each is diffed with `parity.compare` (its default judgement, isolation on) and scored
 against the answer derived from where it was planted (`parity.mutate.expect`): detected;
 first divergence at the mutated component's tap (or the first tap that observes it);
 INTRODUCED AT naming that component, or a bracket [last passing tap, first failing tap]
@@ -247,8 +247,9 @@ def sample(cases: list[Case], n: int | None, seed: int = 0) -> list[Case]:
     return [c for c in cases if id(c) in keep]
 
 
-def _compare(family: Family, oracle: bool):
-    return parity.compare(family.ref, family.cand, **({"oracle": True} if oracle else {}))
+def _compare(family: Family, oracle: bool | None):
+    """The diff as a user runs it (oracle None: parity's default judgement), or forced."""
+    return parity.compare(family.ref, family.cand, oracle=oracle)
 
 
 def _error(exc: BaseException) -> str:
@@ -259,7 +260,7 @@ def _error(exc: BaseException) -> str:
 MISSED = mutate.Outcome(False, None, False, None, None, False, None, False)
 
 
-def run_case(family: Family, case: Case, oracle: bool = False) -> dict[str, Any]:
+def run_case(family: Family, case: Case, oracle: bool | None = None) -> dict[str, Any]:
     """One mutation planted, diffed and scored; a diff that raises scores as a miss, with its error."""
     t0 = time.perf_counter()
     try:
@@ -272,7 +273,7 @@ def run_case(family: Family, case: Case, oracle: bool = False) -> dict[str, Any]
     return {**case.to_dict(), **outcome.to_dict(), "error": error, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def run_control(family: Family, label: str, planted, oracle: bool = False) -> dict[str, Any]:
+def run_control(family: Family, label: str, planted, oracle: bool | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"family": family.name, "control": label}
     try:
         with planted():
@@ -285,7 +286,7 @@ def run_control(family: Family, label: str, planted, oracle: bool = False) -> di
 
 
 def run_family(name: str, n: int | None = None, shard: int = 0, shards: int = 1,
-               only: Callable[[Case], bool] = lambda c: True, oracle: bool = False,
+               only: Callable[[Case], bool] = lambda c: True, oracle: bool | None = None,
                progress: Callable[[str], None] = lambda s: None) -> tuple[list[dict], list[dict]]:
     """(controls, cases) of one family, each as a JSON-ready row: the cases chosen by `n`
     and `only`, every `shards`-th from `shard` (the controls run in shard 0 only).  The
@@ -307,7 +308,7 @@ def _worker(task: tuple[str, int | None, int, int, int, bool]) -> tuple[list[dic
     return run_family(name, n, shard, shards, oracle=oracle)
 
 
-def run_all(families: list[str], n: int | None, jobs: int, threads: int, oracle: bool = False,
+def run_all(families: list[str], n: int | None, jobs: int, threads: int, oracle: bool | None = None,
             progress: Callable[[str], None] = lambda s: None) -> tuple[list[dict], list[dict]]:
     """Every family's (controls, cases), in `jobs` processes (each family split in `jobs` shards)."""
     torch.set_num_threads(threads)
@@ -394,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (tiny models: 1 is fastest)")
     ap.add_argument("--name", default="mutations", help="result file bench/results/<name>_<card>.json")
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--oracle", action="store_true", help="calibrated budgets: parity.compare(oracle=True)")
+    judge = ap.add_mutually_exclusive_group()
+    judge.add_argument("--oracle", dest="oracle", action="store_const", const=True, default=None,
+                       help="calibrated budgets everywhere: parity.compare(oracle=True)")
+    judge.add_argument("--fixed", dest="oracle", action="store_const", const=False,
+                       help="the fixed bounds only: parity.compare(oracle=False)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--show", metavar="JSON", help="print the table of a result file written earlier, run nothing")
     args = ap.parse_args(argv)

@@ -309,25 +309,33 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
               thresholds: Thresholds | None = None, taps: str | None = None,
               progress: ProgressFn | None = None, isolate: bool = True, chunk: int | None = None,
               on_device: bool = True, stop_at_first: bool = False, ref_device_mb: float | None = None,
-              oracle: bool = False) -> Report:
+              oracle: bool | None = None) -> Report:
     """Build both backends from the same options (same weights, inputs and noise), inject
     `faults` into the candidate only, run both and compare.  With `isolate`, a failing
     diff re-runs the first failing component on the reference's inputs and walks
     upstream to the component that introduces the error (`report.localisation`).
+
+    How taps are judged: `thresholds`, when given, are the user's fixed bounds and judge
+    every tap.  None: the defaults, which are calibrated budgets
+    (parity.comparison.oracle: the reference also runs in float64 with its own weights
+    upcast, and each tap may err twice as much as the reference does) wherever they are
+    cheap (`oracle.unavailable`: a reference on the CPU whose float64 copy is small), the
+    fixed default bounds elsewhere; either way a candidate's declared lossy parts
+    (`Backend.lossy`) are judged by its declared bounds from the first of them on.
+    `oracle` True asks for budgets anyway (float32 on a GPU), False for the fixed bounds.
 
     `on_device` (default): compare on the device as the candidate produces each tap
     (parity.comparison.on_device; no tap is copied to the host), the reference's taps kept on the device
     up to `ref_device_mb` (None: half the free device memory) and in pinned host memory
     past it.  Otherwise
     both runs are captured to host memory and diffed there.  `stop_at_first` (on-device
-    only) ends the candidate run at the first failing tap.
-
-    `oracle`: also run the reference in float64 (CPU; float32 on a GPU) with its own
-    weights upcast, and judge each tap by a calibrated budget instead of the fixed bounds
-    (parity.comparison.oracle); the three runs are captured to host memory."""
+    only) ends the candidate run at the first failing tap.  Budgets compare on the host."""
     _check_chunk(chunk)
     if oracle and (stop_at_first or ref_device_mb is not None):
         raise InputError("--oracle compares on the host: --stop-at-first and --ref-device-mb do not apply")
+    if oracle and thresholds is not None:
+        raise InputError("--oracle judges by calibrated budgets: it does not take --min-cos, --threshold or "
+                         "--max-norm-err (fixed bounds); give one or the other")
     _check_live_flags(on_device, stop_at_first, ref_device_mb)
     faults = fault_names(faults)
     # The reference runs to completion before the candidate is built: a candidate that
@@ -341,9 +349,27 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
             built.append(_build(cand, replace(options, faults=tuple(faults))))
         return built[0]
 
+    def gate_for(backend: Backend) -> Thresholds:
+        """The fixed bounds: the user's, else the defaults with the candidate's allowance."""
+        from parity.comparison.oracle import allowance
+
+        return thresholds if thresholds is not None else allowance(getattr(backend, "lossy", None))
+
+    why_fixed, auto = None, oracle is None
+    if auto:
+        oracle = False
+        if thresholds is None and not stop_at_first and ref_device_mb is None:
+            from parity.comparison.oracle import unavailable
+
+            why_fixed = unavailable(ref_backend.model, ref_backend.meta.get("dtype"))
+            oracle = why_fixed is None
     logs: list = []  # the layer calls of each run (reference, candidate), for isolation
     if oracle:
-        return _diff_with_oracle(ref_backend, build_cand, options, thresholds, taps, progress, isolate, chunk)
+        report = _diff_with_oracle(ref_backend, build_cand, gate_for, options, taps, progress, isolate, chunk,
+                                   asked=not auto)
+        if report is not None:
+            return report
+        why_fixed = "the reference cannot run at a higher precision"
     if on_device:
         from parity.comparison.on_device import diff_on_device
 
@@ -362,7 +388,7 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
             return sink
 
         budget = None if ref_device_mb is None else int(ref_device_mb * (1 << 20))
-        report = diff_on_device(ref_backend, build_cand, ref_meta, cand_meta, thresholds, select, chunk,
+        report = diff_on_device(ref_backend, build_cand, ref_meta, cand_meta, gate_for, select, chunk,
                                 stop_at_first, progress, budget, around)
         cand_backend = build_cand()
     else:
@@ -370,19 +396,31 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
         cand_backend = build_cand()
         cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
         logs = [ref_log, cand_log]
-        report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
+        report = compare_captures(ref_cap, cand_cap, gate_for(cand_backend), progress=progress, chunk=chunk)
+    if thresholds is None:
+        report.thresholds["calibration"] = {"mode": "fixed", "why": why_fixed or "asked for (--no-oracle)"}
+        _note_lossy(report, cand_backend)
     if isolate and report.first_divergence is not None:
-        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds,
+        report.localisation = localise_live(report, ref_backend, cand_backend, gate_for(cand_backend),
                                             tuple(logs))
     return report
 
 
-def _diff_with_oracle(ref_backend: Backend, build_cand, options: BackendOptions, thresholds, taps, progress,
-                      isolate: bool, chunk: int | None) -> Report:
-    """The host diff of `diff_live`, re-judged against an oracle run of the reference."""
+def _note_lossy(report: Report, backend: Backend) -> None:
+    """Say in the report which bounds a candidate's declared lossy parts brought."""
+    lossy = getattr(backend, "lossy", None)
+    if lossy is not None:
+        report.thresholds["lossy"] = {"parts": list(lossy.parts), "bounds": dict(lossy.bounds), "why": lossy.why}
+
+
+def _diff_with_oracle(ref_backend: Backend, build_cand, gate_for, options: BackendOptions, taps, progress,
+                      isolate: bool, chunk: int | None, asked: bool = True) -> Report | None:
+    """The host diff of `diff_live`, re-judged against an oracle run of the reference.
+    A reference that cannot run at a higher precision is an InputError when the oracle
+    was asked for; by default (`asked` False) None: the caller judges by fixed bounds."""
     import torch
 
-    from parity.comparison.oracle import calibrate, oracle_dtype, upcast
+    from parity.comparison.oracle import calibrate, isolation_thresholds, oracle_dtype, upcast
 
     ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
     device = next((p.device for p in ref_backend.model.parameters()), torch.device("cpu"))
@@ -394,7 +432,8 @@ def _diff_with_oracle(ref_backend: Backend, build_cand, options: BackendOptions,
     failures = []
     for name in names:
         try:
-            with upcast(ref_backend.model, getattr(torch, name), ref_backend.inputs):
+            widen = ref_backend.widen or (lambda dtype: upcast(ref_backend.model, dtype, ref_backend.inputs))
+            with widen(getattr(torch, name)):
                 oracle_cap = capture_live(ref_backend, options, taps, progress)
         except InputError:
             raise
@@ -405,14 +444,21 @@ def _diff_with_oracle(ref_backend: Backend, build_cand, options: BackendOptions,
             break
         failures.append(f"in {name}: raised {oracle_cap.error.exc_type}: {oracle_cap.error.message}")
     else:
+        if not asked:
+            return None
         raise InputError(f"--oracle: the reference cannot run at a higher precision ({'; '.join(failures)})")
     oracle_cap.meta = {**oracle_cap.meta, "dtype": name, "backend": f"{oracle_cap.meta.get('backend')} ({name} oracle)"}
     cand_backend = build_cand()
     cand_cap, cand_log = _capture_recording(cand_backend, options, taps, progress, isolate)
-    report = compare_captures(ref_cap, cand_cap, thresholds, progress=progress, chunk=chunk)
-    report = calibrate(report, compare_captures(oracle_cap, ref_cap), compare_captures(oracle_cap, cand_cap), name)
+    gate = gate_for(cand_backend)
+    lossy = getattr(cand_backend, "lossy", None)
+    report = compare_captures(ref_cap, cand_cap, gate, progress=progress, chunk=chunk)
+    report = calibrate(report, compare_captures(oracle_cap, ref_cap), compare_captures(oracle_cap, cand_cap), name,
+                       lossy=lossy)
+    _note_lossy(report, cand_backend)
     if isolate and report.first_divergence is not None:
-        report.localisation = localise_live(report, ref_backend, cand_backend, thresholds, (ref_log, cand_log))
+        report.localisation = localise_live(report, ref_backend, cand_backend, isolation_thresholds(report, gate),
+                                            (ref_log, cand_log))
     return report
 
 
@@ -500,7 +546,7 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
             faults: Iterable[str] = (),
             config: str | None = None, weights: str | None = None, progress: ProgressFn | None = None,
             stop_at_first: bool = False, on_device: bool = True, settings: Settings | None = None,
-            oracle: bool = False) -> Report:
+            oracle: bool | None = None) -> Report:
     """Run a reference and a candidate on the same inputs and compare them tap by tap.
 
     `ref` and `cand` are backend specs (`"hf:./m@attn=eager"`, `"pytorch"`,
@@ -514,9 +560,10 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     ends the candidate run at the first failing tap.  None: the default (BackendOptions'
     for the run, DEFAULT_MIN_COS for min_cos).  `settings` ([tool.parity], e.g. from
     `parity.settings.load_settings()`) fill in min_cos, thresholds and taps not given
-    here, the way the CLI and the pytest plugin do (`parity.settings.merge`).  `oracle`
-    judges each tap by a calibrated budget against a float64 run of the reference
-    (`diff_live`).  Bad requests raise InputError.
+    here, the way the CLI and the pytest plugin do (`parity.settings.merge`).  With no
+    bounds set anywhere, taps are judged by calibrated budgets against a float64 run of
+    the reference where that is cheap (`diff_live`); `oracle` True asks for them anyway,
+    False for the fixed default bounds.  Bad requests raise InputError.
 
         report = parity.compare("hf:./m@attn=eager", "hf:./m@attn=sdpa", batch=3, padding="left")
         assert report, report.first_divergence
@@ -524,7 +571,7 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps, max_norm_err=max_norm_err)
     options = backend_options(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights,
                               inputs=inputs, padding=padding, seq_len=seq_len)
-    return diff_live(ref, cand, options, fault_names(faults), merged.thresholds, merged.taps, progress,
+    return diff_live(ref, cand, options, fault_names(faults), merged.live_thresholds(oracle), merged.taps, progress,
                      on_device=on_device, stop_at_first=stop_at_first, oracle=oracle)
 
 
@@ -799,7 +846,8 @@ class DiffPlan:
     chunk: int | None = None
     stop_at_first: bool = False
     ref_device_mb: float | None = None
-    oracle: bool = False
+    oracle: bool | None = None  # None: calibrated budgets where cheap, unless bounds were set
+    live_thresholds: Thresholds | None = None  # what a live diff is judged by (None: the defaults)
 
     @property
     def stats(self) -> bool:
@@ -816,7 +864,8 @@ class DiffPlan:
             report = diff_dumps(self.dumps[0], self.dumps[1], self.thresholds, self.taps, self.allow_incomplete,
                                 progress, self.chunk)
         else:
-            report = diff_live(self.ref, self.cand, self.options, self.faults, self.thresholds, self.taps, progress,
+            report = diff_live(self.ref, self.cand, self.options, self.faults, self.live_thresholds, self.taps,
+                               progress,
                                isolate=self.isolate, chunk=self.chunk, on_device=self.mode == LIVE,
                                stop_at_first=self.stop_at_first, ref_device_mb=self.ref_device_mb,
                                oracle=self.oracle)
@@ -833,7 +882,7 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
                  stats_tol: Iterable[str] | str | None = (), allow_incomplete: bool = False, isolate: bool = True,
                  chunk: int | None = None, by_region: bool = False, on_device: bool = True,
                  stop_at_first: bool = False, ref_device_mb: float | None = None,
-                 settings: Settings | None = None, oracle: bool = False) -> DiffPlan:
+                 settings: Settings | None = None, oracle: bool | None = None) -> DiffPlan:
     """Check what a user gave `parity diff` and choose the diff it asks for (`DiffPlan.mode`):
 
     two dumps, or `ref` and `cand` (live); stats dumps, `stats` or `stats_tol` make it a
@@ -857,7 +906,7 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
             ("--max-norm-err", max_norm_err is not None), ("--by-region", by_region),
             ("--by-token", chunk is not None), ("--no-isolate", not isolate), ("--stop-at-first", stop_at_first),
             ("--host-compare", not on_device), ("--ref-device-mb", ref_device_mb is not None),
-            ("--oracle", oracle)) if given]
+            ("--oracle", oracle is not None)) if given]
         if tensor_only:
             raise InputError(f"{', '.join(tensor_only)} appl{'y' if len(tensor_only) > 1 else 'ies'} to tensor "
                              "diffs; a stats diff takes --stats-tol")
@@ -888,11 +937,15 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
         _check_live_flags(on_device, stop_at_first, ref_device_mb)
         if oracle and (stop_at_first or ref_device_mb is not None):
             raise InputError("--oracle compares on the host: --stop-at-first and --ref-device-mb do not apply")
+        if oracle and merged.bounds_from == "flags":
+            raise InputError("--oracle judges by calibrated budgets: it does not take --min-cos, --threshold or "
+                             "--max-norm-err (fixed bounds); give one or the other")
         return DiffPlan(LIVE if on_device and not oracle else HOST, gate, ref=ref, cand=cand, options=options,
                         faults=faults, taps=merged.taps, isolate=isolate, chunk=chunk, stop_at_first=stop_at_first,
-                        ref_device_mb=ref_device_mb, oracle=oracle)
-    if oracle:
-        raise InputError("--oracle runs the reference again: it needs live backends (--ref/--cand)")
+                        ref_device_mb=ref_device_mb, oracle=oracle, live_thresholds=merged.live_thresholds(oracle))
+    if oracle is not None:
+        raise InputError(f"--{'' if oracle else 'no-'}oracle applies to live backends (--ref/--cand): two dumps "
+                         "are judged by fixed bounds")
     if len(dumps) != 2:
         raise InputError("give two dumps (REF.h5 CAND.h5) or --ref and --cand")
     if faults:

@@ -232,10 +232,12 @@ def diff_cmd(
                                                   "rest wait in pinned host memory (default: half the free device "
                                                   "memory).", panel=LIVE),
     stats: bool = StatsOpt, stats_tol: Optional[List[str]] = StatsTolOpt,
-    oracle: bool = _option(False, "--oracle", help="Live diffs: also run the reference in float64 (float32 on a "
-                                                   "GPU) and judge each tap by its error against that run, "
-                                                   "relative to the reference's own (calibrated budgets).",
-                           panel=GATE),
+    oracle: Optional[bool] = _option(None, "--oracle/--no-oracle",
+                                     help="Live diffs: judge each tap by its error against a float64 run of the "
+                                          "reference (float32 on a GPU), relative to the reference's own "
+                                          "(calibrated budgets), or not (fixed bounds).  Default: budgets when no "
+                                          "bound is set and the reference is small and on the CPU.",
+                                     panel=GATE),
 ) -> None:
     """Compare a candidate with a reference, tap by tap, and name the first divergence.
 

@@ -71,6 +71,15 @@ class Merged:
     thresholds: Thresholds
     taps: str | None
     output_dir: Path
+    bounds_from: str | None = None  # who set bounds: "flags", "settings" or None (the defaults)
+
+    def live_thresholds(self, oracle: bool | None) -> Thresholds | None:
+        """What a live diff is given (`api.diff_live`): None when nobody set bounds, so the
+        defaults apply (calibrated budgets where cheap); also None when --oracle is asked
+        for over bounds from [tool.parity] (the flag is the more specific request)."""
+        if self.bounds_from is None or (oracle and self.bounds_from == "settings"):
+            return None
+        return self.thresholds
 
     @property
     def min_cos(self) -> float:
@@ -114,6 +123,10 @@ def merge(settings: Settings | None = None, *, min_cos: float | None = None, thr
     default included.  taps and output_dir: explicit, else the settings'.  A malformed
     threshold raises InputError."""
     s = settings or Settings()
+    flags = isinstance(thresholds, Thresholds) or min_cos is not None or max_norm_err is not None or \
+        bool(specs(thresholds) if not isinstance(thresholds, Thresholds) else True)
+    ours = s.min_cos is not None or bool(s.thresholds) or s.max_norm_err is not None or bool(s.norm_thresholds)
+    bounds_from = "flags" if flags else "settings" if ours else None
     if isinstance(thresholds, Thresholds):
         gate = thresholds
     else:
@@ -124,7 +137,7 @@ def merge(settings: Settings | None = None, *, min_cos: float | None = None, thr
                                     norm_err=None if norm is None else float(norm))
         except (TypeError, ValueError) as exc:
             raise InputError(str(exc)) from None
-    return Merged(gate, taps or s.taps, Path(output_dir) if output_dir is not None else s.output_dir)
+    return Merged(gate, taps or s.taps, Path(output_dir) if output_dir is not None else s.output_dir, bounds_from)
 
 
 def _number(value: Any, where: str) -> float:

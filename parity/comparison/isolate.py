@@ -413,7 +413,7 @@ class Isolator:
             name = None if stage is None else self.stage_taps(unit).get(value)
             ref_tap = self._tap(unit, component, ref_vals[value], layout, name)
             cand_tap = self._tap(unit, component, cand_vals[value], layout, name)
-            threshold = self.thresholds.for_tap(ref_tap.info.name, ref_tap.key)
+            threshold = self.thresholds.for_pair(ref_tap.info.name, ref_tap.key)
             rows.append(compare_taps(ref_tap, cand_tap, self.ref.layouts, self.cand.layouts, threshold,
                                      self.exact_dtypes))
         return rows

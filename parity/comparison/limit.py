@@ -51,8 +51,65 @@ class Limit:
         parts = []
         failed = self.failed(m)
         if "cos" in failed:
-            parts.append(f"cos {m.cos:.6f} < {self.min_cos}")
+            parts.append(f"cos {m.cos:.6f} < {bound_text(self.min_cos)}")
         if "norm" in failed:
             parts.append(f"norm ratio {m.norm_ratio:.4f} (size off by {abs(m.norm_ratio - 1.0):.3g} > "
                          f"{self.max_norm_err:.3g})")
         return "; ".join(parts)
+
+
+def bound_text(value: float) -> str:
+    """A bound as short as it can be written without moving it noticeably: 0.999 as
+    0.999, a calibrated 0.99983830231 as 0.9998383, 0.9999999999998 as 1 - 2e-13 (never 1
+    for a bound below 1)."""
+    if value < 1.0 and 1.0 - value < 1e-4:  # a calibrated bound close to 1: its distance says more
+        return f"1 - {1.0 - value:.2g}"
+    for digits in range(3, 18):
+        text = f"{value:.{digits}g}"
+        if float(text) == value or abs(float(text) - value) <= 1e-3 * abs(1.0 - value):
+            return text
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One tap's calibrated verdict: the candidate's and the reference's error against the
+    oracle, the budget that follows, and whether the candidate keeps to it."""
+
+    cand_err: float
+    ref_err: float
+    factor: float
+    floor: float
+
+    @property
+    def limit(self) -> float:
+        return self.factor * (self.ref_err + self.floor)
+
+    @property
+    def met(self) -> bool:
+        return self.cand_err <= self.limit  # NaN never does
+
+    @property
+    def ratio(self) -> float:
+        return self.cand_err / self.ref_err if self.ref_err > 0 else float("inf") if self.cand_err > 0 else 1.0
+
+    def reason(self) -> str:
+        return (f"error {self.cand_err:.3g} against the oracle is {self.ratio:.3g}x the reference's own "
+                f"{self.ref_err:.3g} (budget {self.factor:g} x (its own + {self.floor:.2g}))")
+
+    def to_dict(self) -> dict:
+        return {"cand_err": _number(self.cand_err), "ref_err": _number(self.ref_err), "factor": self.factor,
+                "floor": self.floor, "ratio": _number(self.ratio), "met": self.met}
+
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Budget:
+        def num(v):
+            return float("nan") if v is None else float(v)
+
+        return cls(num(d.get("cand_err")), num(d.get("ref_err")), float(d["factor"]), float(d["floor"]))
+
+
+def _number(x: float) -> float | None:
+    """JSON has no NaN or infinity: None for those."""
+    return x if math.isfinite(x) else None

@@ -218,18 +218,18 @@ class LiveComparer(_Sink):
         return self.results[ref.key]
 
 
-def diff_on_device(ref_backend, cand_backend, ref_meta: dict, cand_meta: dict, thresholds: Thresholds | None = None,
+def diff_on_device(ref_backend, cand_backend, ref_meta: dict, cand_meta: dict, thresholds=None,
                    select=None, chunk: int | None = None, stop_at_first: bool = False, progress=None,
                    device_budget: int | None = None, around=None, phases: dict | None = None) -> Report:
     """Run the reference, stashing its taps on the device, then the candidate, comparing
     each tap as it comes; the Report of the pair.  `cand_backend` may be a function that
     builds the candidate (and `cand_meta` one that gives its meta): it is called only
     once the reference has run, so nothing the candidate patches while it is built (a
-    library function replaced for speed) can change the reference's run.
+    library function replaced for speed) can change the reference's run.  `thresholds`
+    may be a function of the built candidate too (a candidate declares its lossy parts).
     `around(backend, run)` wraps each run
     (the caller records layer calls for isolation with it).  `phases`, if given, gets the
     seconds each phase took (device synced between phases: for benchmarks only)."""
-    thresholds = thresholds or Thresholds()
     around = around or (lambda backend, run: run())
     clock = _Phases(phases)
 
@@ -243,6 +243,9 @@ def diff_on_device(ref_backend, cand_backend, ref_meta: dict, cand_meta: dict, t
         cand_backend = cand_backend()
     if callable(cand_meta):
         cand_meta = cand_meta(cand_backend)
+    if callable(thresholds):
+        thresholds = thresholds(cand_backend)
+    thresholds = thresholds or Thresholds()
     exact = ref_meta.get("dtype") == cand_meta.get("dtype")
     comparer = LiveComparer(stash, cand_meta, thresholds, exact, chunk, stop_at_first, progress,
                             f"compare {name(cand_backend, cand_meta)}")

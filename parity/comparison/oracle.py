@@ -8,24 +8,33 @@ large honest rounding is at each tap: run it once more in float64 on the CPU (fl
 a GPU) with the same weights (its own, upcast exactly), inputs and noise: the *oracle*.
 Then a candidate tap passes when
 
-    err(cand, oracle) <= FACTOR * err(ref, oracle) + FLOOR(dtype)
+    err(cand, oracle) <= FACTOR * (err(ref, oracle) + FLOOR(dtype))
 
 with err the relative L2 error.  FACTOR is 2, as FlashAttention's own tests accept twice
 the reference implementation's error against a higher-precision run; FLOOR is the unit
-roundoff of the coarser of the two runs' dtypes, for taps the reference computes
-exactly (an embedding lookup) where any reordering of a sum would otherwise exceed
-2 x 0.  Region rows are judged by the same rule.
+roundoff of the coarser of the two runs' dtypes, one rounding of the result: for taps
+the reference computes exactly (an embedding lookup, or a part the model pins to a
+precision the oracle cannot widen) any reordering of a sum would otherwise exceed 2 x 0.
+Region rows are judged by the same rule.
+
+It is the default of a live diff whose user sets no bounds, wherever it is cheap
+(`unavailable`): a reference on the CPU whose float64 copy is small.  A candidate that
+declares parts lossy on purpose (`Lossy`, an FP8 MLP) is judged by its declared fixed
+bounds from the first of them on: its error there is a choice, not rounding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from parity.report.results import Report, json_number
+from parity.comparison.limit import Budget  # noqa: F401 - a calibrated verdict, re-exported
+from parity.comparison.rules import Thresholds
+from parity.report.results import Report
 
 FACTOR = 2.0
+AUTO_MAX_MB = 1024  # default on while the oracle's copy of the reference weights stays under this
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11,
                  "float8_e4m3fn": 2.0 ** -4, "float8_e5m2": 2.0 ** -3}
 
@@ -35,53 +44,77 @@ def floor_for(*dtypes: str | None) -> float:
     return max(UNIT_ROUNDOFF.get(str(d).removeprefix("torch."), 2.0 ** -24) for d in dtypes)
 
 
-@dataclass(frozen=True)
-class Budget:
-    """One tap's calibrated verdict: the candidate's and the reference's error against the
-    oracle, the budget that follows, and whether the candidate keeps to it."""
+def allowance(lossy, base: Thresholds | None = None) -> Thresholds:
+    """`base` (the defaults) with a candidate's declared lossy bounds over it (`Lossy.bounds`:
+    {glob: min_cos or (min_cos, max_norm_err)}); `base` itself without a declaration."""
+    base = base or Thresholds()
+    if lossy is None:
+        return base
+    cos, norm = [], []
+    for glob, value in dict(lossy.bounds).items():
+        pair = tuple(value) if isinstance(value, (tuple, list)) else (value, None)
+        cos.append((glob, float(pair[0])))
+        if pair[1] is not None:
+            norm.append((glob, float(pair[1])))
+    return replace(base, patterns=base.patterns + tuple(cos), norm_patterns=base.norm_patterns + tuple(norm))
 
-    cand_err: float
-    ref_err: float
-    factor: float
-    floor: float
 
-    @property
-    def limit(self) -> float:
-        return self.factor * self.ref_err + self.floor
+def first_lossy(report: Report, lossy) -> int | None:
+    """The execution order of the first tap a declared lossy part produces (None: none)."""
+    if lossy is None:
+        return None
+    import fnmatch
 
-    @property
-    def met(self) -> bool:
-        return self.cand_err <= self.limit  # NaN never does
+    orders = [row.order for row in report.rows if row.order is not None and any(
+        fnmatch.fnmatchcase(row.info.name, g) or fnmatch.fnmatchcase(row.key, g) for g in lossy.parts)]
+    return min(orders, default=None)
 
-    @property
-    def ratio(self) -> float:
-        return self.cand_err / self.ref_err if self.ref_err > 0 else float("inf") if self.cand_err > 0 else 1.0
 
-    def reason(self) -> str:
-        return (f"error {self.cand_err:.3g} against the oracle is {self.ratio:.3g}x the reference's own "
-                f"{self.ref_err:.3g} (budget {self.factor:g}x + {self.floor:.2g})")
-
-    def to_dict(self) -> dict:
-        return {"cand_err": json_number(self.cand_err), "ref_err": json_number(self.ref_err), "factor": self.factor,
-                "floor": self.floor, "ratio": json_number(self.ratio), "met": self.met}
+def unavailable(model, ref_dtype: str | None) -> str | None:
+    """Why calibrated budgets are not the default for this reference (None: they are):
+    they need a reference on the CPU, not already in float64, whose float64 copy stays
+    under AUTO_MAX_MB (the oracle run holds it beside the reference, and all three runs'
+    taps in host memory)."""
+    params = [p for p in model.parameters() if p.is_floating_point()] if hasattr(model, "parameters") else []
+    if not params:
+        return "the reference has no floating parameters to upcast"
+    if any(p.device.type != "cpu" for p in params):
+        return "the reference runs on an accelerator (--oracle runs a float32 oracle there)"
+    if str(ref_dtype).removeprefix("torch.") == "float64":
+        return "the reference already runs in float64"
+    mb = sum(p.numel() for p in params) * 8 / (1 << 20)
+    if mb > AUTO_MAX_MB:
+        return f"its float64 copy would take {mb:.0f} MB (over {AUTO_MAX_MB} MB; --oracle runs it anyway)"
+    return None
 
 
 def calibrate(report: Report, ref_vs_oracle: Report, cand_vs_oracle: Report, oracle_dtype: str,
-              factor: float = FACTOR) -> Report:
+              factor: float = FACTOR, lossy=None) -> Report:
     """`report` (ref vs cand) re-judged by calibrated budgets: every compared tap whose
     values were judged (pass or fail) passes or fails by its budget instead; other
     statuses (shape, NaN, dtype, missing ...) stand.  Taps the oracle lacks keep their
-    fixed-bound verdict, and the report says how many."""
-    ref_errs = {r.key: r for r in ref_vs_oracle.rows if r.metrics is not None}
-    cand_errs = {r.key: r for r in cand_vs_oracle.rows if r.metrics is not None}
-    rows, unjudged = [], 0
+    fixed-bound verdict, and the report says how many.  With a `lossy` declaration, taps
+    from the first lossy part on keep theirs (`report` judged them by `allowance`)."""
+    # only pairs measured in full: an oracle with NaN/Inf where the run has none (float64
+    # through a library's float32 softmax of a fully masked row) calibrates nothing there
+    ref_errs = {r.key: r for r in ref_vs_oracle.rows if r.metrics is not None and r.status in ("pass", "fail")}
+    cand_errs = {r.key: r for r in cand_vs_oracle.rows if r.metrics is not None and r.status in ("pass", "fail")}
+    broken = {r.key for r in ref_vs_oracle.rows if r.status == "nonfinite"}
+    lossy_from = first_lossy(report, lossy)
+    rows, unjudged, unfit = [], 0, []
     for row in report.rows:
         r, c = ref_errs.get(row.key), cand_errs.get(row.key)
         if row.status not in ("pass", "fail") or row.metrics is None:
             rows.append(row)
             continue
+        if lossy_from is not None and row.order is not None and row.order >= lossy_from:
+            rows.append(row)
+            continue
         if r is None or c is None:
-            unjudged += 1
+            if row.key in broken:
+                unfit.append(row.key)
+            else:
+                unjudged += 1
             rows.append(row)
             continue
         floor = floor_for(row.ref_dtype, row.cand_dtype)
@@ -94,13 +127,52 @@ def calibrate(report: Report, ref_vs_oracle: Report, cand_vs_oracle: Report, ora
             f"within its budget as a whole, but not in {', '.join(failing)}: {regions[failing[0]].reason()}"
         rows.append(replace(row, status=status, reason=reason, budget=budget, region_budgets=regions))
     calibration = {"mode": "oracle", "oracle_dtype": oracle_dtype, "factor": factor,
-                   "rule": "rel_l2(cand, oracle) <= factor * rel_l2(ref, oracle) + unit roundoff"}
+                   "rule": "rel_l2(cand, oracle) <= factor * (rel_l2(ref, oracle) + unit roundoff)"}
+    if lossy_from is not None:
+        start = next(row.key for row in report.rows if row.order == lossy_from)
+        calibration["lossy"] = {"parts": list(lossy.parts), "why": lossy.why, "from": start,
+                                "rule": "from this tap on, the candidate's declared fixed bounds"}
     warnings = list(report.warnings)
     if unjudged:
         warnings.append(f"{unjudged} taps missing in the oracle run were judged by the fixed bounds")
+    if unfit:
+        warnings.append(f"{len(unfit)} taps (the first {unfit[0]}) were judged by the fixed bounds: the {oracle_dtype} "
+                        "oracle run has NaN/Inf there where the reference has none")
     return Report(rows=rows, ref_meta=report.ref_meta, cand_meta=report.cand_meta,
                   thresholds={**report.thresholds, "calibration": calibration}, cand_error=report.cand_error,
                   problems=list(report.problems), localisation=report.localisation, warnings=warnings)
+
+
+def isolation_thresholds(report: Report, base: Thresholds) -> Thresholds:
+    """The bounds a re-run component is judged by in a calibrated diff: each budgeted tap's
+    own budget as a size and a direction bound (a relative error e: |norm ratio - 1| <= e,
+    cos >= 1 - e^2 / 2); a component without a tap of its own (code between layers) by the
+    budget of the first divergence, the error it must explain; `base` for taps judged by
+    fixed bounds.  So a component re-run on the reference's inputs fails exactly when it
+    alone errs more than the budget allows."""
+    from parity.comparison.limit import norm_err_for
+
+    first = report.first_divergence
+    cos, norm = list(base.patterns), list(base.norm_patterns)
+    sized = {g for g, _ in norm}
+    norm += [(g, base.norm_err if base.norm_err is not None else norm_err_for(v)) for g, v in base.patterns
+             if g not in sized]  # a base pattern keeps its own size bound under the new default
+    default, default_norm = base.default, base.norm_err
+    if first is not None and first.budget is not None:
+        default, default_norm = _as_bounds(first.budget.limit)
+    for row in report.rows:
+        if row.budget is None:
+            continue
+        glob = "".join(f"[{ch}]" if ch in "*?[" else ch for ch in row.key)  # the key, matched literally
+        c, e = _as_bounds(row.budget.limit)
+        cos.append((glob, c))
+        norm.append((glob, e))
+    return replace(base, default=default, norm_err=default_norm, patterns=tuple(cos), norm_patterns=tuple(norm))
+
+
+def _as_bounds(e: float) -> tuple[float, float]:
+    """A relative error bound e as (min cos, max norm error)."""
+    return max(-1.0, 1.0 - e * e / 2), e
 
 
 def _params_and_buffers(model) -> Iterator[tuple[dict, str]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.comparison.limit import Limit
+from parity.comparison.limit import Budget, Limit, bound_text
 from parity.comparison.metrics import Metrics
 from parity.report.schema import check_report
 from parity.taps.records import CaptureError, TapInfo
@@ -119,8 +119,8 @@ class TapResult:
     chunks: dict[str, Metrics] = field(default_factory=dict)  # per chunk of canonical positions, if asked
     heads: list[Metrics] = field(default_factory=list)  # per attention head, for [tokens, heads, dim] taps
     max_norm_err: float | None = None  # the size bound; None: the one that follows from `threshold`
-    budget: Any = None  # a calibrated verdict (parity.comparison.oracle.Budget), when an oracle judged it
-    region_budgets: dict[str, Any] = field(default_factory=dict)
+    budget: Budget | None = None  # a calibrated verdict, when an oracle judged it
+    region_budgets: dict[str, Budget] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -199,7 +199,9 @@ class TapResult:
                    regions={k: _metrics_from(v) for k, v in (d.get("regions") or {}).items()},
                    chunks={k: _metrics_from(v) for k, v in (d.get("chunks") or {}).items()},
                    heads=[_metrics_from(v) for v in (d.get("heads") or [])],
-                   max_norm_err=None if d.get("max_norm_err") is None else float(d["max_norm_err"]))
+                   max_norm_err=None if d.get("max_norm_err") is None else float(d["max_norm_err"]),
+                   budget=Budget.from_dict(d["budget"]) if isinstance(d.get("budget"), dict) else None,
+                   region_budgets={k: Budget.from_dict(v) for k, v in (d.get("region_budgets") or {}).items()})
 
 
 def where_dict(row: TapResult) -> dict[str, Any]:
@@ -407,8 +409,11 @@ def _why(step: dict) -> str:
         return f"raised {step['error']}"
     bad = [o for o in step.get("outputs", []) if o.get("status") != "pass"]
     o = bad[0] if bad else (step.get("outputs") or [{}])[0]
-    cos = o.get("cos")
-    return f"{o.get('component')} cos {cos:.6f} < {o.get('threshold')}" if cos is not None else str(o.get("reason"))
+    cos, reason = o.get("cos"), o.get("reason")
+    if reason:  # the verdict's own words: which bound it missed
+        return f"{o.get('component')} {reason}"
+    return f"{o.get('component')} cos {cos:.6f} < {bound_text(o.get('threshold'))}" if cos is not None else \
+        str(reason)
 
 
 MEASURES = ("rel_norm", "rel_std", "mean_shift", "rel_max_abs")

@@ -117,6 +117,27 @@ def bounds_words(thresholds: dict) -> str:
     return f"min cos {cos}{size}"
 
 
+def judgement_line(thresholds: dict) -> str | None:
+    """How a live diff that was given no bounds judged its taps, in one line (None: the
+    bounds were the user's, said by the verdict itself)."""
+    cal = thresholds.get("calibration")
+    if not isinstance(cal, dict):
+        return None
+    if cal.get("mode") == "oracle":
+        line = (f"judged by calibrated budgets: {cal.get('factor'):g}x the reference's own error against its "
+                f"{cal.get('oracle_dtype')} run")
+        lossy = cal.get("lossy")
+        if isinstance(lossy, dict):
+            line += (f"; from {lossy.get('from')} on, by the candidate's declared bounds "
+                     f"({lossy.get('why') or 'declared lossy'})")
+        return line
+    line = f"judged by fixed bounds ({bounds_words(thresholds)}): calibrated budgets off, {cal.get('why')}"
+    lossy = thresholds.get("lossy")
+    if isinstance(lossy, dict):
+        line += f"; the candidate's declared bounds where they match ({lossy.get('why') or 'declared lossy'})"
+    return line
+
+
 def counts_line(result, noun: str = "taps") -> str:
     """`413 taps: fail 321, pass 92` for any result with rows (a Report, a WeightsReport)."""
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts().items()))
@@ -237,8 +258,10 @@ def report_banner(report: Report) -> Banner:
     if report.passed:
         cal = report.thresholds.get("calibration")
         within = f"thresholds ({bounds_words(report.thresholds)})" if not isinstance(cal, dict) else \
-            (f"calibrated budgets ({cal.get('factor')}x the reference's own error against its "
-             f"{cal.get('oracle_dtype')} run)")
+            (f"calibrated budgets ({cal.get('factor'):g}x the reference's own error against its "
+             f"{cal.get('oracle_dtype')} run" + (", the declared lossy parts' bounds from "
+                                                  f"{cal['lossy'].get('from')} on)" if isinstance(
+                                                      cal.get("lossy"), dict) else ")"))
         return Banner(True, (pass_line(len(report.rows), "taps", within),
                              *warning_lines(report.warnings)))
     lines = []

@@ -103,6 +103,22 @@ class ParamView:
     quantized: str | None = None
 
 
+@dataclass(frozen=True)
+class Lossy:
+    """What a backend computes lossily on purpose (an FP8 MLP), declared so that it is
+    judged by an allowance and not as a bug.
+
+    `parts`: globs of the taps those components produce ("prefix.*.mlp").  `bounds`:
+    {glob: min_cos or (min_cos, max_norm_err)}, the fixed bounds that judge the taps they
+    match, over the default, whenever the user sets none: the lossy parts' own and those
+    of everything that inherits their loss.  With calibrated budgets, taps before the
+    first lossy part in execution order keep their budgets (no loss has entered yet)."""
+
+    parts: tuple[str, ...]
+    bounds: Any  # Mapping[str, float | tuple[float, float]]
+    why: str = ""  # one line for the reports: "FP8 e4m3 MLP gate/up projections"
+
+
 @dataclass
 class Backend:
     """A model ready to run once on fixed inputs, with the probe that names its taps.
@@ -120,6 +136,10 @@ class Backend:
     meta: dict[str, Any] = field(default_factory=dict)
     inputs: Any = None  # the prepared inputs, for tools that drive the model directly (benchmarks)
     parameters: Callable[[], dict[str, ParamView]] | None = None
+    lossy: Lossy | None = None  # what it computes lossily on purpose, and the allowance
+    # how its run computes at a higher precision for calibrated budgets: widen(dtype), a
+    # context manager; None = parity's generic upcast of the model and its inputs
+    widen: Callable[[Any], Any] | None = None
 
 
 def registered() -> dict[str, Any]:

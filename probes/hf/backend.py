@@ -227,7 +227,31 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
         "transformers": transformers.__version__,
     }
     return Backend(name="hf", model=model, probe=probe, run=run,
-                   layouts=lambda: {TOKENS: layout} if layout is not None else {}, meta=meta, inputs=kwargs)
+                   layouts=lambda: {TOKENS: layout} if layout is not None else {}, meta=meta, inputs=kwargs,
+                   widen=lambda dtype: _widened(model, kwargs, dtype))
+
+
+@contextlib.contextmanager
+def _widened(model, inputs: dict, dtype):
+    """The model upcast to `dtype` (parity's oracle run), its eager attention run through
+    SDPA meanwhile: transformers' eager attention takes its softmax in float32, which
+    rounds the oracle there and turns a float64 mask's minimum into -inf (a fully masked
+    padding row, then NaN everywhere it is read).  Put back as it was afterwards."""
+    from parity.comparison.oracle import upcast
+
+    before = getattr(model.config, "_attn_implementation", None)
+    switch = before == "eager" and callable(getattr(model, "set_attn_implementation", None))
+    if switch:
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, ImportError, AttributeError):  # a model without an SDPA path stays eager
+            switch = False
+    try:
+        with upcast(model, dtype, inputs):
+            yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
 
 
 factory.usage = USAGE

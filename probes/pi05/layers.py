@@ -89,14 +89,21 @@ class PackedCore:
         return out
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of theta_i = theta^(-2i/D) times position, in fp32: [B, T, 1, D/2] each.
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the parts computed "in fp32": float32, or float64 when the model runs in
+    float64 (parity's oracle run), so that no part of it rounds to float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of theta_i = theta^(-2i/D) times position, in fp32 (`dtype`): [B, T, 1, D/2] each.
 
     Computed once per inference per stack (positions do not change across layers or
     denoise steps), not once per attention call."""
     half = head_dim // 2
-    inv_freq = theta ** (-torch.arange(half, dtype=torch.float32, device=positions.device) * 2.0 / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # [B, T, half]
+    inv_freq = theta ** (-torch.arange(half, dtype=dtype, device=positions.device) * 2.0 / head_dim)
+    angles = positions.to(dtype)[..., None] * inv_freq  # [B, T, half]
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
@@ -105,7 +112,7 @@ def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], inter
 
     Half-split (rotate_half) pairing: channel i rotates with channel i + D/2."""
     cos, sin = tables
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, cos.dtype))
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
@@ -128,7 +135,7 @@ class RMSNorm(nn.Module):
         self.plain_w = faults.has("norm_plain_w")
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(wide(x.dtype))
         return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, modulation: torch.Tensor | None = None):
@@ -149,7 +156,7 @@ class AdaRMSNorm(RMSNorm):
         """`modulation` = dense(cond) [B, 3*dim] when a caller computed it ahead (the `fast`
         candidate does all norms of all denoise steps in one matmul)."""
         if modulation is None:
-            modulation = self.dense(cond.float())
+            modulation = self.dense(cond.to(self.dense.weight.dtype))
         scale, shift, gate = modulation[:, None, :].chunk(3, dim=-1)  # each [B, 1, dim]
         return (self.normalize(x) * (1.0 + scale) + shift).to(x.dtype), gate.to(x.dtype)
 
@@ -160,7 +167,7 @@ class LayerNorm(nn.LayerNorm):
     keep_fp32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        return F.layer_norm(x.to(wide(x.dtype)), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
 
 
 class GatedMLP(nn.Module):

@@ -31,6 +31,7 @@ from parity.probes.pi05.layers import (
     TapPoint,
     init_weights,
     rope_tables,
+    wide,
 )
 
 
@@ -91,7 +92,7 @@ class SiglipTower(nn.Module):
 
     def forward(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # images [N, 3, S, S] -> [N, tokens, width]
-        x = self.patch_embedding(images.float()).flatten(2).transpose(1, 2)
+        x = self.patch_embedding(images.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         x = self.embed((x + self.position_embedding).to(dtype))
         for layer in self.layers:
             x = layer(x)
@@ -196,7 +197,7 @@ def sincos_time_embedding(t: torch.Tensor, dim: int, min_period=4e-3, max_period
     fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
     period = min_period * (max_period / min_period) ** fraction
     angle = (2 * math.pi / period)[None, :] * t.double()[:, None]  # [B, dim/2] float64
-    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).to(wide(t.dtype))
 
 
 class Pi05Policy(nn.Module):
@@ -327,7 +328,7 @@ class Pi05Policy(nn.Module):
             x = x.gather(1, plan.gather[..., None].expand(-1, -1, x.shape[-1]))
         x = self.prefix.embed(x)
         ctx = AttnContext(q_valid=plan.valid, k_valid=plan.valid, dense=plan.dense)
-        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.rope_theta)
+        rope = rope_tables(plan.positions, self.cfg.llm.head_dim, self.rope_theta, wide(self.dtype))
         keys, values = [], []
         for layer in self.prefix.layers:
             x, k, v = layer(x, ctx, rope)
@@ -359,7 +360,7 @@ class Pi05Policy(nn.Module):
 
     def action_out(self, x: torch.Tensor) -> torch.Tensor:
         """The action out-projection, in fp32: [B, H, De] -> the velocity [B, H, action_dim]."""
-        return self.action_out_proj(x.float())
+        return self.action_out_proj(x.to(self.action_out_proj.weight.dtype))
 
     def euler_step(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """One flow-matching Euler update at time t [B]: x_t + dt * v, in fp32 ([B, H, action_dim])."""
@@ -386,14 +387,15 @@ class Pi05Policy(nn.Module):
         num_valid = self.prefix_valid(obs).sum(1)  # [B]
         H = noise.shape[1]
         positions = num_valid[:, None] + torch.arange(H, device=noise.device)[None, :]  # [B, H]
-        rope = rope_tables(positions, self.cfg.expert.head_dim, self.rope_theta)
-        dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=torch.float32, device=noise.device)
-        t = torch.ones(noise.shape[0], dtype=torch.float32, device=noise.device)
+        fp32 = wide(self.dtype)  # float64 in parity's oracle run
+        rope = rope_tables(positions, self.cfg.expert.head_dim, self.rope_theta, fp32)
+        dt = torch.full((), -1.0 / self.cfg.num_steps, dtype=fp32, device=noise.device)
+        t = torch.ones(noise.shape[0], dtype=fp32, device=noise.device)
         times = [t]
         for _ in range(self.cfg.num_steps - 1):  # t accumulates in fp32, as openpi does
             times.append(times[-1] + dt)
         conds, mods = self.precondition(torch.stack(times)) if self.variant.batched_conditioning else (None, None)
-        x_t = noise.float()
+        x_t = noise.to(fp32)
         for step, t in enumerate(times):
             v = self.velocity(cache, rope, x_t, t, None if conds is None else conds[step],
                               None if mods is None else [m[step] for m in mods])

@@ -99,12 +99,14 @@ def test_hf_scale_bug_fails_at_the_scaled_tap(tiny_models, module_path, componen
     folder = tiny_models("llama")
     ref = factory(BackendOptions(batch=2, seq_len=8), f"{folder}@attn=eager")
     cand = _scaled(f"hf:{folder}@attn=eager", module_path, scale)
-    report = parity.compare(ref, cand)
+    report = parity.compare(ref, cand, oracle=False)  # the fixed bounds: the size bound sees it
     assert not report
     first = report.first_divergence
     assert (first.info.layer, first.info.component) == (1, component), first.key
     assert "norm ratio" in first.reason and first.failed_bounds == ("norm",)
     assert report.rows[[r.key for r in report.rows].index(first.key)].to_dict()["failed_bounds"] == ["norm"]
+    calibrated = parity.compare(ref, cand)  # the default budgets, at the same tap
+    assert calibrated.first_divergence.key == first.key and calibrated.first_divergence.failed_bounds == ("budget",)
 
 
 def _pi05(name: str = "flash"):
@@ -118,10 +120,11 @@ def test_pi05_velocity_head_twice_its_size_fails_at_the_velocity_tap():
 
     cand = _pi05()
     cand.model.action_out_proj.register_forward_hook(lambda mod, args, out: out * 2)
-    report = parity.compare(_pi05("pytorch"), cand, taps="expert.*")
+    report = parity.compare(_pi05("pytorch"), cand, taps="expert.*", oracle=False)
     first = report.first_divergence
     assert first is not None and first.key == "expert.velocity@0", first
     assert first.failed_bounds == ("norm",)
+    assert parity.compare(_pi05("pytorch"), cand, taps="expert.*").first_divergence.key == "expert.velocity@0"
 
 
 def test_pi05_image_tokens_scaled_in_the_embedding_assembly_are_placed_in_the_cameras():

@@ -81,7 +81,7 @@ def test_markdown_for_a_pr_comment(nomask):
     assert md.startswith("### ❌ parity: FIRST DIVERGENCE: prefix.0.attn")
     assert "| layer | input_norm | q | k | v | attn | o_proj | post_attn_norm | mlp |" in md
     assert "| 0 | 1.000000 ✓ | 1.000000 ✓ | 1.000000 ✓ | 1.000000 ✓ | **0.874752 ✗** |" in md
-    assert "<details><summary>321 failing taps</summary>" in md
+    assert "<details><summary>200 failing taps</summary>" in md
 
 
 def test_junit_has_one_testcase_per_tap(nomask):
@@ -212,7 +212,7 @@ def test_every_rendering_says_the_same_banner_lines(nomask):
 
     verdict = report_banner(nomask)
     texts = [line.text for line in verdict.lines]
-    assert texts[0] == "FIRST DIVERGENCE: prefix.0.attn" and texts[-1] == "413 taps: fail 321, pass 92"
+    assert texts[0] == "FIRST DIVERGENCE: prefix.0.attn" and texts[-1] == "413 taps: fail 200, pass 213"
     for start in ("still matching just before it: ", "by region: ", "where: uniform", "INTRODUCED AT: prefix.0.attn",
                   "isolation: introduced at", "hint: attention ignores"):
         assert any(t.startswith(start) for t in texts), start

@@ -14,7 +14,14 @@ from rich.text import Text
 from parity.capture.observation import describe
 from parity.report.results import Report, TapResult
 from parity.report.series import worst as _worst
-from parity.report.summary import component_banner, concentration, frames_banner, report_banner, side_label
+from parity.report.summary import (
+    component_banner,
+    concentration,
+    frames_banner,
+    judgement_line,
+    report_banner,
+    side_label,
+)
 from parity.report.terminal.banner import panel
 from parity.report.text import shown  # noqa: F401 - part of this module's interface (render.shown)
 
@@ -95,7 +102,12 @@ def banner(report: Report) -> Panel:
 
 
 def header(report: Report) -> Text:
-    return run_header(report.ref_meta, report.cand_meta)
+    text = run_header(report.ref_meta, report.cand_meta)
+    judged = judgement_line(report.thresholds)
+    if judged:
+        text.append("\n")
+        text.append(shown(judged), style="dim")
+    return text
 
 
 def run_header(r: dict, c: dict) -> Text:
