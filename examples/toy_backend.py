@@ -36,11 +36,12 @@ def _build(options: BackendOptions, gelu: bool) -> Backend:
     torch.manual_seed(options.seed)  # the same seed gives both sides the same weights and inputs
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([Layer(), Layer()])
-    x = torch.randn(options.batch, TOKENS, WIDTH)
+    # Inputs kept in `inputs`, read at run time: parity's float64 oracle run upcasts them there.
+    inputs = {"x": torch.randn(options.batch, TOKENS, WIDTH)}
 
     def run():
         with torch.no_grad():
-            h = x
+            h = inputs["x"]
             for layer in model.layers:
                 h = layer(h)
             return h
@@ -48,7 +49,7 @@ def _build(options: BackendOptions, gelu: bool) -> Backend:
     # Every token slot maps to its canonical position; -1 would mark a don't-care slot.
     slots = np.arange(options.batch * TOKENS).reshape(options.batch, TOKENS)
     layouts = {"tokens": Layout(slots, TOKENS, (Region("first", 0, 4), Region("rest", 4, TOKENS)))}
-    return Backend(name="toy", model=model, probe=PROBE, run=run, layouts=lambda: layouts,
+    return Backend(name="toy", model=model, probe=PROBE, run=run, layouts=lambda: layouts, inputs=inputs,
                    meta={"arch": "toy", "seed": options.seed, "device": "cpu", "dtype": "float32"})
 
 

@@ -367,9 +367,9 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     if oracle:
         report = _diff_with_oracle(ref_backend, build_cand, gate_for, options, taps, progress, isolate, chunk,
                                    asked=not auto)
-        if report is not None:
+        if isinstance(report, Report):
             return report
-        why_fixed = "the reference cannot run at a higher precision"
+        why_fixed = f"the reference cannot run at a higher precision ({report})"
     if on_device:
         from parity.comparison.on_device import diff_on_device
 
@@ -414,10 +414,11 @@ def _note_lossy(report: Report, backend: Backend) -> None:
 
 
 def _diff_with_oracle(ref_backend: Backend, build_cand, gate_for, options: BackendOptions, taps, progress,
-                      isolate: bool, chunk: int | None, asked: bool = True) -> Report | None:
+                      isolate: bool, chunk: int | None, asked: bool = True) -> Report | str:
     """The host diff of `diff_live`, re-judged against an oracle run of the reference.
     A reference that cannot run at a higher precision is an InputError when the oracle
-    was asked for; by default (`asked` False) None: the caller judges by fixed bounds."""
+    was asked for; by default (`asked` False) the one-line reason: the caller judges by
+    fixed bounds."""
     import torch
 
     from parity.comparison.oracle import calibrate, isolation_thresholds, oracle_dtype, upcast
@@ -445,7 +446,7 @@ def _diff_with_oracle(ref_backend: Backend, build_cand, gate_for, options: Backe
         failures.append(f"in {name}: raised {oracle_cap.error.exc_type}: {oracle_cap.error.message}")
     else:
         if not asked:
-            return None
+            return failures[0]
         raise InputError(f"--oracle: the reference cannot run at a higher precision ({'; '.join(failures)})")
     oracle_cap.meta = {**oracle_cap.meta, "dtype": name, "backend": f"{oracle_cap.meta.get('backend')} ({name} oracle)"}
     cand_backend = build_cand()

@@ -308,7 +308,7 @@ def test_hf_page_commands_run_as_documented(workspace):
     hf = [(cmd, out) for cmd, out in ran if cmd.text.startswith("parity diff") and "hf:" in cmd.text]
     assert [cmd.exit for cmd, _ in hf] == [0, 1], [cmd.text for cmd, _ in hf]
     outputs = "".join(out for _, out in ran)
-    for needle in ("PASS: all 30 taps within thresholds", "FIRST DIVERGENCE: decoder.1.mlp",
+    for needle in ("PASS: all 30 taps within calibrated budgets", "FIRST DIVERGENCE: decoder.1.mlp",
                    "stack decoder, layer 1, component mlp", "fingerprint b481dcb24f3637f6",
                    "wrote reports/tiny-bug.html", "wrote reports/tiny-bug.me.json"):
         assert needle in text and needle in outputs, needle
