@@ -356,13 +356,14 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
         return thresholds if thresholds is not None else allowance(getattr(backend, "lossy", None))
 
     why_fixed, auto = None, oracle is None
-    if auto:
-        oracle = False
-        if thresholds is None and not stop_at_first and ref_device_mb is None:
-            from parity.comparison.oracle import unavailable
+    if thresholds is None and not oracle:  # the defaults: budgets where cheap, else say why not
+        from parity.comparison.oracle import unavailable
 
-            why_fixed = unavailable(ref_backend.model, ref_backend.meta.get("dtype"))
-            oracle = why_fixed is None
+        why_fixed = "asked for (--no-oracle)" if oracle is False else \
+            unavailable(ref_backend.model, ref_backend.meta.get("dtype"))
+        if why_fixed is None and (stop_at_first or ref_device_mb is not None):
+            why_fixed = "--stop-at-first and --ref-device-mb compare on the device"
+        oracle = why_fixed is None
     logs: list = []  # the layer calls of each run (reference, candidate), for isolation
     if oracle:
         report = _diff_with_oracle(ref_backend, build_cand, gate_for, options, taps, progress, isolate, chunk,
@@ -398,7 +399,7 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
         logs = [ref_log, cand_log]
         report = compare_captures(ref_cap, cand_cap, gate_for(cand_backend), progress=progress, chunk=chunk)
     if thresholds is None:
-        report.thresholds["calibration"] = {"mode": "fixed", "why": why_fixed or "asked for (--no-oracle)"}
+        report.thresholds["calibration"] = {"mode": "fixed", "why": why_fixed}
         _note_lossy(report, cand_backend)
     if isolate and report.first_divergence is not None:
         report.localisation = localise_live(report, ref_backend, cand_backend, gate_for(cand_backend),

@@ -257,11 +257,15 @@ def report_banner(report: Report) -> Banner:
     """A tensor diff's verdict."""
     if report.passed:
         cal = report.thresholds.get("calibration")
-        within = f"thresholds ({bounds_words(report.thresholds)})" if not isinstance(cal, dict) else \
-            (f"calibrated budgets ({cal.get('factor'):g}x the reference's own error against its "
-             f"{cal.get('oracle_dtype')} run" + (", the declared lossy parts' bounds from "
-                                                  f"{cal['lossy'].get('from')} on)" if isinstance(
-                                                      cal.get("lossy"), dict) else ")"))
+        if isinstance(cal, dict) and cal.get("mode") == "oracle":
+            within = (f"calibrated budgets ({cal.get('factor'):g}x the reference's own error against its "
+                      f"{cal.get('oracle_dtype')} run" + (", the declared lossy parts' bounds from "
+                                                          f"{cal['lossy'].get('from')} on)" if isinstance(
+                                                              cal.get("lossy"), dict) else ")"))
+        else:
+            within = f"thresholds ({bounds_words(report.thresholds)}" + (
+                ", the candidate's declared bounds where they match)" if isinstance(
+                    report.thresholds.get("lossy"), dict) else ")")
         return Banner(True, (pass_line(len(report.rows), "taps", within),
                              *warning_lines(report.warnings)))
     lines = []

@@ -172,3 +172,34 @@ def test_tied_weights_are_put_back_once_not_twice():
     with upcast(model, torch.float64):
         assert model[1].weight.dtype == torch.float64
     assert model[0].weight.dtype == torch.bfloat16 and torch.equal(model[0].weight, before)
+
+
+def test_fixed_bounds_by_request_or_where_budgets_are_not_cheap_say_why(tmp_path):
+    """`--no-oracle` (and a reference on an accelerator: the GPU path) judge by the fixed
+    bounds with the candidate's declared allowance; the header and the JSON say why."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from parity.cli import app
+    from parity.comparison.oracle import unavailable
+
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["diff", "--ref", "pytorch", "--cand", "flash_fp8", "--no-oracle", "--json", str(out)],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "judged by fixed bounds (min cos 0.999, norm ratio within 0.0447 of 1): calibrated budgets off, asked " \
+           "for (--no-oracle); the candidate's declared bounds where they match" in r.output
+    assert "PASS: all 413 taps within thresholds (min cos 0.999, norm ratio within 0.0447 of 1, the candidate's " \
+           "declared bounds where they match)" in r.output
+    data = json.loads(out.read_text())
+    assert data["thresholds"]["calibration"] == {"mode": "fixed", "why": "asked for (--no-oracle)"}
+    assert data["thresholds"]["patterns"] == {"*": 0.995, "*.mlp": 0.99}
+    on_gpu = torch.nn.Linear(4, 4, device="meta")
+    assert "accelerator" in unavailable(on_gpu, "bfloat16")
+    assert "already runs in float64" in unavailable(torch.nn.Linear(4, 4), "float64")
+    assert unavailable(torch.nn.Linear(4, 4), "float32") is None
+    big = torch.nn.Linear(1, 1)
+    big.weight = torch.nn.Parameter(torch.empty(0).expand(0))  # no elements ...
+    big.register_parameter("huge", torch.nn.Parameter(torch.empty((), device="cpu").expand(1 << 28)))
+    assert "MB" in unavailable(big, "float32")
