@@ -82,6 +82,19 @@ def _meta(backend: Backend, taps: str | None) -> dict:
 ProgressFn = Callable[[str, int, "int | None"], None]  # (what, done, total or None)
 
 
+def _check_specs(ref, cand, faults: tuple[str, ...]) -> None:
+    """Both specs and the candidate's faults checked before anything runs: a typo in
+    --cand or --inject fails at once, not after the reference's run."""
+    from parity.taps.backends import check
+
+    for spec, planted in ((ref, ()), (cand, faults)):
+        if isinstance(spec, str):
+            try:
+                check(spec, planted)
+            except BackendError as exc:
+                raise InputError(str(exc)) from None
+
+
 def _build(spec: str | Backend, options: BackendOptions) -> Backend:
     if isinstance(spec, Backend):
         return spec
@@ -338,6 +351,7 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
                          "--max-norm-err (fixed bounds); give one or the other")
     _check_live_flags(on_device, stop_at_first, ref_device_mb)
     faults = fault_names(faults)
+    _check_specs(ref, cand, faults)
     # The reference runs to completion before the candidate is built: a candidate that
     # patches shared code while it is built (liger-kernel replaces transformers functions)
     # cannot change what the reference computed.
@@ -1321,6 +1335,12 @@ def list_backends() -> BackendListing:
             listing.backends.append(BackendEntry(name, error=str(exc)))
             continue
         doc = (factory.__doc__ or "").strip().splitlines()[0] if (factory.__doc__ or "").strip() else ""
+        from parity.taps.backends import missing_requirements
+
+        missing = missing_requirements(factory)
+        if missing:
+            listing.backends.append(BackendEntry(name, doc, getattr(factory, "usage", None), error=missing))
+            continue
         probe = getattr(factory, "probe", None)
         listing.backends.append(BackendEntry(name, doc, getattr(factory, "usage", None),
                                              probe=probe if isinstance(probe, Probe) else None))

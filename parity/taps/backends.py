@@ -230,10 +230,44 @@ def _check_arity(factory: Callable, parsed: BackendSpec) -> None:
         raise BackendError(f"backend {parsed.target!r} takes no argument (got {parsed.arg!r})") from None
 
 
-def resolve(spec: str, options: BackendOptions) -> Backend:
+def missing_requirements(factory) -> str | None:
+    """What an installed factory needs and this environment lacks, in one line (None: all
+    there): a factory may declare `requires = {module: extra}`, the optional packages it
+    imports and the extra of this project that installs them."""
+    import importlib.util
+
+    for module, extra in dict(getattr(factory, "requires", None) or {}).items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"needs the Python package {module}, which is not installed (pip install 'parity[{extra}]')"
+    return None
+
+
+def check(spec: str, faults: tuple[str, ...] = ()) -> Callable[..., Backend]:
+    """A spec and its faults checked without building anything (so a typo fails before the
+    reference has run): the factory loads, takes the spec's ARG or not, has what it
+    requires, and, when it declares a fault catalogue (`factory.faults`), offers each
+    fault.  Returns the factory; BackendError with one line otherwise."""
     parsed = BackendSpec.parse(spec)
     factory = load_factory(parsed)
     _check_arity(factory, parsed)
+    missing = missing_requirements(factory)
+    if missing:
+        raise BackendError(f"backend {spec!r}: {missing}")
+    catalogue = getattr(factory, "faults", None)
+    if faults and isinstance(catalogue, dict):
+        unknown = [f for f in faults if f not in catalogue]
+        if unknown:
+            raise BackendError(f"backend {spec!r}: unknown fault {', '.join(unknown)}; known: {', '.join(catalogue)}")
+    return factory
+
+
+def resolve(spec: str, options: BackendOptions) -> Backend:
+    parsed = BackendSpec.parse(spec)
+    factory = check(spec, tuple(options.faults))
     try:
         backend = factory(options) if parsed.arg is None else factory(options, parsed.arg)
     except TypeError as exc:
@@ -249,6 +283,13 @@ def resolve(spec: str, options: BackendOptions) -> Backend:
         if not isinstance(exc, DetailedError):  # one line: the CLI's error contract
             msg = next((line.strip() for line in msg.splitlines() if line.strip()), type(exc).__name__)
         raise BackendError(f"backend {spec!r}: {msg or type(exc).__name__}") from None
+    except ImportError as exc:  # an optional package the factory imports
+        name = getattr(exc, "name", None) or str(exc)
+        raise BackendError(f"backend {spec!r}: needs the Python package {name}, which is not installed") from None
+    except Exception as exc:  # noqa: BLE001 - a user factory's own bug: one line, not a traceback
+        text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise BackendError(f"backend {spec!r}: its factory {parsed.target} raised {type(exc).__name__}"
+                           + (f": {text}" if text else "")) from None
     if not isinstance(backend, Backend):
         raise BackendError(f"backend {spec!r}: {parsed.target} returned {type(backend).__name__}, not a Backend: "
                            "not a backend factory")

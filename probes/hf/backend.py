@@ -255,3 +255,4 @@ def _widened(model, inputs: dict, dtype):
 
 
 factory.usage = USAGE
+factory.requires = {"transformers": "hf"}  # checked before the factory runs; `parity backends` says so
