@@ -436,7 +436,7 @@ def _diff_with_oracle(ref_backend: Backend, build_cand, gate_for, options: Backe
     fixed bounds."""
     import torch
 
-    from parity.comparison.oracle import calibrate, isolation_thresholds, oracle_dtype, upcast
+    from parity.comparison.oracle import calibrate, finer_run, isolation_thresholds, oracle_dtype, upcast
 
     ref_cap, ref_log = _capture_recording(ref_backend, options, taps, progress, isolate)
     device = next((p.device for p in ref_backend.model.parameters()), torch.device("cpu"))
@@ -469,6 +469,13 @@ def _diff_with_oracle(ref_backend: Backend, build_cand, gate_for, options: Backe
     gate = gate_for(cand_backend)
     lossy = getattr(cand_backend, "lossy", None)
     report = compare_captures(ref_cap, cand_cap, gate, progress=progress, chunk=chunk)
+    coarser = finer_run(ref_cap.meta.get("dtype"), cand_cap.meta.get("dtype"))
+    if coarser is not None and not asked:  # asked for, e.g. fp32 vs bf16: the reference's rounding is no budget
+        report.thresholds["calibration"] = {"mode": "fixed", "why": coarser}
+        _note_lossy(report, cand_backend)
+        if isolate and report.first_divergence is not None:
+            report.localisation = localise_live(report, ref_backend, cand_backend, gate, (ref_log, cand_log))
+        return report
     report = calibrate(report, compare_captures(oracle_cap, ref_cap), compare_captures(oracle_cap, cand_cap), name,
                        lossy=lossy)
     _note_lossy(report, cand_backend)

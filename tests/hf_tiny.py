@@ -11,7 +11,7 @@ TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
               patch_size=4)
-KINDS = ("llama", "gemma", "gemma2", "qwen2", "phi3", "siglip", "vit", "paligemma")
+KINDS = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi3", "siglip", "vit", "paligemma")
 
 
 def build(kind: str, seed: int = 0):
@@ -25,6 +25,10 @@ def build(kind: str, seed: int = 0):
         return T.GemmaForCausalLM(T.GemmaConfig(**TEXT, head_dim=8))
     if kind == "gemma2":
         return T.Gemma2ForCausalLM(T.Gemma2Config(**TEXT, head_dim=8))
+    if kind == "gemma3":  # q/k norms after the transpose to [B, heads, T, head_dim]
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**TEXT, head_dim=8, sliding_window=8))
+    if kind == "qwen3":  # q/k norms before it
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**TEXT, head_dim=8))
     if kind == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(**TEXT))
     if kind == "phi3":

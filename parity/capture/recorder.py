@@ -220,6 +220,10 @@ class Recorder:
                 raise ProbeError(f"tap {info.key}: last dimension {value.shape[-1]} does not match its split "
                                  f"({total})")
             value = value[..., hit.chunk[0]:hit.chunk[1]]
+        if hit.rule.token_axis != 1:
+            if value.ndim <= hit.rule.token_axis:
+                raise ProbeError(f"tap {info.key}: a {value.ndim}-d value has no token axis {hit.rule.token_axis}")
+            value = value.movedim(hit.rule.token_axis, 1)
         if self.on_device is not None:
             self._hand_over(info, value.detach(), hit.rule.layout)
             return

@@ -62,6 +62,7 @@ class PartSpec:
     select: int | None
     chunk: tuple[int, int] | None
     layout: str | None
+    token_axis: int = 1
 
 
 @dataclass
@@ -130,7 +131,8 @@ class ModuleAdapter:
                     producer, _, catch = name.rpartition(".")
                     if not producer:
                         continue  # the model itself would have to be re-run
-                spec = PartSpec(hit.component, producer, catch, hit.rule.select, hit.chunk, hit.rule.layout)
+                spec = PartSpec(hit.component, producer, catch, hit.rule.select, hit.chunk, hit.rule.layout,
+                                hit.rule.token_axis)
                 parts = self.layers.setdefault((hit.rule.stack, hit.layer), {})
                 if spec.part in parts:
                     continue
@@ -278,6 +280,8 @@ def _value(layer: LayerModules, spec: PartSpec, data: Any, own: bool) -> Any:
             out = out[spec.select]
         if spec.chunk is not None:
             out = out[..., spec.chunk[0]:spec.chunk[1]]
+        if spec.token_axis != 1 and hasattr(out, "movedim"):
+            out = out.movedim(spec.token_axis, 1)
     return out
 
 

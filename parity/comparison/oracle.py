@@ -70,6 +70,18 @@ def first_lossy(report: Report, lossy) -> int | None:
     return min(orders, default=None)
 
 
+def finer_run(ref_dtype: str | None, cand_dtype: str | None) -> str | None:
+    """Why budgets do not apply by default when the candidate was asked to compute in a
+    coarser dtype than the reference (fp32 against bf16): twice the reference's own
+    rounding is no measure of a bf16 run's.  None when it computes as finely."""
+    if ref_dtype is None or cand_dtype is None:
+        return None
+    if floor_for(cand_dtype) > floor_for(ref_dtype):
+        return (f"the candidate computes in {cand_dtype}, the reference in {ref_dtype}: the reference's own "
+                "rounding is no budget for it (--oracle judges by it anyway)")
+    return None
+
+
 def unavailable(model, ref_dtype: str | None) -> str | None:
     """Why calibrated budgets are not the default for this reference (None: they are):
     they need a reference on the CPU, not already in float64, whose float64 copy stays

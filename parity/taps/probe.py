@@ -28,7 +28,9 @@ class TapRule:
     the way to observe a value that no module returns (e.g. the attention core's
     output is the input of the o-projection).  `split` cuts the last dimension into
     consecutive named chunks, one tap each (a fused QKV projection -> q, k, v); the
-    chunk names replace `component`."""
+    chunk names replace `component`.  `token_axis` is the axis holding the token slots
+    when it is not 1 (a head-major [rows, heads, slots, dim] value, as Gemma-3's q/k norms
+    return): the tap is stored with that axis moved to 1, so the token layout fits."""
 
     pattern: str
     stack: str
@@ -38,6 +40,7 @@ class TapRule:
     select: int | None = None
     on: str = ON_OUTPUT
     split: tuple[tuple[str, int], ...] = ()
+    token_axis: int = 1
 
     def __post_init__(self) -> None:
         regex = re.compile(self.pattern)

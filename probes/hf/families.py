@@ -42,6 +42,7 @@ class Part:
     component: str
     on: str = ON_OUTPUT
     split_qkv: bool = False  # a fused q/k/v projection, split into q, k, v
+    token_axis: int = 1  # 2: the module returns [rows, heads, tokens, dim] (TapRule.token_axis)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ DECODER_PARTS = (
     Part("post_feedforward_layernorm", "post_mlp_norm"),
     Part("", "out"),
 )
+# Gemma-3 applies its q/k norms after the transpose to [B, heads, T, head_dim] (Qwen3 before it)
+GEMMA3_PARTS = tuple(Part(p.path, p.component, token_axis=2) if p.component in ("q_norm", "k_norm") else p
+                     for p in DECODER_PARTS)
 FUSED_DECODER_PARTS = tuple(p for p in DECODER_PARTS if p.component not in ("q", "k", "v")) + (
     Part("self_attn.qkv_proj", "qkv", split_qkv=True),)
 SIGLIP_PARTS = (
@@ -110,7 +114,8 @@ def siglip(root: str = r"(?:vision_model\.)?") -> StackPlan:
 
 DECODER = Family("decoder", (decoder(),), "text")
 FAMILIES: dict[str, Family] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), DECODER),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), DECODER),
+    "gemma3_text": Family("decoder", (decoder(parts=GEMMA3_PARTS),), "text"),
     "phi3": Family("fused-qkv decoder", (decoder(parts=FUSED_DECODER_PARTS),), "text"),
     "siglip_vision_model": Family("siglip", (siglip(),), "image", logits=None),
     "vit": Family("vit", (StackPlan("vision", r"(?:vit\.)?", "layers", VIT_PARTS,
@@ -142,7 +147,7 @@ def rules_for(family: Family, text_config) -> tuple[TapRule, ...]:
                 pattern = base + (r"\." + re.escape(part.path) if part.path else "")
                 split = qkv_split(text_config) if part.split_qkv else ()
                 rules.append(TapRule(pattern, plan.stack, None if split else part.component, plan.layout,
-                                     select=0, on=part.on, split=split))
+                                     select=0, on=part.on, split=split, token_axis=part.token_axis))
         for path, component in plan.extras:
             rules.append(TapRule(plan.root + re.escape(path), plan.stack, component, plan.layout, select=0))
     if family.logits:

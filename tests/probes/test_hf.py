@@ -189,3 +189,17 @@ def test_no_hook_is_left_on_the_model(tiny_models):
     backend = resolve(spec(tiny_models("llama")), BackendOptions())
     capture(backend)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in backend.model.modules())
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3"])
+@pytest.mark.parametrize("cand", ["attn=sdpa,dtype=float32", "attn=eager,dtype=bfloat16"])
+def test_per_head_qk_norms_pass_before_and_after_the_transpose(tiny_models, kind, cand):
+    """Gemma-3 normalises q/k as [B, heads, T, D] (after the transpose), Qwen3 as
+    [B, T, heads, D]: both taps fit the token layout, and correct pairs pass."""
+    m = tiny_models(kind)
+    report = parity.compare(spec(m, attn="eager", dtype="float32"), f"hf:{m}@{cand}", batch=3, padding="left")
+    assert report, report.first_divergence
+    norms = [r for r in report.rows if r.info.component in ("q_norm", "k_norm")]
+    assert len(norms) == 2 * 3 and all(r.status == "pass" for r in norms)
+    if "bfloat16" in cand:  # a dtype asked for: the reference's fp32 rounding is no budget for bf16
+        assert "computes in bfloat16" in report.thresholds["calibration"]["why"]
