@@ -181,9 +181,9 @@ def test_by_token_chunks_are_1_or_more(dumps):
 @pytest.mark.parametrize("thresholds, min_cos, match", [
     (["abc"], None, "bad threshold 'abc': expected GLOB=MIN_COS"),
     ("abc", None, "bad threshold 'abc'"),
-    (["x=3"], None, "cosine threshold 3.0 is outside (0, 1]"),
+    (["x=3"], None, "cosine threshold 3.0 is outside [0, 1]"),
     ({"x": "high"}, None, "bad threshold 'x=high'"),
-    (None, 2.0, "cosine threshold 2.0 is outside (0, 1]"),
+    (None, 2.0, "cosine threshold 2.0 is outside [0, 1]"),
 ])
 def test_thresholds_are_checked_everywhere(dumps, thresholds, min_cos, match):
     t = dumps["tensor"]
@@ -198,7 +198,7 @@ def test_thresholds_are_checked_everywhere(dumps, thresholds, min_cos, match):
 
 
 def test_quantized_min_cos_is_checked():
-    refused(lambda: api.run_weights(TOY, TOY, quantized_min_cos=3.0, **CPU), "outside (0, 1]")
+    refused(lambda: api.run_weights(TOY, TOY, quantized_min_cos=3.0, **CPU), "outside [0, 1]")
 
 
 # --------------------------------------------------------------------------- backend options

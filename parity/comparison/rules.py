@@ -54,7 +54,7 @@ class Bound:
         return value >= threshold if self.kind == "min" else abs(value) <= threshold
 
 
-COSINE = Bound("cosine threshold", "MIN_COS", "min", 0.0, 1.0, low_open=True)  # 0 or less passes anything
+COSINE = Bound("cosine threshold", "MIN_COS", "min", 0.0, 1.0)  # below 0 passes opposite signs too
 NORM_ERR = Bound("norm error bound", "MAX_NORM_ERR", "max", 0.0, math.inf)  # on |norm_ratio - 1|
 
 

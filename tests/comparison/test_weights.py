@@ -146,7 +146,7 @@ def test_json_and_exit_codes(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (("--ref", "pytorch", "--cand", "nosuch"), "unknown backend 'nosuch'"),
     (("--ref", "pytorch", "--cand", "flash", "--threshold", "x"), "bad threshold"),
-    (("--ref", "pytorch", "--cand", "flash", "--quantized-min-cos", "3"), "outside (0, 1]"),
+    (("--ref", "pytorch", "--cand", "flash", "--quantized-min-cos", "3"), "outside [0, 1]"),
     (("--ref", "pytorch", "--cand", "flash", "--weights", "/no/such/ckpt"), "no such file or directory"),
 ])
 def test_input_errors_exit_2(args, needle):
