@@ -162,8 +162,9 @@ PaddingOpt = _option(None, "--padding", help="hf backends: left or right padding
                      panel=MODEL)
 SeqLenOpt = _option(None, "--seq-len", help="hf backends: tokens per generated prompt (default 16).", panel=MODEL)
 
-TapsOpt = _option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k' "
-                                       "(default: [tool.parity] taps, else all).", panel=GATE)
+TapsOpt = _option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k'; "
+                                       "'!GLOB' leaves taps out (default: [tool.parity] taps, else all).",
+                  panel=GATE)
 TapsFromOpt = _option(None, "--taps-from", help="Only the taps a stats diff suggests capturing in full: its --json "
                                                 "result (suggested.taps).", panel=GATE)
 ThresholdOpt = _option(None, "--threshold", help="Per-pattern bounds, GLOB=MIN_COS or GLOB=MIN_COS,MAX_NORM_ERR "
@@ -472,7 +473,8 @@ def frames_cmd(
     config: Optional[str] = ConfigOpt, seed: Optional[int] = SeedOpt, device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     taps: Optional[str] = _option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. "
-                                                       "'prefix.*.k' (default: all).", panel=GATE),
+                                                       "'prefix.*.k'; '!GLOB' leaves taps out (default: all).",
+                                  panel=GATE),
     min_cos: Optional[float] = _min_cos("tap"), threshold: Optional[List[str]] = ThresholdOpt,
     json_out: Optional[Path] = JsonOpt,
 ) -> None:

@@ -147,7 +147,9 @@ TapFilter = Callable[[str, str], bool]  # (name, key) -> keep?
 def tap_filter(patterns: str | Iterable[str] | Callable[[str], bool] | None) -> TapFilter:
     """One filter from a glob, a comma-separated list of globs, a list, or a predicate.
 
-    A glob matches a tap's canonical name (`prefix.3.k`) or its key (`expert.3.k@2`)."""
+    A glob matches a tap's canonical name (`prefix.3.k`) or its key (`expert.3.k@2`); a
+    glob written `!GLOB` excludes what it matches (`decoder.*,!decoder.*.q_norm`; with
+    exclusions only, every other tap is kept)."""
     if patterns is None:
         return lambda name, key: True
     if callable(patterns):
@@ -157,4 +159,12 @@ def tap_filter(patterns: str | Iterable[str] | Callable[[str], bool] | None) -> 
     globs = [p.strip() for p in patterns]
     if not globs:
         raise ValueError("empty tap selection")
-    return lambda name, key: any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(key, g) for g in globs)
+    keep = [g for g in globs if not g.startswith("!")]
+    drop = [g[1:].strip() for g in globs if g.startswith("!")]
+    if any(not g for g in drop):
+        raise ValueError("'!' must be followed by a glob of taps to leave out")
+
+    def matches(name: str, key: str, among: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(key, g) for g in among)
+
+    return lambda name, key: (not keep or matches(name, key, keep)) and not matches(name, key, drop)

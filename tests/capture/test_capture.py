@@ -238,6 +238,9 @@ def test_steps_restart_for_each_capture():
     (lambda name: name.endswith(".out") and not name.startswith("blk"), ["embed.out", "final.out"]),
     ("denoise.x@1", ["denoise.x@1"]),
     ("denoise.x", ["denoise.x@0", "denoise.x@1", "denoise.x@2"]),
+    ("blk.0.*,!blk.0.act,!*.block", ["blk.0.mlp", "blk.0.out"]),  # '!' leaves taps out
+    ("!blk.*,!denoise.*,!split.*", ["embed.out", "final.out"]),  # exclusions only: every other tap
+    ("denoise.x,!denoise.x@1", ["denoise.x@0", "denoise.x@2"]),
 ])
 def test_selection(selection, want):
     c = capture(make_backend(), select=tap_filter(selection))
@@ -247,7 +250,7 @@ def test_selection(selection, want):
         assert c.taps[0].info.step == 1
 
 
-@pytest.mark.parametrize("selection", ["", " , ", []])
+@pytest.mark.parametrize("selection", ["", " , ", [], "blk.*,!", "! "])
 def test_empty_selection_is_an_error(selection):
     with pytest.raises(ValueError):
         tap_filter(selection)
