@@ -359,8 +359,9 @@ def diff_live(ref: str | Backend, cand: str | Backend, options: BackendOptions, 
     built: list[Backend] = []
 
     def build_cand() -> Backend:
-        if not built:
-            built.append(_build(cand, replace(options, faults=tuple(faults))))
+        if not built:  # fed what the reference's run produced (teacher forcing), when it says so
+            feed = ref_backend.feed() if callable(getattr(ref_backend, "feed", None)) else None
+            built.append(_build(cand, replace(options, faults=tuple(faults), feed=feed)))
         return built[0]
 
     def gate_for(backend: Backend) -> Thresholds:
@@ -564,7 +565,8 @@ def make_thresholds(min_cos: float | None = None, thresholds: ThresholdsArg = No
 
 def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed: int | None = None,
             batch: int | None = None, device: str | None = None, dtype: str | None = None,
-            padding: str | None = None, seq_len: int | None = None, min_cos: float | None = None,
+            padding: str | None = None, seq_len: int | None = None, decode: int | None = None,
+            min_cos: float | None = None,
             thresholds: ThresholdsArg = None, max_norm_err: float | None = None, taps: str | None = None,
             faults: Iterable[str] = (),
             config: str | None = None, weights: str | None = None, progress: ProgressFn | None = None,
@@ -593,7 +595,7 @@ def compare(ref: str | Backend, cand: str | Backend, inputs: Any = None, *, seed
     """
     merged = merge(settings, min_cos=min_cos, thresholds=thresholds, taps=taps, max_norm_err=max_norm_err)
     options = backend_options(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights,
-                              inputs=inputs, padding=padding, seq_len=seq_len)
+                              inputs=inputs, padding=padding, seq_len=seq_len, decode=decode)
     return diff_live(ref, cand, options, fault_names(faults), merged.live_thresholds(oracle), merged.taps, progress,
                      on_device=on_device, stop_at_first=stop_at_first, oracle=oracle)
 
@@ -900,7 +902,8 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
                  config: str | None = None, seed: int | None = None, device: str | None = None,
                  dtype: str | None = None, batch: int | None = None, weights: str | Path | None = None,
                  inputs: Any = None, padding: str | None = None, seq_len: int | None = None,
-                 min_cos: float | None = None, thresholds: ThresholdsArg = None, taps: str | None = None,
+                 decode: int | None = None, min_cos: float | None = None, thresholds: ThresholdsArg = None,
+                 taps: str | None = None,
                  max_norm_err: float | None = None, taps_from: str | Path | None = None, stats: bool = False,
                  stats_tol: Iterable[str] | str | None = (), allow_incomplete: bool = False, isolate: bool = True,
                  chunk: int | None = None, by_region: bool = False, on_device: bool = True,
@@ -920,7 +923,7 @@ def diff_request(dumps: Iterable[str | Path] | None = (), ref: str | Backend | N
     faults = fault_names(faults)
     stats_tol = (stats_tol,) if isinstance(stats_tol, str) else tuple(stats_tol or ())
     option_fields = dict(config=config, seed=seed, device=device, dtype=dtype, batch=batch, weights=weights,
-                         inputs=inputs, padding=padding, seq_len=seq_len)
+                         inputs=inputs, padding=padding, seq_len=seq_len, decode=decode)
     taps = tap_selection(taps, taps_from)
     live = ref is not None or cand is not None
     if stats or stats_tol or _any_stats_dump(dumps):

@@ -161,6 +161,9 @@ InputOpt = _option(None, "--input", help="hf backends: token ids from a .json (l
 PaddingOpt = _option(None, "--padding", help="hf backends: left or right padding (a spec's @padding= wins).",
                      panel=MODEL)
 SeqLenOpt = _option(None, "--seq-len", help="hf backends: tokens per generated prompt (default 16).", panel=MODEL)
+DecodeOpt = _option(None, "--decode", help="hf causal LMs: after the prefill, N decode steps through the model's "
+                                           "KV cache (the reference's greedy tokens, fed to the candidate); taps "
+                                           "per step (@0 the prefill) and the K/V each layer reads.", panel=MODEL)
 
 TapsOpt = _option(None, "--taps", help="Only these taps: glob(s) on canonical names, e.g. 'prefix.*.k'; "
                                        "'!GLOB' leaves taps out (default: [tool.parity] taps, else all).",
@@ -205,6 +208,7 @@ def diff_cmd(
     config: Optional[str] = ConfigOpt, seed: Optional[int] = SeedOpt, device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt, batch: Optional[int] = BatchOpt, inputs: Optional[Path] = InputOpt,
     padding: Optional[str] = PaddingOpt, seq_len: Optional[int] = SeqLenOpt, weights: Optional[Path] = WeightsOpt,
+    decode: Optional[int] = DecodeOpt,
     taps: Optional[str] = TapsOpt, taps_from: Optional[Path] = TapsFromOpt,
     min_cos: Optional[float] = _option(None, "--min-cos", help="Default minimum cosine similarity per tap "
                                                                f"(default: [tool.parity] min_cos, else "
@@ -260,7 +264,7 @@ def diff_cmd(
     with _exits(NOTHING_JUDGED), _sigterm_interrupts(), _progress(quiet) as progress:
         result = run_diff(dumps, ref, cand, faults=inject, config=config, seed=seed, device=device, dtype=dtype,
                           batch=batch, weights=weights, inputs=inputs, padding=padding, seq_len=seq_len,
-                          min_cos=min_cos, thresholds=threshold, max_norm_err=max_norm_err, taps=taps,
+                          decode=decode, min_cos=min_cos, thresholds=threshold, max_norm_err=max_norm_err, taps=taps,
                           taps_from=taps_from, stats=stats,
                           stats_tol=stats_tol, allow_incomplete=allow_incomplete, isolate=not no_isolate,
                           chunk=by_token, by_region=by_region, on_device=not host_compare,

@@ -306,7 +306,7 @@ def test_hf_page_commands_run_as_documented(workspace):
     failures, ran = workspace["hf.md"].result()
     assert not failures, "\n\n".join(failures)
     hf = [(cmd, out) for cmd, out in ran if cmd.text.startswith("parity diff") and "hf:" in cmd.text]
-    assert [cmd.exit for cmd, _ in hf] == [0, 1], [cmd.text for cmd, _ in hf]
+    assert [cmd.exit for cmd, _ in hf] == [0, 1, 0], [cmd.text for cmd, _ in hf]  # eager vs sdpa, the bug, --decode
     outputs = "".join(out for _, out in ran)
     for needle in ("PASS: all 30 taps within calibrated budgets", "FIRST DIVERGENCE: decoder.1.mlp",
                    "stack decoder, layer 1, component mlp", "fingerprint b481dcb24f3637f6",

@@ -224,13 +224,16 @@ class Recorder:
             if value.ndim <= hit.rule.token_axis:
                 raise ProbeError(f"tap {info.key}: a {value.ndim}-d value has no token axis {hit.rule.token_axis}")
             value = value.movedim(hit.rule.token_axis, 1)
+        layout = hit.rule.layout
+        if hit.rule.step_layouts and layout is not None and info.step is not None:
+            layout = f"{layout}@{info.step}"
         if self.on_device is not None:
-            self._hand_over(info, value.detach(), hit.rule.layout)
+            self._hand_over(info, value.detach(), layout)
             return
         # A device-side copy now (later in-place kernels cannot touch it; inside a CUDA
         # graph capture the copy is recorded into the graph), on its way to the host.
         staged = self.stager.stage(value)
-        self.pending.append((info, self.order, staged, hit.rule.layout))
+        self.pending.append((info, self.order, staged, layout))
         self.staged_bytes += staged.nbytes
         self.order += 1
         if self.stager.capturing:

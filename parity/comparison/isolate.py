@@ -405,11 +405,20 @@ class Isolator:
         info = TapInfo(name, unit.stack, unit.layer, component, unit.step)
         return Tap(info=info, order=0, array=array, dtype=dtype, layout=layout)
 
+    def _stepped(self, layout: str | None, step: int | None) -> str | None:
+        """A layout name as the runs recorded it: per step (`tokens@2`) where the probe lays
+        each call out on its own (TapRule.step_layouts), else as it is."""
+        if layout is None or layout in self.ref.layouts or step is None:
+            return layout
+        stepped = f"{layout}@{step}"
+        return stepped if stepped in self.ref.layouts else layout
+
     def _compare(self, unit: Unit, outputs: dict[str, str], ref_vals: dict, cand_vals: dict) -> list[TapResult]:
         rows = []
         stage = self.stage(unit)
         for value, component in outputs.items():
-            layout = self.ref_adapter.layout(unit.stack, value) if stage is None else stage.layout(value)
+            layout = self._stepped(self.ref_adapter.layout(unit.stack, value), unit.step) if stage is None else \
+                stage.layout(value)
             name = None if stage is None else self.stage_taps(unit).get(value)
             ref_tap = self._tap(unit, component, ref_vals[value], layout, name)
             cand_tap = self._tap(unit, component, cand_vals[value], layout, name)
@@ -462,7 +471,7 @@ class Isolator:
             for name in adapter.inputs(unit.part):
                 if not isinstance(ref_vals.get(name), torch.Tensor) or not isinstance(own.get(name), torch.Tensor):
                     continue  # e.g. no cached prefix K/V in this stack
-                layout = adapter.layout(unit.stack, name)
+                layout = self._stepped(adapter.layout(unit.stack, name), unit.step)
                 if layout is None:  # a value compared whole: the reference's as it is
                     feed[name] = whole(ref_vals[name], own[name])
                 else:

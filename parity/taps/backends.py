@@ -25,6 +25,7 @@ from parity.taps.probe import Probe
 from parity.taps.records import Layout
 
 ENTRY_POINT_GROUP = "parity.backends"
+MAX_DECODE = 1024  # decode steps: every step is a full set of per-layer taps
 
 
 class BackendError(Exception):
@@ -57,6 +58,10 @@ class BackendOptions:
     padding: str | None = None  # "left" | "right" | None (the backend's default)
     seq_len: int | None = None  # generated inputs: tokens per row (None = the backend's default)
     frame: int = 0  # index in a sequence of observations (`parity frames`), for backends that make their own
+    decode: int = 0  # decode steps after the prefill, for backends that generate (causal LMs); 0 = prefill only
+    # What the reference's run produced for the candidate to be fed (the greedy tokens of
+    # `decode`, teacher-forced so both sides see the same inputs); set by the live diff.
+    feed: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.batch < 1:
@@ -69,6 +74,8 @@ class BackendOptions:
             raise ValueError(f"padding must be left or right, not {self.padding!r}")
         if self.seq_len is not None and self.seq_len < 1:
             raise ValueError("seq_len must be >= 1")
+        if not 0 <= self.decode <= MAX_DECODE:
+            raise ValueError(f"decode must be 0 to {MAX_DECODE} steps, got {self.decode}")
 
     @classmethod
     def given(cls, **fields: Any) -> BackendOptions:
@@ -140,6 +147,9 @@ class Backend:
     # how its run computes at a higher precision for calibrated budgets: widen(dtype), a
     # context manager; None = parity's generic upcast of the model and its inputs
     widen: Callable[[Any], Any] | None = None
+    # after a run: what a candidate built from these options must be fed to see the same
+    # inputs (BackendOptions.feed; the tokens it generated), None when nothing
+    feed: Callable[[], Any] | None = None
 
 
 def registered() -> dict[str, Any]:

@@ -41,6 +41,7 @@ class TapRule:
     on: str = ON_OUTPUT
     split: tuple[tuple[str, int], ...] = ()
     token_axis: int = 1
+    step_layouts: bool = False
 
     def __post_init__(self) -> None:
         regex = re.compile(self.pattern)

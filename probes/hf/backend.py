@@ -209,6 +209,16 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
         with torch.no_grad():
             return call(**kwargs)
 
+    def get_layouts():
+        return {TOKENS: layout} if layout is not None else {}
+
+    feed = None
+    if opts.decode:
+        probe, run, get_layouts, feed = _decoding(model, config, family, probe, prompts, batch, layout, kwargs, call,
+                                                  opts, spec.cache or "dynamic")
+    elif spec.cache is not None:
+        raise ValueError("hf option cache applies to --decode runs")
+
     meta = {
         "arch": probe.arch,
         "probe": how,
@@ -226,9 +236,36 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    return Backend(name="hf", model=model, probe=probe, run=run,
-                   layouts=lambda: {TOKENS: layout} if layout is not None else {}, meta=meta, inputs=kwargs,
-                   widen=lambda dtype: _widened(model, kwargs, dtype))
+    if opts.decode:
+        meta.update(decode=opts.decode, cache=spec.cache or "dynamic")
+    return Backend(name="hf", model=model, probe=probe, run=run, layouts=get_layouts, meta=meta, inputs=kwargs,
+                   widen=lambda dtype: _widened(model, kwargs, dtype), feed=feed)
+
+
+def _decoding(model, config, family, probe, prompts, batch, layout, kwargs, call, opts, cache: str):
+    """(probe, run, layouts, feed) of a --decode run (probes/hf/decode.py)."""
+    from parity.probes.hf import decode
+
+    text = _text_config(config)
+    if family.inputs != "text" or family.logits is None or layout is None:
+        raise ValueError(f"--decode applies to causal language models; this is a {family.name} model "
+                         f"({family.inputs} inputs)")
+    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        raise ValueError("--decode needs a model with a language-model head (logits)")
+    n_layers = int(text.num_hidden_layers)
+    taps = decode.kv_taps(model, n_layers)
+    state: dict = {}
+
+    def run():
+        return decode.decoding_run(call, text, kwargs, opts.decode, cache, taps, opts.feed, state,
+                                   family.position_offset)
+
+    lengths = [len(r) for r in prompts.rows]
+    width = batch.input_ids.shape[1]
+    layouts = decode.layouts(layout, list(batch.starts), lengths, opts.decode,
+                             width + opts.decode if cache == "static" else None)
+    return (decode.decode_probe(probe, "decoder", TOKENS), run, lambda: layouts,
+            lambda: state.get("tokens"))
 
 
 @contextlib.contextmanager

@@ -19,8 +19,10 @@ OPTIONS = {
     "compile": "torch.compile the model; `compile=BACKEND` picks the backend (default inductor)",
     "device": "cpu, cuda, cuda:N (default: --device)",
     "padding": "left or right: where padding goes in this run (default: --padding, else right)",
+    "cache": "dynamic or static: the KV cache class of --decode runs (default dynamic)",
 }
-USAGE = "hf:PATH[@attn=eager|sdpa,dtype=float32|bfloat16,compile[=BACKEND],device=cpu|cuda,padding=left|right]"
+USAGE = ("hf:PATH[@attn=eager|sdpa,dtype=float32|bfloat16,compile[=BACKEND],device=cpu|cuda,padding=left|right,"
+         "cache=dynamic|static]")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class HFSpec:
     compile: str | None = None  # torch.compile backend; None = run eagerly
     device: str | None = None
     padding: str | None = None
+    cache: str | None = None  # --decode's KV cache class; None = dynamic
 
     @classmethod
     def parse(cls, arg: str) -> HFSpec:
@@ -62,5 +65,7 @@ class HFSpec:
             raise ValueError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
         if self.padding not in (None, "left", "right"):
             raise ValueError(f"padding must be left or right, not {self.padding!r}")
+        if self.cache not in (None, "dynamic", "static"):
+            raise ValueError(f"cache must be dynamic or static, not {self.cache!r}")
         if not (self.path / "config.json").is_file():
             raise ValueError(f"{self.path} is not a saved transformers model (no config.json there)")

@@ -120,9 +120,10 @@ def run_header(r: dict, c: dict) -> Text:
                     style="dim")
     elif r.get("inputs") is not None:
         text.append("\n")
+        decode = f", then {r.get('decode')} decode steps ({r.get('cache')} cache)" if r.get("decode") else ""
         text.append(shown(f"inputs {r.get('inputs')} (batch {r.get('batch')}, fingerprint "
-                          f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}"),
-                    style="dim")
+                          f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}"
+                          + decode), style="dim")
     weights = r.get("weights")
     if isinstance(weights, dict):
         text.append("\n")
