@@ -16,6 +16,10 @@ each pair:
   follows from it, as for taps: a weight loaded at 2x its value has cos 1), `shape`,
   `nonfinite`, `missing`, `extra`.
 
+A backend without `parameters` is compared through its model's own parameters, its
+quantised weights (torchao, torch.ao packed, optimum-quanto) dequantised through their
+library and declared quantised with their scheme (parity.comparison.quantized).
+
 Like `parity diff`, a report is truthy when every parameter passed.
 """
 
@@ -43,12 +47,12 @@ CHUNK_ELEMENTS = 1 << 22  # decoded to float64 at a time: 32 MiB per side
 
 
 def model_parameters(model: Any) -> dict[str, ParamView]:
-    """The fallback for a backend without `parameters`: its model's raw named_parameters()."""
-    named = getattr(model, "named_parameters", None)
-    if named is None:
-        raise ValueError("the backend exposes no parameters (no Backend.parameters, no model.named_parameters)")
-    return {name: ParamView(dtype=str(p.dtype).removeprefix("torch."), shape=tuple(p.shape),
-                            load=lambda p=p: p.detach()) for name, p in named()}
+    """The fallback for a backend without `parameters`: its model's named_parameters(), with
+    quantised weights (torchao, torch.ao packed, optimum-quanto) dequantised through their
+    library and marked with their scheme (parity.comparison.quantized)."""
+    from parity.comparison.quantized import model_parameters as found
+
+    return found(model)
 
 
 class Values:
@@ -56,12 +60,20 @@ class Values:
     block of rows at a time: a full-size text embedding alone is 4 GiB in float64."""
 
     def __init__(self, value: Any):
+        self.scheme = None  # a quantised tensor's scheme, when the value is one
         if isinstance(value, np.ndarray):
             self.array, self.dtype = value, None
         else:
             from parity.capture.staging import to_storage  # torch tensors: the live path has torch anyway
+            from parity.comparison.quantized import dense, scheme
 
-            self.array, self.dtype = to_storage(value)
+            self.scheme = scheme(value)
+            value = dense(value)  # a quantised tensor: dequantised through its own library
+            try:
+                self.array, self.dtype = to_storage(value)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"a {type(value).__module__}.{type(value).__name__} tensor parity cannot read "
+                                 f"({exc})") from None
         if self.array.ndim == 0:
             self.array = self.array.reshape(1)
         self.shape = tuple(self.array.shape)
@@ -108,7 +120,8 @@ def compare_params(ref: dict[str, ParamView], cand: dict[str, ParamView], thresh
             rows.append(ParamResult(name, "missing", "missing in candidate", threshold,
                                     ref_shape=r.shape, ref_dtype=r.dtype))
             continue
-        rows.append(judge_pair(name, r, c, threshold))
+        rows.append(judge_pair(name, r, c, threshold,
+                               quantized_threshold=threshold_for(name, True, thresholds, quantized_min_cos)))
     for name, c in cand.items():
         if name not in ref:
             rows.append(ParamResult(name, "extra", "only in candidate",
@@ -117,9 +130,15 @@ def compare_params(ref: dict[str, ParamView], cand: dict[str, ParamView], thresh
     return rows
 
 
-def judge_pair(name: str, ref: ParamView, cand: ParamView, threshold: float) -> ParamResult:
+def judge_pair(name: str, ref: ParamView, cand: ParamView, threshold: float,
+               quantized_threshold: float | None = None) -> ParamResult:
+    """`quantized_threshold`: the threshold if a side turns out to hold a quantised tensor
+    its view did not declare (a backend's own `parameters` handing out torchao weights)."""
     r, c = Values(ref.load()), Values(cand.load())
     quantized = cand.quantized or ref.quantized
+    if not quantized and (c.scheme or r.scheme):
+        quantized = c.scheme or r.scheme
+        threshold = threshold if quantized_threshold is None else quantized_threshold
     base = dict(name=name, threshold=threshold, ref_shape=r.shape, cand_shape=c.shape, ref_dtype=ref.dtype,
                 cand_dtype=cand.dtype, quantized=quantized)
     transposable = len(r.shape) == 2 and c.shape == r.shape[::-1] and r.shape != (1, 1)

@@ -34,12 +34,23 @@ def _dtypes(rows: list[ParamResult]) -> str:
     return text + (" (q)" if any(r.quantized for r in rows) else "")
 
 
+def _schemes(rows: list[ParamResult]) -> str | None:
+    """The quantisation schemes the (q) rows were judged as, with how many parameters each."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r.quantized:
+            counts[r.quantized] = counts.get(r.quantized, 0) + 1
+    if not counts:
+        return None
+    return "(q) quantised as: " + "; ".join(f"{name} ({n})" for name, n in counts.items())
+
+
 def group_table(report: WeightsReport) -> Table:
     groups: dict[str, list[ParamResult]] = {}
     for r in report.rows:
         groups.setdefault(r.group, []).append(r)
     table = Table(title="parameters (layers folded into *; (q) = declared quantised)", title_justify="left",
-                  pad_edge=False)
+                  caption=_schemes(report.rows), caption_justify="left", pad_edge=False)
     for col, justify in (("parameter", "left"), ("n", "right"), ("dtype", "left"), ("min cos", "right"),
                          ("max |Δ|", "right"), ("max rel", "right"), ("status", "left")):
         table.add_column(col, justify=justify)
