@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from parity.capture.observation import INPUT_HOOK, opaque
+
 MB = 1 << 20
 
 
@@ -119,7 +121,7 @@ def _pre(on_call: OnCall, name: str, module, args, kwargs):
 
 
 # Under torch.compile the hook runs as plain Python, untraced (see parity.capture.recorder).
-_pre_opaque = torch.compiler.disable(_pre, recursive=True)
+_pre_opaque = opaque(_pre, INPUT_HOOK)
 
 
 def _hook(on_call: OnCall, name: str, module, args, kwargs):

@@ -10,9 +10,31 @@ them, or the model skipped those modules.  Kept in the capture's metadata under
 
 from __future__ import annotations
 
+import re
 import sys
 
 _REASONS = 5  # graph-break reasons kept, most frequent first
+TAP_HOOK = "a parity tap hook: each tapped module is a graph break, its output copied out"
+INPUT_HOOK = "a parity input hook: the inputs of each tapped module are kept for isolation re-runs"
+
+
+def opaque(fn, reason: str):
+    """`fn` wrapped so torch.compile never traces it (a graph break), the break recorded
+    with `reason` (dynamo's own reason is a bare "<lambda> ... was wrapped")."""
+    import torch
+
+    try:
+        return torch.compiler.disable(fn, recursive=True, reason=reason)
+    except TypeError:  # a torch without `reason`
+        return torch.compiler.disable(fn, recursive=True)
+
+
+def _label(reason: str) -> str:
+    """A graph-break reason in a few words: the `reason:` it was given, else its first line."""
+    found = re.search(r"\(reason: (.+?)\)", reason)
+    if found and found.group(1) != "None":
+        return found.group(1)
+    return next((line.strip() for line in reason.splitlines() if line.strip()), reason)[:200]
 
 
 def _dynamo_counts() -> tuple[dict, int]:
@@ -33,12 +55,16 @@ class Observation:
 
     def finish(self, model_note, installed: set[str], ran: set[str]) -> dict:
         breaks, graphs = _dynamo_counts()
-        new = {k: v - self._breaks.get(k, 0) for k, v in breaks.items() if v > self._breaks.get(k, 0)}
+        new: dict[str, int] = {}
+        for k, v in breaks.items():
+            if v > self._breaks.get(k, 0):
+                label = _label(str(k))
+                new[label] = new.get(label, 0) + v - self._breaks.get(k, 0)
         out: dict = {}
         if new:
             out["graph_breaks"] = sum(new.values())
             by_count = sorted(new.items(), key=lambda kv: -kv[1])
-            out["graph_break_reasons"] = [str(k)[:200] for k, _ in by_count][:_REASONS]
+            out["graph_break_reasons"] = [f"{k} (x{n})" for k, n in by_count][:_REASONS]
         if graphs > self._graphs:
             out["graphs_compiled"] = graphs - self._graphs
         if model_note:

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from parity.capture.observation import Observation
+from parity.capture.observation import TAP_HOOK, Observation, opaque
 from parity.capture.staging import (  # noqa: F401 - to_storage: part of this module's interface
     Staged,
     Stager,
@@ -48,11 +48,10 @@ def _post_hook(rec: Recorder, spec: _ModuleTaps, module, args, output):
 # break per tap, so the compiled pieces are the code between taps (and the bookkeeping
 # stays plain Python).  Eagerly the hooks skip the wrapper, which costs more than the
 # bookkeeping itself; one wrapper for all modules, not one per hook installed.
-_pre_opaque = torch.compiler.disable(lambda rec, spec, module, args: rec.pre(spec, module, args), recursive=True)
+_pre_opaque = opaque(lambda rec, spec, module, args: rec.pre(spec, module, args), TAP_HOOK)
 
 
-_post_opaque = torch.compiler.disable(lambda rec, spec, module, args, output: rec.post(spec, module, output),
-                                      recursive=True)
+_post_opaque = opaque(lambda rec, spec, module, args, output: rec.post(spec, module, output), TAP_HOOK)
 
 
 class _ModuleTaps:

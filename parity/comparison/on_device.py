@@ -73,6 +73,11 @@ class _Sink:
     def set_error(self, error) -> None:
         self.error = error
 
+    def set_observation(self, observation: dict) -> None:
+        """How observing changed the run (parity.capture.observation), kept in its meta as
+        a host capture keeps it."""
+        self.meta["observation"] = observation
+
     def add_tap(self, tap) -> None:
         raise TypeError("a live-compare sink takes taps as device tensors only")
 

@@ -607,8 +607,25 @@ def test_graph_breaks_forced_by_the_taps_are_recorded_with_the_capture():
     c = capture(Backend("toy", model, backend.probe, run=lambda: compiled(x), layouts=dict))
     obs = c.meta["observation"]
     assert obs["graph_breaks"] >= 1 and obs["graph_break_reasons"]
+    assert obs["graph_break_reasons"][0].startswith("a parity tap hook")  # the real reason, not "<lambda>"
     assert obs["graphs_compiled"] >= 2  # the model's code, cut at the taps
     assert "observation" not in capture(fused_backend()[0]).meta  # eager: observing changed nothing
+
+
+def test_graph_breaks_are_recorded_by_the_on_device_compare_too():
+    """The default live diff (compared on the device as the candidate runs) keeps the
+    candidate's observation in its report, as a host capture does."""
+    from parity.api import diff_live
+    from parity.taps.backends import BackendOptions
+
+    torch._dynamo.reset()
+    backend, model, x = fused_backend()
+    compiled = torch.compile(model, backend="eager")
+    cand = Backend("toy", model, backend.probe, run=lambda: compiled(x), layouts=dict, meta={"dtype": "float32"})
+    ref = Backend("toy", model, backend.probe, run=lambda: model(x), layouts=dict, meta={"dtype": "float32"})
+    report = diff_live(ref, cand, BackendOptions(), oracle=False, isolate=False)
+    obs = report.cand_meta.get("observation")
+    assert obs and obs["graph_breaks"] >= 1 and obs["graph_break_reasons"][0].startswith("a parity tap hook")
 
 
 class Noted(Instrumentable):
