@@ -242,8 +242,8 @@ def _check_arity(factory: Callable, parsed: BackendSpec) -> None:
 
 def missing_requirements(factory) -> str | None:
     """What an installed factory needs and this environment lacks, in one line (None: all
-    there): a factory may declare `requires = {module: extra}`, the optional packages it
-    imports and the extra of this project that installs them."""
+    there): a factory may declare `requires = {module: what to pip install}`, the optional
+    packages it imports ("parity[hf]" for the hf backend, "liger-kernel")."""
     import importlib.util
 
     for module, extra in dict(getattr(factory, "requires", None) or {}).items():
@@ -252,7 +252,7 @@ def missing_requirements(factory) -> str | None:
         except (ImportError, ValueError):
             found = False
         if not found:
-            return f"needs the Python package {module}, which is not installed (pip install 'parity[{extra}]')"
+            return f"needs the Python package {module}, which is not installed (pip install '{extra}')"
     return None
 
 

@@ -292,4 +292,4 @@ def _widened(model, inputs: dict, dtype):
 
 
 factory.usage = USAGE
-factory.requires = {"transformers": "hf"}  # checked before the factory runs; `parity backends` says so
+factory.requires = {"transformers": "parity[hf]"}  # checked before the factory runs; `parity backends` says so

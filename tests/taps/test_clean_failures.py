@@ -30,7 +30,7 @@ def user_module(monkeypatch):
     def needs(opts):
         raise AssertionError("a factory whose requirements are missing is never called")
 
-    needs.requires = {"no_such_package_parity_test": "hf"}
+    needs.requires = {"no_such_package_parity_test": "parity[hf]"}
     mod.never, mod.raises, mod.needs, mod.built = never, raises, needs, built
     monkeypatch.setitem(sys.modules, "userfacs", mod)
     return mod
