@@ -5,6 +5,7 @@
 model with one planted bug: layer 1's MLP output is nudged by a forward hook."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -145,10 +146,19 @@ def hooked(opts, arg: str):
     (both idempotent): what `hf:PATH` does once backend.py calls them itself"""
     from parity.probes.hf import backend as hf
     from parity.probes.hf.families import TOKENS, family_for
-    from parity.probes.hf.registry import family_inputs, family_layouts
+    from parity.probes.hf.registry import eager_experts, family_inputs, family_layouts, float64_experts
 
     backend = hf.factory(opts, arg)
     model = backend.model
+    float64_experts(model)
+    widen = backend.widen
+
+    @contextlib.contextmanager
+    def widened(dtype):
+        with eager_experts(model), widen(dtype):
+            yield
+
+    backend.widen = widened
     text = hf._text_config(model.config)
     family, _ = family_for(model.config.model_type, [n for n, _ in model.named_modules()], text)
     family_inputs(family, model.config, backend.inputs, opts.seed)  # in place: the run reads this dict

@@ -14,12 +14,21 @@ Three hooks, each a plain function of data backend.py already has:
       where `factory` builds `layouts=`: the flat token layouts of the MoE router and
       expert taps, next to `TOKENS`.
 
-Both of the last two are idempotent, so a wrapper calling them again changes nothing.
+  float64_experts(model)    after `load_model` returns, and
+  eager_experts(model)      around the float64 oracle run (inside `_widened`, with `upcast`):
+      transformers 5.x runs MoE experts through torch's grouped_mm by default, which refuses
+      float64 on the CPU ("Expected mat_a to be Float32, BFloat16 or Float16 matrix, got
+      Double"): a `dtype=float64` MoE model, or the oracle run of any MoE model, switches
+      to transformers' eager experts (the same math, a loop over experts).
+
+family_inputs and family_layouts are idempotent, so a wrapper calling them again changes
+nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,3 +157,38 @@ def family_layouts(probe, layout: Layout | None) -> dict[str, Layout]:
         if m and rule.layout not in out:
             out[rule.layout] = flat_layout(layout, int(m.group(1)))
     return out
+
+
+def _experts(model) -> str | None:
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    return impl if callable(getattr(model, "set_experts_implementation", None)) else None
+
+
+def float64_experts(model) -> bool:
+    """A float64 MoE model's experts switched to transformers' eager path (its default,
+    grouped_mm, refuses float64 on the CPU); whether it switched."""
+    import torch
+
+    impl = _experts(model)
+    if impl is None or impl == "eager" or getattr(model, "dtype", None) != torch.float64:
+        return False
+    model.set_experts_implementation("eager")
+    return True
+
+
+@contextlib.contextmanager
+def eager_experts(model) -> Iterator[None]:
+    """The model's MoE experts on transformers' eager path meanwhile (parity's float64
+    oracle run), put back afterwards; a model without experts is left alone."""
+    impl = _experts(model)
+    switch = impl is not None and impl != "eager"
+    if switch:
+        try:
+            model.set_experts_implementation("eager")
+        except (ValueError, RuntimeError, AttributeError):
+            switch = False
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_experts_implementation(impl)
