@@ -2,6 +2,10 @@
 
     PYTHONPATH=. python bench/deep_pair.py --shape llama3-8b --device cuda
     PYTHONPATH=. python bench/deep_pair.py --shape tiny --device cpu
+    PYTHONPATH=.:examples python bench/deep_pair.py --shape llama3.2-1b --cand 'candidates:liger:{folder}' --name liger
+
+`--cand` is the candidate's spec, `{folder}` the saved model (default `hf:{folder}@attn=sdpa`);
+`--name` names the result file (deep_pair[_NAME]_<shape>_<card>.json).
 
 A transformers Llama built from a real model's shape (random weights, seeded), saved with
 save_pretrained, then `attn=eager` against `attn=sdpa` in bf16 (`--batch 4 --padding left
@@ -68,13 +72,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--cand", default="hf:{folder}@attn=sdpa", help="the candidate's spec; {folder}: the model")
+    ap.add_argument("--name", default=None, help="result file deep_pair_<NAME>_<shape>")
     args = ap.parse_args()
     folder = build(args.shape, Path(tempfile.mkdtemp()) / args.shape, args.device)
     common = dict(batch=args.batch, padding="left", seq_len=args.seq_len, device=args.device, dtype="bfloat16")
     results = {}
     for name, oracle in (("fixed", False), ("oracle", True)):
         t = time.perf_counter()
-        report = parity.compare(f"hf:{folder}@attn=eager", f"hf:{folder}@attn=sdpa", oracle=oracle,
+        report = parity.compare(f"hf:{folder}@attn=eager", args.cand.format(folder=folder), oracle=oracle,
                                 on_device=not oracle, **common)
         results[name] = {**judge(report), "seconds": time.perf_counter() - t}
         r = results[name]
@@ -82,8 +88,9 @@ def main() -> None:
               f"rel_l2 {r['worst_rel_l2']:.4f} budget ratio worst {r['worst_budget_ratio']} median "
               f"{r['median_budget_ratio']} first {r['first_divergence']} ({r['seconds']:.1f} s)", flush=True)
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    write_result(args.out, f"deep_pair_{args.shape}", card,
+    write_result(args.out, "deep_pair_" + (f"{args.name}_" if args.name else "") + args.shape, card,
                  {"card": card, "torch": torch.__version__, "shape": args.shape, "config": SHAPES[args.shape],
+                  "candidate": args.cand,
                   "inputs": {k: v for k, v in common.items() if k != "device"}, "results": results})
 
 

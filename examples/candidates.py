@@ -62,6 +62,8 @@ def dynamic_int8(options, arg: str):
     import torch
 
     backend = _hf(options, arg)
+    if next(backend.model.parameters()).device.type != "cpu":
+        raise ValueError("torch.ao dynamic quantisation runs on the CPU only: give --device cpu")
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated, and still in torch
         warnings.simplefilter("ignore")
         torch.ao.quantization.quantize_dynamic(backend.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -28,18 +28,21 @@ def model_dir(tmp_path_factory) -> Path:
 def test_quantised_candidates_pass_within_their_declared_allowance(model_dir, name, library):
     if library:
         pytest.importorskip(library)
-    report = parity.compare(f"hf:{model_dir}", f"candidates:{name}:{model_dir}", batch=3, padding="left")
+    # on the CPU: torch.ao's dynamic quantisation has CPU kernels only
+    report = parity.compare(f"hf:{model_dir}", f"candidates:{name}:{model_dir}", batch=3, padding="left",
+                            device="cpu")
     assert report, report.first_divergence
     assert report.thresholds["calibration"]["lossy"]["from"] == "decoder.0.q"  # budgets judge the embedding
     strict = parity.compare(f"hf:{model_dir}", f"candidates:{name}:{model_dir}", batch=3, padding="left",
-                            oracle=True)
+                            device="cpu", oracle=True)
     assert strict, strict.first_divergence
-    weights = run_weights(f"hf:{model_dir}", f"candidates:{name}:{model_dir}", quantized_min_cos=0.99)
+    weights = run_weights(f"hf:{model_dir}", f"candidates:{name}:{model_dir}", quantized_min_cos=0.99, device="cpu")
     assert weights and any(r.quantized for r in weights.rows)
 
 
 def test_a_compiled_candidate_is_flagged_identical_and_its_graph_breaks_recorded(model_dir):
-    report = parity.compare(f"hf:{model_dir}", f"candidates:compiled:{model_dir}", batch=3, padding="left")
+    report = parity.compare(f"hf:{model_dir}", f"candidates:compiled:{model_dir}", batch=3, padding="left",
+                            device="cpu")
     assert report and any("identical to the reference" in w for w in report.warnings)
     assert report.cand_meta["observation"]["graph_breaks"] > 0
 

@@ -34,6 +34,7 @@ from parity.probes.hf.inputs import (
     read_inputs,
     token_layout,
 )
+from parity.probes.hf.registry import check_family, family_inputs, family_layouts, float64_experts
 from parity.probes.hf.spec import USAGE, HFSpec
 from parity.taps.backends import Backend, BackendOptions
 from parity.taps.records import Region
@@ -89,6 +90,8 @@ def load_model(spec: HFSpec, dtype: str | None, device):
             config = transformers.AutoConfig.from_pretrained(spec.path)
         except config_errors() as exc:
             raise ValueError(f"cannot read {spec.path / 'config.json'}: {one_line(exc)}") from None
+        # a family parity has no probe for is refused here, before any weight is read
+        check_family(getattr(config, "model_type", "?"), config, shapes).refuse()
         cls = model_class(transformers, getattr(config, "architectures", None) or [], spec.path)
         check_size(cls, config, shapes, spec.path)
         kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch, dtype), "use_safetensors": True}
@@ -184,6 +187,7 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
         HFSpec(spec.path, dtype=dtype).validate()
     device = _device(torch, spec.device or opts.device)
     model, config = load_model(spec, dtype, device)
+    float64_experts(model)  # an MoE model's default experts kernel refuses float64 on the CPU
     model_type = getattr(config, "model_type", "?")
     probe, family, how = probe_for(model, model_type, _text_config(config))
     prompts = make_prompts(family, config, opts)
@@ -203,6 +207,7 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
             kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])
     if batch.pixels is not None:
         kwargs["pixel_values"] = torch.from_numpy(batch.pixels).to(device=device, dtype=model.dtype)
+    family_inputs(family, config, kwargs, opts.seed)  # e.g. T5's decoder inputs, SiglipModel's text
     call = torch.compile(model, backend=spec.compile) if spec.compile else model
 
     def run():
@@ -210,7 +215,7 @@ def factory(opts: BackendOptions, arg: str) -> Backend:
             return call(**kwargs)
 
     def get_layouts():
-        return {TOKENS: layout} if layout is not None else {}
+        return {TOKENS: layout, **family_layouts(probe, layout)} if layout is not None else {}
 
     feed = None
     if opts.decode:
@@ -252,6 +257,10 @@ def _decoding(model, config, family, probe, prompts, batch, layout, kwargs, call
                          f"({family.inputs} inputs)")
     if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
         raise ValueError("--decode needs a model with a language-model head (logits)")
+    flat = sorted({r.layout for r in probe.rules if r.layout not in (None, TOKENS)})
+    if flat:
+        raise ValueError(f"--decode does not lay out this family's flattened taps ({', '.join(flat)}: MoE routers "
+                         "and experts) per step yet; diff its prefill without --decode")
     n_layers = int(text.num_hidden_layers)
     taps = decode.kv_taps(model, n_layers)
     state: dict = {}
@@ -275,6 +284,7 @@ def _widened(model, inputs: dict, dtype):
     rounds the oracle there and turns a float64 mask's minimum into -inf (a fully masked
     padding row, then NaN everywhere it is read).  Put back as it was afterwards."""
     from parity.comparison.oracle import upcast
+    from parity.probes.hf.registry import eager_experts
 
     before = getattr(model.config, "_attn_implementation", None)
     switch = before == "eager" and callable(getattr(model, "set_attn_implementation", None))
@@ -284,7 +294,7 @@ def _widened(model, inputs: dict, dtype):
         except (ValueError, ImportError, AttributeError):  # a model without an SDPA path stays eager
             switch = False
     try:
-        with upcast(model, dtype, inputs):
+        with eager_experts(model), upcast(model, dtype, inputs):
             yield
     finally:
         if switch:

@@ -203,3 +203,19 @@ def test_per_head_qk_norms_pass_before_and_after_the_transpose(tiny_models, kind
     assert len(norms) == 2 * 3 and all(r.status == "pass" for r in norms)
     if "bfloat16" in cand:  # a dtype asked for: the reference's fp32 rounding is no budget for bf16
         assert "computes in bfloat16" in report.thresholds["calibration"]["why"]
+
+
+def test_an_undeclared_family_with_llama_layers_says_so_in_the_header(tmp_path):
+    """Granite is not declared; its Llama-style layers get the generic decoder rules, and
+    the terminal header says which rules tapped it."""
+    import transformers as T
+
+    from hf_tiny import TEXT
+    from parity.report.terminal.diff import header
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    T.GraniteForCausalLM(T.GraniteConfig(**TEXT)).save_pretrained(tmp_path / "granite")
+    report = parity.compare(spec(tmp_path / "granite", attn="eager"), spec(tmp_path / "granite", attn="sdpa"), batch=2)
+    assert report, report.first_divergence
+    assert "ref tapped by the generic decoder (model_type 'granite' is not declared)" in header(report).plain

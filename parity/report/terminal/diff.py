@@ -124,6 +124,11 @@ def run_header(r: dict, c: dict) -> Text:
         text.append(shown(f"inputs {r.get('inputs')} (batch {r.get('batch')}, fingerprint "
                           f"{r.get('input_fingerprint', '?')}), padding {r.get('padding')} vs {c.get('padding')}"
                           + decode), style="dim")
+    for side, meta in (("ref", r), ("cand", c)):
+        probe = meta.get("probe")
+        if isinstance(probe, str) and "not declared" in probe:  # a backend's fallback rules, said so
+            text.append("\n")
+            text.append(shown(f"{side} tapped by the {probe}"), style="yellow")
     weights = r.get("weights")
     if isinstance(weights, dict):
         text.append("\n")
