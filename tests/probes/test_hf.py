@@ -209,8 +209,8 @@ def test_an_undeclared_family_with_llama_layers_says_so_in_the_header(tmp_path):
     """Granite is not declared; its Llama-style layers get the generic decoder rules, and
     the terminal header says which rules tapped it."""
     import transformers as T
-
     from hf_tiny import TEXT
+
     from parity.report.terminal.diff import header
 
     torch = pytest.importorskip("torch")
