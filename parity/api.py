@@ -816,6 +816,7 @@ def _any_stats_dump(dumps: tuple) -> bool:
     kinds = [is_stats_dump(d) for d in dumps]
     if any(kinds) and not all(kinds) and len(dumps) == 2:
         stats_one, tensor_one = (dumps[0], dumps[1]) if kinds[0] else (dumps[1], dumps[0])
+        open_checked(tensor_one, allow_incomplete=True).close()  # missing or unreadable: its reader says so
         raise InputError(f"{stats_one} is a stats dump and {tensor_one} a tensor dump: diff stats against stats "
                          "(capture both with --stats) or tensors against tensors")
     return any(kinds)

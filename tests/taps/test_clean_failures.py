@@ -73,3 +73,13 @@ def test_backends_listing_marks_a_backend_whose_package_is_missing(monkeypatch):
 def test_a_cosine_bound_that_passes_anything_is_refused(value):
     r = CliRunner().invoke(app, ["diff", "--ref", "pytorch", "--cand", "flash", "--min-cos", value])
     assert r.exit_code == 2 and "is outside [0, 1]" in r.output, r.output
+
+
+def test_a_missing_or_unreadable_file_beside_a_stats_dump_is_named_as_such(tmp_path):
+    stats = tmp_path / "a_stats.h5"
+    assert CliRunner().invoke(app, ["capture", "--backend", "pytorch", "--stats", "-o", str(stats)]).exit_code == 0
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not a dump")
+    for other, words in ((tmp_path / "missing_stats.h5", "no such file"), (junk, "not an HDF5 file")):
+        r = CliRunner().invoke(app, ["diff", str(stats), str(other)])
+        assert r.exit_code == 2 and words in r.output and "a tensor dump" not in r.output, r.output
