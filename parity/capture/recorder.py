@@ -214,11 +214,10 @@ class Recorder:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"tap {info.key}: module {side} is {type(value).__name__}, not a tensor")
         if hit.chunk is not None:
-            total = sum(size for _, size in hit.rule.split)
-            if value.shape[-1] != total:
-                raise ProbeError(f"tap {info.key}: last dimension {value.shape[-1]} does not match its split "
-                                 f"({total})")
-            value = value[..., hit.chunk[0]:hit.chunk[1]]
+            try:
+                value = hit.cut(value)
+            except ValueError as exc:
+                raise ProbeError(f"tap {info.key}: {exc}") from None
         if hit.rule.token_axis != 1:
             if value.ndim <= hit.rule.token_axis:
                 raise ProbeError(f"tap {info.key}: a {value.ndim}-d value has no token axis {hit.rule.token_axis}")

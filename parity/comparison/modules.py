@@ -43,7 +43,7 @@ from typing import Any
 from parity.capture.inputs import MB, CannotRerun, InputBudget, KeptCall, NotKept, data_input, install_input_hooks
 from parity.capture.inputs import rerun as rerun_call
 from parity.comparison.errors import IsolationError, crash_line
-from parity.taps.probe import ON_INPUT, Probe
+from parity.taps.probe import ON_INPUT, Probe, cut
 
 DEFAULT_MAX_MB = 2048  # per run: the bytes of the module inputs kept for isolation (parity.capture.inputs)
 
@@ -63,6 +63,7 @@ class PartSpec:
     chunk: tuple[int, int] | None
     layout: str | None
     token_axis: int = 1
+    groups: int = 1  # the split repeats per group (TapRule.split_groups)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class ModuleAdapter:
                     if not producer:
                         continue  # the model itself would have to be re-run
                 spec = PartSpec(hit.component, producer, catch, hit.rule.select, hit.chunk, hit.rule.layout,
-                                hit.rule.token_axis)
+                                hit.rule.token_axis, hit.rule.split_groups)
                 parts = self.layers.setdefault((hit.rule.stack, hit.layer), {})
                 if spec.part in parts:
                     continue
@@ -279,7 +280,7 @@ def _value(layer: LayerModules, spec: PartSpec, data: Any, own: bool) -> Any:
         if spec.select is not None and isinstance(out, (tuple, list)):
             out = out[spec.select]
         if spec.chunk is not None:
-            out = out[..., spec.chunk[0]:spec.chunk[1]]
+            out = cut(out, spec.chunk, spec.groups)
         if spec.token_axis != 1 and hasattr(out, "movedim"):
             out = out.movedim(spec.token_axis, 1)
     return out

@@ -28,7 +28,9 @@ class TapRule:
     the way to observe a value that no module returns (e.g. the attention core's
     output is the input of the o-projection).  `split` cuts the last dimension into
     consecutive named chunks, one tap each (a fused QKV projection -> q, k, v); the
-    chunk names replace `component`.  `token_axis` is the axis holding the token slots
+    chunk names replace `component`.  `split_groups` > 1 repeats the split that many times
+    along the last dimension (GPT-NeoX's query_key_value is [heads, q|k|v per head]): each
+    chunk gathers its slice from every group.  `token_axis` is the axis holding the token slots
     when it is not 1 (a head-major [rows, heads, slots, dim] value, as Gemma-3's q/k norms
     return): the tap is stored with that axis moved to 1, so the token layout fits."""
 
@@ -42,6 +44,7 @@ class TapRule:
     split: tuple[tuple[str, int], ...] = ()
     token_axis: int = 1
     step_layouts: bool = False
+    split_groups: int = 1
 
     def __post_init__(self) -> None:
         regex = re.compile(self.pattern)
@@ -71,6 +74,24 @@ class ProbeHit:
     component: str
     name: str
     chunk: tuple[int, int] | None = None
+
+    def cut(self, value):
+        """This hit's chunk of a split rule's value (a tensor): its slice of the last
+        dimension, taken from every group when the split repeats (`split_groups`).
+        ValueError when the last dimension does not match the split."""
+        if self.chunk is None:
+            return value
+        total = sum(size for _, size in self.rule.split) * self.rule.split_groups
+        if value.shape[-1] != total:
+            raise ValueError(f"last dimension {value.shape[-1]} does not match its split ({total})")
+        return cut(value, self.chunk, self.rule.split_groups)
+
+
+def cut(value, chunk: tuple[int, int], groups: int = 1):
+    """Slice [start, stop) of the last dimension, from each of `groups` equal groups."""
+    if groups == 1:
+        return value[..., chunk[0]:chunk[1]]
+    return value.unflatten(-1, (groups, -1))[..., chunk[0]:chunk[1]].flatten(-2)
 
 
 def _name(stack: str, layer: int | None, component: str) -> str:

@@ -76,6 +76,7 @@ class Part:
     # the module sees the tokens flattened, [rows * slots, width]: the width, as a number or
     # the config attribute(s) holding it ("num_local_experts|num_experts": the first set)
     flat: int | str | None = None
+    per_head: bool = False  # the split repeats per attention head (GPT-NeoX: [heads, q|k|v])
 
 
 @dataclass(frozen=True)
@@ -158,10 +159,16 @@ GPT2_PARTS = (
     Part("mlp", "mlp"),
     Part("", "out"),
 )
-# query_key_value is [.., heads, 3 * head_dim] (q, k, v interleaved per head): tapped whole
+def _neox_split(config) -> tuple[tuple[str, int], ...]:
+    """One head's q, k, v in GPT-NeoX's query_key_value ([.., heads, 3 * head_dim])."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return (("q", head_dim), ("k", head_dim), ("v", head_dim))
+
+
+# query_key_value is [.., heads, 3 * head_dim]: q, k, v interleaved per head, split per head
 NEOX_PARTS = (
     Part("input_layernorm", "input_norm"),
-    Part("attention.query_key_value", "qkv"),
+    Part("attention.query_key_value", "qkv", split_qkv=_neox_split, per_head=True),
     Part("attention.dense", "attn", ON_INPUT), Part("attention.dense", "o_proj"),
     Part("post_attention_layernorm", "post_attn_norm"),
     Part("mlp", "mlp"),
@@ -368,8 +375,10 @@ def rules_for(family: Family, text_config) -> tuple[TapRule, ...]:
                     if width is None:
                         continue  # the config has no such module (e.g. no experts)
                     layout = f"{FLAT}{width}"
+                groups = int(text_config.num_attention_heads) if part.per_head and split else 1
                 rules.append(TapRule(pattern, plan.stack, None if split else part.component, layout,
-                                     select=0, on=part.on, split=split, token_axis=part.token_axis))
+                                     select=0, on=part.on, split=split, token_axis=part.token_axis,
+                                     split_groups=groups))
         for path, component, *on in plan.extras:
             rules.append(TapRule(plan.root + re.escape(path), plan.stack, component, plan.layout, select=0,
                                  on=on[0] if on else ON_OUTPUT))

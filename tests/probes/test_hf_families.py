@@ -48,7 +48,7 @@ LLAMA = DECODER_ATTN + ["post_attn_norm"]
 EXPECTED = {
     "gpt2": ("decoder", LLAMA + ["mlp", "out"], {"decoder.embed", "decoder.pos_embed", "decoder.final_norm",
                                                  "output.logits"}),
-    "gpt_neox": ("decoder", ["input_norm", "qkv", "attn", "o_proj", "post_attn_norm", "mlp", "out"],
+    "gpt_neox": ("decoder", ["input_norm", "q", "k", "v", "attn", "o_proj", "post_attn_norm", "mlp", "out"],
                  {"decoder.embed", "decoder.final_norm", "output.logits"}),
     "opt": ("decoder", LLAMA + ["mlp_up", "mlp", "out"], {"decoder.embed", "decoder.pos_embed",
                                                           "decoder.final_norm", "output.logits"}),
@@ -141,8 +141,20 @@ def test_fused_qkv_splits_follow_each_layout(tiny_models):
     assert [gpt2[f"decoder.0.{c}"].shape for c in "qkv"] == [(2, 8, 32)] * 3
     falcon = capture_live(f"hf:{tiny_models('falcon')}", opts).by_key()  # multi-query: all q heads, 1 k, 1 v
     assert [falcon[f"decoder.0.{c}"].shape for c in "qkv"] == [(2, 8, 32), (2, 8, 8), (2, 8, 8)]
-    # interleaved per head ([heads, 3, head_dim]; Falcon-40B: per kv group): tapped whole
-    assert capture_live(f"hf:{tiny_models('gpt_neox')}", opts).by_key()["decoder.0.qkv"].shape == (2, 8, 96)
+    # GPT-NeoX: interleaved per head ([heads, q|k|v]): each of q, k, v gathered from every head
+    from parity.taps.backends import resolve
+
+    neox = resolve(f"hf:{tiny_models('gpt_neox')}", opts)
+    fused = []
+    neox.model.gpt_neox.layers[0].attention.query_key_value.register_forward_hook(
+        lambda mod, args, out: fused.append(out.detach()))
+    taps = capture_live(neox, opts).by_key()
+    heads = neox.model.config.num_attention_heads
+    per_head = fused[0].unflatten(-1, (heads, 3, -1))  # [B, T, heads, 3, head_dim]
+    for i, c in enumerate("qkv"):
+        assert taps[f"decoder.0.{c}"].shape == (2, 8, 32)
+        np.testing.assert_array_equal(taps[f"decoder.0.{c}"].array, per_head[..., i, :].flatten(-2).numpy())
+    # Falcon-40B's grouped layout (per kv group): tapped whole
     new = capture_live(f"hf:{tiny_models('falcon_new')}", opts).by_key()
     assert new["decoder.0.qkv"].shape == (2, 8, (4 + 2 * 2) * 8) and "decoder.0.q" not in new
 
