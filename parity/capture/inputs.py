@@ -39,10 +39,47 @@ class KeptCall:
     args: tuple
     kwargs: dict
     versions: tuple[tuple[torch.Tensor, int], ...]
+    state: tuple = ()  # the tensors held by stateful objects it received, as they were (`object_state`)
 
-    def changed(self) -> bool:
-        """Whether a kept tensor was modified in place after the call."""
-        return any(t._version != v for t, v in self.versions)
+    def changed(self) -> str | None:
+        """How what it received changed after the call (None: it did not): a kept tensor
+        modified in place, or an object (a KV cache) holding other tensors than then."""
+        if any(t._version != v for t, v in self.versions):
+            return "an input it received was changed in place after the call"
+        if object_state((self.args, self.kwargs)) != self.state:
+            return (f"an object it received ({self._holder()}) holds other tensors than at the call (a cache a "
+                    "later call wrote to)")
+        return None
+
+    def _holder(self) -> str:
+        objs = [v for v in (*self.args, *self.kwargs.values()) if object_state(v)]
+        return type(objs[0]).__name__ if objs else "an object"
+
+
+def object_state(value: Any, depth: int = 3) -> tuple:
+    """What the stateful objects in an argument hold: (id, version) of each tensor reachable
+    through their attributes (and lists of objects, as a cache keeps its layers), in order.
+    A call that read such an object cannot be re-run as it ran once the object has moved on
+    (a decode step appended to the cache its attention read)."""
+    out: list = []
+
+    def visit(v: Any, level: int, inside: bool) -> None:
+        if isinstance(v, torch.Tensor):
+            if inside:
+                out.append((id(v), _version(v)))
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                visit(x, level, inside)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x, level, inside)
+        elif level > 0 and not isinstance(v, (torch.nn.Module, type, str, bytes, int, float, bool)) \
+                and hasattr(v, "__dict__"):
+            for x in vars(v).values():
+                visit(x, level - 1, True)
+
+    visit(value, depth, False)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -110,7 +147,7 @@ class InputBudget:
         self.used += added
         self.calls += 1
         versions = tuple((t, v) for t in tensors if (v := _version(t)) is not None)
-        return KeptCall(module, tuple(args), dict(kwargs), versions)
+        return KeptCall(module, tuple(args), dict(kwargs), versions, object_state((args, kwargs)))
 
 
 OnCall = Callable[[str, torch.nn.Module, tuple, dict], None]
@@ -178,8 +215,9 @@ def rerun(call: KeptCall, data: Any = None, catch: str | None = None) -> Any:
     input; every other argument as it was), without autograd.  Returns its output, or with
     `catch` (a sub-module's path inside it) the first positional input that sub-module
     receives during the call.  The sub-module's hook is removed in `finally`."""
-    if call.changed():
-        raise CannotRerun("an input it received was changed in place after the call")
+    why = call.changed()
+    if why:
+        raise CannotRerun(why)
     args, kwargs = call.args, call.kwargs
     if data is not None:
         if args:

@@ -38,7 +38,7 @@ def decode_probe(probe: Probe, stack: str, tokens_layout: str) -> Probe:
     rules = [dataclasses.replace(r, stepped=True, step_layouts=r.layout == tokens_layout) for r in probe.rules]
     for component, part in (("cache_k", "keys"), ("cache_v", "values")):
         rules.append(TapRule(rf"{KV_MODULE}\.(?P<layer>\d+)\.{part}", stack, component, "cache", stepped=True,
-                             token_axis=2, step_layouts=True))
+                             step_layouts=True))
     return dataclasses.replace(probe, rules=tuple(rules))
 
 
@@ -61,7 +61,8 @@ def kv_taps(model, n_layers: int):
             self.keys, self.values = Read(), Read()
 
         def forward(self, keys, values):
-            return self.keys(keys), self.values(values)
+            # the taps see [B, tokens, heads, dim] (views: the cache's own tensors go on)
+            return self.keys(keys.transpose(1, 2)).transpose(1, 2), self.values(values.transpose(1, 2)).transpose(1, 2)
 
     if not hasattr(model, KV_MODULE):
         model.add_module(KV_MODULE, torch.nn.ModuleList(KVRead() for _ in range(n_layers)))
