@@ -203,3 +203,34 @@ def test_fixed_bounds_by_request_or_where_budgets_are_not_cheap_say_why(tmp_path
     big.weight = torch.nn.Parameter(torch.empty(0).expand(0))  # no elements ...
     big.register_parameter("huge", torch.nn.Parameter(torch.empty((), device="cpu").expand(1 << 28)))
     assert "MB" in unavailable(big, "float32")
+
+
+def test_an_oracle_with_nan_where_the_reference_has_none_leaves_those_taps_to_the_fixed_bounds():
+    """A float64 run can produce NaN the reference does not (a library's float32 softmax of
+    a fully masked row): no budget is computed from it; those taps get the fixed bounds
+    and the report says so."""
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+    import toy_backend
+
+    ref = toy_backend.reference(BackendOptions())
+
+    @contextlib.contextmanager
+    def nan_in_layer_1(dtype):
+        handle = ref.model.layers[1].norm.register_forward_hook(lambda mod, args, out: out * float("nan"))
+        try:
+            with upcast(ref.model, dtype, ref.inputs):
+                yield
+        finally:
+            handle.remove()
+
+    ref.widen = nan_in_layer_1
+    report = parity.compare(ref, toy_backend.reference(BackendOptions()))
+    assert report, report.first_divergence
+    by_key = {r.key: r for r in report.rows}
+    assert by_key["toy.0.mlp"].budget is not None  # before the NaN: budgets
+    assert by_key["toy.1.norm"].budget is None and by_key["toy.1.mlp"].budget is None  # the fixed bounds
+    assert any("oracle run has NaN/Inf there where the reference has none" in w for w in report.warnings)
