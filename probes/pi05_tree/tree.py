@@ -4,7 +4,7 @@
 Both trees hold, under one root (`""` for openpi's `PI0Pytorch` and lerobot's
 `PI05Pytorch`, `"model."` for lerobot's `PI05Policy`):
 
-    paligemma_with_expert.paligemma.model.vision_tower.vision_model.{embeddings,
+    paligemma_with_expert.paligemma.model.vision_tower[.vision_model].{embeddings,
         encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp},
         post_layernorm}
     paligemma_with_expert.paligemma.model.multi_modal_projector
@@ -39,7 +39,8 @@ from parity.taps.probe import Probe, TapRule
 
 N = r"(?P<layer>\d+)"
 PWE = r"paligemma_with_expert\."
-V = PWE + r"paligemma\.model\.vision_tower\.vision_model\."
+# transformers 4.x (openpi) has SiglipVisionModel.vision_model; 5.x flattens it away
+V = PWE + r"paligemma\.model\.vision_tower\.(?:vision_model\.)?"
 L = PWE + r"paligemma\.model\.language_model\."
 E = PWE + r"gemma_expert\.model\."
 VIEWS = "views"  # the wrapper's child holding the view TapPoints

@@ -50,30 +50,50 @@ class _Renamed:
         return iter(self.params.items())
 
 
+VISION = "paligemma_with_expert.paligemma.model.vision_tower."
+
+
+def layout_key(name: str) -> str:
+    """A tree parameter's name (under its root) as openpi's / lerobot's checkpoints store
+    it: transformers 5.x's SigLIP has no `vision_model` level, their checkpoints do."""
+    if name.startswith(VISION) and not name.startswith(VISION + "vision_model."):
+        return VISION + "vision_model." + name[len(VISION):]
+    return name
+
+
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tree's state dict under checkpoint keys (lerobot's layout for a `PI05Policy`,
+    openpi's for `PI0Pytorch`), one copy per tensor (tied ones included), ready for
+    `safetensors.torch.save_file`: the file `--weights` reads for both sides of a diff."""
+    root = find_root(model)
+    return {name[: len(root)] + layout_key(name[len(root):]) if name.startswith(root) else name:
+            t.detach().contiguous().clone() for name, t in model.state_dict().items()}
+
+
 def tree_parameters(model: nn.Module, root: str, cfg: Pi05Config) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
     """({reference name: the tree's parameter}, {tree name: why it is not loaded});
     ValueError listing every parameter that does not fit."""
-    own = {name: p for name, p in model.named_parameters() if name.startswith(root)}
+    own = {layout_key(name[len(root):]): (name, p) for name, p in model.named_parameters() if name.startswith(root)}
     outside = sorted(name for name, _ in model.named_parameters() if not name.startswith(root))
-    keymap = map_keys([name[len(root):] for name in own])
+    keymap = map_keys(list(own))
     expected = expected_shapes(cfg)
     problems = [f"{name}: outside the tree's root {root!r}" for name in outside] + list(keymap.problems)
     problems += [f"the tree has no {root}{key} for the reference's {name} {list(expected[name])}"
                  for name, key in ((n, _key(n)) for n in sorted(set(expected) - set(keymap.sources), key=natural))]
-    problems += [f"{root}{key}: the reference has no {name}"
+    problems += [f"{own[key][0]}: the reference has no {name}"
                  for name, key in sorted(keymap.sources.items()) if name not in expected]
     mapped = {}
     for name, key in sorted(keymap.sources.items(), key=lambda kv: natural(kv[0])):
         if name not in expected:
             continue
-        p = own[root + key]
+        tree_name, p = own[key]
         if tuple(p.shape) != expected[name]:
-            problems.append(f"{root}{key}: shape {list(p.shape)}, the reference's {name} is {list(expected[name])}")
+            problems.append(f"{tree_name}: shape {list(p.shape)}, the reference's {name} is {list(expected[name])}")
         mapped[name] = p
     if problems:
         raise problems_error(f"{type(model).__name__} does not fit pi0.5 config {cfg.name}: {len(problems)} "
                              "problem(s)", problems)
-    return mapped, {root + k: why for k, why in keymap.unused.items()}
+    return mapped, {own[k][0]: why for k, why in keymap.unused.items()}
 
 
 def _key(name: str) -> str:

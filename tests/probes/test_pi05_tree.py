@@ -47,6 +47,19 @@ def test_batch_of_two_with_per_camera_vision_calls():
     assert parity.compare("pytorch", "tree_pi05:correct", device="cpu", batch=2, seed=1)
 
 
+def test_transformers_5_siglip_without_vision_model_level(tmp_path):
+    """transformers 5.x's SiglipVisionModel has no `vision_model` child: the same taps,
+    and its checkpoint is written (and read back) under the checkpoints' keys."""
+    from safetensors.torch import save_file
+
+    assert parity.compare("pytorch", "tree_pi05:flat_vision", device="cpu")
+    policy = tree_pi05.flat_vision(BackendOptions(device="cpu", seed=2)).model.tree
+    state = pi05_tree.checkpoint_state(policy)
+    assert "model.paligemma_with_expert.paligemma.model.vision_tower.vision_model.post_layernorm.weight" in state
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert parity.compare("pytorch", "tree_pi05:flat_vision", device="cpu", weights=str(tmp_path))
+
+
 @pytest.mark.parametrize("bug, first", [("expert_mlp", "expert.2.mlp@0"), ("prefix_nomask", "prefix.0.attn")])
 def test_planted_bug_found_at_its_tap(bug, first):
     report = parity.compare("pytorch", f"tree_pi05:{bug}", device="cpu")
@@ -67,7 +80,7 @@ def test_shared_checkpoint_in_lerobot_layout(tmp_path):
 
     seeded = tree_pi05.correct(BackendOptions(device="cpu", seed=5))
     policy = seeded.model.tree
-    state = {k: v.detach().clone().contiguous() for k, v in policy.state_dict().items()}
+    state = pi05_tree.checkpoint_state(policy)
     assert all(k.startswith("model.") for k in state)  # lerobot's PI05Policy layout
     save_file(state, str(tmp_path / "model.safetensors"))
     report = parity.compare("pytorch", "tree_pi05:correct", device="cpu", weights=str(tmp_path), seed=0)

@@ -10,7 +10,8 @@ per-layer list the expert's attention reads, and the sampler is lerobot's
 `sample_actions(images, img_masks, tokens, masks, noise=, num_steps=)`.  Its rounding points
 are the reference's (probes/pi05/config.py), so the correct one passes against `pytorch`.
 
-`BUGS` plant one bug each: `expert_mlp` (expert layer 2's MLP output scaled by 1.05),
+`flat_vision` is the correct one with transformers 5.x's SigLIP layout (no `vision_model`
+level).  `BUGS` plant one bug each: `expert_mlp` (expert layer 2's MLP output scaled by 1.05),
 `prefix_nomask` (the prefix attention ignores its mask).
 
     parity diff --ref pytorch --cand tree_pi05:correct        (from tests/probes)
@@ -239,12 +240,15 @@ class Projector(nn.Module):
 
 
 class PaliGemmaWithExpert(nn.Module):
-    def __init__(self, cfg: Pi05Config, bug):
+    def __init__(self, cfg: Pi05Config, bug, flat_vision=False):
         super().__init__()
         self.paligemma = nn.Module()
         self.paligemma.model = nn.Module()
-        self.paligemma.model.vision_tower = nn.Module()
-        self.paligemma.model.vision_tower.vision_model = SiglipVisionModel(cfg.vision)
+        if flat_vision:  # transformers 5.x: no vision_model level
+            self.paligemma.model.vision_tower = SiglipVisionModel(cfg.vision)
+        else:  # transformers 4.x (openpi)
+            self.paligemma.model.vision_tower = nn.Module()
+            self.paligemma.model.vision_tower.vision_model = SiglipVisionModel(cfg.vision)
         self.paligemma.model.multi_modal_projector = Projector(cfg.vision.width, cfg.llm.width)
         self.paligemma.model.language_model = GemmaModel(cfg.llm, cfg.vocab_size,
                                                          bug=bug if bug == "prefix_nomask" else None)
@@ -264,10 +268,10 @@ def time_embedding(t, dim, min_period=4e-3, max_period=4.0):
 class TreePi05(nn.Module):
     """lerobot's `PI05Pytorch` shape: paligemma_with_expert + the action/time projections."""
 
-    def __init__(self, cfg: Pi05Config, bug=None):
+    def __init__(self, cfg: Pi05Config, bug=None, flat_vision=False):
         super().__init__()
         self.cfg = cfg
-        self.paligemma_with_expert = PaliGemmaWithExpert(cfg, bug)
+        self.paligemma_with_expert = PaliGemmaWithExpert(cfg, bug, flat_vision)
         W = cfg.expert.width
         self.action_in_proj = nn.Linear(cfg.action_dim, W)
         self.action_out_proj = nn.Linear(W, cfg.action_dim)
@@ -287,7 +291,8 @@ class TreePi05(nn.Module):
     @torch.no_grad()
     def sample_actions(self, images, img_masks, tokens, masks, noise, num_steps):
         pwe, cfg = self.paligemma_with_expert, self.cfg
-        vision = pwe.paligemma.model.vision_tower.vision_model
+        tower = pwe.paligemma.model.vision_tower
+        vision = getattr(tower, "vision_model", tower)
         embs = [pwe.paligemma.model.multi_modal_projector(vision(img, self.dtype)) for img in images]
         n = embs[0].shape[1]
         text = pwe.paligemma.model.language_model.embed_tokens(tokens) * math.sqrt(cfg.llm.width)
@@ -317,22 +322,27 @@ class TreePi05(nn.Module):
 class TreePolicy(nn.Module):
     """lerobot's `PI05Policy` shape: the model under `model.`."""
 
-    def __init__(self, cfg: Pi05Config, bug=None, dtype=torch.bfloat16):
+    def __init__(self, cfg: Pi05Config, bug=None, dtype=torch.bfloat16, flat_vision=False):
         super().__init__()
-        self.model = TreePi05(cfg, bug).half(dtype)
+        self.model = TreePi05(cfg, bug, flat_vision).half(dtype)
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build(options: BackendOptions, bug=None):
+def build(options: BackendOptions, bug=None, flat_vision=False):
     cfg = pi05_tree.config_for(options)
-    policy = TreePolicy(cfg, bug, DTYPES[options.dtype or "bfloat16"])
+    policy = TreePolicy(cfg, bug, DTYPES[options.dtype or "bfloat16"], flat_vision)
     return pi05_tree.backend(policy, options, name=f"tree_pi05:{bug or 'correct'}")
 
 
 def correct(options: BackendOptions):
     return build(options)
+
+
+def flat_vision(options: BackendOptions):
+    """The correct tree with transformers 5.x's SigLIP (no `vision_model` level)."""
+    return build(options, flat_vision=True)
 
 
 def expert_mlp(options: BackendOptions):
