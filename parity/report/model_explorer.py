@@ -12,7 +12,10 @@ node ids exist depends on how the graph was loaded:
   same for a program already loaded;
 * otherwise parity writes its own graph (`tap_graph`): one node per tap, namespaced
   `stack/layer_N`, chained in execution order, which Model Explorer's JSON adapter
-  loads; its node ids are the tap names.
+  loads; its node ids are the tap names.  The file holds one graph collection object
+  (`{"label", "graphs"}`): the JSON adapter of ai-edge-model-explorer 0.1.34 refuses a
+  list of collections ("Unsupported JSON format"); tests/report/test_model_explorer_real.py
+  opens both files in the real tool.
 
 Value = cosine similarity (worst step); colour = the verdict (green pass, red fail,
 orange anything else), so the per-tap thresholds are honoured exactly.
@@ -58,9 +61,10 @@ def node_data(report: Report, node_ids: Mapping[str, str] | None = None) -> dict
             "thresholds": [{"value": min_cos - 1e-12, "bgColor": FAIL_COLOR}, {"value": 1.0, "bgColor": PASS_COLOR}]}
 
 
-def tap_graph(report: Report, label: str = "parity taps") -> list[dict]:
-    """A Model Explorer graph collection of the taps themselves: nodes in execution
-    order, grouped by stack and layer, each fed by the previous tap of its stack."""
+def tap_graph(report: Report, label: str = "parity taps") -> dict:
+    """A Model Explorer graph collection of the taps themselves (`{"label", "graphs"}`,
+    the one JSON object Model Explorer's JSON adapter loads as a collection): nodes in
+    execution order, grouped by stack and layer, each fed by the previous tap of its stack."""
     nodes = []
     last_in_stack: dict[str, str] = {}
     for name, row in _by_name(report).items():
@@ -77,7 +81,7 @@ def tap_graph(report: Report, label: str = "parity taps") -> list[dict]:
         nodes.append({"id": name, "label": i.component, "namespace": namespace, "attrs": attrs,
                       "incomingEdges": edges, "outputsMetadata": [], "inputsMetadata": [], "subgraphIds": []})
         last_in_stack[i.stack] = name
-    return [{"label": label, "graphs": [{"id": "parity", "nodes": nodes}]}]
+    return {"label": label, "graphs": [{"id": "parity", "nodes": nodes}]}
 
 
 def node_ids_from_exported_program(ep, modules: Mapping[str, str]) -> dict[str, str]:

@@ -100,7 +100,7 @@ def test_model_explorer_node_data_and_tap_graph(nomask):
     assert data["results"]["prefix.0.attn"]["bgColor"] == "#f4a3a3"
     assert data["results"]["prefix.0.k"] == {"value": 1.0, "bgColor": "#b7e4c7"}
     assert "expert.0.attn" in data["results"]  # stepped taps: one node, worst step
-    graph = tap_graph(nomask)[0]["graphs"][0]
+    graph = tap_graph(nomask)["graphs"][0]
     ids = [n["id"] for n in graph["nodes"]]
     assert set(ids) == set(data["results"])
     node = graph["nodes"][ids.index("prefix.0.attn")]
@@ -119,7 +119,7 @@ def test_report_command_writes_each_format(nomask_json, tmp_path, fmt, suffix, n
     assert code == 0, text
     assert needle in out.read_text() and f"wrote {out}" in text.replace("\n", "")
     if fmt == "model-explorer":
-        assert json.loads((tmp_path / "r.graph.json").read_text())[0]["graphs"][0]["nodes"]
+        assert json.loads((tmp_path / "r.graph.json").read_text())["graphs"][0]["nodes"]
 
 
 def test_report_defaults_to_the_output_dir_and_stdout_with_dash(nomask_json, tmp_path, monkeypatch):
