@@ -96,12 +96,14 @@ def main() -> int:
     t0 = time.time()
     report = parity.compare("pytorch", lerobot_pi05(BackendOptions(device=args.device, seed=args.seed,
                                                                   weights=str(out))),
-                            device=args.device, seed=args.seed, weights=str(out), min_cos=args.min_cos)
+                            device=args.device, seed=args.seed, weights=str(out), min_cos=args.min_cos,
+                            dtype=args.dtype)  # the reference in the policy's dtype
     measured = [r for r in report.rows if r.metrics is not None]
     worst = min(measured, key=lambda r: r.metrics.cos) if measured else None
     first = report.first_divergence
     print(f"compared {len(report.rows)} taps in {time.time() - t0:.0f}s: {'PASS' if report else 'FAIL'} "
-          f"(candidate dtype {report.cand_meta.get('dtype')}, judged {report.thresholds.get('calibration')})")
+          f"(reference dtype {report.ref_meta.get('dtype')}, candidate dtype {report.cand_meta.get('dtype')}, "
+          f"judged {report.thresholds.get('calibration')})")
     if worst is not None:
         print(f"worst cosine: {worst.metrics.cos:.6f} at {worst.key} (max |diff| {worst.metrics.max_abs:.4g})")
     if first is not None:
