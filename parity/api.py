@@ -76,7 +76,37 @@ def _meta(backend: Backend, taps: str | None) -> dict:
     meta = {**backend.meta, "created": _now(), "taps": taps or "*"}
     if "modules" not in meta and hasattr(backend.model, "named_modules"):
         meta["modules"] = backend.probe.modules(backend.model)
+    if getattr(backend, "sharding", None):
+        meta["sharding"] = {glob: dict(spec) for glob, spec in dict(backend.sharding).items()}
+    meta.update(distributed())
     return meta
+
+
+def distributed() -> dict:
+    """This process's place in a torch.distributed job ({} outside one): rank, world size
+    and the process group's backend, for a dump written per rank.  Read from the default
+    group's state only; nothing is communicated (no synchronisation added to any run)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # a job that uses it has imported it
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return {}
+    return {"rank": int(dist.get_rank()), "world_size": int(dist.get_world_size()),
+            "dist_backend": str(dist.get_backend())}
+
+
+def rank_path(path: str | Path, place: dict) -> Path:
+    """Where this rank's dump goes: `{rank}` in the path replaced by the rank, else, in a
+    job of more than one rank, `-rank<N>` before the suffix (`cand.h5` -> `cand-rank3.h5`),
+    so ranks never write one file."""
+    path = Path(path)
+    if "rank" not in place:
+        return path
+    if "{rank}" in str(path):
+        return Path(str(path).replace("{rank}", str(place["rank"])))
+    if place.get("world_size", 1) > 1:
+        return path.with_name(f"{path.stem}-rank{place['rank']}{path.suffix}")
+    return path
 
 
 ProgressFn = Callable[[str, int, "int | None"], None]  # (what, done, total or None)
@@ -195,6 +225,7 @@ def capture_to_dump(spec: str | Backend, options: BackendOptions, path: str | Pa
 
     if not max_inflight_mb > 0:
         raise InputError(f"--max-inflight-mb must be positive, got {max_inflight_mb}")
+    path = rank_path(path, distributed())  # one dump per rank under torch.distributed
     check_dump_path(path)
     select = _select(taps)
     half = max(1, int(max_inflight_mb * (1 << 20)) // 2)
@@ -692,6 +723,7 @@ def capture_stats(spec: str | Backend, options: BackendOptions, path: str | Path
     (via `<path>.partial`, renamed when written); returns a short summary."""
     from parity.dump.stats import write_stats
 
+    path = rank_path(path, distributed())  # one dump per rank under torch.distributed
     check_dump_path(path)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,9 @@ class Backend:
     # after a run: what a candidate built from these options must be fed to see the same
     # inputs (BackendOptions.feed; the tokens it generated), None when nothing
     feed: Callable[[], Any] | None = None
+    # how a sharded candidate's taps are split across ranks: {glob: {"kind": "column" |
+    # "heads" | "sequence" | "partial" | "replicated", ...}}, written to each rank's dump
+    sharding: Any = None
 
 
 def registered() -> dict[str, Any]:
