@@ -1,0 +1,78 @@
+"""A tensor-parallel candidate, split by hand: the hf backend's own tiny Llama, cut in place
+into this rank's shard (Megatron style), as a user's TP backend would run it.
+
+Column-parallel: q/k/v projections (whole heads per rank) and the MLP's gate/up; their taps
+are this rank's slice of the last axis.  Row-parallel: o_proj and down_proj hold the input
+columns of this rank's heads / MLP slice, and their partial outputs are all-reduced, so
+everything after them is replicated.  `bug` plants what goes wrong in real TP code:
+
+  order       the rank loads the next rank's shard of q_proj (shards in the wrong order)
+  no_reduce   rank 1's MLP skips its all-reduce (a missing all-reduce)
+  stale       rank 1's gate_proj comes from other weights (a rank with stale weights)
+  replicated  rank 1's input norm scale differs (a replicated tap that differs on one rank)
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SHARDING = {
+    "*": {"kind": "replicated"},
+    "decoder.*.q": {"kind": "column"}, "decoder.*.k": {"kind": "column"}, "decoder.*.v": {"kind": "column"},
+    "decoder.*.attn": {"kind": "column"},
+}
+
+
+class RowParallel(torch.nn.Module):
+    """A row-parallel Linear: this rank's input columns, the partial output all-reduced."""
+
+    def __init__(self, linear: torch.nn.Linear, reduce: bool = True):
+        super().__init__()
+        self.linear, self.reduce = linear, reduce
+
+    def forward(self, x):
+        out = self.linear(x)
+        if self.reduce:
+            dist.all_reduce(out)
+        return out
+
+
+def _rows(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = weight.shape[0] // world
+    return weight[rank * n:(rank + 1) * n].clone()
+
+
+def _cols(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = weight.shape[1] // world
+    return weight[:, rank * n:(rank + 1) * n].clone()
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+def shard(backend, rank: int, world: int, bug: str | None = None):
+    """`backend` (the hf backend of a Llama) cut into `rank`'s shard of `world`, in place."""
+    model = backend.model.model
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            source = (rank + 1) % world if bug == "order" else rank
+            attn.q_proj = _linear(_rows(attn.q_proj.weight, source, world))
+            attn.k_proj = _linear(_rows(attn.k_proj.weight, rank, world))
+            attn.v_proj = _linear(_rows(attn.v_proj.weight, rank, world))
+            attn.o_proj = RowParallel(_linear(_cols(attn.o_proj.weight, rank, world)))
+            gate = mlp.gate_proj.weight
+            if bug == "stale" and rank == 1:
+                gate = gate * 1.01  # last step's weights
+            mlp.gate_proj = _linear(_rows(gate, rank, world))
+            mlp.up_proj = _linear(_rows(mlp.up_proj.weight, rank, world))
+            mlp.down_proj = RowParallel(_linear(_cols(mlp.down_proj.weight, rank, world)),
+                                        reduce=not (bug == "no_reduce" and rank == 1))
+            if bug == "replicated" and rank == 1 and i == 0:
+                layer.input_layernorm.weight.mul_(1.05)
+    backend.sharding = SHARDING
+    backend.meta["backend"] = f"tp{world} {backend.meta.get('backend')}"
+    return backend
