@@ -1,0 +1,259 @@
+"""The diff of a reference dump against a sharded candidate (one dump per rank): rank
+dumps are split by hand from a real capture of examples/toy_backend.py's reference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from parity.api import capture_live
+from parity.cli import app
+from parity.comparison.sharded import diff_sharded
+from parity.dump.writer import write_dump
+from parity.errors import InputError
+from parity.taps.backends import BackendOptions
+from parity.taps.records import Capture, Layout, Tap
+
+MLP0, NORM1, MLP1 = "toy.0.mlp", "toy.1.norm", "toy.1.mlp"
+
+
+@pytest.fixture(scope="module")
+def ref_cap() -> Capture:
+    return capture_live("examples.toy_backend:reference", BackendOptions(batch=2))
+
+
+@pytest.fixture(scope="module")
+def stale_cap() -> Capture:
+    return capture_live("examples.toy_backend:reference", BackendOptions(batch=2, seed=1))
+
+
+@pytest.fixture()
+def ref_path(ref_cap, tmp_path):
+    return write_dump(tmp_path / "ref.h5", ref_cap)
+
+
+def split(array: np.ndarray, spec: dict, world: int) -> list[np.ndarray]:
+    """Each rank's shard of a full tap, cut by hand (not by the code under test)."""
+    kind = spec["kind"]
+    if kind == "column":
+        g = spec.get("groups", 1)
+        grouped = array.reshape(*array.shape[:-1], g, array.shape[-1] // g)
+        return [p.reshape(*array.shape[:-1], -1) for p in np.split(grouped, world, axis=-1)]
+    if kind == "heads":
+        heads = np.split(array, spec["heads"], axis=-1)
+        per = spec["heads"] // world
+        return [np.concatenate(heads[r * per:(r + 1) * per], axis=-1) for r in range(world)]
+    if kind == "sequence":
+        return np.split(array, world, axis=1)
+    if kind == "partial":
+        rng = np.random.default_rng(0)
+        noise = [rng.standard_normal(array.shape) for _ in range(world - 1)]
+        parts = [array / world + n for n in noise]
+        parts.append(array - sum(parts))
+        return [p.astype(array.dtype) for p in parts]
+    return [array.copy() for _ in range(world)]
+
+
+def write_ranks(tmp_path, cap: Capture, world: int, sharding: dict, *, tamper=None, meta=None, stem="cand"):
+    """One dump per rank.  `tamper(rank, key, shard) -> shard | None` (None drops the tap);
+    `meta(rank) -> dict` of meta fields to override.  Sequence-split taps use a per-rank
+    layout 'tokens_seq' (their slice of the reference's 'tokens')."""
+    from parity.comparison.sharded import spec_for
+
+    paths = []
+    full = cap.layouts["tokens"]
+    for rank in range(world):
+        taps, layouts = [], {"tokens": full}
+        seq_slots = np.split(full.slots, world, axis=1)[rank]
+        for tap in cap.taps:
+            spec = spec_for(sharding, tap.info.name, tap.key)
+            shard = split(tap.array, spec, world)[rank]
+            if tamper is not None:
+                shard = tamper(rank, tap.key, shard)
+                if shard is None:
+                    continue
+            layout = tap.layout
+            if spec["kind"] == "sequence":
+                layout = "tokens_seq"
+                layouts[layout] = Layout(seq_slots.copy(), full.length, full.regions)
+            taps.append(Tap(tap.info, tap.order, np.ascontiguousarray(shard), tap.dtype, layout))
+        m = {**cap.meta, "rank": rank, "world_size": world, "sharding": sharding}
+        if meta is not None:
+            m.update(meta(rank))
+        paths.append(write_dump(tmp_path / f"{stem}-rank{rank}.h5", Capture(taps, layouts, m)))
+    return str(tmp_path / f"{stem}-rank*.h5"), paths
+
+
+SPECS = {
+    "column": {MLP0: {"kind": "column"}, "toy.1.*": {"kind": "column"}},
+    "groups": {"toy.*.mlp": {"kind": "column", "groups": 2}},
+    "heads": {"toy.*": {"kind": "heads", "heads": 4}},
+    "sequence": {"toy.0.*": {"kind": "sequence"}, MLP1: {"kind": "sequence"}},
+    "partial": {"toy.*.mlp": {"kind": "partial"}},
+    "replicated": {},
+    "mixed": {"toy.0.norm": {"kind": "sequence"}, MLP0: {"kind": "partial"}, NORM1: {"kind": "heads", "heads": 4},
+              MLP1: {"kind": "column", "groups": 2}},
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_correct_shards_pass(tmp_path, ref_cap, ref_path, name, world):
+    pattern, _ = write_ranks(tmp_path, ref_cap, world, SPECS[name])
+    report = diff_sharded(ref_path, pattern)
+    assert report.passed, (report.problems, [(r.key, r.reason) for r in report.rows])
+    assert len(report.rows) == len(ref_cap.taps)
+    assert not any("diverge" in w for w in report.warnings)
+    assert report.cand_meta["ranks"] == sorted(report.cand_meta["ranks"])
+    from parity.report.schema import check_report
+
+    check_report(json.loads(json.dumps(report.to_dict())))
+
+
+def test_a_list_of_rank_paths_in_any_order(tmp_path, ref_cap, ref_path):
+    _, paths = write_ranks(tmp_path, ref_cap, 4, SPECS["mixed"])
+    assert diff_sharded(ref_path, list(reversed(paths))).passed
+
+
+def test_shards_in_the_wrong_order_fail_at_their_tap_on_every_rank(tmp_path, ref_cap, ref_path):
+    world = 2
+
+    def swap(rank, key, shard):
+        if key != MLP0:
+            return shard
+        return split(ref_cap.by_key()[MLP0].array, {"kind": "column"}, world)[world - 1 - rank]
+
+    pattern, _ = write_ranks(tmp_path, ref_cap, world, SPECS["column"], tamper=swap)
+    report = diff_sharded(ref_path, pattern)
+    assert not report.passed and report.first_divergence.key == MLP0
+    assert [r.key for r in report.rows if not r.passed] == [MLP0]
+    assert any(w.startswith(f"all 2 ranks diverge at {MLP0}") for w in report.warnings), report.warnings
+
+
+def test_stale_weights_on_one_rank_are_named(tmp_path, ref_cap, stale_cap, ref_path):
+    world = 4
+    stale = split(stale_cap.by_key()[MLP0].array, {"kind": "column", "groups": 2}, world)[3]
+    pattern, _ = write_ranks(tmp_path, ref_cap, world, SPECS["groups"],
+                             tamper=lambda rank, key, shard: stale if (rank, key) == (3, MLP0) else shard)
+    report = diff_sharded(ref_path, pattern)
+    assert report.first_divergence.key == MLP0
+    line = next(w for w in report.warnings if "diverge" in w)
+    assert line.startswith(f"rank 3 of 4 diverges at {MLP0} (cos ") and line.endswith("; ranks 0-2 match"), line
+
+
+def test_sequence_shard_of_one_rank_is_named(tmp_path, ref_cap, ref_path):
+    def bad(rank, key, shard):
+        return shard + 1.0 if (rank, key) == (0, MLP1) else shard
+
+    pattern, _ = write_ranks(tmp_path, ref_cap, 2, SPECS["sequence"], tamper=bad)
+    report = diff_sharded(ref_path, pattern)
+    assert report.first_divergence.key == MLP1
+    assert any(w.startswith(f"rank 0 of 2 diverges at {MLP1}") and w.endswith("rank 1 matches")
+               for w in report.warnings), report.warnings
+
+
+def test_a_missing_all_reduce_fails_the_partial_tap(tmp_path, ref_cap, ref_path):
+    # one rank's partial sum never reached the others: the sum lacks its part
+    def lost(rank, key, shard):
+        return np.zeros_like(shard) if (rank, key) == (2, MLP1) else shard
+
+    pattern, _ = write_ranks(tmp_path, ref_cap, 4, SPECS["partial"], tamper=lost)
+    report = diff_sharded(ref_path, pattern)
+    assert [r.key for r in report.rows if not r.passed] == [MLP1]
+    assert any("per-rank comparison is not defined for 2 partial-sum taps" in w for w in report.warnings)
+
+
+def test_a_replicated_tap_differing_on_one_rank_is_a_problem_naming_it(tmp_path, ref_cap, ref_path):
+    def drift(rank, key, shard):
+        return shard * 1.5 if (rank, key) == (2, NORM1) else shard
+
+    pattern, _ = write_ranks(tmp_path, ref_cap, 4, SPECS["replicated"], tamper=drift)
+    report = diff_sharded(ref_path, pattern)
+    assert not report.passed
+    assert report.first_divergence is None  # rank 0's copy matches the reference
+    assert any(p.startswith(f"replicated tap {NORM1}: rank 2 of 4 disagrees with rank 0") for p in report.problems)
+    assert any(w.startswith(f"rank 2 of 4 diverges at {NORM1}") and w.endswith("ranks 0-1, 3 match")
+               for w in report.warnings), report.warnings
+
+
+def _cli(*args):
+    result = CliRunner().invoke(app, ["diff", *map(str, args)], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_cli_diffs_a_glob_of_rank_dumps(tmp_path, ref_cap, ref_path):
+    pattern, _ = write_ranks(tmp_path, ref_cap, 2, SPECS["mixed"])
+    code, out = _cli(ref_path, pattern, "--json", tmp_path / "r.json")
+    assert code == 0, out
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    stale = split(ref_cap.by_key()[MLP1].array, {"kind": "column", "groups": 2}, 2)[0] * 0.5
+    pattern, _ = write_ranks(tmp_path, ref_cap, 2, SPECS["mixed"], stem="bad",
+                             tamper=lambda rank, key, shard: stale if (rank, key) == (1, MLP1) else shard)
+    code, out = _cli(ref_path, pattern)
+    assert code == 1 and MLP1 in out and "rank 1 of 2 diverges" in out
+
+
+def _drop_file(paths):
+    import os
+    os.remove(paths[1])
+
+
+FAIL_CLOSED = {
+    "no file matches": (dict(), "nothing", "no file matches"),
+    "a rank missing": (dict(after=_drop_file), None, "rank 1 missing"),
+    "a rank duplicated": (dict(meta=lambda r: {"rank": 0}), None, "rank 0 appears twice"),
+    "world sizes disagree": (dict(meta=lambda r: {"world_size": 4 if r else 2}), None, "disagree on world_size"),
+    "rank out of range": (dict(meta=lambda r: {"rank": r + 1}), None, "outside [0, 2)"),
+    "backend disagrees": (dict(meta=lambda r: {"backend": f"b{r}"}), None, "disagree on backend"),
+    "fingerprint disagrees": (dict(meta=lambda r: {"input_fingerprint": f"f{r}"}), None,
+                              "disagree on input_fingerprint"),
+    "not a rank dump": (dict(meta=lambda r: {"rank": None}), None, "no integer 'rank'"),
+    "tap on some ranks only": (dict(tamper=lambda rank, key, shard: None if (rank, key) == (1, NORM1) else shard),
+                               None, f"tap {NORM1} is on rank 0 but not on rank 1"),
+    "shards do not add up": (dict(tamper=lambda rank, key, shard: shard[..., :-1] if (rank, key) == (1, MLP1)
+                                  else shard), None, "do not add up"),
+    "replicated shapes differ": (dict(tamper=lambda rank, key, shard: shard[:, :-1] if (rank, key) == (1, NORM1)
+                                      else shard), None, "do not add up"),
+    "bad kind": (dict(sharding={"toy.*": {"kind": "diagonal"}}), None, "kind must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAIL_CLOSED))
+def test_fail_closed_with_one_line_exit_2(tmp_path, ref_cap, ref_path, case):
+    opts, pattern, needle = FAIL_CLOSED[case]
+    opts = dict(opts)
+    after = opts.pop("after", None)
+    sharding = opts.pop("sharding", {MLP1: {"kind": "column"}})
+    got, paths = write_ranks(tmp_path, ref_cap, 2, sharding, **opts)
+    if after is not None:
+        after(paths)
+    pattern = str(tmp_path / "nothing-rank*.h5") if pattern else got
+    with pytest.raises(InputError, match=None) as exc:
+        diff_sharded(ref_path, pattern)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+    code, out = _cli(ref_path, pattern)
+    assert code == 2, out
+    assert needle in " ".join(out.split()) and "Traceback" not in out
+    assert len([line for line in out.strip().splitlines() if line.strip()]) == 1, out
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float -> bfloat16 bits, rounded to nearest even (how parity stores bfloat16)."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_bfloat16_partial_sums_are_summed_and_stored_as_bfloat16(tmp_path, ref_cap):
+    world = 4
+    as_bf16 = Capture([Tap(t.info, t.order, _bf16(t.array), "bfloat16", t.layout) for t in ref_cap.taps],
+                      ref_cap.layouts, {**ref_cap.meta, "dtype": "bfloat16"})
+    ref_path = write_dump(tmp_path / "ref.h5", as_bf16)
+    spec = {"kind": "partial"}
+    shards = {t.key: [_bf16(p) for p in split(t.array, spec, world)] for t in ref_cap.taps}
+    pattern, _ = write_ranks(tmp_path, as_bf16, world, {"toy.*": spec},
+                             tamper=lambda rank, key, shard: shards[key][rank])
+    report = diff_sharded(ref_path, pattern)
+    assert report.passed, [(r.key, r.reason) for r in report.rows]
+    assert {r.cand_dtype for r in report.rows} == {"bfloat16"}
