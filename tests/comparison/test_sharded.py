@@ -3,6 +3,7 @@ dumps are split by hand from a real capture of examples/toy_backend.py's referen
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -196,7 +197,6 @@ def test_cli_diffs_a_glob_of_rank_dumps(tmp_path, ref_cap, ref_path):
 
 
 def _drop_file(paths):
-    import os
     os.remove(paths[1])
 
 
@@ -257,3 +257,40 @@ def test_bfloat16_partial_sums_are_summed_and_stored_as_bfloat16(tmp_path, ref_c
     report = diff_sharded(ref_path, pattern)
     assert report.passed, [(r.key, r.reason) for r in report.rows]
     assert {r.cand_dtype for r in report.rows} == {"bfloat16"}
+
+
+def test_tap_selection_applies(tmp_path, ref_cap, ref_path):
+    pattern, _ = write_ranks(tmp_path, ref_cap, 2, SPECS["mixed"])
+    report = diff_sharded(ref_path, pattern, taps="toy.1.*")
+    assert report.passed and [r.key for r in report.rows] == [NORM1, MLP1]
+
+
+def test_an_incomplete_rank_is_refused_unless_allowed(tmp_path, ref_cap, ref_path):
+    from parity.dump.reader import read_dump
+    from parity.dump.writer import DumpWriter
+
+    pattern, paths = write_ranks(tmp_path, ref_cap, 2, SPECS["mixed"])
+    # rewrite rank 1 with its first two taps only, interrupted
+
+    cap = read_dump(paths[1])
+    writer = DumpWriter(paths[1] + ".new", cap.meta)
+    for name, layout in cap.layouts.items():
+        writer.add_layout(name, layout)
+    for tap in cap.taps[:2]:
+        writer.add_tap(tap)
+    writer.close(complete=False)
+    os.replace(paths[1] + ".new", paths[1])
+    with pytest.raises(InputError, match="capture is incomplete"):
+        diff_sharded(ref_path, pattern)
+    report = diff_sharded(ref_path, pattern, allow_incomplete=True)
+    assert not report.passed
+    assert [r.status for r in report.rows] == ["pass", "pass", "missing", "missing"]
+    assert any("incomplete" in p for p in report.problems)
+
+
+def test_the_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, parity.comparison.sharded; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
