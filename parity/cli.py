@@ -199,7 +199,8 @@ def _min_cos(what: str):
 
 @app.command("diff")
 def diff_cmd(
-    dumps: Optional[List[Path]] = typer.Argument(None, help="Two dumps REF.h5 CAND.h5 (offline, no torch)."),
+    dumps: Optional[List[Path]] = typer.Argument(None, help="Two dumps REF.h5 CAND.h5 (offline, no torch); "
+                                                                "CAND may be a quoted glob of per-rank dumps."),
     ref: Optional[str] = _option(None, "--ref", help="Reference backend (live), e.g. pytorch or "
                                                      "'hf:./model@attn=eager'.", panel=BACKENDS),
     cand: Optional[str] = _option(None, "--cand", help="Candidate backend (live), e.g. flash_fp8 or "
@@ -253,6 +254,8 @@ def diff_cmd(
     Example (stop early): parity diff --ref pytorch --cand flash --inject silu --stop-at-first
 
     Example (offline): parity diff reports/pytorch.h5 reports/flash.h5
+
+    Example (per rank): parity diff reports/pytorch.h5 'reports/tp-rank*.h5'
 
     Example (checkpoint): parity diff --ref pytorch --cand flash_fp8 --weights ~/ckpt/pi05_libero_pytorch
 
