@@ -294,3 +294,71 @@ def test_the_module_imports_no_torch():
 
     code = "import sys, parity.comparison.sharded; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_tensor_parallel_llama_split_by_hand(tmp_path, tiny_models, world):
+    """A tiny hf Llama's real capture split as Megatron-style tensor parallelism would:
+    q and the attention output by whole heads, k/v by kv heads (replicated when there are
+    fewer kv heads than ranks), o_proj as real row-parallel partial sums (each rank's heads
+    through its columns of W_o), the logits by vocabulary columns, the norms by sequence;
+    then a missing all-reduce and stale weights on the last rank are planted."""
+    import torch
+    import transformers
+
+    folder = tiny_models("llama")
+    cap = capture_live(f"hf:{folder}", BackendOptions(batch=2))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ref_path = write_dump(tmp_path / "ref.h5", cap)
+    kv = {"kind": "heads", "heads": 2} if world == 2 else {"kind": "replicated"}
+    sharding = {"decoder.*.q": {"kind": "heads", "heads": 4}, "decoder.*.attn": {"kind": "heads", "heads": 4},
+                "decoder.*.[kv]": kv, "decoder.*.o_proj": {"kind": "partial"}, "output.logits": {"kind": "column"},
+                "decoder.*_norm": {"kind": "sequence"}}
+    by_key = cap.by_key()
+
+    def row_parallel(layer: int, rank: int) -> np.ndarray:
+        attn = by_key[f"decoder.{layer}.attn"].array
+        w = model.model.layers[layer].self_attn.o_proj.weight.detach().double().numpy()
+        cols = np.split(np.arange(attn.shape[-1]), world)[rank]
+        return (attn[..., cols].astype(np.float64) @ w[:, cols].T).astype(np.float32)
+
+    def real_partials(rank, key, shard, lost_at=None):
+        if not key.endswith(".o_proj"):
+            return shard
+        layer = int(key.split(".")[1])
+        if (layer, rank) == lost_at:
+            return np.zeros_like(shard)
+        return row_parallel(layer, rank)
+
+    with torch.no_grad():
+        pattern, _ = write_ranks(tmp_path, cap, world, sharding, tamper=real_partials, stem="ok")
+        report = diff_sharded(ref_path, pattern)
+        assert report.passed, [(r.key, r.reason) for r in report.rows if not r.passed]
+        assert any("partial-sum taps" in w for w in report.warnings)
+
+        pattern, _ = write_ranks(tmp_path, cap, world, sharding, stem="lost",
+                                 tamper=lambda r, k, s: real_partials(r, k, s, lost_at=(1, world - 1)))
+        report = diff_sharded(ref_path, pattern)
+        assert report.first_divergence.key == "decoder.1.o_proj"
+        assert [r.key for r in report.rows if not r.passed] == ["decoder.1.o_proj"]
+
+    # stale weights on the last rank: a heads-split q shard from another seed's model
+    other = capture_live(f"hf:{save_other(tmp_path, folder)}", BackendOptions(batch=2)).by_key()
+    stale_q = split(other["decoder.2.q"].array, {"kind": "heads", "heads": 4}, world)[world - 1]
+    pattern, _ = write_ranks(tmp_path, cap, world, sharding, stem="stale",
+                             tamper=lambda r, k, s: stale_q if (r, k) == (world - 1, "decoder.2.q")
+                             else real_partials(r, k, s))
+    report = diff_sharded(ref_path, pattern)
+    assert report.first_divergence.key == "decoder.2.q"
+    line = next(w for w in report.warnings if "diverge" in w)
+    assert line.startswith(f"rank {world - 1} of {world} diverges at decoder.2.q (cos "), line
+    assert line.endswith(f"; ranks 0-{world - 2} match" if world > 2 else "; rank 0 matches"), line
+
+
+def save_other(tmp_path, folder):
+    """The same tiny Llama with weights from another seed (a rank that loaded stale weights)."""
+    from hf_tiny import build  # tests/ is on the path (tests/conftest.py imports it the same way)
+
+    out = tmp_path / "other"
+    build("llama", seed=1).save_pretrained(out)
+    return out
