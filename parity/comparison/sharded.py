@@ -349,14 +349,11 @@ class ShardedComparer:
             return
         rows = []
         if kind == "replicated":
-            for r, s in enumerate(shards):
-                rows.append(compare_taps(ref_tap, s, ref_layouts, layouts[r], threshold, exact_dtypes))
-                if r:
-                    peer = compare_taps(shards[0], s, layouts[0], layouts[r], threshold, exact_dtypes)
-                    if not peer.passed:
-                        cos = "" if peer.metrics is None else f" (cos {peer.metrics.cos:.6g})"
-                        self.disagree.append(f"replicated tap {tap.key}: rank {r} of {self.ranks.world} disagrees "
-                                             f"with rank 0{cos}: {peer.reason}")
+            rows = [compare_taps(ref_tap, s, ref_layouts, layouts[r], threshold, exact_dtypes)
+                    for r, s in enumerate(shards)]
+            peers = [compare_taps(shards[0], s, layouts[0], layouts[r], threshold, exact_dtypes)
+                     for r, s in enumerate(shards) if r]
+            self._replicated(tap.key, [row.passed for row in rows], peers)
         else:
             for r, s in enumerate(shards):
                 piece = self._reference_piece(ref_tap, tap, shards, r, ref_layouts)
@@ -368,6 +365,21 @@ class ShardedComparer:
         if failed and self.first is None:
             worst = min((rows[r].metrics.cos for r in failed if rows[r].metrics is not None), default=float("nan"))
             self.first = RankFinding(tap.key, failed, worst)
+
+    def _replicated(self, key: str, ref_ok: list[bool], peers: list[TapResult]) -> None:
+        """A problem line when the ranks do not all agree with rank 0 on a replicated tap,
+        naming the odd ranks: those the reference disagrees with when it agrees with some
+        rank, else those that disagree with rank 0."""
+        if all(p.passed for p in peers):
+            return
+        world = self.ranks.world
+        odd = [r for r in range(world) if not ref_ok[r]] if any(ref_ok) and not all(ref_ok) else \
+            [r for r, p in enumerate(peers, 1) if not p.passed]
+        rest = [r for r in range(world) if r not in odd]
+        coses = [p.metrics.cos for p in peers if not p.passed and p.metrics is not None]
+        cos = f" (cos {min(coses):.6g})" if coses else ""
+        verb = "disagrees" if len(odd) == 1 else "disagree"
+        self.disagree.append(f"replicated tap {key}: {_plural(odd)} of {world} {verb} with {_plural(rest)}{cos}")
 
     def _reference_piece(self, ref_tap: Tap, tap: ShardedTap, shards: list[Tap], r: int, ref_layouts: dict):
         """The reference's slice rank r should hold and the layouts to compare it under, or

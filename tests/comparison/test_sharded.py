@@ -174,9 +174,20 @@ def test_a_replicated_tap_differing_on_one_rank_is_a_problem_naming_it(tmp_path,
     report = diff_sharded(ref_path, pattern)
     assert not report.passed
     assert report.first_divergence is None  # rank 0's copy matches the reference
-    assert any(p.startswith(f"replicated tap {NORM1}: rank 2 of 4 disagrees with rank 0") for p in report.problems)
+    assert any(p.startswith(f"replicated tap {NORM1}: rank 2 of 4 disagrees with ranks 0-1, 3 (cos ")
+               for p in report.problems), report.problems
     assert any(w.startswith(f"rank 2 of 4 diverges at {NORM1}") and w.endswith("ranks 0-1, 3 match")
                for w in report.warnings), report.warnings
+
+
+def test_a_replicated_tap_differing_on_rank_0_names_rank_0(tmp_path, ref_cap, ref_path):
+    pattern, _ = write_ranks(tmp_path, ref_cap, 4, SPECS["replicated"],
+                             tamper=lambda rank, key, shard: shard * 1.5 if (rank, key) == (0, NORM1) else shard)
+    report = diff_sharded(ref_path, pattern)
+    assert report.first_divergence.key == NORM1  # rank 0's copy is the one compared
+    assert [p for p in report.problems if p.startswith("replicated")] == [
+        p for p in report.problems if p.startswith(f"replicated tap {NORM1}: rank 0 of 4 disagrees with ranks 1-3")]
+    assert len([p for p in report.problems if p.startswith("replicated")]) == 1
 
 
 def _cli(*args):
