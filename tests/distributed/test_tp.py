@@ -80,3 +80,47 @@ def test_the_shards_put_back_together_are_the_reference(tmp_path, world):
     for key in ("decoder.0.o_proj", "decoder.1.mlp", "output.logits"):  # all-reduced: every rank holds it
         for t in taps:
             np.testing.assert_allclose(t[key].array, ref[key].array, rtol=1e-4, atol=1e-5)
+
+
+def _diff(tmp_path, model, world, bug=None):
+    """`parity diff REF.h5 'cand-rank*.h5'` of the TP candidate against the reference."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from parity.cli import app
+
+    ref = tmp_path / "ref.h5"
+    args = ["capture", "--backend", f"hf:{model}@attn=eager,dtype=float32", "--batch", "2", "--seq-len", "8",
+            "--padding", "left", "--device", "cpu", "-o", str(ref)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    out = tmp_path / bug if bug else tmp_path / "ok"
+    out.mkdir()
+    run_ranks(model, out, world, bug)
+    result = CliRunner().invoke(app, ["diff", str(ref), str(out / "cand-rank*.h5"), "--json", str(out / "r.json")],
+                                env={"COLUMNS": "200"})
+    return result, json.loads((out / "r.json").read_text())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_correct_tp_candidate_passes_against_the_single_process_reference(tmp_path, world):
+    result, report = _diff(tmp_path, save_llama(tmp_path / "llama"), world)
+    assert result.exit_code == 0, result.output
+    assert report["passed"] and len(report["cand"]["ranks"]) == world
+
+
+@pytest.mark.parametrize("bug, tap, rank_line", [
+    ("order", "decoder.0.q", "all 2 ranks diverge at decoder.0.q"),
+    ("stale", "decoder.0.q", "rank 1 of 2 diverges at decoder.0.q"),
+    ("no_reduce", "decoder.0.mlp", "rank 1 of 2 disagrees"),
+    ("replicated", "decoder.0.input_norm", "rank 1 of 2 disagrees"),
+])
+def test_tp_bugs_are_found_at_their_tap_and_rank(tmp_path, bug, tap, rank_line):
+    result, report = _diff(tmp_path, save_llama(tmp_path / "llama"), 2, bug)
+    assert result.exit_code == 1, result.output
+    said = " ".join(report["warnings"] + [str(p) for p in report["problems"]])
+    assert rank_line in said and tap in said, said
+    first = report["first_divergence"]
+    # a replicated tap that differs on one rank is a finding in itself (a problem naming the rank),
+    # even where rank 0's copy, the one compared, matches the reference
+    assert (first or {}).get("tap", tap) == tap, first

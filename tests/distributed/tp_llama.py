@@ -7,8 +7,9 @@ columns of this rank's heads / MLP slice, and their partial outputs are all-redu
 everything after them is replicated.  `bug` plants what goes wrong in real TP code:
 
   order       the rank loads the next rank's shard of q_proj (shards in the wrong order)
-  no_reduce   rank 1's MLP skips its all-reduce (a missing all-reduce)
-  stale       rank 1's gate_proj comes from other weights (a rank with stale weights)
+  no_reduce   rank 1's MLP drops its all-reduce's result, keeping its partial sum (a missing
+              all-reduce; it still joins the collective, as the others wait for it)
+  stale       rank 1's q_proj comes from other weights (a rank with stale weights)
   replicated  rank 1's input norm scale differs (a replicated tap that differs on one rank)
 """
 from __future__ import annotations
@@ -32,9 +33,9 @@ class RowParallel(torch.nn.Module):
 
     def forward(self, x):
         out = self.linear(x)
-        if self.reduce:
-            dist.all_reduce(out)
-        return out
+        summed = out.clone()
+        dist.all_reduce(summed)
+        return summed if self.reduce else out
 
 
 def _rows(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -60,19 +61,19 @@ def shard(backend, rank: int, world: int, bug: str | None = None):
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             source = (rank + 1) % world if bug == "order" else rank
-            attn.q_proj = _linear(_rows(attn.q_proj.weight, source, world))
+            q = attn.q_proj.weight
+            if bug == "stale" and rank == 1:  # another checkpoint's weights (seeded)
+                q = q + torch.randn(q.shape, generator=torch.Generator().manual_seed(i), dtype=q.dtype) * q.std()
+            attn.q_proj = _linear(_rows(q, source, world))
             attn.k_proj = _linear(_rows(attn.k_proj.weight, rank, world))
             attn.v_proj = _linear(_rows(attn.v_proj.weight, rank, world))
             attn.o_proj = RowParallel(_linear(_cols(attn.o_proj.weight, rank, world)))
-            gate = mlp.gate_proj.weight
-            if bug == "stale" and rank == 1:
-                gate = gate * 1.01  # last step's weights
-            mlp.gate_proj = _linear(_rows(gate, rank, world))
+            mlp.gate_proj = _linear(_rows(mlp.gate_proj.weight, rank, world))
             mlp.up_proj = _linear(_rows(mlp.up_proj.weight, rank, world))
             mlp.down_proj = RowParallel(_linear(_cols(mlp.down_proj.weight, rank, world)),
                                         reduce=not (bug == "no_reduce" and rank == 1))
             if bug == "replicated" and rank == 1 and i == 0:
                 layer.input_layernorm.weight.mul_(1.05)
     backend.sharding = SHARDING
-    backend.meta["backend"] = f"tp{world} {backend.meta.get('backend')}"
+    backend.meta["backend"] = f"tp{world} {backend.meta.get('backend', backend.name)}"
     return backend
