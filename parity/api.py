@@ -301,10 +301,18 @@ def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: 
                allow_incomplete: bool = False, progress: ProgressFn | None = None, chunk: int | None = None) -> Report:
     """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps
     (parity.comparison.dumps.diff_dumps, with the request checked first).  What either
-    dump's reader notes (a stale `.partial` beside it) joins the report's warnings."""
+    dump's reader notes (a stale `.partial` beside it) joins the report's warnings.  A
+    `cand_path` that is a glob ('cand-rank*.h5', no file by that very name) is a sharded
+    candidate, one dump per rank: `parity.comparison.sharded.diff_sharded`."""
+    import glob
+
     from parity.dump.reader import dump_notes, read_meta
 
     _check_chunk(chunk)
+    if glob.has_magic(os.fspath(cand_path)) and not os.path.exists(cand_path):
+        from parity.comparison.sharded import diff_sharded
+
+        return diff_sharded(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
     metas = read_meta(ref_path), read_meta(cand_path)
     if None not in metas:  # an unreadable dump: the reader says why
         check_declared_dtypes(*metas, labels=(str(ref_path), str(cand_path)))

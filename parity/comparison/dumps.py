@@ -62,16 +62,8 @@ def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: 
     """Offline diff of two dumps (no torch), streamed: memory does not grow with the dumps.
     With allow_incomplete an interrupted dump is compared as far as it goes, but the
     report never passes.  Dumps hold taps, not the models that made them, so the first
-    divergence cannot be re-run in isolation: the report says so.  A `cand_path` that is
-    a glob ('cand-rank*.h5', no file by that name) is a sharded candidate, one dump per
-    rank: `parity.comparison.sharded.diff_sharded`."""
-    import glob
-    import os
-
-    if glob.has_magic(os.fspath(cand_path)) and not os.path.exists(cand_path):
-        from parity.comparison.sharded import diff_sharded
-
-        return diff_sharded(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
+    divergence cannot be re-run in isolation: the report says so.  (A sharded candidate,
+    one dump per rank, is `parity.comparison.sharded.diff_sharded`.)"""
     from parity.comparison.stream import diff_readers
     from parity.report.results import OFFLINE_NOTE, Localisation
 
