@@ -321,6 +321,67 @@ def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: 
     return report
 
 
+def diff_distributed(ref: str | Backend, cand: str, options: BackendOptions, world: int, *,
+                     thresholds: Thresholds | None = None, taps: str | None = None, dist_backend: str = "gloo",
+                     folder: str | Path | None = None) -> Report:
+    """A distributed candidate, live: the reference runs here to a dump, then `cand` (a
+    spec, "pkg.mod:factory[:ARG]", whose factory shards itself by its rank) runs as a
+    `world`-rank torch.distributed job (`dist_backend` gloo on the CPU, nccl with one GPU
+    per rank), one dump per rank, and the ranks are unsharded against the reference
+    (`parity.comparison.sharded`).  `folder` keeps the dumps (None: a temporary folder,
+    removed afterwards).  Judged by `thresholds` (None: the fixed defaults; dumps have no
+    oracle).  InputError for a bad request, or a rank that failed."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from parity.comparison.sharded import diff_sharded
+
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise InputError(f"world size must be 1 or more, got {world!r}")
+    if not isinstance(cand, str):
+        raise InputError("a distributed candidate is named by a spec (pkg.mod:factory[:ARG]): each rank builds it")
+    if dist_backend not in ("gloo", "nccl"):
+        raise InputError(f"dist backend must be gloo or nccl, not {dist_backend!r}")
+    _check_specs(ref, cand, tuple(options.faults))
+    with contextlib.ExitStack() as stack:
+        where = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        capture_to_dump(ref, replace(options, faults=()), where / "ref.h5", taps)
+        try:  # a fresh interpreter per rank: the candidate is built there, from its spec
+            mp.start_processes(_distributed_rank, args=(world, _free_port(), cand, options, str(where), taps,
+                                                        dist_backend), nprocs=world, join=True, start_method="spawn")
+        except Exception as exc:  # noqa: BLE001 - a rank's failure, in one line
+            text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise InputError(f"the distributed candidate {cand!r} failed on a rank: {text}") from None
+        return diff_sharded(where / "ref.h5", str(where / "cand-rank*.h5"), thresholds, taps)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_rank(rank: int, world: int, port: int, spec: str, options: BackendOptions, folder: str,
+                      taps: str | None, dist_backend: str) -> None:
+    """One rank of `diff_distributed`'s job: join the group, build the candidate from its
+    spec (its factory shards itself by the rank), capture it to this rank's dump."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if dist_backend == "nccl":
+        torch.cuda.set_device(rank)
+        options = replace(options, device=f"cuda:{rank}")
+    dist.init_process_group(dist_backend, rank=rank, world_size=world)
+    try:
+        capture_to_dump(spec, options, Path(folder) / "cand.h5", taps)
+    finally:
+        dist.destroy_process_group()
+
+
 def check_declared_dtypes(ref_meta: dict, cand_meta: dict,
                           labels: tuple[str, str] = ("the reference", "the candidate")) -> None:
     """InputError unless both runs declare their model dtype (meta "dtype", a name) or

@@ -3,6 +3,7 @@ processes: each rank writes its own dump; the shards put back together are the s
 process reference's taps, and the replicated taps agree with it."""
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -124,3 +125,24 @@ def test_tp_bugs_are_found_at_their_tap_and_rank(tmp_path, bug, tap, rank_line):
     # a replicated tap that differs on one rank is a finding in itself (a problem naming the rank),
     # even where rank 0's copy, the one compared, matches the reference
     assert (first or {}).get("tap", tap) == tap, first
+
+
+def test_the_live_api_runs_the_ranks_and_unshards_them(tmp_path, monkeypatch):
+    """`parity.api.diff_distributed`: the reference here, the candidate's ranks as a gloo job
+    (each building it from its spec), the rank dumps unsharded against the reference."""
+    from parity.api import backend_options, diff_distributed
+    from parity.errors import InputError
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch has no gloo")
+    monkeypatch.setenv("PYTHONPATH", str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    model = save_llama(tmp_path / "llama")
+    opts = backend_options(**OPTS)
+    report = diff_distributed(f"hf:{model}@attn=eager,dtype=float32",
+                              f"tp_llama:candidate:{model}@attn=eager,dtype=float32", opts, 2)
+    assert report, report.first_divergence
+    assert len(report.cand_meta["ranks"]) == 2
+    with pytest.raises(InputError, match="world size must be 1 or more"):
+        diff_distributed(f"hf:{model}", f"tp_llama:candidate:{model}", opts, 0)
+    with pytest.raises(InputError, match="failed on a rank"):
+        diff_distributed(f"hf:{model}", "tp_llama:candidate:/no/such/model", opts, 2)

@@ -77,3 +77,10 @@ def shard(backend, rank: int, world: int, bug: str | None = None):
     backend.sharding = SHARDING
     backend.meta["backend"] = f"tp{world} {backend.meta.get('backend', backend.name)}"
     return backend
+
+
+def candidate(options, arg: str):
+    """the hf Llama at ARG, sharded for this rank of the running torch.distributed job"""
+    from parity.probes.hf.backend import factory
+
+    return shard(factory(options, arg), dist.get_rank(), dist.get_world_size())
