@@ -123,8 +123,8 @@ def merge(settings: Settings | None = None, *, min_cos: float | None = None, thr
     default included.  taps and output_dir: explicit, else the settings'.  A malformed
     threshold raises InputError."""
     s = settings or Settings()
-    flags = isinstance(thresholds, Thresholds) or min_cos is not None or max_norm_err is not None or \
-        bool(specs(thresholds) if not isinstance(thresholds, Thresholds) else True)
+    flags = min_cos is not None or max_norm_err is not None or isinstance(thresholds, Thresholds) or \
+        bool(specs(thresholds))
     ours = s.min_cos is not None or bool(s.thresholds) or s.max_norm_err is not None or bool(s.norm_thresholds)
     bounds_from = "flags" if flags else "settings" if ours else None
     if isinstance(thresholds, Thresholds):

@@ -27,7 +27,7 @@ from parity.capture.staging import (  # noqa: F401 - to_storage: part of this mo
     Stager,
     to_storage,
 )
-from parity.taps.probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, tap_filter
+from parity.taps.probe import ON_INPUT, ON_OUTPUT, Probe, ProbeHit, TapFilter, step_layout, tap_filter
 from parity.taps.records import Capture, CaptureError, Tap, TapInfo
 
 
@@ -224,7 +224,7 @@ class Recorder:
             value = value.movedim(hit.rule.token_axis, 1)
         layout = hit.rule.layout
         if hit.rule.step_layouts and layout is not None and info.step is not None:
-            layout = f"{layout}@{info.step}"
+            layout = step_layout(layout, info.step)
         if self.on_device is not None:
             self._hand_over(info, value.detach(), layout)
             return

@@ -33,6 +33,7 @@ from parity.comparison.errors import IsolationError, crash_line
 from parity.comparison.host import compare_taps
 from parity.comparison.rules import Thresholds
 from parity.report.results import PartResult, TapResult, Unit
+from parity.taps.probe import step_layout
 from parity.taps.records import Layout, Tap, TapInfo
 
 CallKey = tuple[str, int, "int | None"]  # (stack, layer, step)
@@ -410,7 +411,7 @@ class Isolator:
         each call out on its own (TapRule.step_layouts), else as it is."""
         if layout is None or layout in self.ref.layouts or step is None:
             return layout
-        stepped = f"{layout}@{step}"
+        stepped = step_layout(layout, step)
         return stepped if stepped in self.ref.layouts else layout
 
     def _compare(self, unit: Unit, outputs: dict[str, str], ref_vals: dict, cand_vals: dict) -> list[TapResult]:

@@ -163,6 +163,11 @@ class Probe:
         return out
 
 
+def step_layout(layout: str, step: int) -> str:
+    """The name of `layout`'s variant at call `step`, for rules with `step_layouts`."""
+    return f"{layout}@{step}"
+
+
 TapFilter = Callable[[str, str], bool]  # (name, key) -> keep?
 
 

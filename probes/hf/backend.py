@@ -273,7 +273,7 @@ def _decoding(model, config, family, probe, prompts, batch, layout, kwargs, call
     width = batch.input_ids.shape[1]
     layouts = decode.layouts(layout, list(batch.starts), lengths, opts.decode,
                              width + opts.decode if cache == "static" else None)
-    return (decode.decode_probe(probe, "decoder", TOKENS), run, lambda: layouts,
+    return (decode.decode_probe(probe, "decoder"), run, lambda: layouts,
             lambda: state.get("tokens"))
 
 

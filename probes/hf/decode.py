@@ -25,19 +25,20 @@ from typing import Any
 
 import numpy as np
 
-from parity.taps.probe import Probe, TapRule
+from parity.probes.hf.families import TOKENS
+from parity.taps.probe import Probe, TapRule, step_layout
 from parity.taps.records import Layout
 
-CACHES = ("dynamic", "static")
 KV_MODULE = "parity_kv"  # the identity modules the cache's reads pass through
+CACHE = "cache"  # the cache reads' layout (per step: `cache@s`)
 
 
-def decode_probe(probe: Probe, stack: str, tokens_layout: str) -> Probe:
+def decode_probe(probe: Probe, stack: str) -> Probe:
     """`probe` for a decoding run: every rule stepped (one call per forward), the rules on
     the token layout laid out per step, and the cache reads of each layer as taps."""
-    rules = [dataclasses.replace(r, stepped=True, step_layouts=r.layout == tokens_layout) for r in probe.rules]
+    rules = [dataclasses.replace(r, stepped=True, step_layouts=r.layout == TOKENS) for r in probe.rules]
     for component, part in (("cache_k", "keys"), ("cache_v", "values")):
-        rules.append(TapRule(rf"{KV_MODULE}\.(?P<layer>\d+)\.{part}", stack, component, "cache", stepped=True,
+        rules.append(TapRule(rf"{KV_MODULE}\.(?P<layer>\d+)\.{part}", stack, component, CACHE, stepped=True,
                              step_layouts=True))
     return dataclasses.replace(probe, rules=tuple(rules))
 
@@ -99,19 +100,19 @@ def layouts(prefill: Layout, starts: list[int], lengths: list[int], steps: int, 
     update: `cache_slots` slots (None: a dynamic cache, prompt + s), the prompt's valid
     slots then the decoded ones at their canonical place after the row's prompt."""
     rows, width = prefill.slots.shape
-    out = {"tokens@0": prefill}
+    out = {step_layout(TOKENS, 0): prefill}
     one = np.arange(rows, dtype=np.int64)[:, None]
     length = max(lengths) + steps  # canonical positions per row: its prompt, then its decoded tokens
     for s in range(steps + 1):
         if s:
-            out[f"tokens@{s}"] = Layout(one.copy(), 1)
+            out[step_layout(TOKENS, s)] = Layout(one.copy(), 1)
         n = cache_slots if cache_slots is not None else width + s
         slots = np.full((rows, n), -1, dtype=np.int64)
         for r in range(rows):
             slots[r, starts[r]:starts[r] + lengths[r]] = r * length + np.arange(lengths[r])
             for k in range(s):  # decode step k + 1 wrote slot width + k
                 slots[r, width + k] = r * length + lengths[r] + k
-        out[f"cache@{s}"] = Layout(slots, length)
+        out[step_layout(CACHE, s)] = Layout(slots, length)
     return out
 
 

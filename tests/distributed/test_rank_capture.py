@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from jobs import spawn
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 SHARDING = {"toy.*.mlp": {"kind": "column"}, "*": {"kind": "replicated"}}
@@ -34,20 +34,9 @@ def _rank(rank: int, world: int, port: int, out: str, template: bool) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world, template", [(2, False), (4, True)])
 def test_each_rank_writes_its_own_dump_stamped_with_its_place(tmp_path, world, template):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("this torch has no gloo")
-    mp.start_processes(_rank, args=(world, _free_port(), str(tmp_path), template), nprocs=world, join=True,
-                       start_method="spawn")
+    spawn(_rank, world, str(tmp_path), template)
     from parity.dump.reader import read_meta
 
     paths = sorted(tmp_path.glob("cand-rank*.h5"))

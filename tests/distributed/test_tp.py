@@ -4,7 +4,6 @@ process reference's taps, and the replicated taps agree with it."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from jobs import spawn  # noqa: E402
 
 HERE = Path(__file__).parent
 TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -50,18 +49,9 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, bug: str | Non
         dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(model: Path, out: Path, world: int, bug: str | None = None) -> list[Path]:
     """Every rank's dump of the TP candidate (gloo, `world` CPU processes)."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("this torch has no gloo")
-    mp.start_processes(_rank, args=(world, _port(), str(model), str(out), bug), nprocs=world, join=True,
-                       start_method="spawn")
+    spawn(_rank, world, str(model), str(out), bug)
     return [out / f"cand-rank{r}.h5" for r in range(world)]
 
 
