@@ -25,6 +25,7 @@ bounds from the first of them on: its error there is a choice, not rounding.
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -47,26 +48,24 @@ def floor_for(*dtypes: str | None) -> float:
 def allowance(lossy, base: Thresholds | None = None) -> Thresholds:
     """`base` (the defaults) with a candidate's declared lossy bounds over it (`Lossy.bounds`:
     {glob: min_cos or (min_cos, max_norm_err)}); `base` itself without a declaration."""
+    from parity.settings import specs  # the one reading of {glob: bound} forms
+
     base = base or Thresholds()
     if lossy is None:
         return base
-    cos, norm = [], []
-    for glob, value in dict(lossy.bounds).items():
-        pair = tuple(value) if isinstance(value, (tuple, list)) else (value, None)
-        cos.append((glob, float(pair[0])))
-        if pair[1] is not None:
-            norm.append((glob, float(pair[1])))
-    return replace(base, patterns=base.patterns + tuple(cos), norm_patterns=base.norm_patterns + tuple(norm))
+    declared = Thresholds.parse(base.default, specs(dict(lossy.bounds)))
+    return replace(base, patterns=base.patterns + declared.patterns,
+                   norm_patterns=base.norm_patterns + declared.norm_patterns)
 
 
 def first_lossy(report: Report, lossy) -> int | None:
     """The execution order of the first tap a declared lossy part produces (None: none)."""
     if lossy is None:
         return None
-    import fnmatch
+    from parity.taps.probe import tap_filter
 
-    orders = [row.order for row in report.rows if row.order is not None and any(
-        fnmatch.fnmatchcase(row.info.name, g) or fnmatch.fnmatchcase(row.key, g) for g in lossy.parts)]
+    lossy_tap = tap_filter(lossy.parts)
+    orders = [row.order for row in report.rows if row.order is not None and lossy_tap(row.info.name, row.key)]
     return min(orders, default=None)
 
 
@@ -175,16 +174,17 @@ def isolation_thresholds(report: Report, base: Thresholds) -> Thresholds:
     for row in report.rows:
         if row.budget is None:
             continue
-        glob = "".join(f"[{ch}]" if ch in "*?[" else ch for ch in row.key)  # the key, matched literally
+        literal = glob.escape(row.key)  # the key, matched as it is
         c, e = _as_bounds(row.budget.limit)
-        cos.append((glob, c))
-        norm.append((glob, e))
+        cos.append((literal, c))
+        norm.append((literal, e))
     return replace(base, default=default, norm_err=default_norm, patterns=tuple(cos), norm_patterns=tuple(norm))
 
 
 def _as_bounds(e: float) -> tuple[float, float]:
-    """A relative error bound e as (min cos, max norm error)."""
-    return max(-1.0, 1.0 - e * e / 2), e
+    """A relative error bound e as (min cos, max norm error); the cosine bound stays in the
+    range a bound may take (a budget past sqrt(2) leaves only the size bound)."""
+    return max(0.0, 1.0 - e * e / 2), e
 
 
 def _params_and_buffers(model) -> Iterator[tuple[dict, str]]:

@@ -234,3 +234,24 @@ def test_an_oracle_with_nan_where_the_reference_has_none_leaves_those_taps_to_th
     assert by_key["toy.0.mlp"].budget is not None  # before the NaN: budgets
     assert by_key["toy.1.norm"].budget is None and by_key["toy.1.mlp"].budget is None  # the fixed bounds
     assert any("oracle run has NaN/Inf there where the reference has none" in w for w in report.warnings)
+
+
+def test_a_budget_past_sqrt_2_leaves_isolation_a_size_bound_not_an_error():
+    """A tap whose reference errs hugely against the oracle has a budget above sqrt(2): its
+    cosine bound would be below 0, which a bound may not be; the re-run keeps the size bound."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    from parity.comparison.oracle import isolation_thresholds
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+    import toy_backend
+
+    report = parity.compare(toy_backend.reference(BackendOptions()), toy_backend.candidate(BackendOptions()))
+    row = report.rows[0]
+    report.rows[0] = dataclasses.replace(row, budget=Budget(5.0, 1.0, 2.0, 6e-8))
+    from parity.comparison.rules import Thresholds
+
+    limit = isolation_thresholds(report, Thresholds()).limit(row.info.name, row.key)
+    assert limit.min_cos == 0.0 and limit.max_norm_err == pytest.approx(2 * (1.0 + 6e-8))
