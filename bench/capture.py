@@ -2,13 +2,16 @@
 
     PYTHONPATH=. python bench/capture.py --config full
 
-Per backend (eager `pytorch`, CUDA-graph `fast`), median wall time per inference of:
-plain run; naive hooks (per-hook synchronous `.detach().float().cpu()` into a dict, the
-baseline every throw-away script uses); parity's capture to host memory; parity's capture
-to an HDF5 dump; and, for graph backends, a steady-state replay of the instrumented graph
-(tap copies recorded inside it). Also the dump write rate against a raw sequential write
-of the same bytes, and a bit-exactness check of parity's taps against the naive path.
-Writes bench/results/capture_<config>_<card>.json.
+Per backend (eager `pytorch`, CUDA-graph `fast`), interleaved rounds (bench/rounds.py: each
+round runs every variant once, ratios taken within the round, reported as median, min and
+max) of: the plain run; naive hooks (per-hook synchronous `.detach().float().cpu()` into a
+dict, the baseline every throw-away script uses); the hooks alone; a device clone per tap;
+parity's capture to host memory; to an HDF5 dump; streamed to HDF5 as `parity capture`
+does.  For graph backends, rounds of steady-state replays: the plain graph, the graph the
+taps force without taps (layers compiled leaf by leaf), and the graph with the tap copies
+inside, each re-captured untimed before its replays.  Also the dump write rate against a
+raw sequential write of the same bytes, and a bit-exactness check of parity's taps against
+the naive path.  Writes bench/results/capture_<config>_<card>.json.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from disk import raw_write_seconds
 from record import write_result
+from rounds import cell, interleaved, spread, sync
 
 from parity.capture.background import BackgroundWriter, InflightBudget
 from parity.capture.recorder import Recorder, capture
@@ -30,23 +34,6 @@ from parity.dump.writer import DumpWriter
 from parity.taps.backends import BackendOptions, resolve
 from parity.taps.codec import to_float64
 from parity.taps.records import Capture
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, runs: int) -> float:
-    fn()  # warm-up
-    sync()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
 
 
 def naive_run(backend) -> dict:
@@ -88,21 +75,47 @@ class DeviceStash(Nothing):
     def add_device_tap(self, info, order, value, layout): self.kept.append(value.clone())
 
 
-def breakdown(backend, runs: int) -> dict:
-    """Where an eager capture's time goes: hooks alone, a device-side copy per tap, then the host."""
-    return {"hooks_only_ms": timed(lambda: capture(backend, HooksOnly()), runs),
-            "device_stash_ms": timed(lambda: capture(backend, DeviceStash()), runs)}
+def replays(backend, n: int) -> float:
+    """Median ms of `n` graph replays (the first run after a reset re-captures: untimed)."""
+    backend.run()
+    out = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        backend.run()
+        sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
 
 
-def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict:
+def graph_rounds(backend, rounds: int, per_round: int = 10) -> dict:
+    """For a CUDA-graph backend: per round, replays of the plain graph, of the graph the
+    taps force with no tap installed (layers compiled leaf by leaf), and of the graph with
+    the tap copies inside, each after its own untimed re-capture; ratios per round."""
+    ms: dict[str, list[float]] = {"plain": [], "leaf_graph": [], "instrumented_replay": []}
+    for i in range(rounds + 1):
+        backend.model.parity_instrumented(False)
+        plain = replays(backend, per_round)
+        backend.model.parity_instrumented(True)
+        leaf = replays(backend, per_round)
+        backend.model.parity_instrumented(False)
+        with Recorder(backend.model, backend.probe, Nothing()) as rec:
+            backend.run()  # re-captures with the tap copies inside
+            rec.pending.clear()
+            inst = replays(backend, per_round)
+            rec.pending.clear()
+        if i:  # the first round warms up
+            ms["plain"].append(plain)
+            ms["leaf_graph"].append(leaf)
+            ms["instrumented_replay"].append(inst)
+    backend.model.parity_instrumented(False)
+    return {"rounds": rounds, "base": "plain", "ms": {k: spread(v) for k, v in ms.items()},
+            "ratio": {k: spread([a / b for a, b in zip(v, ms["plain"])]) for k, v in ms.items() if k != "plain"}}
+
+
+def bench_backend(name: str, opts: BackendOptions, rounds: int, tmp: Path) -> dict:
     backend = resolve(name, opts)
-    row = {"plain_ms": timed(backend.run, runs)}
     graphed = getattr(backend.model, "graphed", None) is not None
-    if not graphed:  # hooks do not fire on graph replays: the naive path cannot observe a graph
-        row["naive_ms"] = timed(lambda: naive_run(backend), runs)
-    row["capture_host_ms"] = timed(lambda: capture(backend, Capture()), runs)
-    if not graphed:
-        row.update(breakdown(backend, runs))
     path = tmp / f"{name}.h5"
 
     def to_dump():
@@ -110,27 +123,22 @@ def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict
         with DumpWriter(path, dict(backend.meta)) as w:
             capture(backend, w)
 
-    row["capture_dump_ms"] = timed(to_dump, max(3, runs // 3))
-    row["dump_bytes"] = path.stat().st_size
-
     def to_dump_streamed():  # what `parity capture` does: staged copies, writer thread, bounded in flight
         path.unlink(missing_ok=True)
         half = 1 << 30
         with DumpWriter(path, dict(backend.meta)) as w, BackgroundWriter(w, InflightBudget(half)) as q:
             capture(backend, q, max_staged_bytes=half)
 
-    row["capture_dump_streamed_ms"] = timed(to_dump_streamed, max(3, runs // 3))
+    variants = {"plain": backend.run}
+    if not graphed:  # hooks do not fire on graph replays: the naive path cannot observe a graph
+        variants.update({"naive": lambda: naive_run(backend), "hooks_only": lambda: capture(backend, HooksOnly()),
+                         "device_clone": lambda: capture(backend, DeviceStash())})
+    variants.update({"capture_host": lambda: capture(backend, Capture()), "capture_dump": to_dump,
+                     "capture_dump_streamed": to_dump_streamed})
+    row = {"timing": interleaved(variants, rounds)}
+    row["dump_bytes"] = path.stat().st_size
     if graphed:  # steady state: replays of the graph with the tap copies inside it
-        # the graph the taps force (layers compiled leaf by leaf), captured without taps:
-        # separates the cost of the different execution from the cost of the copies
-        backend.model.parity_instrumented(True)
-        row["uninstrumented_leaf_graph_ms"] = timed(backend.run, runs)
-        backend.model.parity_instrumented(False)
-        with Recorder(backend.model, backend.probe, Nothing()) as rec:
-            backend.run()
-            rec.pending.clear()
-            row["instrumented_replay_ms"] = timed(backend.run, runs)
-            rec.pending.clear()
+        row["graph"] = graph_rounds(backend, rounds)
     else:  # exactness: parity's taps decode to exactly what the naive float copy holds
         cap = capture(backend, Capture())
         naive = naive_run(backend)
@@ -152,7 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--backends", default="pytorch,fast")
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (at least 5 for a reported ratio)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     opts = BackendOptions(config=args.config)
@@ -160,19 +168,22 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("PARITY_BENCH_TMP")) as tmp:
         for name in args.backends.split(","):
-            rows[name] = bench_backend(name, opts, args.runs, Path(tmp))
+            rows[name] = bench_backend(name, opts, args.rounds, Path(tmp))
         nbytes = max(r["dump_bytes"] for r in rows.values())
         raw = nbytes / 1e6 / raw_write_seconds(Path(tmp) / "raw.bin", nbytes)
-    for r in rows.values():
-        p = r["plain_ms"]
-        r["ratios"] = {k.removesuffix("_ms"): r[k] / p for k in r if k.endswith("_ms") and k != "plain_ms"}
-    result = {"card": card, "torch": torch.__version__, "config": args.config, "runs": args.runs,
+    result = {"card": card, "torch": torch.__version__, "config": args.config, "rounds": args.rounds,
               "raw_write_MBps": raw, "backends": rows}
-    print(f"card {card}, torch {torch.__version__}, config {args.config}; ratios to the plain run")
+    print(f"card {card}, torch {torch.__version__}, config {args.config}; ratios to the plain run of the same "
+          f"round: median (min-max) of {args.rounds} interleaved rounds")
     for name, r in rows.items():
-        extras = ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items())
-        print(f"{name:10} plain {r['plain_ms']:8.2f} ms | {extras} | dump {r['dump_bytes'] / 1e6:.0f} MB"
+        t = r["timing"]
+        extras = ", ".join(f"{k} {cell(t, k)}" for k in t["ratio"])
+        print(f"{name:10} plain {t['ms']['plain']['median']:8.2f} ms | {extras} | dump {r['dump_bytes'] / 1e6:.0f} MB"
               + (f" | bit mismatches vs naive {r['bit_mismatches_vs_naive']}/{r['taps']}" if "taps" in r else ""))
+        if "graph" in r:
+            g = r["graph"]
+            print(f"{'':10} graph replay {g['ms']['plain']['median']:.2f} ms | "
+                  + ", ".join(f"{k} {cell(g, k)}" for k in g["ratio"]))
     print(f"raw sequential write {raw:.0f} MB/s")
     write_result(args.out, f"capture_{args.config}", card, result)
 

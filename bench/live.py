@@ -2,9 +2,9 @@
 
     PYTHONPATH=. python bench/live.py --config full --device cuda
 
-One process, backends built once, median wall time of `--runs` rounds after a warm-up round
-(each round runs every variant once, in turn, so passing load weighs on all alike), each
-run ended by a device sync:
+One process, backends built once, `--runs` interleaved rounds after a warm-up round
+(bench/rounds.py: each round runs every variant once, in turn, so passing load weighs on all
+alike; each run ended by a device sync; ratios per round, reported as median, min and max):
   plain       reference forward + candidate forward, no taps (the floor; goal: live <= 1.3x)
   host        the host path (`--host-compare`): both runs captured to host memory, numpy diff
   live        the on-device compare (`parity diff --ref --cand`, isolation off)
@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from dataclasses import replace
 
 import torch
 from record import write_result
+from rounds import interleaved, spread
 
 from parity.capture.recorder import capture
 from parity.comparison.loop import diff
@@ -30,28 +29,6 @@ from parity.comparison.on_device import diff_on_device
 from parity.comparison.rules import Thresholds
 from parity.taps.backends import BackendOptions, resolve
 from parity.taps.records import Capture
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fns: dict, runs: int) -> tuple[dict, dict]:
-    """({name: median ms}, {name: last result}) of `runs` rounds after one warm-up round.
-    Each round runs every function once, in turn, so load that comes and goes (a shared
-    machine) weighs on all of them alike."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    last = {}
-    for i in range(runs + 1):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            last[name] = fn()
-            sync()
-            if i:
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}, last
 
 
 def host_diff(ref, cand, thresholds):
@@ -94,29 +71,42 @@ def main() -> None:
     ap.add_argument("--cand", default="flash")
     ap.add_argument("--fault", default="nomask", help="planted in the candidate for live_fault and stop_first")
     ap.add_argument("--min-cos", type=float, default=0.999)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=7, help="interleaved rounds (at least 5 for a reported ratio)")
+    ap.add_argument("--time-host", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the host path in every round (at full size on a GPU it takes ~50x a forward)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     opts = BackendOptions(config=args.config, device=args.device)
     ref, cand = resolve(args.ref, opts), resolve(args.cand, opts)
     faulty = resolve(args.cand, replace(opts, faults=(args.fault,)))
     thresholds = Thresholds(args.min_cos)
-    ms, last = timed({
-        "ref_plain_ms": ref.run, "cand_plain_ms": cand.run, "faulty_plain_ms": faulty.run,
-        "host_ms": lambda: host_diff(ref, cand, thresholds),
-        "live_ms": lambda: live_diff(ref, cand, thresholds, phases=PHASES),
-        "live_fault_ms": lambda: live_diff(ref, faulty, thresholds),
-        "stop_first_ms": lambda: live_diff(ref, faulty, thresholds, stop_at_first=True),
-    }, args.runs)
-    rows = dict(ms, plain_ms=ms["ref_plain_ms"] + ms["cand_plain_ms"])
+    variants = {"ref_plain": ref.run, "cand_plain": cand.run, "faulty_plain": faulty.run}
+    if args.time_host:
+        variants["host"] = lambda: host_diff(ref, cand, thresholds)
+    r = interleaved({
+        **variants,
+        "live": lambda: live_diff(ref, cand, thresholds, phases=PHASES),
+        "live_fault": lambda: live_diff(ref, faulty, thresholds),
+        "stop_first": lambda: live_diff(ref, faulty, thresholds, stop_at_first=True),
+    }, args.runs, keep_last=True)
+    last = {f"{k}_ms": v for k, v in r.pop("last").items()}
+    if not args.time_host:  # the host report once, for the equality check
+        last["host_ms"] = host_diff(ref, cand, thresholds)
+    sample = {k: v["samples"] for k, v in r["ms"].items()}
+    plain_s = [a + b for a, b in zip(sample["ref_plain"], sample["cand_plain"])]
+    fault_s = [a + b for a, b in zip(sample["ref_plain"], sample["faulty_plain"])]
+    spreads = {"plain": spread(plain_s), **r["ms"]}
+    rows = {f"{k}_ms": v["median"] for k, v in spreads.items()}
+    ratio_spreads = {k: spread([x / y for x, y in zip(sample[k], base)])
+                     for k, base in (("host", plain_s), ("live", plain_s), ("live_fault", fault_s),
+                                     ("stop_first", fault_s)) if k in sample}
     host, live, live_fault, stopped = (last[k] for k in ("host_ms", "live_ms", "live_fault_ms", "stop_first_ms"))
     host_fault = host_diff(ref, faulty, thresholds)
     taps = len(host.rows)
     tap_bytes = sum(math.prod(r.ref_shape) * torch.empty(0, dtype=getattr(torch, r.ref_dtype)).element_size()
                     for r in host.rows if r.ref_shape is not None)
-    plain_fault = rows["ref_plain_ms"] + rows["faulty_plain_ms"]
-    ratios = {"host": rows["host_ms"] / rows["plain_ms"], "live": rows["live_ms"] / rows["plain_ms"],
-              "live_fault": rows["live_fault_ms"] / plain_fault, "stop_first": rows["stop_first_ms"] / plain_fault}
+    plain_fault = spread(fault_s)["median"]
+    ratios = {k: v["median"] for k, v in ratio_spreads.items()}
     checks = {
         "same_verdicts": same_verdicts(host, live), "same_verdicts_fault": same_verdicts(host_fault, live_fault),
         "max_rel_metric_diff": max(largest_relative_difference(host, live),
@@ -132,17 +122,21 @@ def main() -> None:
     phases_ms = {k: v * 1e3 / (args.runs + 1) for k, v in PHASES.items()}
     result = {"card": card, "torch": torch.__version__, "config": args.config, "runs": args.runs,
               "ref": args.ref, "cand": args.cand, "fault": args.fault, "taps": taps, "tap_bytes": tap_bytes,
-              "ms": rows, "ratios": ratios, "checks": checks, "live_phases_ms": phases_ms}
+              "ms": rows, "ratios": ratios, "timing": {"ms": spreads, "ratio": ratio_spreads}, "checks": checks,
+              "live_phases_ms": phases_ms}
     print(f"card {card}, torch {torch.__version__}, config {args.config}, {args.ref} vs {args.cand}, "
-          f"{taps} taps ({tap_bytes / 1e6:.1f} MB per forward), median of {args.runs}")
-    print(f"{'what':42} {'ms':>10} {'ratio':>7}   (fault rows: ratio to ref + faulty cand, {plain_fault:.1f} ms)")
-    table = [("plain ref + cand forward", rows["plain_ms"], 1.0),
-             ("host path (capture to host, diff)", rows["host_ms"], ratios["host"]),
-             ("live on-device compare", rows["live_ms"], ratios["live"]),
-             (f"live, --inject {args.fault}", rows["live_fault_ms"], ratios["live_fault"]),
-             (f"live, --inject {args.fault} --stop-at-first", rows["stop_first_ms"], ratios["stop_first"])]
-    for what, ms, ratio in table:
-        print(f"{what:42} {ms:10.2f} {ratio:6.2f}x")
+          f"{taps} taps ({tap_bytes / 1e6:.1f} MB per forward), ratios per round: median (min-max) of "
+          f"{args.runs} interleaved rounds")
+    print(f"{'what':42} {'ms':>10} {'ratio':>22}   (fault rows: ratio to ref + faulty cand, {plain_fault:.1f} ms)")
+    table = [("plain ref + cand forward", "plain", None), ("host path (capture to host, diff)", "host", "host"),
+             ("live on-device compare", "live", "live"), (f"live, --inject {args.fault}", "live_fault", "live_fault"),
+             (f"live, --inject {args.fault} --stop-at-first", "stop_first", "stop_first")]
+    for what, key, ratio in table:
+        if key + "_ms" not in rows:
+            continue
+        s = ratio_spreads.get(ratio)
+        text = f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" if s else "1.00x"
+        print(f"{what:42} {rows[key + '_ms']:10.2f} {text:>22}")
     print("live diff phases (mean ms per round, device synced between phases): "
           + ", ".join(f"{k} {v:.1f}" for k, v in phases_ms.items()))
     print(f"live report == host report: verdicts {checks['same_verdicts']} / {checks['same_verdicts_fault']} "

@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python bench/stats.py --config full --device cuda
 
-Per backend (default `pytorch,fast`), median wall time per inference (the modes take turns within
-each run, after a warm-up round; CUDA synchronised) of: the plain run; parity's stats capture (every tap summarised
+Per backend (default `pytorch,fast`), interleaved rounds (bench/rounds.py: the modes take turns
+within each round, after a warm-up round, CUDA synchronised; ratios per round, reported as
+median, min and max) of: the plain run; parity's stats capture (every tap summarised
 on its
 device, results fetched in batches: `StatsSink`); the same plus writing the stats dump;
 and parity's full capture to host memory (every tap copied to the host: `Capture`).
@@ -16,39 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from record import write_result
+from rounds import cell, interleaved
 
 from parity.capture.recorder import capture
 from parity.capture.stats import StatsSink, checksum
 from parity.dump.stats import write_stats
 from parity.taps.backends import BackendOptions, resolve
 from parity.taps.records import Capture
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def interleaved(modes: dict, runs: int) -> dict[str, float]:
-    """Median ms per mode, the modes taking turns within each run (so that a machine whose
-    load drifts during the benchmark affects every mode alike); one warm-up round first."""
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for i in range(runs + 1):
-        for name, fn in modes.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {f"{name}_ms": statistics.median(t) for name, t in times.items()}
 
 
 def stats_run(backend):
@@ -60,9 +40,13 @@ def stats_run(backend):
 def bench_backend(name: str, opts: BackendOptions, runs: int, tmp: Path) -> dict:
     backend = resolve(name, opts)
     path = tmp / f"{name}_stats.h5"
-    row = interleaved({"plain": backend.run, "stats": lambda: stats_run(backend),
-                       "stats_dump": lambda: write_stats(path, stats_run(backend)),
-                       "full_host": lambda: capture(backend, Capture())}, runs)
+    graphed = getattr(backend.model, "graphed", None) is not None
+    # a graph backend's plain run is a replay: re-captured untimed after a run with taps
+    timing = interleaved({"plain": backend.run, "stats": lambda: stats_run(backend),
+                          "stats_dump": lambda: write_stats(path, stats_run(backend)),
+                          "full_host": lambda: capture(backend, Capture())}, runs,
+                         setup={"plain": backend.run} if graphed else None)
+    row = {"timing": timing, "graphed": graphed}
     stats, full = stats_run(backend), capture(backend, Capture())
     row["taps"] = len(stats.taps)
     row["full_host_bytes"] = sum(t.array.nbytes for t in full.taps)
@@ -89,7 +73,7 @@ def main() -> None:
     ap.add_argument("--config", default="tiny", choices=("tiny", "full"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backends", default="pytorch,fast")
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=7, help="interleaved rounds (at least 5 for a reported ratio)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     opts = BackendOptions(config=args.config, device=args.device)
@@ -103,18 +87,18 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - one backend failing must not lose the others' figures
                 print(f"{name}: failed: {type(exc).__name__}: {exc}")
                 errors[name] = f"{type(exc).__name__}: {exc}"
-    for r in rows.values():
-        r["ratios"] = {k.removesuffix("_ms"): r[k] / r["plain_ms"] for k in r if k.endswith("_ms") and k != "plain_ms"}
     result = {"card": card, "torch": torch.__version__, "config": args.config, "device": args.device,
               "runs": args.runs, "cpus": os.cpu_count(), "backends": rows, "errors": errors}
-    print(f"card {card}, torch {torch.__version__}, config {args.config}; median of {args.runs} runs, "
-          "ratios to the plain run")
-    print(f"{'backend':10} {'taps':>5} {'plain ms':>9} {'stats':>16} {'stats + dump':>16} {'full to host':>16} "
+    print(f"card {card}, torch {torch.__version__}, config {args.config}; ratios to the plain run of the same "
+          f"round: median (min-max) of {args.runs} interleaved rounds (a graph backend's stats and full runs "
+          "include re-capturing its graph with the taps inside; its plain run is a replay)")
+    print(f"{'backend':10} {'taps':>5} {'plain ms':>9} {'stats':>20} {'stats + dump':>20} {'full to host':>20} "
           f"{'host bytes stats / full':>26}")
     for name, r in rows.items():
-        cells = [f"{r[k + '_ms']:8.2f} {r['ratios'][k]:5.2f}x" for k in ("stats", "stats_dump", "full_host")]
-        print(f"{name:10} {r['taps']:5d} {r['plain_ms']:9.2f} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
-              f"{r['stats_host_bytes']:>12,} / {r['full_host_bytes']:,}")
+        t = r["timing"]
+        cells = [cell(t, k) for k in ("stats", "stats_dump", "full_host")]
+        print(f"{name:10} {r['taps']:5d} {t['ms']['plain']['median']:9.2f} {cells[0]:>20} {cells[1]:>20} "
+              f"{cells[2]:>20} {r['stats_host_bytes']:>12,} / {r['full_host_bytes']:,}")
         print(f"{'':10} checksums device vs host: {r['checksum_mismatches_device_vs_host']} of "
               f"{r['checksums_checked']} whole-tensor taps differ")
     write_result(args.out, "stats", card, result)

@@ -313,6 +313,10 @@ def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: 
         from parity.comparison.sharded import diff_sharded
 
         return diff_sharded(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
+    from parity.comparison.engine import preload
+
+    with contextlib.suppress(OSError):  # a missing file: the readers say so, below
+        preload("auto", os.path.getsize(ref_path) + os.path.getsize(cand_path))
     metas = read_meta(ref_path), read_meta(cand_path)
     if None not in metas:  # an unreadable dump: the reader says why
         check_declared_dtypes(*metas, labels=(str(ref_path), str(cand_path)))
@@ -377,7 +381,8 @@ def _distributed_rank(rank: int, world: int, port: int, spec: str, options: Back
         options = replace(options, device=f"cuda:{rank}")
     dist.init_process_group(dist_backend, rank=rank, world_size=world)
     try:
-        capture_to_dump(spec, options, Path(folder) / "cand.h5", taps)
+        # `{rank}` names every rank's dump, a job of one rank too (the diff reads cand-rank*.h5)
+        capture_to_dump(spec, options, Path(folder) / "cand-rank{rank}.h5", taps)
     finally:
         dist.destroy_process_group()
 

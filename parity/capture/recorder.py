@@ -54,18 +54,50 @@ _pre_opaque = opaque(lambda rec, spec, module, args: rec.pre(spec, module, args)
 _post_opaque = opaque(lambda rec, spec, module, args, output: rec.post(spec, module, output), TAP_HOOK)
 
 
+class _HitPlan:
+    """One tap of a module, with what does not change from call to call worked out at
+    install time: its TapInfo and whether it is selected (non-stepped taps), its layout."""
+
+    __slots__ = ("hit", "info", "wanted", "layout", "select", "cut", "token_axis", "stepped")
+
+    def __init__(self, hit: ProbeHit, select: TapFilter) -> None:
+        rule = hit.rule
+        self.hit, self.select, self.stepped = hit, rule.select, rule.stepped
+        self.info = None if rule.stepped else TapInfo(hit.name, rule.stack, hit.layer, hit.component, None)
+        self.wanted = None if rule.stepped else bool(select(hit.name, hit.name))
+        self.layout = None if rule.step_layouts and rule.stepped else rule.layout
+        self.cut = hit.chunk is not None
+        self.token_axis = rule.token_axis
+
+    def info_at(self, calls: int) -> TapInfo:
+        hit = self.hit
+        return self.info or TapInfo(hit.name, hit.rule.stack, hit.layer, hit.component, calls)
+
+    def layout_at(self, step: int | None) -> str | None:
+        rule = self.hit.rule
+        if rule.step_layouts and rule.stepped and rule.layout is not None and step is not None:
+            return step_layout(rule.layout, step)
+        return self.layout
+
+
 class _ModuleTaps:
-    """What one tapped module yields, worked out once per capture, not per call."""
+    """What one tapped module yields, worked out once per capture, not per call; and how
+    many times it has run (the call index of stepped taps)."""
 
-    __slots__ = ("name", "inputs", "outputs", "blamed", "once")
+    __slots__ = ("name", "inputs", "outputs", "blamed", "once", "calls")
 
-    def __init__(self, name: str, hits: list[ProbeHit]) -> None:
+    def __init__(self, name: str, hits: list[ProbeHit], select: TapFilter) -> None:
         self.name = name
-        self.inputs = [h for h in hits if h.rule.on == ON_INPUT]
-        self.outputs = [h for h in hits if h.rule.on == ON_OUTPUT]
+        self.inputs = [_HitPlan(h, select) for h in hits if h.rule.on == ON_INPUT]
+        self.outputs = [_HitPlan(h, select) for h in hits if h.rule.on == ON_OUTPUT]
         # The tap an exception inside this module is blamed on: its output, else its input.
-        self.blamed = self.outputs[0] if self.outputs else hits[0]
+        self.blamed = (self.outputs or self.inputs)[0]
         self.once = next((h for h in hits if not h.rule.stepped), None)
+        self.calls = 0
+
+    def wanted(self) -> bool:
+        """Whether any tap of this module may be recorded (stepped ones: per call)."""
+        return any(p.wanted is not False for p in self.inputs + self.outputs)
 
 
 class ProbeError(Exception):
@@ -88,18 +120,19 @@ class StopRun(BaseException):
 
 
 class Recorder:
-    """Installs one pre- and one post-forward hook per probed module; removes all of them
-    on exit, whatever happened.  Also knows which tap component was running when the
-    model raised.  Input taps (`TapRule.on="input"`) are recorded by the pre-hook,
-    output taps by the post-hook, so execution order is kept either way."""
+    """Installs a post-forward hook on each probed module with a selected tap (and a
+    pre-forward hook where it has input taps); removes all of them on exit, whatever
+    happened.  Input taps (`TapRule.on="input"`) are recorded by the pre-hook, output
+    taps by the post-hook, so execution order is kept either way.  Which tap component
+    was running when the model raised is read from the exception's traceback (the
+    innermost probed module's frame), so no hook is needed to follow it."""
 
     def __init__(self, model: torch.nn.Module, probe: Probe, sink, select: TapFilter | None = None,
                  max_staged_bytes: int | None = None):
         self.model, self.probe, self.sink = model, probe, sink
         self.select = select or tap_filter(None)
         self.handles: list = []
-        self.calls: dict[str, int] = {}
-        self.running: list[tuple[torch.nn.Module, TapInfo, int]] = []  # (module, blamed tap, call index)
+        self.specs: dict[int, tuple[torch.nn.Module, _ModuleTaps]] = {}  # id(module) -> its taps, every probed module
         # (info, order, staged copy, layout): handed to the sink as host storage by flush()
         self.pending: collections.deque[tuple[TapInfo, int, Staged, str | None]] = collections.deque()
         self.stager = Stager()
@@ -113,10 +146,15 @@ class Recorder:
         # compare, stats): then nothing is staged for the host at all
         self.on_device = getattr(sink, "add_device_tap", None)
         self.stopped = False  # the sink raised StopRun: the run ends here
-        self.installed: set[str] = set()  # module names with taps (those that ran: `calls`)
+        self.installed: set[str] = set()  # module names with hooks (those that ran: `calls`)
         self.model_note = None  # what the model says instrumenting changed
         self.order = 0
         self.defer = False  # a tap was recorded inside a CUDA graph capture: flush at the end
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Module name -> how many times it ran, for the probed modules that ran."""
+        return {spec.name: spec.calls for _, spec in self.specs.values() if spec.calls}
 
     def __enter__(self) -> Recorder:
         try:
@@ -124,8 +162,12 @@ class Recorder:
                 hits = self.probe.taps_for(module_name)
                 if not hits:
                     continue
-                spec = _ModuleTaps(module_name, hits)
-                self.handles.append(module.register_forward_pre_hook(functools.partial(_pre_hook, self, spec)))
+                spec = _ModuleTaps(module_name, hits, self.select)
+                self.specs[id(module)] = (module, spec)
+                if not spec.wanted():
+                    continue  # nothing of it is recorded: no hook (a crash inside is still located)
+                if spec.inputs:
+                    self.handles.append(module.register_forward_pre_hook(functools.partial(_pre_hook, self, spec)))
                 self.handles.append(module.register_forward_hook(functools.partial(_post_hook, self, spec)))
                 self.installed.add(module_name)
             self.model_note = self._notify(True)
@@ -177,73 +219,70 @@ class Recorder:
             self.pending.popleft()
             self.staged_bytes -= staged.nbytes
 
-    @staticmethod
-    def _info(hit: ProbeHit, calls: int) -> TapInfo:
-        return TapInfo(hit.name, hit.rule.stack, hit.layer, hit.component, calls if hit.rule.stepped else None)
+    def _again(self, spec: _ModuleTaps) -> None:
+        if spec.calls and spec.once is not None:
+            raise ProbeError(f"tap {spec.once.name} ran {spec.calls + 1} times in one run: "
+                             "its probe rule must be stepped")
 
     def pre(self, spec: _ModuleTaps, module, args) -> None:
-        name = spec.name
-        calls = self.calls.get(name, 0)
-        self.calls[name] = calls + 1
-        self.running.append((module, self._info(spec.blamed, calls), calls))
-        if calls and spec.once is not None:
-            raise ProbeError(f"tap {spec.once.name} ran {calls + 1} times in one run: its probe rule must be stepped")
-        for hit in spec.inputs:
-            self._record(hit, self._info(hit, calls), args[0] if args else None, "input")
+        self._again(spec)
+        for plan in spec.inputs:
+            self._record(plan, spec.calls, args[0] if args else None, "input")
 
     def post(self, spec: _ModuleTaps, module, output) -> None:
-        # Entries above ours belong to tapped modules that raised and were caught
-        # inside the model: they never finished, so they are dropped here.
-        while self.running and self.running[-1][0] is not module:
-            self.running.pop()
         if self.sink_error is not None:
             raise SinkFailed(str(self.sink_error))
         if self.stopped:
             raise StopRun()
-        _, blamed, calls = self.running[-1]
-        for hit in spec.outputs:
+        if not spec.inputs:
+            self._again(spec)
+        calls = spec.calls
+        for plan in spec.outputs:
             value = output
-            if hit.rule.select is not None and isinstance(output, (tuple, list)):
-                value = output[hit.rule.select]
-            self._record(hit, blamed if hit is spec.blamed else self._info(hit, calls), value, "output")
-        self.running.pop()  # only once recorded: a failure above is located at this tap
+            if plan.select is not None and isinstance(output, (tuple, list)):
+                value = output[plan.select]
+            self._record(plan, calls, value, "output")
+        spec.calls = calls + 1  # only once recorded: a failure above is located at this call
 
-    def _record(self, hit: ProbeHit, info: TapInfo, value, side: str) -> None:
-        if not self.select(info.name, info.key):
+    def _record(self, plan: _HitPlan, calls: int, value, side: str) -> None:
+        wanted = plan.wanted
+        info = plan.info
+        if info is None:
+            info = plan.info_at(calls)
+            wanted = self.select(info.name, info.key)
+        if not wanted:
             return
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"tap {info.key}: module {side} is {type(value).__name__}, not a tensor")
-        if hit.chunk is not None:
+        if plan.cut:
             try:
-                value = hit.cut(value)
+                value = plan.hit.cut(value)
             except ValueError as exc:
                 raise ProbeError(f"tap {info.key}: {exc}") from None
-        if hit.rule.token_axis != 1:
-            if value.ndim <= hit.rule.token_axis:
-                raise ProbeError(f"tap {info.key}: a {value.ndim}-d value has no token axis {hit.rule.token_axis}")
-            value = value.movedim(hit.rule.token_axis, 1)
-        layout = hit.rule.layout
-        if hit.rule.step_layouts and layout is not None and info.step is not None:
-            layout = step_layout(layout, info.step)
+        if plan.token_axis != 1:
+            if value.ndim <= plan.token_axis:
+                raise ProbeError(f"tap {info.key}: a {value.ndim}-d value has no token axis {plan.token_axis}")
+            value = value.movedim(plan.token_axis, 1)
+        layout = plan.layout if info.step is None else plan.layout_at(info.step)
         if self.on_device is not None:
             self._hand_over(info, value.detach(), layout)
             return
         # A device-side copy now (later in-place kernels cannot touch it; inside a CUDA
         # graph capture the copy is recorded into the graph), on its way to the host.
-        staged = self.stager.stage(value)
+        stager = self.stager
+        staged = stager.stage(value)
         self.pending.append((info, self.order, staged, layout))
         self.staged_bytes += staged.nbytes
         self.order += 1
-        if self.stager.capturing:
+        if stager.capturing:
             self.defer = True  # the copy holds real values only after the graph replays
-        over = self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes
-        if over and not self.defer:
+        if self.max_staged_bytes is not None and self.staged_bytes > self.max_staged_bytes and not self.defer:
             # Over budget: wait for the oldest copies and hand them over (half the budget
             # at a time, so the wait is not paid on every later tap).
             self.flush(keep_bytes=self.max_staged_bytes // 2)
         if self.on_record is not None:
             self.on_record(info)
-        if not self.defer:
+        if not self.defer and self.pending and self.pending[0][2].done():
             # Stream: every tap whose host copy is already there goes to the sink now (on
             # CPU, this one), so a killed capture has handed over all it could.
             self.flush(ready_only=True)
@@ -264,7 +303,15 @@ class Recorder:
             self.on_record(info)
 
     def error_from(self, exc: BaseException) -> CaptureError:
-        info = self.running[-1][1] if self.running else None
+        """Where `exc` was raised: the blamed tap of the innermost probed module in its
+        traceback (whose frames hold the module as `self`), at the call that raised."""
+        spec, tb = None, exc.__traceback__
+        while tb is not None:
+            found = self.specs.get(id(tb.tb_frame.f_locals.get("self")))
+            if found is not None and found[0] is tb.tb_frame.f_locals.get("self"):
+                spec = found[1]
+            tb = tb.tb_next
+        info = spec.blamed.info_at(spec.calls) if spec is not None else None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return CaptureError(key=info.key if info else None, info=info, exc_type=type(exc).__name__, message=message)
 

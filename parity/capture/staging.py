@@ -17,6 +17,7 @@ host work may be recorded into a graph).  On CPU the clone is the staged copy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,15 +180,14 @@ class Stager:
     def __init__(self, slot_bytes: int = SLOT_BYTES, ring_on_cpu: bool = False) -> None:
         self.slot_bytes, self.ring_on_cpu = slot_bytes, ring_on_cpu
         self.capturing = False  # the last tap was staged inside a CUDA graph capture
-        self._cuda = torch.cuda.is_available()
         self._side: dict[torch.device, torch.cuda.Stream] = {}
         self._rings: dict[torch.device, _Ring] = {}
 
     def stage(self, value: torch.Tensor):
         value = value.detach()
         nbytes = value.numel() * value.element_size()
-        cuda = value.device.type == "cuda"
-        self.capturing = cuda and self._cuda and torch.cuda.is_current_stream_capturing()
+        cuda = value.is_cuda
+        self.capturing = cuda and torch.cuda.is_current_stream_capturing()
         if (cuda or self.ring_on_cpu) and 0 < nbytes <= self.slot_bytes:
             return self._into_slot(value, nbytes)
         return self._alone(value, cuda)
@@ -278,6 +278,7 @@ class Stager:
         return Staged(host, event)
 
 
+@functools.lru_cache(maxsize=4096)
 def _contiguous(shape: torch.Size) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):

@@ -19,6 +19,7 @@ never 0 mod 2**64); moving values between positions almost always changes it.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -62,82 +63,116 @@ BLOCK = 1024  # elements per block: every tap starts on a block, so a block belo
 
 
 class _Batch:
-    """Taps laid end to end on one device, each starting on a block of BLOCK elements:
-    values as float64, raw bits as int64, and for each element its tap (segment) and its
-    position within the tap (-1: padding up to the next block).  Filling it costs a few
-    device copies per tap; reducing it costs a fixed number of kernels per batch, however
-    many taps it holds (a run of thousands of small taps is launch-bound otherwise).
+    """Taps of one dtype laid end to end on one device, each starting on a block of BLOCK
+    elements, as they are (one device copy per tap, or one gather for the valid tokens of
+    a tap under a token layout); the tap (segment) each block belongs to and where each
+    tap starts are kept on the host.  Reducing widens the whole batch to float64 and its
+    bits to int64 once and costs a fixed number of kernels, however many taps it holds (a
+    run of thousands of small taps is launch-bound otherwise).
 
     Why blocks: summed element by element into their segment (index_add_), every element
     of a tap is an atomic add to the same address, serialised on a GPU (~4 ms per tap at
     pi0.5's full size).  Here each block is reduced densely (one row of a [blocks, BLOCK]
     view) and only the few per-block partials are added into their segments."""
 
-    def __init__(self, device: torch.device, capacity: int) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, capacity: int, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
         self.capacity = -(-capacity // BLOCK) * BLOCK
-        self.x = torch.empty(self.capacity, dtype=torch.float64, device=device)
-        self.bits = torch.empty(self.capacity, dtype=torch.int64, device=device)
-        self.seg = torch.empty(self.capacity, dtype=torch.int64, device=device)
-        self.pos = torch.empty(self.capacity, dtype=torch.int64, device=device)
+        self.raw = torch.empty(self.capacity, dtype=dtype, device=device)
         self.used = 0  # always a whole number of blocks
         self.taps: list[int] = []  # the sink's tap indices, one per segment
+        self.segments: list[tuple[int, int, int]] = []  # per segment: (first element, count, position offset)
+        self._derived = None  # (x, bits, valid, pos, block_seg) of the batch as it is, for both passes
 
     def fits(self, n: int) -> bool:
         return self.used + -(-n // BLOCK) * BLOCK <= self.capacity
 
-    def add(self, flat: torch.Tensor, tap: int, offset: int = 0) -> None:
-        """Append a tap (or, from `offset`, a piece of one) as the next segment."""
-        a, b = self.used, self.used + flat.numel()
-        end = -(-b // BLOCK) * BLOCK
-        self.x[a:b].copy_(flat)  # exact: every float format widens to float64 exactly
-        self.bits[a:b].copy_(_raw_bits(flat))
-        self.seg[a:end].fill_(len(self.taps))
-        torch.arange(offset, offset + b - a, out=self.pos[a:b])
-        if end > b:  # padding: neutral for sums and checksums, masked for the rest
-            self.x[b:end].zero_()
-            self.bits[b:end].zero_()
-            self.pos[b:end].fill_(-1)
-        self.used = end
+    def add(self, value: torch.Tensor, tap: int, offset: int = 0, rows: torch.Tensor | None = None) -> None:
+        """Append a tap (or, from position `offset`, a piece of one) as the next segment;
+        `rows`: only these rows of the [rows, slots] flattened tap (its valid tokens, in
+        canonical order), gathered straight into the batch."""
+        a = self.used
+        if rows is None:
+            n = value.numel()
+            self.raw[a:a + n].view(value.shape).copy_(value)  # one kernel, whatever the strides
+        else:
+            flat_rows = value.reshape(-1, *value.shape[2:])
+            n = rows.numel() * math.prod(flat_rows.shape[1:])
+            torch.index_select(flat_rows, 0, rows, out=self.raw[a:a + n].view(rows.numel(), *flat_rows.shape[1:]))
+        self.segments.append((a, n, offset))
+        self.used = a + -(-n // BLOCK) * BLOCK
         self.taps.append(tap)
+        self._derived = None
 
     def clear(self) -> None:
-        self.used, self.taps = 0, []
+        self.used, self.taps, self.segments, self._derived = 0, [], [], None
 
     def reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Summaries [segments, len(FIELDS)] and checksums [segments] of what the batch holds."""
         partial, checks = self.first_pass()
-        return _assemble(partial, self.second_pass(partial)), checks
+        powers = self.second_pass(partial)
+        self._derived = None  # the widened copies go (the buffer stays, for the next taps)
+        return _assemble(partial, powers), checks
 
     def _blocks(self):
-        """x, valid mask, element segments (flat), the blocks' segments, segment count."""
-        end = self.used
-        seg = self.seg[:end]
-        return self.x[:end], self.pos[:end] >= 0, seg, seg[::BLOCK], len(self.taps)
+        """x (float64, 0 past each tap's end), its raw bits (int64, 0 there too), valid mask,
+        positions within the taps, all [blocks, BLOCK]; each block's segment; segment count."""
+        if self._derived is not None:
+            return self._derived
+        end, n = self.used, len(self.taps)
+        blocks = end // BLOCK
+        device = self.raw.device
+        lanes = torch.arange(BLOCK, dtype=torch.int64, device=device)
+        if n == 1:  # no host data needed (a tap summarised inside a CUDA graph capture comes here)
+            start, count, offset = self.segments[0]
+            block_seg = torch.zeros(blocks, dtype=torch.int64, device=device)
+            rel = torch.arange(blocks, dtype=torch.int64, device=device)[:, None] * BLOCK + lanes - start
+            valid = rel < count
+            pos = rel + offset
+        else:
+            per = [-(-c // BLOCK) for _, c, _ in self.segments]
+            meta = np.concatenate([np.repeat(np.arange(n, dtype=np.int64), per),
+                                   np.asarray(self.segments, dtype=np.int64).T.reshape(-1)])
+            host = torch.from_numpy(meta)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            meta_d = host.to(device, non_blocking=True)
+            block_seg = meta_d[:blocks]
+            start, count, offset = meta_d[blocks:].view(3, n)
+            rel = torch.arange(blocks, dtype=torch.int64, device=device)[:, None] * BLOCK + lanes \
+                - start[block_seg][:, None]
+            valid = rel < count[block_seg][:, None]
+            pos = rel + offset[block_seg][:, None]
+        raw = self.raw[:end]
+        x = torch.where(valid, raw.view(blocks, BLOCK).to(torch.float64), 0.0)  # exact: floats widen exactly
+        bits = torch.where(valid, _raw_bits(raw).view(blocks, BLOCK).to(torch.int64), 0)
+        pos = torch.where(valid, pos, -1)
+        self._derived = (x, bits, valid, pos, block_seg, n)
+        return self._derived
 
     def first_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per segment: float64 [n, 10] (count, finite, nan, +inf, -inf, zeros, sum, sum |x|,
         min, max over finite x) and the int64 checksum; partials of pieces of one tap add
         up (min/max: take the extremes) to the tap's."""
-        x, valid, _, block_seg, n = self._blocks()
+        x, bits, valid, pos, block_seg, n = self._blocks()
         f64 = dict(dtype=torch.float64, device=x.device)
         finite = torch.isfinite(x) & valid
 
         def rows(v: torch.Tensor) -> torch.Tensor:  # per-block sums
-            return v.reshape(-1, BLOCK).sum(1, dtype=torch.float64)
+            return v.sum(1, dtype=torch.float64)
 
         xf = torch.where(finite, x, 0.0)
         sums = torch.stack([rows(valid), rows(finite), rows(torch.isnan(x)), rows(torch.isposinf(x)),
                             rows(torch.isneginf(x)), rows((x == 0) & valid), rows(xf), rows(xf.abs())], dim=1)
-        lo = torch.where(finite, x, float("inf")).reshape(-1, BLOCK).amin(1)
-        hi = torch.where(finite, x, float("-inf")).reshape(-1, BLOCK).amax(1)
+        lo = torch.where(finite, x, float("inf")).amin(1)
+        hi = torch.where(finite, x, float("-inf")).amax(1)
         partial = torch.cat([
             torch.zeros(n, 8, **f64).index_add_(0, block_seg, sums),
             torch.full((n,), float("inf"), **f64).scatter_reduce_(0, block_seg, lo, "amin")[:, None],
             torch.full((n,), float("-inf"), **f64).scatter_reduce_(0, block_seg, hi, "amax")[:, None],
         ], dim=1)
-        weights = torch.bitwise_or(self.pos[:self.used] * _GOLDEN, 1)  # wraps mod 2**64: odd weights
-        block_checks = (self.bits[:self.used] * weights).reshape(-1, BLOCK).sum(1)  # padding: bits 0
+        weights = torch.bitwise_or(pos * _GOLDEN, 1)  # wraps mod 2**64: odd weights
+        block_checks = (bits * weights).sum(1)  # padding: bits 0
         checks = torch.zeros(n, dtype=torch.int64, device=x.device).index_add_(0, block_seg, block_checks)
         return partial, checks
 
@@ -145,13 +180,13 @@ class _Batch:
         """Per segment: float64 [n, 4] sums of (x/s)^2 and ((x - mean)/s)^2, ^3, ^4 over finite
         x, s = the tap's max |x| (so fourth powers of huge values do not overflow); `partial`
         holds each segment's tap's whole first pass."""
-        x, valid, seg, block_seg, n = self._blocks()
+        x, _, valid, _, block_seg, n = self._blocks()
         mean, scale = _centre(partial)
         finite = torch.isfinite(x) & valid
-        xs = torch.where(finite, x, 0.0) / scale[seg]
-        d = torch.where(finite, xs - (mean / scale)[seg], 0.0)
+        xs = torch.where(finite, x, 0.0) / scale[block_seg][:, None]
+        d = torch.where(finite, xs - (mean / scale)[block_seg][:, None], 0.0)
         d2 = d * d
-        per_block = torch.stack([xs * xs, d2, d2 * d, d2 * d2], dim=1).reshape(-1, BLOCK, 4).sum(1)
+        per_block = torch.stack([(xs * xs).sum(1), d2.sum(1), (d2 * d).sum(1), (d2 * d2).sum(1)], dim=1)
         return torch.zeros(n, 4, dtype=torch.float64, device=x.device).index_add_(0, block_seg, per_block)
 
 
@@ -192,7 +227,7 @@ def summarise(t: torch.Tensor, batch_elements: int = BATCH_ELEMENTS) -> tuple[to
     flat = _flat(t)
     total = flat.numel()
     size = max(BLOCK, min(-(-total // BLOCK) * BLOCK, -(-batch_elements // BLOCK) * BLOCK))
-    batch = _Batch(flat.device, size)
+    batch = _Batch(flat.device, size, flat.dtype)
     pieces = range(0, total, size)
     partial = torch.zeros(1, 10, dtype=torch.float64, device=flat.device)
     partial[:, 8], partial[:, 9] = float("inf"), float("-inf")
@@ -210,6 +245,7 @@ def summarise(t: torch.Tensor, batch_elements: int = BATCH_ELEMENTS) -> tuple[to
             batch.clear()
             batch.add(flat[start:start + size], 0, offset=start)
         powers = powers + batch.second_pass(partial)
+    batch.clear()
     return _assemble(partial, powers)[0], checks[0]
 
 
@@ -242,7 +278,8 @@ class StatsSink:
         self._keep: list = []  # index tensors made inside a CUDA graph capture, kept while it may replay
         self._positions: dict[str, tuple[torch.Tensor, str]] = {}  # per layout: valid slots, their CRC
         self._ids: list[tuple] = []  # per tap, host-side identity
-        self._batch: _Batch | None = None  # being filled
+        self._batches: dict[tuple[torch.device, torch.dtype], _Batch] = {}  # being filled, one per device and dtype
+        self._unfetched = 0  # taps whose results have not started to the host
         self._results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # on the device, not fetched
         self._fetched: list[tuple[list[int], torch.Tensor, torch.Tensor, object]] = []  # (taps, values, checks, event)
 
@@ -272,38 +309,43 @@ class StatsSink:
 
     def add_device_tap(self, info: TapInfo, order: int, value: torch.Tensor, layout: str | None) -> None:
         shape = tuple(int(s) for s in value.shape)
-        picked, tokens, positions = self._valid_tokens(value, layout)
+        rows, tokens, positions = self._valid_rows(value, layout)
+        summarised = shape if rows is None else (rows.numel(), *shape[2:])
         dtype = str(value.dtype).removeprefix("torch.")
         index = len(self._ids)
-        self._ids.append((info, order, dtype, layout, shape, tuple(int(s) for s in picked.shape), tokens, positions))
-        flat = _flat(picked)
-        n = flat.numel()
+        self._ids.append((info, order, dtype, layout, shape, summarised, tokens, positions))
+        value = value.detach()
+        if value.is_complex():
+            value = torch.view_as_real(value)
+        n = value.numel() if rows is None else rows.numel() * math.prod(value.shape[2:])
         capturing = graph_capturing()
-        if capturing or n == 0 or n > self.batch_elements:
-            values, checks = summarise(flat, self.batch_elements)  # on its own
+        if capturing or n == 0 or n > self.batch_elements:  # on its own
+            picked = value if rows is None else value.reshape(-1, *value.shape[2:]).index_select(0, rows)
+            values, checks = summarise(picked, self.batch_elements)
             self._results.append(([index], values[None], checks[None]))
         else:
-            if self._batch is not None and (self._batch.device != flat.device or not self._batch.fits(n)):
-                self._close_batch()
-            if self._batch is None:
-                self._batch = _Batch(flat.device, self.batch_elements)
-            self._batch.add(flat, index)
-        if not capturing and self._unfetched() >= self.fetch_every:
-            self._close_batch()
+            key = (value.device, value.dtype)
+            batch = self._batches.get(key)
+            if batch is not None and not batch.fits(n):
+                self._close(batch)
+            if batch is None:
+                batch = self._batches[key] = _Batch(value.device, self.batch_elements, value.dtype)
+            batch.add(value, index, rows=rows)
+        self._unfetched += 1
+        if not capturing and self._unfetched >= self.fetch_every:
+            self._close_batches()
             self._fetch()
         if self.progress is not None:
             self.progress(len(self._ids))
 
     # -- internals
 
-    def _unfetched(self) -> int:
-        return sum(len(taps) for taps, _, _ in self._results) + (len(self._batch.taps) if self._batch else 0)
-
-    def _valid_tokens(self, value: torch.Tensor, layout: str | None) -> tuple[torch.Tensor, str, str]:
-        """[valid tokens, *features] in canonical order under a fitting layout, else the tensor."""
+    def _valid_rows(self, value: torch.Tensor, layout: str | None) -> tuple[torch.Tensor | None, str, str]:
+        """The rows of the [rows * slots, *features] flattened tap holding valid tokens, in
+        canonical order, under a fitting layout (on the tap's device); None: the whole tensor."""
         spec = self.layouts.get(layout) if layout else None
         if spec is None or not fits(tuple(value.shape), spec):
-            return value, TOKENS_ALL, ""
+            return None, TOKENS_ALL, ""
         host, positions = self._positions[layout]
         key = (layout, value.device)
         index = self._gather.get(key)
@@ -313,17 +355,19 @@ class StatsSink:
                 self._keep.append(index)
             else:
                 self._gather[key] = index
-        rows = value.reshape(-1, *value.shape[2:])
-        return rows.index_select(0, index), TOKENS_VALID, positions
+        return index, TOKENS_VALID, positions
 
-    def _close_batch(self) -> None:
-        """Summarise the batch being filled; its buffers are reused (in stream order)."""
-        batch = self._batch
-        if batch is None or not batch.taps:
+    def _close(self, batch: _Batch) -> None:
+        """Summarise a batch being filled; its buffer is reused (in stream order)."""
+        if not batch.taps:
             return
         values, checks = batch.reduce()
         self._results.append((list(batch.taps), values, checks))
         batch.clear()
+
+    def _close_batches(self) -> None:
+        for batch in self._batches.values():
+            self._close(batch)
 
     def _fetch(self) -> None:
         """Start copying the summarised results to the host (no wait on CUDA)."""
@@ -331,6 +375,7 @@ class StatsSink:
         for entry in self._results:
             by_device.setdefault(entry[1].device, []).append(entry)
         self._results = []
+        self._unfetched = 0
         for device, entries in by_device.items():
             taps = [i for t, _, _ in entries for i in t]
             values = torch.cat([v for _, v, _ in entries])
@@ -351,7 +396,7 @@ class StatsSink:
 
     def finish(self, complete: bool = True) -> StatsCapture:
         """Summarise and fetch what is left, wait for the copies, return the run's summaries."""
-        self._close_batch()
+        self._close_batches()
         self._fetch()
         all_v = np.full((len(self._ids), len(FIELDS)), np.nan)
         all_c = np.zeros(len(self._ids), dtype=np.int64)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from parity.capture.recorder import capture
 from parity.capture.staging import to_storage
-from parity.capture.stats import StatsSink, checksum, summarise
+from parity.capture.stats import BLOCK, StatsSink, checksum, summarise
 from parity.cli import app
 from parity.comparison.stats import diff_stats, tolerances
 from parity.dump.format import DumpError
@@ -117,6 +117,24 @@ def test_taps_summarised_together_in_batches_equal_their_references():
         sink.add_device_tap(TapInfo(f"t.{i}", "t", i, "x"), i, t, None)
     stats = sink.finish()
     assert sink.fetches == 3
+    for t, row in zip(tensors, stats.taps):
+        assert_summary(t, row.values, row.checksum)
+
+
+def test_taps_sharing_a_batch_of_their_dtype_keep_their_own_summaries():
+    """Taps of two dtypes interleaved, several to a batch of each dtype (one copy per tap,
+    widened together when the batch is reduced), one a non-contiguous view, sizes that
+    end mid-block: each row is its own tap's summary and checksum."""
+    tensors = []
+    for i in range(8):
+        dtype = torch.float32 if i % 2 else torch.bfloat16
+        t = sample(dtype, (3, 7 + 300 * i), seed=20 + i)
+        tensors.append(t.t() if i == 3 else t)
+    tensors[4][0, 5] = float("nan")
+    sink = StatsSink(fetch_every=100, batch_elements=4 * BLOCK)
+    for i, t in enumerate(tensors):
+        sink.add_device_tap(TapInfo(f"t.{i}", "t", i, "x"), i, t, None)
+    stats = sink.finish()
     for t, row in zip(tensors, stats.taps):
         assert_summary(t, row.values, row.checksum)
 

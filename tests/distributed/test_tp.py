@@ -132,6 +132,9 @@ def test_the_live_api_runs_the_ranks_and_unshards_them(tmp_path, monkeypatch):
                               f"tp_llama:candidate:{model}@attn=eager,dtype=float32", opts, 2)
     assert report, report.first_divergence
     assert len(report.cand_meta["ranks"]) == 2
+    alone = diff_distributed(f"hf:{model}@attn=eager,dtype=float32",
+                             f"tp_llama:candidate:{model}@attn=eager,dtype=float32", opts, 1)
+    assert alone and len(alone.cand_meta["ranks"]) == 1  # a job of one rank names its dump too
     with pytest.raises(InputError, match="world size must be 1 or more"):
         diff_distributed(f"hf:{model}", f"tp_llama:candidate:{model}", opts, 0)
     with pytest.raises(InputError, match="failed on a rank"):
