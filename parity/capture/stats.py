@@ -2,10 +2,12 @@
 
 Why on the device: a stats scan exists to avoid moving tensors.  Each tap is reduced where
 it was produced to a float64 vector (`parity.taps.stats.FIELDS`) and an int64 checksum of its
-exact bits.  Taps are laid end to end in a device batch (four copies per tap) and a batch
-is reduced by a fixed number of kernels, however many taps it holds: a model of
-thousands of small taps would otherwise spend its time launching ~75 kernels per tap.
-The small results stay on the device and are copied to the host every few hundred taps
+exact bits.  Taps are laid end to end, as they are, in a device batch of their dtype (one
+copy, or one gather of the valid tokens, per tap) and a batch is reduced by a fixed number
+of kernels, however many taps it holds: a model of thousands of small taps would
+otherwise spend its time launching ~75 kernels per tap (an eager forward is bound by its
+launches, so every kernel per tap shows in the run's time).  The per-tap partial sums stay
+on the device, are turned into summaries for a few hundred taps at once and copied to the host
 (asynchronously, into pinned memory on CUDA), so a run has no per-tap host sync and no
 full tensor ever leaves the device.
 
@@ -30,7 +32,7 @@ from parity.comparison.align import fits, token_order
 from parity.taps.records import CaptureError, Layout, TapInfo
 from parity.taps.stats import FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
 
-BATCH_ELEMENTS = 1 << 22  # elements summarised together (~128 MB of buffers); a bigger tap goes alone
+BATCH_ELEMENTS = 1 << 23  # elements summarised together (~0.5 GB while reduced); a bigger tap goes alone
 
 
 FETCH_EVERY = 256  # taps whose results are copied to the host at once
@@ -107,12 +109,13 @@ class _Batch:
     def clear(self) -> None:
         self.used, self.taps, self.segments, self._derived = 0, [], [], None
 
-    def reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summaries [segments, len(FIELDS)] and checksums [segments] of what the batch holds."""
+    def reduce(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per segment: first-pass partials [n, 10], second-pass powers [n, 4] and checksums
+        [n] of what the batch holds (`_assemble` makes the summaries, for many batches at once)."""
         partial, checks = self.first_pass()
         powers = self.second_pass(partial)
         self._derived = None  # the widened copies go (the buffer stays, for the next taps)
-        return _assemble(partial, powers), checks
+        return partial, powers, checks
 
     def _blocks(self):
         """x (float64, 0 past each tap's end), its raw bits (int64, 0 there too), valid mask,
@@ -129,20 +132,18 @@ class _Batch:
             rel = torch.arange(blocks, dtype=torch.int64, device=device)[:, None] * BLOCK + lanes - start
             valid = rel < count
             pos = rel + offset
-        else:
-            per = [-(-c // BLOCK) for _, c, _ in self.segments]
-            meta = np.concatenate([np.repeat(np.arange(n, dtype=np.int64), per),
-                                   np.asarray(self.segments, dtype=np.int64).T.reshape(-1)])
-            host = torch.from_numpy(meta)
+        else:  # per block, from the host in one copy: its segment, first element's place, count, offset
+            per = np.array([-(-c // BLOCK) for _, c, _ in self.segments], dtype=np.int64)
+            seg = np.repeat(np.arange(n, dtype=np.int64), per)
+            start, count, offset = np.asarray(self.segments, dtype=np.int64).T
+            first = np.arange(blocks, dtype=np.int64) * BLOCK - start[seg]
+            host = torch.from_numpy(np.concatenate([seg, first, count[seg], offset[seg]]))
             if device.type == "cuda":
                 host = host.pin_memory()
-            meta_d = host.to(device, non_blocking=True)
-            block_seg = meta_d[:blocks]
-            start, count, offset = meta_d[blocks:].view(3, n)
-            rel = torch.arange(blocks, dtype=torch.int64, device=device)[:, None] * BLOCK + lanes \
-                - start[block_seg][:, None]
-            valid = rel < count[block_seg][:, None]
-            pos = rel + offset[block_seg][:, None]
+            block_seg, first_d, count_d, offset_d = host.to(device, non_blocking=True).view(4, blocks)
+            rel = lanes + first_d[:, None]
+            valid = rel < count_d[:, None]
+            pos = rel + offset_d[:, None]
         raw = self.raw[:end]
         x = torch.where(valid, raw.view(blocks, BLOCK).to(torch.float64), 0.0)  # exact: floats widen exactly
         bits = torch.where(valid, _raw_bits(raw).view(blocks, BLOCK).to(torch.int64), 0)
@@ -220,7 +221,13 @@ def _assemble(partial: torch.Tensor, powers: torch.Tensor) -> torch.Tensor:
 
 
 def summarise(t: torch.Tensor, batch_elements: int = BATCH_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 [len(FIELDS)], int64 checksum) of one tensor, on its device, no host sync.
+    """(float64 [len(FIELDS)], int64 checksum) of one tensor, on its device, no host sync."""
+    partial, powers, checks = _parts(t, batch_elements)
+    return _assemble(partial, powers)[0], checks[0]
+
+
+def _parts(t: torch.Tensor, batch_elements: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One tensor's first-pass partial [1, 10], powers [1, 4] and checksum [1].
 
     A tensor above `batch_elements` is taken in pieces of that size (device memory stays
     bounded): first passes of all pieces, added up; then second passes about the tap's mean."""
@@ -246,7 +253,7 @@ def summarise(t: torch.Tensor, batch_elements: int = BATCH_ELEMENTS) -> tuple[to
             batch.add(flat[start:start + size], 0, offset=start)
         powers = powers + batch.second_pass(partial)
     batch.clear()
-    return _assemble(partial, powers)[0], checks[0]
+    return partial, powers, checks
 
 
 def checksum(t: torch.Tensor) -> torch.Tensor:
@@ -280,7 +287,8 @@ class StatsSink:
         self._ids: list[tuple] = []  # per tap, host-side identity
         self._batches: dict[tuple[torch.device, torch.dtype], _Batch] = {}  # being filled, one per device and dtype
         self._unfetched = 0  # taps whose results have not started to the host
-        self._results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # on the device, not fetched
+        # (taps, partials, powers, checksums) on the device, not fetched
+        self._results: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._fetched: list[tuple[list[int], torch.Tensor, torch.Tensor, object]] = []  # (taps, values, checks, event)
 
     # -- sink protocol
@@ -321,8 +329,7 @@ class StatsSink:
         capturing = graph_capturing()
         if capturing or n == 0 or n > self.batch_elements:  # on its own
             picked = value if rows is None else value.reshape(-1, *value.shape[2:]).index_select(0, rows)
-            values, checks = summarise(picked, self.batch_elements)
-            self._results.append(([index], values[None], checks[None]))
+            self._results.append(([index], *_parts(picked, self.batch_elements)))
         else:
             key = (value.device, value.dtype)
             batch = self._batches.get(key)
@@ -361,8 +368,7 @@ class StatsSink:
         """Summarise a batch being filled; its buffer is reused (in stream order)."""
         if not batch.taps:
             return
-        values, checks = batch.reduce()
-        self._results.append((list(batch.taps), values, checks))
+        self._results.append((list(batch.taps), *batch.reduce()))
         batch.clear()
 
     def _close_batches(self) -> None:
@@ -376,10 +382,10 @@ class StatsSink:
             by_device.setdefault(entry[1].device, []).append(entry)
         self._results = []
         self._unfetched = 0
-        for device, entries in by_device.items():
-            taps = [i for t, _, _ in entries for i in t]
-            values = torch.cat([v for _, v, _ in entries])
-            checks = torch.cat([c for _, _, c in entries])
+        for device, entries in by_device.items():  # summaries assembled for all of them at once
+            taps = [i for t, _, _, _ in entries for i in t]
+            values = _assemble(torch.cat([p for _, p, _, _ in entries]), torch.cat([w for _, _, w, _ in entries]))
+            checks = torch.cat([c for _, _, _, c in entries])
             event = None
             if device.type == "cuda":
                 host_v = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
