@@ -15,10 +15,11 @@ replicated).  SPEC kinds:
   replicated  every rank holds the whole tap: rank 0's is compared, and every rank must
               agree with rank 0 within the tap's bound (a rank that does not is a problem)
 
-Each reference tap is unsharded from the ranks' shards, read one tap at a time (peak
-memory: one tap's shards on every rank, the unsharded tap and the reference tap, and the
-float64 copies the host comparison makes of them: a few times the largest tap times
-world size, never the dump), and judged by the same comparer and verdict rule as the
+Each reference tap is unsharded from the ranks' shards, read one tap at a time, and judged
+with peak memory a few times the largest tap whatever the world size (a split tap's
+shards add up to one tap; partial sums are added and replicas compared one rank at a
+time; plus the reference tap and the float64 copies the host comparison makes; never the
+dump), by the same comparer and verdict rule as the
 two-dump diff (`host.compare_taps`, `loop.diff`).  Per rank: a split shard is compared
 with its slice of the reference, a replicated tap with the reference and with rank 0;
 the first tap where a rank diverges is one warning line.  No torch.
@@ -252,12 +253,13 @@ class Ranks:
         meta.pop("rank", None)
         return Capture(taps=taps, layouts=self.layouts, meta=meta, error=self.error, complete=self.complete)
 
+    def shard(self, tap: ShardedTap, rank: int) -> Tap:
+        """Rank `rank`'s shard of `tap`, read from its dump."""
+        h = self.by_rank[rank][tap.key]
+        return Tap(h.info, h.order, self.readers[rank].load(tap.key), h.dtype, h.layout)
+
     def shards(self, tap: ShardedTap) -> list[Tap]:
-        out = []
-        for r, headers in zip(self.readers, self.by_rank):
-            h = headers[tap.key]
-            out.append(Tap(h.info, h.order, r.load(tap.key), h.dtype, h.layout))
-        return out
+        return [self.shard(tap, r) for r in range(len(self.readers))]
 
 
 def _last_axis_pieces(spec: dict, widths: list[int]) -> list[list[slice]]:
@@ -285,8 +287,9 @@ def _encode(x64: np.ndarray, dtype: str, like: np.ndarray) -> tuple[np.ndarray, 
     return x64, "float64"
 
 
-def unshard(tap: ShardedTap, shards: list[Tap]) -> np.ndarray | tuple[np.ndarray, str]:
-    """The full candidate tap from the ranks' shards, in rank order (a partial sum: with its dtype)."""
+def unshard(tap: ShardedTap, shards: list[Tap]) -> np.ndarray:
+    """The full candidate tap of a split kind (column, heads, sequence) from the ranks'
+    shards, in rank order (partial sums and replicas are read rank by rank instead)."""
     kind = tap.spec["kind"]
     arrays = [s.array for s in shards]
     if kind in ("column", "heads"):
@@ -301,10 +304,7 @@ def unshard(tap: ShardedTap, shards: list[Tap]) -> np.ndarray | tuple[np.ndarray
         return out
     if kind == "sequence":
         return np.concatenate(arrays, axis=1)
-    if kind == "partial":
-        total = sum(to_float64(a, tap.dtype) for a in arrays)
-        return _encode(total, tap.dtype, arrays[0])
-    return arrays[0]
+    raise ValueError(f"{kind} taps are not split: read them rank by rank")
 
 
 @dataclass
@@ -326,45 +326,76 @@ class ShardedComparer:
 
     def __call__(self, ref_h, cand_h: ShardedTap, ref_layouts: dict, cand_layouts: dict, threshold,
                  exact_dtypes: bool, chunk: int | None) -> TapResult:
+        kind = cand_h.spec["kind"]
         try:
             ref_tap = Tap(ref_h.info, ref_h.order, self.ref.load(ref_h.key), ref_h.dtype, ref_h.layout)
-            shards = self.ranks.shards(cand_h)
+            if kind == "partial":
+                return self._partial(ref_tap, cand_h, ref_layouts, cand_layouts, threshold, exact_dtypes, chunk)
+            if kind == "replicated":
+                return self._replicas(ref_tap, cand_h, ref_layouts, cand_layouts, threshold, exact_dtypes, chunk)
+            shards = self.ranks.shards(cand_h)  # split: together, one tap's worth
         except DumpError as exc:
             raise InputError(str(exc)) from None
-        full = unshard(cand_h, shards)
-        dtype = cand_h.dtype
-        if isinstance(full, tuple):
-            full, dtype = full
-        cand_tap = Tap(cand_h.info, cand_h.order, full, dtype, cand_h.layout)
+        cand_tap = Tap(cand_h.info, cand_h.order, unshard(cand_h, shards), cand_h.dtype, cand_h.layout)
         result = compare_taps(ref_tap, cand_tap, ref_layouts, cand_layouts, threshold, exact_dtypes, chunk)
         self._per_rank(ref_tap, cand_h, shards, ref_layouts, threshold, exact_dtypes)
         return result
 
+    def _partial(self, ref_tap: Tap, tap: ShardedTap, ref_layouts, cand_layouts, threshold, exact_dtypes,
+                 chunk) -> TapResult:
+        """A row-parallel tap: the ranks' partial sums added up one rank at a time (memory:
+        the float64 sum and one shard, whatever the world size)."""
+        total, like = None, None
+        for r in range(self.ranks.world):
+            shard = self.ranks.shard(tap, r).array
+            like = shard[:0]
+            x = to_float64(shard, tap.dtype)
+            if total is None:
+                total = np.array(x, dtype=np.float64, copy=True)
+            else:
+                total += x
+        full, dtype = _encode(total, tap.dtype, like)
+        self.partial.append(tap.key)
+        cand_tap = Tap(tap.info, tap.order, full, dtype, tap.layout)
+        return compare_taps(ref_tap, cand_tap, ref_layouts, cand_layouts, threshold, exact_dtypes, chunk)
+
+    def _replicas(self, ref_tap: Tap, tap: ShardedTap, ref_layouts, cand_layouts, threshold, exact_dtypes,
+                  chunk) -> TapResult:
+        """A replicated tap: rank 0's copy is the candidate's; every rank is compared with the
+        reference and with rank 0, one rank read at a time (memory: three copies of the tap)."""
+        layouts = [r.layouts for r in self.ranks.readers]
+        first = self.ranks.shard(tap, 0)
+        cand_tap = Tap(tap.info, tap.order, first.array, tap.dtype, tap.layout)
+        result = compare_taps(ref_tap, cand_tap, ref_layouts, cand_layouts, threshold, exact_dtypes, chunk)
+        rows = [compare_taps(ref_tap, first, ref_layouts, layouts[0], threshold, exact_dtypes)]
+        peers = []
+        for r in range(1, self.ranks.world):
+            shard = self.ranks.shard(tap, r)
+            rows.append(compare_taps(ref_tap, shard, ref_layouts, layouts[r], threshold, exact_dtypes))
+            peers.append(compare_taps(first, shard, layouts[0], layouts[r], threshold, exact_dtypes))
+        self._replicated(tap.key, [row.passed for row in rows], peers)
+        self._note_first(tap.key, rows)
+        return result
+
     def _per_rank(self, ref_tap: Tap, tap: ShardedTap, shards: list[Tap], ref_layouts: dict, threshold,
                   exact_dtypes: bool) -> None:
-        kind = tap.spec["kind"]
+        """A split tap: each rank's shard against its slice of the reference."""
         layouts = [r.layouts for r in self.ranks.readers]
-        if kind == "partial":
-            self.partial.append(tap.key)
-            return
         rows = []
-        if kind == "replicated":
-            rows = [compare_taps(ref_tap, s, ref_layouts, layouts[r], threshold, exact_dtypes)
-                    for r, s in enumerate(shards)]
-            peers = [compare_taps(shards[0], s, layouts[0], layouts[r], threshold, exact_dtypes)
-                     for r, s in enumerate(shards) if r]
-            self._replicated(tap.key, [row.passed for row in rows], peers)
-        else:
-            for r, s in enumerate(shards):
-                piece = self._reference_piece(ref_tap, tap, shards, r, ref_layouts)
-                if piece is None:
-                    return
-                ref_piece, piece_layouts = piece
-                rows.append(compare_taps(ref_piece, s, piece_layouts, layouts[r], threshold, exact_dtypes))
+        for r, s in enumerate(shards):
+            piece = self._reference_piece(ref_tap, tap, shards, r, ref_layouts)
+            if piece is None:
+                return
+            ref_piece, piece_layouts = piece
+            rows.append(compare_taps(ref_piece, s, piece_layouts, layouts[r], threshold, exact_dtypes))
+        self._note_first(tap.key, rows)
+
+    def _note_first(self, key: str, rows: list[TapResult]) -> None:
+        """Keep the first tap where some rank fails (rows: one per rank)."""
         failed = [r for r, row in enumerate(rows) if not row.passed]
         if failed and self.first is None:
             worst = min((rows[r].metrics.cos for r in failed if rows[r].metrics is not None), default=float("nan"))
-            self.first = RankFinding(tap.key, failed, worst)
+            self.first = RankFinding(key, failed, worst)
 
     def _replicated(self, key: str, ref_ok: list[bool], peers: list[TapResult]) -> None:
         """A problem line when the ranks do not all agree with rank 0 on a replicated tap,
