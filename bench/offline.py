@@ -170,16 +170,53 @@ def startup(argv: list[str], runs: int = 5) -> dict:
             "torch_imported": torch == "True", "numba_imported": numba == "True"}
 
 
+FRESH_ROUNDS = 5  # interleaved rounds of the fresh-process figure
+
+
+def fresh_process(tmp: Path, gb: float) -> dict:
+    """`parity diff --quiet REF CAND` in a new process (imports, numba's cached kernel
+    load, the diff) against a plain h5py read of both files: FRESH_ROUNDS interleaved
+    rounds, page cache dropped before every read; the ratio per round (read / diff)."""
+    from rounds import spread
+
+    folder = tmp / "fresh"
+    folder.mkdir()
+    ref, cand, _, _ = write_pair(folder, int(gb * 1e9))
+    exe = str(Path(sys.executable).with_name("parity"))
+    subprocess.run([exe, "diff", "--quiet", str(ref), str(cand)], capture_output=True)  # numba's cache filled
+    read, cli = [], []
+    for _ in range(FRESH_ROUNDS):
+        drop_cache((ref, cand))
+        read.append(plain_read((ref, cand)))
+        drop_cache((ref, cand))
+        cli.append(_timed(lambda: subprocess.run([exe, "diff", "--quiet", str(ref), str(cand)], capture_output=True)))
+    both = os.path.getsize(ref) + os.path.getsize(cand)
+    return {"bytes_both": both, "rounds": FRESH_ROUNDS, "plain_read_s": spread(read), "cli_s": spread(cli),
+            "cli_vs_plain_read": spread([r / c for r, c in zip(read, cli)])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=2.0, help="size of each synthetic dump (the multi-GB RSS check)")
     ap.add_argument("--naive-gb", type=float, default=0.5, help="size for the naive whole-read baseline")
+    ap.add_argument("--fresh-gb", type=float, default=1.0, help="size of each dump of the fresh-process figure")
+    ap.add_argument("--only-fresh", action="store_true", help="only the fresh-process figure")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     res: dict = {"card": "cpu", "torch": None, "numpy": np.__version__, "h5py": h5py.version.version,
                  "hdf5": h5py.version.hdf5_version, "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+    if args.only_fresh:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("PARITY_BENCH_TMP")) as tmp:
+            res["fresh_process"] = fresh_process(Path(tmp), args.fresh_gb)
+        res["load_after"] = os.getloadavg()
+        f = res["fresh_process"]["cli_vs_plain_read"]
+        print(f"fresh `parity diff` process vs plain h5py read of both {args.fresh_gb} GB dumps: "
+              f"{f['median']:.0%} ({f['min']:.0%}-{f['max']:.0%}), {FRESH_ROUNDS} interleaved rounds")
+        write_result(args.out, "offline_fresh", "cpu", res)
+        return
     with tempfile.TemporaryDirectory(dir=os.environ.get("PARITY_BENCH_TMP")) as tmp:
         tmp = Path(tmp)
+        res["fresh_process"] = fresh_process(tmp, args.fresh_gb)
         # throughput, side by side on a dump small enough for the naive baseline's RAM;
         # each ratio from rounds that alternate the two sides (this machine is shared)
         small = tmp / "small"

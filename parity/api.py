@@ -313,10 +313,6 @@ def diff_dumps(ref_path, cand_path, thresholds: Thresholds | None = None, taps: 
         from parity.comparison.sharded import diff_sharded
 
         return diff_sharded(ref_path, cand_path, thresholds, taps, allow_incomplete, progress, chunk)
-    from parity.comparison.engine import preload
-
-    with contextlib.suppress(OSError):  # a missing file: the readers say so, below
-        preload("auto", os.path.getsize(ref_path) + os.path.getsize(cand_path))
     metas = read_meta(ref_path), read_meta(cand_path)
     if None not in metas:  # an unreadable dump: the reader says why
         check_declared_dtypes(*metas, labels=(str(ref_path), str(cand_path)))

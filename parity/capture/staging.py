@@ -62,6 +62,17 @@ def to_storage(t: torch.Tensor, private: bool = False) -> tuple[np.ndarray, str]
     return (arr.copy() if src_is_host else arr), name
 
 
+def batch_elements(device: torch.device, default: int, most: int, bytes_per_element: int) -> int:
+    """How many elements a reduction batch on `device` holds: on CUDA as many as free
+    memory affords (`bytes_per_element` of working memory each, from a quarter of what is
+    free), between `default` and `most`; elsewhere `default`.  Fewer, larger batches mean
+    fewer kernel launches, which an eager forward pays for on the host."""
+    if device.type != "cuda":
+        return default
+    free = torch.cuda.mem_get_info(device)[0]
+    return max(default, min(most, free // 4 // bytes_per_element))
+
+
 def graph_capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (never on CPU builds)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -27,12 +27,18 @@ import zlib
 import numpy as np
 import torch
 
-from parity.capture.staging import graph_capturing
+from parity.capture.staging import batch_elements, graph_capturing
 from parity.comparison.align import fits, token_order
 from parity.taps.records import CaptureError, Layout, TapInfo
 from parity.taps.stats import FIELDS, TOKENS_ALL, TOKENS_VALID, StatsCapture, TapStats
 
 BATCH_ELEMENTS = 1 << 23  # elements summarised together (~0.5 GB while reduced); a bigger tap goes alone
+
+
+MOST_ELEMENTS = 1 << 25  # on a GPU with the memory free for it, batches up to this size
+
+
+WORK_BYTES = 64  # working memory per batch element while a batch is reduced (float64 and int64 copies)
 
 
 FETCH_EVERY = 256  # taps whose results are copied to the host at once
@@ -267,17 +273,20 @@ class StatsSink:
     The Recorder hands it each tap as the live device tensor (`add_device_tap`); it
     gathers the valid token positions of a tap whose layout fits (on the device, index
     tensors cached per layout and device) and copies the values into a batch on the device;
-    a batch is summarised when full (`batch_elements`), and the small results are copied to
+    a batch is summarised when full (`batch_elements`; by default as large as the device's
+    free memory affords, see `staging.batch_elements`), and the small results are copied to
     the host every `fetch_every` taps (asynchronously into pinned memory on CUDA) and at
     `finish`.  A tap recorded inside a CUDA graph capture is summarised on its own by
     kernels recorded into the graph (its values exist only when the graph replays)."""
 
     def __init__(self, meta: dict | None = None, fetch_every: int = FETCH_EVERY,
-                 batch_elements: int = BATCH_ELEMENTS, progress=None) -> None:
-        if fetch_every < 1 or batch_elements < 1:
+                 batch_elements: int | None = None, progress=None) -> None:
+        if fetch_every < 1 or (batch_elements is not None and batch_elements < 1):
             raise ValueError(f"fetch_every and batch_elements must be >= 1, got {fetch_every}, {batch_elements}")
         self.meta = dict(meta or {})
-        self.fetch_every, self.batch_elements, self.progress = fetch_every, batch_elements, progress
+        self.fetch_every, self.progress = fetch_every, progress
+        self.batch_elements = batch_elements  # None: per device, from its free memory (batch_elements())
+        self._elements: dict[torch.device, int] = {}
         self.layouts: dict[str, Layout] = {}
         self.error: CaptureError | None = None
         self.fetches = 0  # host copies started (a run of N taps makes about N / fetch_every)
@@ -327,16 +336,17 @@ class StatsSink:
             value = torch.view_as_real(value)
         n = value.numel() if rows is None else rows.numel() * math.prod(value.shape[2:])
         capturing = graph_capturing()
-        if capturing or n == 0 or n > self.batch_elements:  # on its own
+        most = self._batch_size(value.device)
+        if capturing or n == 0 or n > most:  # on its own
             picked = value if rows is None else value.reshape(-1, *value.shape[2:]).index_select(0, rows)
-            self._results.append(([index], *_parts(picked, self.batch_elements)))
+            self._results.append(([index], *_parts(picked, most)))
         else:
             key = (value.device, value.dtype)
             batch = self._batches.get(key)
             if batch is not None and not batch.fits(n):
                 self._close(batch)
             if batch is None:
-                batch = self._batches[key] = _Batch(value.device, self.batch_elements, value.dtype)
+                batch = self._batches[key] = _Batch(value.device, most, value.dtype)
             batch.add(value, index, rows=rows)
         self._unfetched += 1
         if not capturing and self._unfetched >= self.fetch_every:
@@ -346,6 +356,16 @@ class StatsSink:
             self.progress(len(self._ids))
 
     # -- internals
+
+    def _batch_size(self, device: torch.device) -> int:
+        if self.batch_elements is not None:
+            return self.batch_elements
+        size = self._elements.get(device)
+        if size is None:
+            if graph_capturing():  # no memory query inside a graph capture
+                return BATCH_ELEMENTS
+            size = self._elements[device] = batch_elements(device, BATCH_ELEMENTS, MOST_ELEMENTS, WORK_BYTES)
+        return size
 
     def _valid_rows(self, value: torch.Tensor, layout: str | None) -> tuple[torch.Tensor | None, str, str]:
         """The rows of the [rows * slots, *features] flattened tap holding valid tokens, in

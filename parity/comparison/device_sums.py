@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from parity.capture.staging import batch_elements, graph_capturing
 from parity.comparison.align import Alignment
 from parity.comparison.breakdown import Groups
 from parity.comparison.metrics import MetricAccumulator, Metrics
@@ -47,6 +48,12 @@ DEFAULT_MAX_TAPS = 32  # taps per batch
 
 
 DEFAULT_MAX_ELEMENTS = 1 << 23  # elements per side in one batch (64 MB as float64; fewer batches, fewer launches)
+
+
+MOST_ELEMENTS = 1 << 25  # on a GPU with the memory free for it, batches up to this size
+
+
+WORK_BYTES = 96  # device memory per element of a batch side while it is reduced (float64 copies, masks)
 
 
 def _scaled_dtype(dtype: str) -> bool:
@@ -152,7 +159,9 @@ class Reducer:
     to the host, so `ready()` can report verdicts while the forward goes on."""
 
     def __init__(self, chunk: int | None = None, eager: bool = False, max_taps: int = DEFAULT_MAX_TAPS,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+                 max_elements: int | None = None) -> None:
+        """`max_elements`: per side of a batch; None: sized by the first device's free memory
+        (`staging.batch_elements`)."""
         self.chunk, self.eager = chunk, eager
         self.max_taps, self.max_elements = (1, max_elements) if eager else (max_taps, max_elements)
         self.plans: dict[tuple, Plan] = {}
@@ -165,6 +174,9 @@ class Reducer:
         key = (tuple(ref.shape), tuple(cand.shape), ref.layout, cand.layout, ref.dtype, cand.dtype, device)
         plan = self.plans.get(key)
         if plan is None:
+            if self.max_elements is None:
+                self.max_elements = DEFAULT_MAX_ELEMENTS if graph_capturing() else \
+                    batch_elements(device, DEFAULT_MAX_ELEMENTS, MOST_ELEMENTS, WORK_BYTES)
             plan = self.plans[key] = Plan.build(a, Groups.of(a, self.chunk), ref.dtype, cand.dtype, device,
                                                 self.max_taps, self.max_elements)
         return plan

@@ -35,26 +35,6 @@ _NO_TABLE = np.zeros(1, np.float64)
 _SAFE_EXP = 450
 
 
-def preload(engine: str, data_bytes: int) -> None:
-    """Start importing the kernel module on a thread of its own when `load_kernel` will
-    want it, so numba's import overlaps the dumps' opening and first reads instead of
-    preceding them; `load_kernel`'s import then waits for that one (Python's import lock),
-    and a failed import is seen there as before.  Nothing is kept: the module itself is
-    the result."""
-    import threading
-
-    if engine == "numpy" or (engine == "auto" and data_bytes < FUSED_MIN_BYTES):
-        return
-
-    def load() -> None:
-        try:
-            from parity.comparison import fused  # noqa: F401 - imported for its side effect: loaded
-        except Exception:  # noqa: BLE001 - load_kernel imports again and decides
-            pass
-
-    threading.Thread(target=load, name="parity-kernel-import", daemon=True).start()
-
-
 def load_kernel(engine: str, data_bytes: int) -> Any:
     """The fused kernel module for `engine` ("auto": if `data_bytes` is large enough and
     numba imports), or None for the numpy path.  ValueError for an unknown engine,

@@ -146,7 +146,7 @@ class LiveComparer(_Sink):
         self.stash, self.thresholds, self.exact_dtypes, self.chunk = stash, thresholds, exact_dtypes, chunk
         self.stop_at_first = stop_at_first
         self.reducer = Reducer(chunk, eager=stop_at_first, max_taps=max_taps or device_sums.DEFAULT_MAX_TAPS,
-                               max_elements=max_elements or device_sums.DEFAULT_MAX_ELEMENTS)
+                               max_elements=max_elements)
         self.results: dict[str, TapResult] = {}
         self.aligned: dict[tuple, object] = {}
         self.deferred: list = []  # taps recorded inside a CUDA graph capture, compared after the run
