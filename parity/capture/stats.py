@@ -275,8 +275,8 @@ class StatsSink:
     tensors cached per layout and device) and copies the values into a batch on the device;
     a batch is summarised when full (`batch_elements`; by default as large as the device's
     free memory affords, see `staging.batch_elements`), and the small results are copied to
-    the host every `fetch_every` taps (asynchronously into pinned memory on CUDA) and at
-    `finish`.  A tap recorded inside a CUDA graph capture is summarised on its own by
+    the host once `fetch_every` taps have been summarised (asynchronously into pinned memory
+    on CUDA) and at `finish`.  A tap recorded inside a CUDA graph capture is summarised on its own by
     kernels recorded into the graph (its values exist only when the graph replays)."""
 
     def __init__(self, meta: dict | None = None, fetch_every: int = FETCH_EVERY,
@@ -295,7 +295,7 @@ class StatsSink:
         self._positions: dict[str, tuple[torch.Tensor, str]] = {}  # per layout: valid slots, their CRC
         self._ids: list[tuple] = []  # per tap, host-side identity
         self._batches: dict[tuple[torch.device, torch.dtype], _Batch] = {}  # being filled, one per device and dtype
-        self._unfetched = 0  # taps whose results have not started to the host
+        self._unfetched = 0  # reduced taps whose results have not started to the host
         # (taps, partials, powers, checksums) on the device, not fetched
         self._results: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._fetched: list[tuple[list[int], torch.Tensor, torch.Tensor, object]] = []  # (taps, values, checks, event)
@@ -340,6 +340,7 @@ class StatsSink:
         if capturing or n == 0 or n > most:  # on its own
             picked = value if rows is None else value.reshape(-1, *value.shape[2:]).index_select(0, rows)
             self._results.append(([index], *_parts(picked, most)))
+            self._unfetched += 1
         else:
             key = (value.device, value.dtype)
             batch = self._batches.get(key)
@@ -348,10 +349,8 @@ class StatsSink:
             if batch is None:
                 batch = self._batches[key] = _Batch(value.device, most, value.dtype)
             batch.add(value, index, rows=rows)
-        self._unfetched += 1
         if not capturing and self._unfetched >= self.fetch_every:
-            self._close_batches()
-            self._fetch()
+            self._fetch()  # what is reduced; batches being filled go on filling
         if self.progress is not None:
             self.progress(len(self._ids))
 
@@ -389,6 +388,7 @@ class StatsSink:
         if not batch.taps:
             return
         self._results.append((list(batch.taps), *batch.reduce()))
+        self._unfetched += len(batch.taps)
         batch.clear()
 
     def _close_batches(self) -> None:
