@@ -262,6 +262,19 @@ class Ranks:
         return [self.shard(tap, r) for r in range(len(self.readers))]
 
 
+def _same_copy(a: Tap, a_layouts: dict, b: Tap, b_layouts: dict) -> bool:
+    """Whether two ranks hold one replicated tap bit for bit, under equal layouts."""
+    if a.dtype != b.dtype or a.array.shape != b.array.shape or a.array.dtype != b.array.dtype:
+        return False
+    la = a_layouts.get(a.layout) if a.layout is not None else None
+    lb = b_layouts.get(b.layout) if b.layout is not None else None
+    if (la is None) != (lb is None) or (la is not None and not (
+            la.length == lb.length and la.regions == lb.regions and np.array_equal(la.slots, lb.slots))):
+        return False
+    return bool(np.array_equal(np.ascontiguousarray(a.array).reshape(-1).view(np.uint8),
+                               np.ascontiguousarray(b.array).reshape(-1).view(np.uint8)))
+
+
 def _last_axis_pieces(spec: dict, widths: list[int]) -> list[list[slice]]:
     """Per rank, the slices of the full last axis its shard holds (in its shard's order)."""
     groups = spec.get("groups", 1) if spec["kind"] == "column" else 1
@@ -362,15 +375,21 @@ class ShardedComparer:
     def _replicas(self, ref_tap: Tap, tap: ShardedTap, ref_layouts, cand_layouts, threshold, exact_dtypes,
                   chunk) -> TapResult:
         """A replicated tap: rank 0's copy is the candidate's; every rank is compared with the
-        reference and with rank 0, one rank read at a time (memory: three copies of the tap)."""
+        reference and with rank 0, one rank read at a time (memory: three copies of the tap).
+        A rank whose copy is rank 0's bit for bit (laid out alike) agrees with it and with
+        the reference exactly as rank 0 does: nothing to compute."""
         layouts = [r.layouts for r in self.ranks.readers]
         first = self.ranks.shard(tap, 0)
         cand_tap = Tap(tap.info, tap.order, first.array, tap.dtype, tap.layout)
         result = compare_taps(ref_tap, cand_tap, ref_layouts, cand_layouts, threshold, exact_dtypes, chunk)
         rows = [compare_taps(ref_tap, first, ref_layouts, layouts[0], threshold, exact_dtypes)]
-        peers = []
+        peers: list[TapResult | None] = []  # None: bit-identical to rank 0
         for r in range(1, self.ranks.world):
             shard = self.ranks.shard(tap, r)
+            if _same_copy(first, layouts[0], shard, layouts[r]):
+                rows.append(rows[0])
+                peers.append(None)
+                continue
             rows.append(compare_taps(ref_tap, shard, ref_layouts, layouts[r], threshold, exact_dtypes))
             peers.append(compare_taps(first, shard, layouts[0], layouts[r], threshold, exact_dtypes))
         self._replicated(tap.key, [row.passed for row in rows], peers)
@@ -397,17 +416,19 @@ class ShardedComparer:
             worst = min((rows[r].metrics.cos for r in failed if rows[r].metrics is not None), default=float("nan"))
             self.first = RankFinding(key, failed, worst)
 
-    def _replicated(self, key: str, ref_ok: list[bool], peers: list[TapResult]) -> None:
-        """A problem line when the ranks do not all agree with rank 0 on a replicated tap,
-        naming the odd ranks: those the reference disagrees with when it agrees with some
-        rank, else those that disagree with rank 0."""
-        if all(p.passed for p in peers):
+    def _replicated(self, key: str, ref_ok: list[bool], peers: list[TapResult | None]) -> None:
+        """A problem line when the ranks do not all agree with rank 0 on a replicated tap
+        (`peers`: rank 1 on, None where bit-identical to rank 0), naming the odd ranks: those
+        the reference disagrees with when it agrees with some rank, else those that
+        disagree with rank 0."""
+        failed = [p for p in peers if p is not None and not p.passed]
+        if not failed:
             return
         world = self.ranks.world
         odd = [r for r in range(world) if not ref_ok[r]] if any(ref_ok) and not all(ref_ok) else \
-            [r for r, p in enumerate(peers, 1) if not p.passed]
+            [r for r, p in enumerate(peers, 1) if p is not None and not p.passed]
         rest = [r for r in range(world) if r not in odd]
-        coses = [p.metrics.cos for p in peers if not p.passed and p.metrics is not None]
+        coses = [p.metrics.cos for p in failed if p.metrics is not None]
         cos = f" (cos {min(coses):.6g})" if coses else ""
         verb = "disagrees" if len(odd) == 1 else "disagree"
         self.disagree.append(f"replicated tap {key}: {_plural(odd)} of {world} {verb} with {_plural(rest)}{cos}")
