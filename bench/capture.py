@@ -27,6 +27,7 @@ import torch
 from disk import raw_write_seconds
 from record import write_result
 from rounds import cell, interleaved, spread, sync
+from sinks import DeviceClone, Dropped, HooksOnly
 
 from parity.capture.background import BackgroundWriter, InflightBudget
 from parity.capture.recorder import Recorder, capture
@@ -58,23 +59,6 @@ def naive_run(backend) -> dict:
     return store
 
 
-class Nothing:
-    def add_layout(self, *a): pass
-    def add_tap(self, *a): pass
-    def set_error(self, *a): pass
-
-
-class HooksOnly(Nothing):
-    """Takes each tap as the live tensor and drops it: the cost of the hooks themselves."""
-    def add_device_tap(self, info, order, value, layout): pass
-
-
-class DeviceStash(Nothing):
-    """Keeps a device-side clone of each tap: the floor of any exact capture (one copy per tap)."""
-    def __init__(self): self.kept = []
-    def add_device_tap(self, info, order, value, layout): self.kept.append(value.clone())
-
-
 def replays(backend, n: int) -> float:
     """Median ms of `n` graph replays (the first run after a reset re-captures: untimed)."""
     backend.run()
@@ -99,7 +83,7 @@ def graph_rounds(backend, rounds: int, per_round: int = 10) -> dict:
         backend.model.parity_instrumented(True)
         leaf = replays(backend, per_round)
         backend.model.parity_instrumented(False)
-        with Recorder(backend.model, backend.probe, Nothing()) as rec:
+        with Recorder(backend.model, backend.probe, Dropped()) as rec:
             backend.run()  # re-captures with the tap copies inside
             rec.pending.clear()
             inst = replays(backend, per_round)
@@ -132,7 +116,7 @@ def bench_backend(name: str, opts: BackendOptions, rounds: int, tmp: Path) -> di
     variants = {"plain": backend.run}
     if not graphed:  # hooks do not fire on graph replays: the naive path cannot observe a graph
         variants.update({"naive": lambda: naive_run(backend), "hooks_only": lambda: capture(backend, HooksOnly()),
-                         "device_clone": lambda: capture(backend, DeviceStash())})
+                         "device_clone": lambda: capture(backend, DeviceClone())})
     variants.update({"capture_host": lambda: capture(backend, Capture()), "capture_dump": to_dump,
                      "capture_dump_streamed": to_dump_streamed})
     # a graph backend's plain run is a replay: re-captured untimed after a run with taps

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from record import write_result
 from rounds import interleaved, sync
+from sinks import DeviceClone, Dropped, HooksOnly
 
 from parity.capture.recorder import Recorder, capture
 from parity.capture.stats import StatsSink
@@ -28,22 +29,6 @@ from parity.comparison.on_device import diff_on_device
 from parity.comparison.rules import Thresholds
 from parity.taps.backends import BackendOptions, resolve
 from parity.taps.records import Capture
-
-
-class Dropped:
-    """A sink that keeps nothing: what is left is the cost of getting taps to it."""
-    def add_layout(self, *a): pass
-    def add_tap(self, *a): pass
-    def set_error(self, *a): pass
-
-
-class HooksOnly(Dropped):
-    def add_device_tap(self, info, order, value, layout): pass
-
-
-class DeviceClone(Dropped):
-    def __init__(self): self.kept = []
-    def add_device_tap(self, info, order, value, layout): self.kept.append(value.clone())
 
 
 def stats_run(backend):
