@@ -225,18 +225,24 @@ class Recorder:
                              "its probe rule must be stepped")
 
     def pre(self, spec: _ModuleTaps, module, args) -> None:
+        """A module with input taps counts its calls here, as it starts: a call that raises
+        inside the model (and is caught there) still takes its step."""
         self._again(spec)
+        calls = spec.calls
+        spec.calls = calls + 1
         for plan in spec.inputs:
-            self._record(plan, spec.calls, args[0] if args else None, "input")
+            self._record(plan, calls, args[0] if args else None, "input")
 
     def post(self, spec: _ModuleTaps, module, output) -> None:
         if self.sink_error is not None:
             raise SinkFailed(str(self.sink_error))
         if self.stopped:
             raise StopRun()
-        if not spec.inputs:
+        if spec.inputs:
+            calls = spec.calls - 1  # counted by the pre-hook
+        else:
             self._again(spec)
-        calls = spec.calls
+            calls = spec.calls
         for plan in spec.outputs:
             value = output
             if plan.select is not None and isinstance(output, (tuple, list)):
@@ -311,7 +317,10 @@ class Recorder:
             if found is not None and found[0] is tb.tb_frame.f_locals.get("self"):
                 spec = found[1]
             tb = tb.tb_next
-        info = spec.blamed.info_at(spec.calls) if spec is not None else None
+        # the call that raised: counted as it started where the module has input taps
+        running = spec.calls - 1 if spec is not None and spec.inputs and spec.calls else \
+            (spec.calls if spec is not None else 0)
+        info = spec.blamed.info_at(running) if spec is not None else None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return CaptureError(key=info.key if info else None, info=info, exc_type=type(exc).__name__, message=message)
 

@@ -657,3 +657,50 @@ def test_the_observation_survives_a_dump_and_is_shown_in_the_diff_header(tmp_pat
     text = run_header({"backend": "ref"}, meta).plain
     assert "cand observed differently: graph re-captured with taps" in text
     assert "observed differently" not in run_header({"backend": "ref"}, {"backend": "c"}).plain
+
+
+class _Flaky(nn.Module):
+    """Raises on its calls listed in `fail`."""
+
+    def __init__(self, fail: set[int]) -> None:
+        super().__init__()
+        self.fail, self.n = fail, 0
+
+    def forward(self, x):
+        self.n += 1
+        if self.n - 1 in self.fail:
+            raise RuntimeError(f"call {self.n - 1}")
+        return x * 2
+
+
+class _Retrying(nn.Module):
+    """Calls its step module three times, catching what it raises (as a model's fallback would)."""
+
+    def __init__(self, fail: set[int], catch: bool) -> None:
+        super().__init__()
+        self.step, self.catch = _Flaky(fail), catch
+
+    def forward(self, x):
+        for _ in range(3):
+            try:
+                x = self.step(x)
+            except RuntimeError:
+                if not self.catch:
+                    raise
+        return x
+
+
+@pytest.mark.parametrize("on", ["input", "output"])
+def test_stepped_taps_keep_their_steps_when_a_call_raises(on):
+    """The call index of a stepped tap is its call's, whether the module has input taps
+    (counted as the call starts) or not (counted once recorded): a call that raises and
+    is caught inside the model leaves no duplicate step, and a call that raises out of
+    the model is located at its own step."""
+    probe = Probe("flaky", (TapRule(r"step", "s", "x", stepped=True, on=on),))
+    caught = capture(make_backend(_Retrying({1}, catch=True), probe))
+    assert caught.error is None
+    steps = [t.key for t in caught.taps]
+    assert len(steps) == len(set(steps)), steps  # no step recorded twice
+    assert steps == (["s.x@0", "s.x@1", "s.x@2"] if on == "input" else ["s.x@0", "s.x@1"])
+    raised = capture(make_backend(_Retrying({2}, catch=False), probe))
+    assert raised.error is not None and raised.error.key == "s.x@2"
