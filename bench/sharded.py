@@ -77,6 +77,7 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, device: str, b
                               "capture_dump": to_dump}, rounds)
         timing["ms"] = {k: {m: v[m] for m in ("median", "min", "max")} for k, v in timing["ms"].items()}
         (Path(out) / f"timing-rank{rank}.json").write_text(json.dumps(timing))
+        dist.barrier()  # every rank done before any tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -379,6 +379,10 @@ def _distributed_rank(rank: int, world: int, port: int, spec: str, options: Back
     try:
         # `{rank}` names every rank's dump, a job of one rank too (the diff reads cand-rank*.h5)
         capture_to_dump(spec, options, Path(folder) / "cand-rank{rank}.h5", taps)
+        # every rank done before any tears the group down: a rank leaving while a peer still
+        # finishes its last collective can abort the peer (gloo); not after a failure, when
+        # the peers may never arrive (the job ends on the failed rank instead)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -30,6 +30,7 @@ def _rank(rank: int, world: int, port: int, out: str, template: bool) -> None:
         backend.sharding = SHARDING
         path = Path(out) / ("cand-rank{rank}.h5" if template else "cand.h5")
         capture_to_dump(backend, BackendOptions(), path)
+        dist.barrier()  # every rank done before any tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -45,6 +45,7 @@ def _rank(rank: int, world: int, port: int, model: str, out: str, bug: str | Non
         opts = backend_options(**OPTS)
         backend = tp_llama.shard(factory(opts, f"{model}@attn=eager,dtype=float32"), rank, world, bug)
         capture_to_dump(backend, opts, Path(out) / "cand.h5")
+        dist.barrier()  # every rank done before any tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
