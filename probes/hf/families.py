@@ -112,12 +112,28 @@ class Family:
 FamilyEntry = Family | Callable[..., Family]
 
 
-_ATTN_CORE = (Part("self_attn.o_proj", "attn", ON_INPUT), Part("self_attn.o_proj", "o_proj"))
+def projections(q: str, k: str, v: str, prefix: str = "") -> tuple[Part, ...]:
+    """The q, k and v taps of an attention with separate projections (module paths)."""
+    return Part(q, prefix + "q"), Part(k, prefix + "k"), Part(v, prefix + "v")
+
+
+def output_projection(path: str, prefix: str = "") -> tuple[Part, ...]:
+    """The two taps around an attention's output projection: its input is the attention
+    core's output (`attn`, heads merged), its output `o_proj`."""
+    return Part(path, prefix + "attn", ON_INPUT), Part(path, prefix + "o_proj")
+
+
+def attention(at: str, q: str = "q_proj", k: str = "k_proj", v: str = "v_proj", o: str = "o_proj",
+              prefix: str = "") -> tuple[Part, ...]:
+    """q, k, v, attn and o_proj of the attention module at `at` (its projections' names)."""
+    return (*projections(f"{at}.{q}", f"{at}.{k}", f"{at}.{v}", prefix), *output_projection(f"{at}.{o}", prefix))
+
+
 DECODER_PARTS = (
     Part("input_layernorm", "input_norm"),
-    Part("self_attn.q_proj", "q"), Part("self_attn.k_proj", "k"), Part("self_attn.v_proj", "v"),
+    *projections("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     Part("self_attn.q_norm", "q_norm"), Part("self_attn.k_norm", "k_norm"),
-    *_ATTN_CORE,
+    *output_projection("self_attn.o_proj"),
     Part("post_attention_layernorm", "post_attn_norm"),
     Part("pre_feedforward_layernorm", "pre_mlp_norm"),
     Part("mlp", "mlp"),
@@ -131,16 +147,14 @@ FUSED_DECODER_PARTS = tuple(p for p in DECODER_PARTS if p.component not in ("q",
     Part("self_attn.qkv_proj", "qkv", split_qkv=True),)
 SIGLIP_PARTS = (
     Part("layer_norm1", "input_norm"),
-    Part("self_attn.q_proj", "q"), Part("self_attn.k_proj", "k"), Part("self_attn.v_proj", "v"),
-    Part("self_attn.out_proj", "attn", ON_INPUT), Part("self_attn.out_proj", "o_proj"),
+    *attention("self_attn", o="out_proj"),
     Part("layer_norm2", "post_attn_norm"),
     Part("mlp", "mlp"),
     Part("", "out"),
 )
 VIT_PARTS = (
     Part("layernorm_before", "input_norm"),
-    Part("attention.q_proj", "q"), Part("attention.k_proj", "k"), Part("attention.v_proj", "v"),
-    Part("attention.o_proj", "attn", ON_INPUT), Part("attention.o_proj", "o_proj"),
+    *attention("attention"),
     Part("layernorm_after", "post_attn_norm"),
     Part("mlp", "mlp"),
     Part("", "out"),
@@ -154,7 +168,7 @@ def _falcon_split(config) -> tuple[tuple[str, int], ...]:
 GPT2_PARTS = (
     Part("ln_1", "input_norm"),
     Part("attn.c_attn", "qkv", split_qkv=True),  # a Conv1D: [.., 3 * hidden], q, k, v side by side
-    Part("attn.c_proj", "attn", ON_INPUT), Part("attn.c_proj", "o_proj"),
+    *output_projection("attn.c_proj"),
     Part("ln_2", "post_attn_norm"),
     Part("mlp", "mlp"),
     Part("", "out"),
@@ -169,7 +183,7 @@ def _neox_split(config) -> tuple[tuple[str, int], ...]:
 NEOX_PARTS = (
     Part("input_layernorm", "input_norm"),
     Part("attention.query_key_value", "qkv", split_qkv=_neox_split, per_head=True),
-    Part("attention.dense", "attn", ON_INPUT), Part("attention.dense", "o_proj"),
+    *output_projection("attention.dense"),
     Part("post_attention_layernorm", "post_attn_norm"),
     Part("mlp", "mlp"),
     Part("", "out"),
@@ -183,8 +197,7 @@ def opt(config) -> Family:
     before = getattr(config, "do_layer_norm_before", True)
     parts = (
         Part("self_attn_layer_norm", "input_norm"),
-        Part("self_attn.q_proj", "q"), Part("self_attn.k_proj", "k"), Part("self_attn.v_proj", "v"),
-        Part("self_attn.out_proj", "attn", ON_INPUT), Part("self_attn.out_proj", "o_proj"),
+        *attention("self_attn", o="out_proj"),
         Part("final_layer_norm", "post_attn_norm", flat="hidden_size" if before else None),
         Part("fc1", "mlp_up", flat="ffn_dim"), Part("fc2", "mlp", flat="hidden_size"),
         Part("", "out"),
@@ -199,7 +212,7 @@ def _falcon_parts(qkv: Part) -> tuple[Part, ...]:
     return (
         Part("input_layernorm", "input_norm"), Part("ln_attn", "input_norm"), Part("ln_mlp", "pre_mlp_norm"),
         qkv,
-        Part("self_attention.dense", "attn", ON_INPUT), Part("self_attention.dense", "o_proj"),
+        *output_projection("self_attention.dense"),
         Part("post_attention_layernorm", "post_attn_norm"),
         Part("mlp", "mlp"),
         Part("", "out"),
@@ -208,7 +221,7 @@ def _falcon_parts(qkv: Part) -> tuple[Part, ...]:
 
 # BERT is post-LN: attention.output is dense + residual + LayerNorm, the attention block's output
 BERT_PARTS = (
-    Part("attention.self.query", "q"), Part("attention.self.key", "k"), Part("attention.self.value", "v"),
+    *projections("attention.self.query", "attention.self.key", "attention.self.value"),
     Part("attention.self", "attn"),  # returns (heads merged, weights)
     Part("attention.output.dense", "o_proj"),
     Part("attention.output", "post_attn_norm"),
@@ -218,12 +231,7 @@ BERT_PARTS = (
 
 
 def _t5_attention(layer: str, module: str, norm: str, prefix: str = "") -> tuple[Part, ...]:
-    at = f"{layer}.{module}"
-    return (
-        Part(f"{layer}.layer_norm", norm),
-        Part(f"{at}.q", prefix + "q"), Part(f"{at}.k", prefix + "k"), Part(f"{at}.v", prefix + "v"),
-        Part(f"{at}.o", prefix + "attn", ON_INPUT), Part(f"{at}.o", prefix + "o_proj"),
-    )
+    return Part(f"{layer}.layer_norm", norm), *attention(f"{layer}.{module}", "q", "k", "v", "o", prefix)
 
 
 # The decoder's cross_k, cross_v project the encoder's output: the same rows (teacher-forced), one layout

@@ -23,11 +23,11 @@ from parity.probes.hf import families  # noqa: E402
 from parity.probes.hf.families import (  # noqa: E402
     FLAT,
     GENERIC,
-    ON_INPUT,
     TOKENS,
     Family,
     Part,
     StackPlan,
+    attention,
     family_for,
     flat_layout,
 )
@@ -282,8 +282,7 @@ def test_mamba_is_refused_with_its_reason(tiny_models):
 
 GPTJ_PARTS = (
     Part("ln_1", "input_norm"),
-    Part("attn.q_proj", "q"), Part("attn.k_proj", "k"), Part("attn.v_proj", "v"),
-    Part("attn.out_proj", "attn", ON_INPUT), Part("attn.out_proj", "o_proj"),
+    *attention("attn", o="out_proj"),
     Part("mlp", "mlp"),
     Part("", "out"),
 )
