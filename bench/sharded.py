@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -41,12 +40,6 @@ def save_llama(folder: Path) -> Path:
     torch.manual_seed(0)
     T.LlamaForCausalLM(T.LlamaConfig(**CONFIG)).save_pretrained(folder)
     return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, model: str, out: str, device: str, backend: str, rounds: int) -> None:
@@ -102,7 +95,10 @@ def main() -> None:
         ref, single = tmp / "ref.h5", tmp / "single.h5"
         capture_to_dump(spec, opts, ref)
         capture_to_dump(spec, opts, single)
-        mp.start_processes(_rank, args=(args.world, _free_port(), str(model), str(tmp), args.device, args.dist,
+        sys.path.insert(0, str(TP))
+        from jobs import free_port  # the distributed tests' helper
+
+        mp.start_processes(_rank, args=(args.world, free_port(), str(model), str(tmp), args.device, args.dist,
                                         args.rounds), nprocs=args.world, join=True, start_method="spawn")
         ranks = [json.loads((tmp / f"timing-rank{r}.json").read_text()) for r in range(args.world)]
         pattern = str(tmp / "cand-rank*.h5")

@@ -58,14 +58,15 @@ class _HitPlan:
     """One tap of a module, with what does not change from call to call worked out at
     install time: its TapInfo and whether it is selected (non-stepped taps), its layout."""
 
-    __slots__ = ("hit", "info", "wanted", "layout", "select", "cut", "token_axis", "stepped")
+    __slots__ = ("hit", "info", "wanted", "layout", "per_step", "select", "cut", "token_axis")
 
     def __init__(self, hit: ProbeHit, select: TapFilter) -> None:
         rule = hit.rule
-        self.hit, self.select, self.stepped = hit, rule.select, rule.stepped
+        self.hit, self.select = hit, rule.select
         self.info = None if rule.stepped else TapInfo(hit.name, rule.stack, hit.layer, hit.component, None)
         self.wanted = None if rule.stepped else bool(select(hit.name, hit.name))
-        self.layout = None if rule.step_layouts and rule.stepped else rule.layout
+        self.layout = rule.layout
+        self.per_step = rule.step_layouts and rule.layout is not None  # a layout per step: layout@step
         self.cut = hit.chunk is not None
         self.token_axis = rule.token_axis
 
@@ -74,10 +75,7 @@ class _HitPlan:
         return self.info or TapInfo(hit.name, hit.rule.stack, hit.layer, hit.component, calls)
 
     def layout_at(self, step: int | None) -> str | None:
-        rule = self.hit.rule
-        if rule.step_layouts and rule.stepped and rule.layout is not None and step is not None:
-            return step_layout(rule.layout, step)
-        return self.layout
+        return step_layout(self.layout, step) if self.per_step and step is not None else self.layout
 
 
 class _ModuleTaps:
@@ -269,7 +267,7 @@ class Recorder:
             if value.ndim <= plan.token_axis:
                 raise ProbeError(f"tap {info.key}: a {value.ndim}-d value has no token axis {plan.token_axis}")
             value = value.movedim(plan.token_axis, 1)
-        layout = plan.layout if info.step is None else plan.layout_at(info.step)
+        layout = plan.layout_at(info.step)
         if self.on_device is not None:
             self._hand_over(info, value.detach(), layout)
             return
@@ -313,14 +311,14 @@ class Recorder:
         traceback (whose frames hold the module as `self`), at the call that raised."""
         spec, tb = None, exc.__traceback__
         while tb is not None:
-            found = self.specs.get(id(tb.tb_frame.f_locals.get("self")))
-            if found is not None and found[0] is tb.tb_frame.f_locals.get("self"):
+            owner = tb.tb_frame.f_locals.get("self")
+            found = self.specs.get(id(owner))
+            if found is not None and found[0] is owner:
                 spec = found[1]
             tb = tb.tb_next
-        # the call that raised: counted as it started where the module has input taps
-        running = spec.calls - 1 if spec is not None and spec.inputs and spec.calls else \
-            (spec.calls if spec is not None else 0)
-        info = spec.blamed.info_at(running) if spec is not None else None
+        info = None
+        if spec is not None:  # the call that raised: counted as it started where the module has input taps
+            info = spec.blamed.info_at(spec.calls - 1 if spec.inputs and spec.calls else spec.calls)
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return CaptureError(key=info.key if info else None, info=info, exc_type=type(exc).__name__, message=message)
 

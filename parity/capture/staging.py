@@ -66,8 +66,9 @@ def batch_elements(device: torch.device, default: int, most: int, bytes_per_elem
     """How many elements a reduction batch on `device` holds: on CUDA as many as free
     memory affords (`bytes_per_element` of working memory each, from a quarter of what is
     free), between `default` and `most`; elsewhere `default`.  Fewer, larger batches mean
-    fewer kernel launches, which an eager forward pays for on the host."""
-    if device.type != "cuda":
+    fewer kernel launches, which an eager forward pays for on the host.  `default` while a
+    CUDA graph is being captured (no memory query may run inside one)."""
+    if device.type != "cuda" or graph_capturing():
         return default
     free = torch.cuda.mem_get_info(device)[0]
     return max(default, min(most, free // 4 // bytes_per_element))

@@ -361,9 +361,9 @@ class StatsSink:
             return self.batch_elements
         size = self._elements.get(device)
         if size is None:
-            if graph_capturing():  # no memory query inside a graph capture
-                return BATCH_ELEMENTS
-            size = self._elements[device] = batch_elements(device, BATCH_ELEMENTS, MOST_ELEMENTS, WORK_BYTES)
+            size = batch_elements(device, BATCH_ELEMENTS, MOST_ELEMENTS, WORK_BYTES)
+            if not graph_capturing():  # inside a capture it is the default: the memory is asked later
+                self._elements[device] = size
         return size
 
     def _valid_rows(self, value: torch.Tensor, layout: str | None) -> tuple[torch.Tensor | None, str, str]:

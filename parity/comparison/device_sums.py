@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from parity.capture.staging import batch_elements, graph_capturing
+from parity.capture.staging import batch_elements
 from parity.comparison.align import Alignment
 from parity.comparison.breakdown import Groups
 from parity.comparison.metrics import MetricAccumulator, Metrics
@@ -175,8 +175,7 @@ class Reducer:
         plan = self.plans.get(key)
         if plan is None:
             if self.max_elements is None:
-                self.max_elements = DEFAULT_MAX_ELEMENTS if graph_capturing() else \
-                    batch_elements(device, DEFAULT_MAX_ELEMENTS, MOST_ELEMENTS, WORK_BYTES)
+                self.max_elements = batch_elements(device, DEFAULT_MAX_ELEMENTS, MOST_ELEMENTS, WORK_BYTES)
             plan = self.plans[key] = Plan.build(a, Groups.of(a, self.chunk), ref.dtype, cand.dtype, device,
                                                 self.max_taps, self.max_elements)
         return plan
