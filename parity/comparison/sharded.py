@@ -262,14 +262,20 @@ class Ranks:
         return [self.shard(tap, r) for r in range(len(self.readers))]
 
 
+def _same_layout(a_name: str | None, a_layouts: dict, b_name: str | None, b_layouts: dict) -> bool:
+    """Whether two taps' layouts (by name, in their layout dicts) lay tokens out alike."""
+    la = a_layouts.get(a_name) if a_name is not None else None
+    lb = b_layouts.get(b_name) if b_name is not None else None
+    if la is None or lb is None:
+        return la is lb
+    return la.length == lb.length and la.regions == lb.regions and np.array_equal(la.slots, lb.slots)
+
+
 def _same_copy(a: Tap, a_layouts: dict, b: Tap, b_layouts: dict) -> bool:
     """Whether two ranks hold one replicated tap bit for bit, under equal layouts."""
     if a.dtype != b.dtype or a.array.shape != b.array.shape or a.array.dtype != b.array.dtype:
         return False
-    la = a_layouts.get(a.layout) if a.layout is not None else None
-    lb = b_layouts.get(b.layout) if b.layout is not None else None
-    if (la is None) != (lb is None) or (la is not None and not (
-            la.length == lb.length and la.regions == lb.regions and np.array_equal(la.slots, lb.slots))):
+    if not _same_layout(a.layout, a_layouts, b.layout, b_layouts):
         return False
     return bool(np.array_equal(np.ascontiguousarray(a.array).reshape(-1).view(np.uint8),
                                np.ascontiguousarray(b.array).reshape(-1).view(np.uint8)))
@@ -382,7 +388,9 @@ class ShardedComparer:
         first = self.ranks.shard(tap, 0)
         cand_tap = Tap(tap.info, tap.order, first.array, tap.dtype, tap.layout)
         result = compare_taps(ref_tap, cand_tap, ref_layouts, cand_layouts, threshold, exact_dtypes, chunk)
-        rows = [compare_taps(ref_tap, first, ref_layouts, layouts[0], threshold, exact_dtypes)]
+        # rank 0 against the reference is that very comparison where its layouts are the run's
+        alike = _same_layout(tap.layout, cand_layouts, first.layout, layouts[0])
+        rows = [result if alike else compare_taps(ref_tap, first, ref_layouts, layouts[0], threshold, exact_dtypes)]
         peers: list[TapResult | None] = []  # None: bit-identical to rank 0
         for r in range(1, self.ranks.world):
             shard = self.ranks.shard(tap, r)
